@@ -1,0 +1,110 @@
+"""BatchNorm folding into the preceding conv / conv_transpose / linear, at both graph levels.
+
+For BN with statistics (mu, var), affine (gamma, beta) and epsilon, and a producer
+``y = W*x + b`` whose output channel ``c`` BN normalises::
+
+    s_c = gamma_c / sqrt(var_c + eps)
+    W'[c] = W[c] * s_c          b'_c = (b_c - mu_c) * s_c + beta_c
+
+New parameters are always created (never written in place), so a weight or module that
+is shared with another call site stays correct for that other site.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..frontend import node_shape
+from ..lang.registry import action
+from ..manager import Refuse
+from ..matcher import MatchContext
+from .graphutil import add_module, add_param, erase_if_unused, is_shared_module, retarget
+
+__all__ = ["fold_bn_params"]
+
+
+def fold_bn_params(weight: torch.Tensor, bias, mean, var, gamma, beta, eps: float, opclass: str,
+                   groups: int = 1):
+    """Return (W', b') for ``opclass`` in {conv*, conv_transpose*, linear}."""
+    with torch.no_grad():
+        w = weight.detach()
+        cout = mean.numel()
+        s = (gamma if gamma is not None else torch.ones_like(mean)) / torch.sqrt(var + eps)
+        b = bias.detach() if bias is not None else torch.zeros_like(mean)
+        bt = beta if beta is not None else torch.zeros_like(mean)
+        if opclass.startswith("conv_transpose"):
+            # weight: [Cin, Cout/groups, k...]; output channel o = g * (Cout/groups) + j
+            cin = w.shape[0]
+            per = w.shape[1]
+            wg = w.reshape(groups, cin // groups, per, *w.shape[2:])
+            sg = s.reshape(groups, 1, per, *([1] * (w.dim() - 2)))
+            w_new = (wg * sg).reshape(w.shape)
+        else:
+            w_new = w * s.reshape(cout, *([1] * (w.dim() - 1)))
+        b_new = (b - mean) * s + bt
+    return w_new.to(weight.dtype), b_new.to(weight.dtype)
+
+
+def _out_channels(w: torch.Tensor, opclass: str, groups: int) -> int:
+    if opclass.startswith("conv_transpose"):
+        return w.shape[1] * groups
+    return w.shape[0]
+
+
+@action("fold_bn", replaces=True)
+def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
+    """Fold an eval-mode BatchNorm that directly consumes ``conv``'s output into its weights."""
+    cv, bv = ctx.view(conv), ctx.view(bn)
+    if bv.get("training", False):
+        raise Refuse(f"{bn.name} is in training mode; folding needs eval() statistics")
+    mean, var = bv.tensor("running_mean"), bv.tensor("running_var")
+    if mean is None or var is None:
+        raise Refuse(f"{bn.name} has no running statistics (track_running_stats=False)")
+    gamma, beta = bv.tensor("weight"), bv.tensor("bias")
+    eps = float(bv.get("eps", 1e-5))
+    w = cv.tensor("weight")
+    if w is None:
+        raise Refuse(f"the weight of {conv.name} is not a constant (computed at run time)")
+    b = cv.tensor("bias")
+    if cv.get("bias") is not None and b is None:
+        raise Refuse(f"the bias of {conv.name} is not a constant")
+    opclass = cv.opclass
+    groups = int(cv.get("groups", 1) or 1)
+    if _out_channels(w, opclass, groups) != mean.numel():
+        raise Refuse(f"{bn.name} normalises {mean.numel()} channels, {conv.name} produces "
+                     f"{_out_channels(w, opclass, groups)}")
+    if opclass == "linear":
+        shp = node_shape(conv)
+        if shp is not None and len(shp) != 2:
+            raise Refuse(f"BatchNorm after linear with a rank-{len(shp)} output normalises dim 1, "
+                         f"not the linear's features")
+    w_new, b_new = fold_bn_params(w, b, mean.detach(), var.detach(), None if gamma is None else gamma.detach(),
+                                  None if beta is None else beta.detach(), eps, opclass, groups)
+    if cv.module is not None:
+        mod = copy.deepcopy(cv.module)
+        mod.weight = nn.Parameter(w_new, requires_grad=cv.module.weight.requires_grad)
+        mod.bias = nn.Parameter(b_new, requires_grad=cv.module.weight.requires_grad)
+        if is_shared_module(ctx.gm, conv):
+            retarget(ctx.gm, conv, add_module(ctx, str(conv.target).replace(".", "_") + "_folded", mod))
+        else:
+            ctx.gm.set_submodule(str(conv.target), mod)
+            ctx.matcher.modules[str(conv.target)] = mod
+    else:
+        old_w, old_b = cv.get("weight"), cv.get("bias")
+        wn = add_param(ctx, "folded_weight", w_new, conv)
+        bn_node = add_param(ctx, "folded_bias", b_new, conv)
+        cv.set("weight", wn)
+        cv.set("bias", bn_node)
+        erase_if_unused(ctx.graph, old_w)
+        erase_if_unused(ctx.graph, old_b)
+    bn.replace_all_uses_with(conv)
+    # BN's statistics inputs (get_attr at aten level) die with it
+    stats_inputs = list(bn.all_input_nodes)
+    ctx.graph.erase_node(bn)
+    for n in stats_inputs:
+        if n is not conv:
+            erase_if_unused(ctx.graph, n)
+    conv.meta["qpasses.folded_bn"] = bn.name

@@ -1,0 +1,246 @@
+"""Quantization actions: observers on activation inputs, fake-quantized weights, observer -> fake quant.
+
+Representation (shared by every later rule, the integer back-ends and ONNX export):
+
+* prepare: ``call_module`` :class:`~qpasses.numerics.Observer` nodes between an
+  activation and the weighted ops that read it (one observer per value and config,
+  shared by every weighted consumer; other consumers keep reading the float value);
+* convert: each observer becomes a :class:`~qpasses.numerics.FakeQuantize`
+  (per-tensor affine by default) and each weighted op reads its weight through a
+  per-channel symmetric ``FakeQuantize``: module calls are first rewritten to their
+  functional form, ``F.conv2d(x_fq, fq(weight), bias, ...)``, so both graph levels look
+  alike after convert.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import StepError
+from ..lang.registry import action, constraint
+from ..manager import Refuse
+from ..matcher import MatchContext
+from ..numerics import FakeQuantize, Observer, make_observer, qrange
+from ..ops import register_module_class
+from .graphutil import add_module, copy_meta
+
+register_module_class(Observer, "observer")
+register_module_class(FakeQuantize, "fake_quant")
+
+QUANT_KEY = "qpasses.quant"
+
+_FUNCTIONAL = {
+    "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
+    "conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d,
+    "conv_transpose3d": F.conv_transpose3d, "linear": F.linear,
+}
+
+
+def _is_quant_module(ctx: MatchContext, node: Any, kinds=(Observer, FakeQuantize)) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(
+        ctx.modules.get(node.target) or _get(ctx, node.target), kinds)
+
+
+def _get(ctx: MatchContext, target: str):
+    try:
+        return ctx.gm.get_submodule(target)
+    except AttributeError:
+        return None
+
+
+def bits_for(ctx: MatchContext, node: fx.Node, kind: str, default: int) -> int:
+    """Bit-width for ``node``: a per-node annotation (``assign_bits``) wins over the recipe default."""
+    ann = node.meta.get("qpasses.bits")
+    if isinstance(ann, dict) and ann.get(kind) is not None:
+        return int(ann[kind])
+    return int(default)
+
+
+@constraint("input_quantized")
+def input_quantized(ctx: MatchContext, node: fx.Node, index: int = 0):
+    """The op's activation input ``index`` already passes through an observer or fake quant."""
+    ins = ctx.view(node).inputs()
+    if index >= len(ins):
+        return False
+    return (_is_quant_module(ctx, ins[index]), f"input {index} of {node.name} is already observed/quantized")
+
+
+@constraint("weight_quantized")
+def weight_quantized(ctx: MatchContext, node: fx.Node):
+    """The op already reads its weight through a fake quant (or was marked quantized)."""
+    if node.meta.get(QUANT_KEY, {}).get("weight"):
+        return True, f"{node.name} already has a quantized weight"
+    v = ctx.view(node)
+    w = v.get("weight")
+    return (_is_quant_module(ctx, w, (FakeQuantize,)), f"{node.name} already has a quantized weight")
+
+
+@constraint("float_input")
+def float_input(ctx: MatchContext, node: fx.Node, index: int = 0):
+    """Input ``index`` is a floating-point tensor (integer indices are never quantized)."""
+    from ..frontend import node_dtype
+    ins = ctx.view(node).inputs()
+    if index >= len(ins) or not isinstance(ins[index], fx.Node):
+        return False, "no such input"
+    dt = node_dtype(ins[index])
+    return (dt is None or dt.is_floating_point, f"input dtype is {dt}")
+
+
+def _observer_config(kind: str, bits: int, symmetric: bool, signed: Optional[bool] = None,
+                     axis: Optional[int] = None, narrow: bool = False, **extra) -> Dict[str, Any]:
+    cfg = dict(kind=str(kind), bits=int(bits), symmetric=bool(symmetric), axis=axis, narrow=bool(narrow))
+    if signed is not None:
+        cfg["signed"] = bool(signed)
+    cfg.update(extra)
+    return cfg
+
+
+def new_observer(cfg: Dict[str, Any]) -> Observer:
+    kw = {k: v for k, v in cfg.items() if k != "kind"}
+    try:
+        obs = make_observer(cfg["kind"], **kw)
+    except ValueError as e:
+        raise StepError(str(e)) from None
+    obs.qpasses_config = dict(cfg)  # type: ignore[attr-defined]
+    return obs
+
+
+@action("observe_input")
+def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "minmax", bits: int = 8,
+                  symmetric: bool = False, signed: Optional[bool] = None, **extra):
+    """Put an observer between activation input ``index`` of ``op`` and ``op``.
+
+    One observer per (value, configuration) is shared by every op that asks for it, so
+    a value feeding two convolutions gets one set of qparams.
+    """
+    ins = ctx.view(op).inputs()
+    if index >= len(ins) or not isinstance(ins[index], fx.Node):
+        raise Refuse(f"{op.name} has no node input {index}")
+    x = ins[index]
+    bits = bits_for(ctx, op, "a_bits", bits)
+    cfg = _observer_config(kind, bits, symmetric, signed, **extra)
+    for u in x.users:  # an existing observer of this value with this configuration?
+        if u.op == "call_module":
+            m = ctx.modules.get(u.target)
+            if isinstance(m, Observer) and getattr(m, "qpasses_config", None) == cfg:
+                op.replace_input_with(x, u)
+                return
+    target = add_module(ctx, "act_obs", new_observer(cfg))
+    with ctx.graph.inserting_after(x):
+        obs = ctx.graph.call_module(target, (x,))
+    copy_meta(x, obs)
+    op.replace_input_with(x, obs)
+
+
+@action("observe_output")
+def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: int = 8, symmetric: bool = False,
+                   signed: Optional[bool] = None, **extra):
+    """Put an observer after ``op``: every user of ``op`` reads the observed value."""
+    for u in op.users:
+        if u.op == "call_module" and isinstance(ctx.modules.get(u.target), (Observer, FakeQuantize)):
+            raise Refuse(f"{op.name} is already observed by {u.name}")
+    bits = bits_for(ctx, op, "a_bits", bits)
+    cfg = _observer_config(kind, bits, symmetric, signed, **extra)
+    target = add_module(ctx, "out_obs", new_observer(cfg))
+    users = list(op.users)
+    with ctx.graph.inserting_after(op):
+        obs = ctx.graph.call_module(target, (op,))
+    copy_meta(op, obs)
+    for u in users:
+        u.replace_input_with(op, obs)
+
+
+@action("to_fake_quant")
+def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
+    """Replace a calibrated observer by a FakeQuantize carrying its qparams."""
+    mod = ctx.modules.get(obs.target)
+    if not isinstance(mod, Observer):
+        raise Refuse(f"{obs.name} is not an observer")
+    if not getattr(mod, "has_data", True):
+        raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
+                        f"(PassManager(...).run(gm, data=batches))")
+    fq = FakeQuantize.from_observer(mod, learnable=bool(learnable))
+    fq.qpasses_config = getattr(mod, "qpasses_config", None)  # type: ignore[attr-defined]
+    target = add_module(ctx, "act_fq", fq)
+    with ctx.graph.inserting_before(obs):
+        new = ctx.graph.call_module(target, obs.args)
+    copy_meta(obs, new)
+    obs.replace_all_uses_with(new)
+    ctx.graph.erase_node(obs)
+
+
+def weight_axis(opclass: str, groups: int) -> Optional[int]:
+    if opclass.startswith("conv_transpose"):
+        return 1 if groups == 1 else None
+    return 0
+
+
+def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int, per_channel: bool,
+                      observer: str = "minmax", learnable: bool = False) -> FakeQuantize:
+    """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``."""
+    axis = weight_axis(opclass, groups) if per_channel else None
+    obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
+    with torch.no_grad():
+        obs(weight.detach().float())
+    return FakeQuantize.from_observer(obs, learnable=learnable)
+
+
+def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
+    """Rewrite a conv / linear module call to its functional form with explicit weight/bias nodes."""
+    view = ctx.view(op)
+    mod = view.module
+    fn = _FUNCTIONAL.get(view.opclass)
+    if mod is None or fn is None:
+        return op
+    if getattr(mod, "padding_mode", "zeros") != "zeros":
+        raise Refuse(f"{op.name}: padding_mode={mod.padding_mode!r} is not supported by weight quantization")
+    if len(op.args) > 1 or op.kwargs:
+        raise Refuse(f"{op.name} is called with extra arguments (output_size?)")
+    x = op.args[0]
+    with ctx.graph.inserting_before(op):
+        w = ctx.graph.get_attr(f"{op.target}.weight")
+        b = ctx.graph.get_attr(f"{op.target}.bias") if mod.bias is not None else None
+        if view.opclass == "linear":
+            args = (x, w, b)
+        elif view.opclass.startswith("conv_transpose"):
+            args = (x, w, b, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+        else:
+            padding = mod.padding if not isinstance(mod.padding, str) else mod.padding
+            args = (x, w, b, mod.stride, padding, mod.dilation, mod.groups)
+        new = ctx.graph.call_function(fn, args)
+    copy_meta(op, new)
+    for k in ("qpasses.bits", QUANT_KEY, "qpasses.folded_bn"):
+        if k in op.meta:
+            new.meta[k] = op.meta[k]
+    new.meta["qpasses.module"] = str(op.target)
+    new.meta["qpasses.module_type"] = type(mod).__name__
+    op.replace_all_uses_with(new)
+    ctx.graph.erase_node(op)
+    ctx.matcher.forget(op)
+    return new
+
+
+@action("quantize_weight")
+def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: bool = True,
+                    observer: str = "minmax", learnable: bool = False):
+    """Make ``op`` read its weight through a per-channel symmetric FakeQuantize."""
+    view = ctx.view(op)
+    w = view.tensor("weight")
+    if w is None:
+        raise Refuse(f"the weight of {op.name} is not a constant")
+    bits = bits_for(ctx, op, "w_bits", bits)
+    groups = int(view.get("groups", 1) or 1)
+    fq = weight_fake_quant(w, view.opclass, groups, bits, bool(per_channel), str(observer), bool(learnable))
+    op = functionalize(ctx, op)
+    view = ctx.view(op)
+    wnode = view.get("weight")
+    target = add_module(ctx, "weight_fq", fq)
+    with ctx.graph.inserting_before(op):
+        wq = ctx.graph.call_module(target, (wnode,))
+    copy_meta(wnode, wq)
+    view.set("weight", wq)
+    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": bits, "axis": fq.axis}

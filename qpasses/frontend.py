@@ -1,0 +1,144 @@
+"""Front-end: turn an ``nn.Module`` into a ``torch.fx.GraphModule`` with shapes in ``meta``.
+
+``trace`` tries ``torch.fx.symbolic_trace`` first (module-level graph: ``call_module``
+nodes for ``nn.Conv2d`` and friends) and falls back to ``torch.export`` (aten-level
+graph) when symbolic tracing fails, e.g. on data-dependent Python or item assignment
+on proxies.  Every node that produces a tensor gets ``meta["qpasses.shape"]`` and
+``meta["qpasses.dtype"]``; the graph module records its level in
+``gm.meta["qpasses.level"]`` (``"fx"`` or ``"aten"``) and the example inputs in
+``gm.meta["qpasses.example_inputs"]`` (used by ``verify=True``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+__all__ = ["trace", "as_inputs", "propagate_shapes", "graph_level", "node_shape", "node_dtype"]
+
+
+def as_inputs(example_inputs: Any) -> Tuple[Any, ...]:
+    """Normalise a batch (a tensor, or a tuple/list of positional inputs) to a tuple."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _gm_meta(gm: fx.GraphModule) -> dict:
+    meta = getattr(gm, "meta", None)
+    if meta is None:
+        meta = {}
+        gm.meta = meta
+    return meta
+
+
+def graph_level(gm: fx.GraphModule) -> str:
+    """``"fx"`` for symbolic-traced graphs, ``"aten"`` for exported graphs."""
+    level = _gm_meta(gm).get("qpasses.level")
+    if level:
+        return level
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            return "aten"
+    return "fx"
+
+
+def node_shape(node: fx.Node) -> Optional[Tuple[int, ...]]:
+    """Static shape of a node's tensor value if known."""
+    shp = node.meta.get("qpasses.shape")
+    if shp is not None:
+        return shp
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except Exception:  # symbolic sizes
+            return None
+    return None
+
+
+def node_dtype(node: fx.Node) -> Optional[torch.dtype]:
+    dt = node.meta.get("qpasses.dtype")
+    if dt is not None:
+        return dt
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm.dtype
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+class _Recorder(ShapeProp):
+    """ShapeProp that also writes the flat ``qpasses.shape`` / ``qpasses.dtype`` keys."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["qpasses.shape"] = tuple(out.shape)
+            n.meta["qpasses.dtype"] = out.dtype
+        return out
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
+    """Run ``gm`` once on ``example_inputs`` and record shapes/dtypes in node meta."""
+    with torch.no_grad():
+        _Recorder(gm).propagate(*as_inputs(example_inputs))
+
+
+def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
+          concrete_args: Optional[dict] = None, strict: bool = False) -> fx.GraphModule:
+    """Trace ``model`` into a ``torch.fx.GraphModule``.
+
+    Args:
+        model: the module to trace.  Its parameters are shared with the returned graph
+            module (as with ``torch.fx.symbolic_trace``); ``PassManager.run`` never
+            mutates its input, so the model stays intact.
+        example_inputs: one batch: a tensor or a tuple of positional inputs.  Used to
+            propagate shapes and to check the traced graph runs.
+        mode: ``"auto"`` (fx, then export on failure), ``"fx"`` or ``"export"``.
+        concrete_args: forwarded to ``torch.fx.symbolic_trace``.
+        strict: forwarded to ``torch.export.export``.
+
+    Raises:
+        TraceError: when the requested tracer(s) fail; the message gives each reason.
+    """
+    if mode not in ("auto", "fx", "export"):
+        raise TraceError(f"unknown trace mode {mode!r}; choose 'auto', 'fx' or 'export'")
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    reasons = []
+    if mode in ("auto", "fx"):
+        try:
+            gm = fx.symbolic_trace(model, concrete_args=concrete_args)
+            propagate_shapes(gm, inputs)  # a graph that does not run on the example is a failed trace
+            _gm_meta(gm)["qpasses.level"] = "fx"
+            _gm_meta(gm)["qpasses.example_inputs"] = inputs
+            return gm
+        except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
+            reasons.append(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {_first_line(e)}")
+    if mode in ("auto", "export"):
+        try:
+            ep = torch.export.export(model, inputs, strict=strict)
+            gm = ep.module()
+            propagate_shapes(gm, inputs)
+            _gm_meta(gm)["qpasses.level"] = "aten"
+            _gm_meta(gm)["qpasses.example_inputs"] = inputs
+            return gm
+        except Exception as e:  # noqa: BLE001
+            reasons.append(f"torch.export.export failed: {type(e).__name__}: {_first_line(e)}")
+    raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(reasons))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)

@@ -1,0 +1,57 @@
+"""Name registries: the only way Python enters a rule file.
+
+A rule file can call a constraint, an action or a data step only by a name that
+Python code registered with one of these decorators.  Nothing a rule file says is
+imported, ``eval``-ed or ``exec``-ed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+
+@dataclass
+class Registered:
+    name: str
+    fn: Callable
+    doc: str = ""
+    #: for actions: True when the action replaces the matched nodes (interior-use guard applies)
+    replaces: bool = False
+    #: for actions: names of bindings whose node may keep outside users
+    keeps: tuple = ()
+
+
+CONSTRAINTS: Dict[str, Registered] = {}
+ACTIONS: Dict[str, Registered] = {}
+DATA_STEPS: Dict[str, Registered] = {}
+
+
+def _register(table: Dict[str, Registered], name: Optional[str], **kw):
+    def deco(fn: Callable) -> Callable:
+        key = name or fn.__name__
+        table[key] = Registered(key, fn, (fn.__doc__ or "").strip(), **kw)
+        return fn
+    return deco
+
+
+def constraint(name: Optional[str] = None):
+    """Register ``fn(ctx, *args, **kwargs) -> bool | (bool, reason)`` as a constraint.
+
+    ``ctx`` is the :class:`qpasses.matcher.MatchContext` of the match being checked.
+    """
+    return _register(CONSTRAINTS, name)
+
+
+def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()):
+    """Register ``fn(ctx, *args, **kwargs)`` as a rewrite action.
+
+    ``replaces=True`` declares that the action replaces the matched nodes by new ones,
+    so the soundness guard "interior nodes have no users outside the match" applies.
+    The action may raise :class:`qpasses.actions.Refuse` to decline a match with a reason.
+    """
+    return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps))
+
+
+def data_step(name: Optional[str] = None):
+    """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes."""
+    return _register(DATA_STEPS, name)

@@ -1,0 +1,599 @@
+"""Rule files and recipes: YAML (safe loader) with file:line:col on every error.
+
+A *rule family* file::
+
+    version: 1
+    family: canonicalize
+    params: {eps_check: {default: true, type: bool}}
+    stages: [{name: canonicalize, mode: fixpoint, max_iterations: 8, verify: exact}]
+    rules:
+      - name: fold_bn_into_conv
+        stage: canonicalize
+        match: (batch_norm $bn (conv|conv_transpose|linear $conv ?x))
+        where: [eval_mode($bn)]
+        rewrite: fold_bn($conv, $bn)
+
+A *recipe* file::
+
+    version: 1
+    recipe: ptq_int8
+    params: {w_bits: {default: 8, type: int, min: 2, max: 16}}
+    steps:
+      - rules: canonicalize
+      - rules: observe
+      - step: calibrate
+      - rules: convert
+
+The Python API builds the same objects: ``Rule(name=..., match="(...)", rewrite="...")``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from ..errors import (Location, MissingParameterError, RuleError, RuleSyntaxError, UnknownNameError,
+                      nearest)
+from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS
+from .syntax import (AnyPat, BindPat, BindingRef, Call, LiteralPat, NodePat, ParamRef, Pattern,
+                     ValuePat, param_refs, parse_call, parse_pattern, parse_value, substitute)
+
+# ----------------------------------------------------------------------------- located YAML
+
+
+class LStr(str):
+    loc: Location
+
+
+class LDict(dict):
+    loc: Location
+    key_locs: Dict[str, Location]
+    val_locs: Dict[str, Location]
+
+
+class LList(list):
+    loc: Location
+    item_locs: List[Location]
+
+
+def _mark(file: Optional[str], node: yaml.Node, quoted_shift: bool = True) -> Location:
+    col = node.start_mark.column + 1
+    style = getattr(node, "style", None)
+    if quoted_shift and style in ("'", '"'):
+        col += 1
+    if style in ("|", ">"):
+        return Location(file, node.start_mark.line + 2, node.start_mark.column + 1)
+    return Location(file, node.start_mark.line + 1, col)
+
+
+def _construct(node: yaml.Node, file: Optional[str], loader: yaml.SafeLoader) -> Any:
+    # iterative-enough: rule files are small and shallow; recursion depth = YAML nesting
+    if isinstance(node, yaml.MappingNode):
+        out = LDict()
+        out.loc = _mark(file, node)
+        out.key_locs, out.val_locs = {}, {}
+        for k, v in node.value:
+            key = _construct(k, file, loader)
+            if isinstance(key, (dict, list)):
+                raise RuleSyntaxError("mapping keys must be plain names", _mark(file, k))
+            if key in out:
+                raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
+            out[key] = _construct(v, file, loader)
+            out.key_locs[key] = _mark(file, k)
+            out.val_locs[key] = _mark(file, v)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out = LList(_construct(v, file, loader) for v in node.value)
+        out.loc = _mark(file, node)
+        out.item_locs = [_mark(file, v) for v in node.value]
+        return out
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, str):
+        s = LStr(value)
+        s.loc = _mark(file, node)
+        return s
+    return value
+
+
+def load_yaml(text: str, file: Optional[str] = None) -> Any:
+    """Parse YAML with ``yaml.SafeLoader`` keeping locations (LStr / LDict / LList)."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None
+            return _construct(root, file, loader)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        m = e.problem_mark or e.context_mark
+        loc = Location(file, m.line + 1, m.column + 1) if m else Location(file)
+        raise RuleSyntaxError(f"YAML: {e.problem or e.context}", loc) from None
+    except yaml.YAMLError as e:
+        raise RuleSyntaxError(f"YAML: {e}", Location(file)) from None
+
+
+def _loc(obj: Any, default: Location) -> Location:
+    return getattr(obj, "loc", None) or default
+
+
+def _vloc(d: Any, key: str, default: Location) -> Location:
+    locs = getattr(d, "val_locs", None)
+    return locs.get(key, default) if locs else default
+
+
+def _check_keys(d: Dict, allowed: Sequence[str], what: str, loc: Location) -> None:
+    for k in d:
+        if k not in allowed:
+            kl = getattr(d, "key_locs", {}).get(k, loc)
+            raise RuleSyntaxError(f"unknown key {k!r} in {what}", kl, nearest(k, allowed))
+
+
+# ----------------------------------------------------------------------------- params
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "any": object}
+
+
+@dataclass
+class ParamSpec:
+    """A recipe / rule-family parameter: default, type and allowed values."""
+    name: str
+    default: Any = None
+    type: str = "any"
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Optional[List[Any]] = None
+    doc: str = ""
+    loc: Location = field(default_factory=Location)
+
+    def check(self, value: Any) -> Optional[str]:
+        """A reason why ``value`` is not allowed, or None."""
+        t = _TYPES.get(self.type, object)
+        if self.type == "int" and isinstance(value, bool):
+            return f"{self.name} must be an integer, got {value!r}"
+        if self.type == "list" and isinstance(value, (tuple, str)):
+            value = list(value) if isinstance(value, tuple) else [value]
+        if value is not None and not isinstance(value, t):
+            return f"{self.name} must be of type {self.type}, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"{self.name} must be one of {self.choices}, got {value!r}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.min is not None and value < self.min:
+                return f"{self.name} must be >= {self.min}, got {value!r}"
+            if self.max is not None and value > self.max:
+                return f"{self.name} must be <= {self.max}, got {value!r}"
+        return None
+
+    def coerce(self, value: Any) -> Any:
+        if self.type == "list" and isinstance(value, (tuple, str)):
+            return list(value) if isinstance(value, tuple) else [value]
+        if self.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+def _parse_params(raw: Any, file: Optional[str], loc: Location) -> Dict[str, ParamSpec]:
+    out: Dict[str, ParamSpec] = {}
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        raise RuleSyntaxError("'params' must be a mapping of name: default or name: {default: ...}", _loc(raw, loc))
+    for name, spec in raw.items():
+        ploc = getattr(raw, "key_locs", {}).get(name, loc)
+        if isinstance(spec, dict):
+            _check_keys(spec, ("default", "type", "min", "max", "choices", "doc"), f"parameter {name!r}", ploc)
+            ps = ParamSpec(str(name), spec.get("default"), str(spec.get("type", "any")), spec.get("min"),
+                           spec.get("max"), list(spec["choices"]) if spec.get("choices") is not None else None,
+                           str(spec.get("doc", "")), ploc)
+            if ps.type not in _TYPES:
+                raise RuleSyntaxError(f"unknown parameter type {ps.type!r}", ploc, nearest(ps.type, _TYPES))
+        else:
+            default = spec
+            typ = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
+                   "float" if isinstance(default, float) else "str" if isinstance(default, str) else
+                   "list" if isinstance(default, list) else "any")
+            ps = ParamSpec(str(name), _plain(default), typ, loc=ploc)
+        ps.default = _plain(ps.default)
+        if ps.default is not None:
+            why = ps.check(ps.default)
+            if why:
+                raise RuleSyntaxError(f"default of {why}", ploc)
+        out[str(name)] = ps
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, LStr):
+        return str(v)
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _as_call(v: Any, what: str, loc: Location) -> Call:
+    if isinstance(v, Call):
+        return v
+    if not isinstance(v, str):
+        raise RuleSyntaxError(f"{what} must be a call like name(args), got {v!r}", _loc(v, loc))
+    return parse_call(v, _loc(v, loc))
+
+
+def _as_calls(v: Any, what: str, loc: Location) -> List[Call]:
+    if v is None:
+        return []
+    if isinstance(v, (str, Call)):
+        v = [v]
+    if not isinstance(v, list):
+        raise RuleSyntaxError(f"{what} must be a list of calls", _loc(v, loc))
+    locs = getattr(v, "item_locs", None)
+    return [_as_call(x, what, locs[i] if locs else _loc(x, loc)) for i, x in enumerate(v)]
+
+
+def _bindings(p: Pattern, out: Dict[str, str]) -> None:
+    stack = [p]
+    while stack:
+        q = stack.pop()
+        if isinstance(q, NodePat):
+            if q.binding:
+                out[q.binding] = "$"
+            stack.extend(q.children)
+            stack.extend(a for a in q.attrs.values() if isinstance(a, NodePat))
+        elif isinstance(q, BindPat):
+            out[q.name] = "$"
+        elif isinstance(q, ValuePat):
+            out[q.name] = "?"
+
+
+def _refs(v: Any, out: List[BindingRef]) -> None:
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, BindingRef):
+            out.append(x)
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, Call):
+            stack.extend(x.args)
+            stack.extend(x.kwargs.values())
+
+
+RULE_KEYS = ("name", "stage", "match", "where", "unless", "rewrite", "when", "doc", "keeps")
+
+
+class Rule:
+    """One rewrite rule: a pattern, constraints and an action.
+
+    Built from a rule file or directly::
+
+        Rule(name="fold", match="(batch_norm $bn (conv2d $c ?x))", where=["eval_mode($bn)"],
+             rewrite="fold_bn($c, $bn)")
+    """
+
+    def __init__(self, name: str, match: Union[str, NodePat, Sequence[Union[str, NodePat]]],
+                 rewrite: Union[str, Call, None] = None, where: Sequence[Union[str, Call]] = (),
+                 unless: Sequence[Union[str, Call]] = (), stage: str = "main", when: Any = True,
+                 doc: str = "", keeps: Sequence[str] = (), loc: Optional[Location] = None,
+                 family: Optional[str] = None):
+        self.loc = loc or _loc(name, Location("<python>"))
+        self.name = str(name)
+        if not self.name or not self.name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
+            raise RuleSyntaxError(f"rule name {self.name!r} must be a plain identifier", self.loc)
+        alts = match if isinstance(match, (list, tuple)) else [match]
+        if not alts:
+            raise RuleSyntaxError(f"rule {self.name!r} has an empty 'match'", self.loc)
+        locs = getattr(match, "item_locs", None)
+        self.match: List[NodePat] = [
+            m if isinstance(m, NodePat) else parse_pattern(str(m), _loc(m, locs[i] if locs else self.loc))
+            for i, m in enumerate(alts)]
+        if rewrite is None:
+            raise RuleSyntaxError(f"rule {self.name!r} has no 'rewrite' action", self.loc)
+        self.rewrite: Call = _as_call(rewrite, "rewrite", self.loc)
+        self.where: List[Call] = _as_calls(list(where) if not isinstance(where, str) else where, "where", self.loc)
+        self.unless: List[Call] = _as_calls(list(unless) if not isinstance(unless, str) else unless, "unless", self.loc)
+        self.stage = str(stage)
+        self.when = when if not isinstance(when, str) else parse_value(when, _loc(when, self.loc))
+        self.doc = str(doc)
+        self.keeps = [str(k).lstrip("$") for k in keeps]
+        self.family = family
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.rewrite.name not in ACTIONS:
+            raise UnknownNameError(f"unknown action {self.rewrite.name!r} in rule {self.name!r}",
+                                   self.rewrite.loc, nearest(self.rewrite.name, ACTIONS))
+        for c in self.where + self.unless:
+            if c.name not in CONSTRAINTS:
+                raise UnknownNameError(f"unknown constraint {c.name!r} in rule {self.name!r}", c.loc,
+                                       nearest(c.name, CONSTRAINTS))
+        # every alternative must bind every name that the constraints / action use
+        for alt in self.match:
+            bound: Dict[str, str] = {}
+            _bindings(alt, bound)
+            refs: List[BindingRef] = []
+            for c in [self.rewrite] + self.where + self.unless:
+                _refs(c, refs)
+            for r in refs:
+                if r.name not in bound:
+                    raise RuleSyntaxError(f"{r} is used in rule {self.name!r} but its pattern {alt} does not bind it",
+                                          self.rewrite.loc, nearest(r.name, bound))
+            for k in self.keeps:
+                if k not in bound:
+                    raise RuleSyntaxError(f"keeps: ${k} is not bound by the pattern {alt}", self.loc,
+                                          nearest(k, bound))
+
+    def params(self) -> List[ParamRef]:
+        refs: List[ParamRef] = []
+        for p in self.match:
+            refs += param_refs(p)
+        for c in [self.rewrite] + self.where + self.unless:
+            refs += param_refs(c)
+        refs += param_refs(self.when)
+        return refs
+
+    def bind(self, params: Dict[str, Any]) -> "Rule":
+        """A copy with every ``${param}`` replaced (raises MissingParameterError with its location)."""
+        where = f" (rule {self.name!r})"
+        r = object.__new__(Rule)
+        r.__dict__.update(self.__dict__)
+        r.match = [substitute(p, params, where) for p in self.match]
+        r.rewrite = substitute(self.rewrite, params, where)
+        r.where = [substitute(c, params, where) for c in self.where]
+        r.unless = [substitute(c, params, where) for c in self.unless]
+        r.when = substitute(self.when, params, where)
+        return r
+
+    def anchor_classes(self) -> Optional[Tuple[str, ...]]:
+        """Op classes of the pattern roots (None: any node)."""
+        out: List[str] = []
+        for p in self.match:
+            if p.classes is None:
+                return None
+            out.extend(p.classes)
+        return tuple(dict.fromkeys(out))
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r}, match={' | '.join(map(str, self.match))}, rewrite={self.rewrite})"
+
+
+@dataclass
+class StageSpec:
+    name: str
+    mode: str = "once"            # once | fixpoint
+    max_iterations: int = 10
+    verify: str = "sqnr"          # exact | sqnr | none
+    loc: Location = field(default_factory=Location)
+
+
+@dataclass
+class RuleFamily:
+    """The rules of one file, grouped into stages."""
+    name: str
+    rules: List[Rule]
+    stages: List[StageSpec]
+    params: Dict[str, ParamSpec]
+    path: Optional[str] = None
+    doc: str = ""
+
+
+@dataclass
+class Step:
+    """One entry of a recipe: ``rules: family``, ``step: data_step`` or ``recipe: other``."""
+    kind: str
+    name: str
+    args: Dict[str, Any]
+    when: Any = True
+    loc: Location = field(default_factory=Location)
+
+
+@dataclass
+class Recipe:
+    name: str
+    steps: List[Step]
+    params: Dict[str, ParamSpec]
+    path: Optional[str] = None
+    doc: str = ""
+
+
+def _parse_rule(raw: Any, file: Optional[str], family: str, default_stage: str, loc: Location) -> Rule:
+    if not isinstance(raw, dict):
+        raise RuleSyntaxError("each rule must be a mapping with name/match/rewrite", _loc(raw, loc))
+    rloc = _loc(raw, loc)
+    _check_keys(raw, RULE_KEYS, "rule", rloc)
+    for key in ("name", "match", "rewrite"):
+        if key not in raw:
+            raise RuleSyntaxError(f"rule is missing {key!r}", rloc)
+    name = raw["name"]
+    match = raw["match"]
+    if isinstance(match, str) and not isinstance(match, LStr):
+        match = LStr(match)
+        match.loc = _vloc(raw, "match", rloc)
+    if isinstance(raw["rewrite"], str) and not hasattr(raw["rewrite"], "loc"):
+        pass
+    keeps = raw.get("keeps") or []
+    if isinstance(keeps, str):
+        keeps = [keeps]
+    return Rule(name=name, match=match, rewrite=raw["rewrite"], where=raw.get("where") or [],
+                unless=raw.get("unless") or [], stage=raw.get("stage", default_stage),
+                when=raw.get("when", True), doc=raw.get("doc", ""), keeps=keeps, loc=rloc, family=family)
+
+
+def _parse_stages(raw: Any, file: Optional[str], loc: Location) -> List[StageSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise RuleSyntaxError("'stages' must be a list", _loc(raw, loc))
+    out = []
+    for s in raw:
+        if isinstance(s, str):
+            out.append(StageSpec(str(s), loc=_loc(s, loc)))
+            continue
+        if not isinstance(s, dict) or "name" not in s:
+            raise RuleSyntaxError("a stage is a name or {name, mode, max_iterations, verify}", _loc(s, loc))
+        sl = _loc(s, loc)
+        _check_keys(s, ("name", "mode", "max_iterations", "verify"), "stage", sl)
+        mode = str(s.get("mode", "once"))
+        if mode not in ("once", "fixpoint"):
+            raise RuleSyntaxError(f"stage mode must be 'once' or 'fixpoint', got {mode!r}", _vloc(s, "mode", sl),
+                                  nearest(mode, ("once", "fixpoint")))
+        verify = str(s.get("verify", "sqnr"))
+        if verify not in ("exact", "sqnr", "none"):
+            raise RuleSyntaxError(f"stage verify must be exact, sqnr or none, got {verify!r}", _vloc(s, "verify", sl))
+        mi = s.get("max_iterations", 10)
+        if not isinstance(mi, int) or mi < 1 or mi > 1000:
+            raise RuleSyntaxError("max_iterations must be an integer in [1, 1000]", _vloc(s, "max_iterations", sl))
+        out.append(StageSpec(str(s["name"]), mode, mi, verify, sl))
+    return out
+
+
+def _parse_steps(raw: Any, file: Optional[str], loc: Location) -> List[Step]:
+    if not isinstance(raw, list) or not raw:
+        raise RuleSyntaxError("a recipe needs a non-empty 'steps' list", _loc(raw, loc))
+    steps = []
+    locs = getattr(raw, "item_locs", [loc] * len(raw))
+    for i, s in enumerate(raw):
+        sl = locs[i]
+        if isinstance(s, str):
+            raise RuleSyntaxError(f"a step is a mapping such as {{rules: {s}}} or {{step: {s}}}", sl)
+        if not isinstance(s, dict):
+            raise RuleSyntaxError("each step must be a mapping", sl)
+        _check_keys(s, ("rules", "step", "recipe", "with", "when"), "step", sl)
+        kinds = [k for k in ("rules", "step", "recipe") if k in s]
+        if len(kinds) != 1:
+            raise RuleSyntaxError("a step names exactly one of 'rules', 'step' or 'recipe'", sl)
+        kind = kinds[0]
+        name = s[kind]
+        nloc = _vloc(s, kind, sl)
+        args = s.get("with") or {}
+        if not isinstance(args, dict):
+            raise RuleSyntaxError("'with' must be a mapping of argument: value", _vloc(s, "with", sl))
+        parsed = {}
+        for k, v in args.items():
+            vl = _vloc(args, k, sl)
+            parsed[str(k)] = parse_value(v, vl) if isinstance(v, str) and ("${" in v) else _plain(v)
+        when = s.get("when", True)
+        if isinstance(when, str):
+            when = parse_value(when, _vloc(s, "when", sl))
+        steps.append(Step(kind, str(name), parsed, when, nloc))
+    return steps
+
+
+def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recipe]:
+    """Parse the text of a rule-family or recipe file."""
+    data = load_yaml(text, file)
+    top = Location(file, 1, 1)
+    if not isinstance(data, dict):
+        raise RuleSyntaxError("a rule file must be a YAML mapping with 'version' and 'rules' or 'steps'", top)
+    dloc = _loc(data, top)
+    version = data.get("version")
+    if version != 1:
+        raise RuleSyntaxError(f"unsupported or missing 'version' {version!r}; this qpasses reads version: 1",
+                              _vloc(data, "version", dloc))
+    params = _parse_params(data.get("params"), file, _vloc(data, "params", dloc))
+    if "steps" in data or "recipe" in data:
+        _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
+        name = str(data.get("recipe") or Path(file or "recipe").stem)
+        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc)), params, file,
+                      str(data.get("doc", "")))
+    _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
+    name = str(data.get("family") or Path(file or "rules").stem)
+    stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
+    raw_rules = data.get("rules")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise RuleSyntaxError("a rule file needs a non-empty 'rules' list", _vloc(data, "rules", dloc))
+    default_stage = stages[0].name if stages else name
+    locs = getattr(raw_rules, "item_locs", [dloc] * len(raw_rules))
+    rules = [_parse_rule(r, file, name, default_stage, locs[i]) for i, r in enumerate(raw_rules)]
+    seen = {}
+    for r in rules:
+        if r.name in seen:
+            raise RuleSyntaxError(f"rule name {r.name!r} is used twice", r.loc)
+        seen[r.name] = r
+    declared = {s.name for s in stages}
+    for r in rules:
+        if r.stage not in declared:
+            stages.append(StageSpec(r.stage, loc=r.loc))
+            declared.add(r.stage)
+    # every ${param} a rule uses must be declared by this file or left to a recipe:
+    # checked when a PassManager binds parameters (MissingParameterError with location).
+    return RuleFamily(name, rules, stages, params, file, str(data.get("doc", "")))
+
+
+def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
+    """Load a rule-family or recipe file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuleError(f"cannot read rule file: {e.strerror}", Location(str(p))) from None
+    return parse_text(text, str(p))
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+def rules_dirs() -> List[Path]:
+    """Where named rule families and recipes are looked up: $QPASSES_RULES_PATH, then the shipped ones."""
+    dirs: List[Path] = []
+    env = os.environ.get("QPASSES_RULES_PATH")
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    try:
+        from importlib.resources import files
+        shipped = Path(str(files("qpasses._rules")))
+        if shipped.is_dir():
+            dirs.append(shipped)
+    except (ModuleNotFoundError, TypeError):
+        pass
+    here = Path(__file__).resolve().parents[2] / "rules"
+    if here.is_dir() and here not in dirs:
+        dirs.append(here)
+    return dirs
+
+
+_CACHE: Dict[Tuple[str, float], Union[RuleFamily, Recipe]] = {}
+
+
+def _load_cached(p: Path) -> Union[RuleFamily, Recipe]:
+    key = (str(p), p.stat().st_mtime)
+    if key not in _CACHE:
+        _CACHE[key] = load_file(p)
+    return _CACHE[key]
+
+
+def _named_files() -> Dict[str, Path]:
+    out: Dict[str, Path] = {}
+    for d in rules_dirs():
+        for sub in (d / "recipes", d):
+            if sub.is_dir():
+                for f in sorted(sub.glob("*.yaml")):
+                    out.setdefault(f.stem, f)
+    return out
+
+
+def available_names() -> Dict[str, str]:
+    """name -> 'recipe' | 'rules' | 'step' for everything addressable by name."""
+    out: Dict[str, str] = {}
+    for name, p in _named_files().items():
+        out[name] = "recipe" if p.parent.name == "recipes" else "rules"
+    for name in DATA_STEPS:
+        out.setdefault(name, "step")
+    return out
+
+
+def find_named(name: str, loc: Optional[Location] = None) -> Union[RuleFamily, Recipe]:
+    """Load the shipped (or $QPASSES_RULES_PATH) rule family or recipe called ``name``."""
+    files = _named_files()
+    if name not in files:
+        raise UnknownNameError(f"no recipe or rule family named {name!r}", loc or Location("<name>"),
+                               nearest(name, list(files) + list(DATA_STEPS)))
+    return _load_cached(files[name])

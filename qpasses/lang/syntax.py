@@ -1,0 +1,410 @@
+"""Pattern and call syntax inside rule files.
+
+Patterns are S-expressions::
+
+    (batch_norm $bn (conv2d|conv_transpose2d $conv ?x))
+    (add $sum (conv2d $c _) ?skip)
+    (linear $fc (fake_quant ...) :bias None)
+    (conv2d $c ?x :groups 1 :module Conv2d ...)
+
+* ``(op[|op...] ...)`` — a node of one of the op classes (or aliases such as ``conv``,
+  ``weighted``); ``*`` matches any op.
+* ``$name`` right after the op names the node itself; elsewhere ``$name`` is a node
+  input of any op, bound to ``name``.  Binding the same name twice requires the same node.
+* ``?name`` binds any input value (node or constant); ``_`` matches anything.
+* Children match the op class's *activation inputs* in order (``input`` for conv,
+  ``input``/``other`` for add, the list elements for cat); ``...`` allows further inputs.
+  Commutative ops (add, mul) are tried in both orders.
+* ``:arg value`` constrains a normalised argument (``:groups 1``, ``:stride [2, 2]``),
+  ``:module Name`` the module type (matched against class names in the MRO, nothing
+  is imported), ``:arg (pattern)`` matches the argument's producer node.
+
+Calls (constraints, actions, data-step arguments) read ``name(arg, key=value, ...)``
+with values ``$node``, ``?value``, ``${param}``, numbers, strings, ``true/false/null``,
+bare words (strings) and ``[lists]``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..errors import Location, RuleSyntaxError, UnknownNameError, MissingParameterError, nearest
+
+# ----------------------------------------------------------------------------- tokens
+
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<param>\$\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\})
+  | (?P<bind>\$[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<value>\?[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<kw>:[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<ellipsis>\.\.\.)
+  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
+  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
+  | (?P<punct>[()\[\],=|*])
+""", re.VERBOSE)
+
+
+@dataclass
+class Tok:
+    kind: str
+    text: str
+    loc: Location
+
+
+def _pos(base: Location, text: str, offset: int) -> Location:
+    line_no = text.count("\n", 0, offset)
+    if line_no == 0:
+        col = (base.col or 1) + offset
+    else:
+        col = offset - text.rfind("\n", 0, offset)
+    return Location(base.file, (base.line or 1) + line_no, col)
+
+
+def tokenize(text: str, base: Location) -> List[Tok]:
+    out: List[Tok] = []
+    i = 0
+    while i < len(text):
+        m = _TOKEN_RE.match(text, i)
+        if not m:
+            raise RuleSyntaxError(f"unexpected character {text[i]!r} in {text.strip()!r}", _pos(base, text, i))
+        kind = m.lastgroup
+        if kind != "ws":
+            out.append(Tok(kind, m.group(), _pos(base, text, i)))
+        i = m.end()
+    out.append(Tok("eof", "", _pos(base, text, len(text))))
+    return out
+
+
+# ----------------------------------------------------------------------------- AST
+
+class Pattern:
+    loc: Location
+
+
+@dataclass
+class NodePat(Pattern):
+    classes: Optional[Tuple[str, ...]]  # None = any op
+    binding: Optional[str]
+    children: List[Pattern]
+    rest: bool
+    attrs: Dict[str, Any]
+    loc: Location = field(default_factory=Location)
+    spelled: Tuple[str, ...] = ()  # the names as written (for messages)
+
+    def __str__(self) -> str:
+        head = "|".join(self.spelled) if self.spelled else "*"
+        parts = [head]
+        if self.binding:
+            parts.append("$" + self.binding)
+        parts += [str(c) for c in self.children]
+        for k, v in self.attrs.items():
+            parts.append(f":{k} {format_value(v)}")
+        if self.rest:
+            parts.append("...")
+        return "(" + " ".join(parts) + ")"
+
+
+@dataclass
+class BindPat(Pattern):
+    name: str
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        return "$" + self.name
+
+
+@dataclass
+class ValuePat(Pattern):
+    name: str
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        return "?" + self.name
+
+
+@dataclass
+class AnyPat(Pattern):
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        return "_"
+
+
+@dataclass
+class LiteralPat(Pattern):
+    value: Any
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        return format_value(self.value)
+
+
+@dataclass(frozen=True)
+class BindingRef:
+    """``$name`` (node) or ``?name`` (value) inside a call."""
+    name: str
+    sigil: str = "$"
+
+    def __str__(self):
+        return self.sigil + self.name
+
+
+@dataclass
+class ParamRef:
+    """``${name}``: a recipe parameter, replaced when a PassManager binds its options."""
+    name: str
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        return "${" + self.name + "}"
+
+
+@dataclass
+class Call:
+    name: str
+    args: List[Any]
+    kwargs: Dict[str, Any]
+    loc: Location = field(default_factory=Location)
+
+    def __str__(self):
+        items = [format_value(a) for a in self.args] + [f"{k}={format_value(v)}" for k, v in self.kwargs.items()]
+        return f"{self.name}({', '.join(items)})"
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return v if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v) else repr(v)
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- parser
+
+_WORDS = {"true": True, "false": False, "True": True, "False": False, "null": None, "None": None,
+          "none": None}
+
+
+class _Parser:
+    def __init__(self, text: str, loc: Location):
+        self.text = text
+        self.toks = tokenize(text, loc)
+        self.i = 0
+
+    def peek(self) -> Tok:
+        return self.toks[self.i]
+
+    def next(self) -> Tok:
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def expect(self, text: str) -> Tok:
+        t = self.next()
+        if t.text != text:
+            raise RuleSyntaxError(f"expected {text!r} but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+        return t
+
+    def end(self) -> None:
+        t = self.peek()
+        if t.kind != "eof":
+            raise RuleSyntaxError(f"unexpected {t.text!r} after the end of {self.text.strip()!r}", t.loc)
+
+    # values ----------------------------------------------------------------
+    def value(self) -> Any:
+        t = self.next()
+        k = t.kind
+        if k == "number":
+            return float(t.text) if any(c in t.text for c in ".eE") else int(t.text)
+        if k == "string":
+            return bytes(t.text[1:-1], "utf-8").decode("unicode_escape")
+        if k == "param":
+            return ParamRef(t.text[2:-1].strip(), t.loc)
+        if k == "bind":
+            return BindingRef(t.text[1:], "$")
+        if k == "value":
+            return BindingRef(t.text[1:], "?")
+        if k == "ident":
+            return _WORDS.get(t.text, t.text)
+        if t.text == "[":
+            items = []
+            while self.peek().text != "]":
+                if self.peek().kind == "eof":
+                    raise RuleSyntaxError(f"unclosed '[' in {self.text.strip()!r}", t.loc)
+                items.append(self.value())
+                if self.peek().text == ",":
+                    self.next()
+            self.next()
+            return items
+        raise RuleSyntaxError(f"expected a value but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+
+    # calls -----------------------------------------------------------------
+    def call(self) -> Call:
+        t = self.next()
+        if t.kind != "ident":
+            raise RuleSyntaxError(f"expected a name like fold_bn(...) but found {t.text or 'nothing'!r}", t.loc)
+        args, kwargs = [], {}
+        if self.peek().text == "(":
+            self.next()
+            while self.peek().text != ")":
+                if self.peek().kind == "eof":
+                    raise RuleSyntaxError(f"unclosed '(' in call {t.text}", t.loc)
+                if self.peek().kind == "ident" and self.toks[self.i + 1].text == "=":
+                    key = self.next().text
+                    self.next()
+                    if key in kwargs:
+                        raise RuleSyntaxError(f"argument {key!r} given twice", t.loc)
+                    kwargs[key] = self.value()
+                else:
+                    if kwargs:
+                        raise RuleSyntaxError("positional argument after keyword argument", self.peek().loc)
+                    args.append(self.value())
+                if self.peek().text == ",":
+                    self.next()
+                elif self.peek().text != ")":
+                    raise RuleSyntaxError(f"expected ',' or ')' but found {self.peek().text!r}", self.peek().loc)
+            self.next()
+        return Call(t.text, args, kwargs, t.loc)
+
+    # patterns --------------------------------------------------------------
+    def pattern(self, top: bool = False) -> Pattern:
+        t = self.peek()
+        if t.text == "(":
+            return self.node_pattern()
+        self.next()
+        if t.kind == "bind":
+            return BindPat(t.text[1:], t.loc)
+        if t.kind == "value":
+            return ValuePat(t.text[1:], t.loc)
+        if t.kind == "ident" and t.text == "_":
+            return AnyPat(t.loc)
+        if top:
+            raise RuleSyntaxError(f"a pattern must start with '(' but starts with {t.text!r}", t.loc)
+        self.i -= 1
+        return LiteralPat(self.value(), t.loc)
+
+    def node_pattern(self) -> NodePat:
+        from ..ops import resolve_names, all_class_names  # late: ops registry may grow
+        open_tok = self.expect("(")
+        names: List[str] = []
+        spelled: List[str] = []
+        while True:
+            t = self.next()
+            if t.text == "*":
+                names = None  # type: ignore[assignment]
+                spelled.append("*")
+            elif t.kind == "ident":
+                try:
+                    if names is not None:
+                        names.extend(resolve_names(t.text))
+                    spelled.append(t.text)
+                except KeyError:
+                    raise UnknownNameError(f"unknown op class {t.text!r}", t.loc,
+                                           nearest(t.text, all_class_names())) from None
+            else:
+                raise RuleSyntaxError(f"expected an op class name after '(' but found {t.text or 'end of text'!r}", t.loc)
+            if self.peek().text == "|":
+                self.next()
+                continue
+            break
+        binding = None
+        if self.peek().kind == "bind":
+            binding = self.next().text[1:]
+        children: List[Pattern] = []
+        attrs: Dict[str, Any] = {}
+        rest = False
+        while self.peek().text != ")":
+            t = self.peek()
+            if t.kind == "eof":
+                raise RuleSyntaxError(f"unclosed '(' in pattern {self.text.strip()!r}", open_tok.loc)
+            if t.kind == "ellipsis":
+                self.next()
+                rest = True
+                continue
+            if rest:
+                raise RuleSyntaxError("nothing may follow '...' except ':arg' constraints", t.loc)
+            if t.kind == "kw":
+                self.next()
+                key = t.text[1:]
+                if key in attrs:
+                    raise RuleSyntaxError(f"constraint :{key} given twice", t.loc)
+                attrs[key] = self.node_pattern() if self.peek().text == "(" else self.value()
+                continue
+            if attrs:
+                raise RuleSyntaxError("inputs must come before ':arg' constraints", t.loc)
+            children.append(self.pattern())
+        self.expect(")")
+        return NodePat(tuple(dict.fromkeys(names)) if names is not None else None, binding, children, rest,
+                       attrs, open_tok.loc, tuple(spelled))
+
+
+def parse_pattern(text: str, loc: Optional[Location] = None) -> NodePat:
+    """Parse one S-expression pattern; raises RuleSyntaxError / UnknownNameError with its location."""
+    p = _Parser(str(text), loc or Location())
+    pat = p.pattern(top=True)
+    p.end()
+    if not isinstance(pat, NodePat):
+        raise RuleSyntaxError("a rule's pattern must be a node pattern '(op ...)'", pat.loc)
+    return pat
+
+
+def parse_call(text: str, loc: Optional[Location] = None) -> Call:
+    """Parse ``name(args...)`` (parentheses optional when there are no arguments)."""
+    p = _Parser(str(text), loc or Location())
+    c = p.call()
+    p.end()
+    return c
+
+
+def parse_value(text: str, loc: Optional[Location] = None) -> Any:
+    p = _Parser(str(text), loc or Location())
+    v = p.value()
+    p.end()
+    return v
+
+
+# ----------------------------------------------------------------------------- params
+
+def substitute(value: Any, params: Dict[str, Any], where: str = "") -> Any:
+    """Replace every ``${param}`` inside ``value`` (recursively through lists/calls/patterns)."""
+    if isinstance(value, ParamRef):
+        if value.name not in params:
+            raise MissingParameterError(f"parameter ${{{value.name}}} is not defined{where}", value.loc,
+                                        nearest(value.name, params))
+        return params[value.name]
+    if isinstance(value, list):
+        return [substitute(v, params, where) for v in value]
+    if isinstance(value, Call):
+        return Call(value.name, [substitute(a, params, where) for a in value.args],
+                    {k: substitute(v, params, where) for k, v in value.kwargs.items()}, value.loc)
+    if isinstance(value, NodePat):
+        return NodePat(value.classes, value.binding, [substitute(c, params, where) for c in value.children],
+                       value.rest, {k: substitute(v, params, where) for k, v in value.attrs.items()},
+                       value.loc, value.spelled)
+    if isinstance(value, LiteralPat):
+        return LiteralPat(substitute(value.value, params, where), value.loc)
+    return value
+
+
+def param_refs(value: Any) -> List[ParamRef]:
+    """All ``${param}`` references inside ``value``."""
+    out: List[ParamRef] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, ParamRef):
+            out.append(v)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, Call):
+            stack.extend(v.args)
+            stack.extend(v.kwargs.values())
+        elif isinstance(v, NodePat):
+            stack.extend(v.children)
+            stack.extend(v.attrs.values())
+        elif isinstance(v, LiteralPat):
+            stack.append(v.value)
+    return out

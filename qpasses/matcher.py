@@ -1,0 +1,269 @@
+"""The matcher: index nodes by op class, visit candidate anchors, match backwards.
+
+Matching walks *up* the use-def edges from an anchor node (the pattern's root).  The
+walk is recursive only over the pattern, whose depth is fixed by the rule file, never
+over the graph: a 100k-node graph costs one linear indexing pass plus constant work
+per candidate anchor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
+from .ops import OP_CLASSES, OpView, classify
+
+__all__ = ["Match", "MatchFailure", "Matcher", "MatchContext"]
+
+
+@dataclass
+class Match:
+    """A successful match: the root node, the named bindings and every matched node."""
+    root: fx.Node
+    bindings: Dict[str, Any]
+    nodes: List[fx.Node]
+    alternative: int = 0
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bindings[name]
+
+
+@dataclass
+class MatchFailure:
+    """Why a pattern did not match: the pattern step, the node it was tried on, the reason."""
+    step: str
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"at {self.step} on node {self.node}: {self.reason}"
+
+
+_MISSING = object()
+
+
+def _describe(node: fx.Node, cls: Optional[str]) -> str:
+    if cls:
+        return f"{node.name} ({cls})"
+    t = node.target
+    tname = getattr(t, "__name__", None) or str(t)
+    return f"{node.name} ({node.op} {tname})"
+
+
+def _eq(actual: Any, wanted: Any) -> bool:
+    """Argument equality that treats 2 and (2, 2) alike and lists like tuples."""
+    if isinstance(wanted, list):
+        wanted = tuple(wanted)
+    if isinstance(actual, list):
+        actual = tuple(actual)
+    if isinstance(actual, tuple) and not isinstance(wanted, tuple):
+        return len(actual) > 0 and all(_eq(a, wanted) for a in actual)
+    if isinstance(wanted, tuple) and not isinstance(actual, tuple):
+        return all(_eq(actual, w) for w in wanted)
+    if isinstance(actual, tuple):
+        return len(actual) == len(wanted) and all(_eq(a, w) for a, w in zip(actual, wanted))
+    if isinstance(actual, torch.Tensor) or isinstance(wanted, torch.Tensor):
+        return False
+    if isinstance(actual, str) or isinstance(wanted, str):
+        return str(actual) == str(wanted)
+    try:
+        return actual == wanted
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def module_type_names(mod: Any) -> set:
+    out = set()
+    for c in type(mod).__mro__:
+        out.add(c.__name__)
+        out.add(f"{c.__module__}.{c.__qualname__}")
+    return out
+
+
+class Matcher:
+    """Pattern matching over one GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
+        self._cls: Dict[fx.Node, Optional[str]] = {}
+
+    def refresh_modules(self) -> None:
+        self.modules = dict(self.gm.named_modules())
+        self._cls.clear()
+
+    def classify(self, node: fx.Node) -> Optional[str]:
+        c = self._cls.get(node, _MISSING)
+        if c is _MISSING:
+            if node.op == "call_module" and node.target not in self.modules:
+                self.modules = dict(self.gm.named_modules())
+            c = classify(node, self.modules)
+            self._cls[node] = c
+        return c  # type: ignore[return-value]
+
+    def forget(self, node: fx.Node) -> None:
+        self._cls.pop(node, None)
+
+    def view(self, node: fx.Node) -> OpView:
+        if node.op == "call_module" and node.target not in self.modules:
+            self.modules = dict(self.gm.named_modules())
+        return OpView(node, self.gm, self.classify(node), self.modules)
+
+    def index(self, classes: Optional[Sequence[str]]) -> List[fx.Node]:
+        """Candidate anchors, in graph order: one linear pass."""
+        if classes is None:
+            return [n for n in self.gm.graph.nodes]
+        wanted = set(classes)
+        return [n for n in self.gm.graph.nodes if self.classify(n) in wanted]
+
+    # ------------------------------------------------------------------ matching
+    def match(self, pattern: NodePat, node: fx.Node, alternative: int = 0):
+        """Match ``pattern`` rooted at ``node``: a :class:`Match` or a :class:`MatchFailure`."""
+        bindings: Dict[str, Any] = {}
+        nodes: List[fx.Node] = []
+        fail = self._node(pattern, node, bindings, nodes)
+        if fail is not None:
+            return fail
+        return Match(node, bindings, nodes, alternative)
+
+    def _bind(self, name: str, value: Any, b: Dict[str, Any], step: str, where: str) -> Optional[MatchFailure]:
+        if name in b:
+            old = b[name]
+            same = old is value if isinstance(old, fx.Node) or isinstance(value, fx.Node) else _eq(old, value)
+            if not same:
+                return MatchFailure(step, where, f"{name} is already bound to {getattr(old, 'name', old)!r}")
+            return None
+        b[name] = value
+        return None
+
+    def _child(self, pat: Pattern, value: Any, b: Dict[str, Any], nodes: List[fx.Node],
+               parent: str) -> Optional[MatchFailure]:
+        if isinstance(pat, AnyPat):
+            return None
+        if isinstance(pat, ValuePat):
+            return self._bind(pat.name, value, b, str(pat), parent)
+        if isinstance(pat, BindPat):
+            if not isinstance(value, fx.Node):
+                return MatchFailure(str(pat), parent, f"expected a node input but found constant {value!r}")
+            return self._bind(pat.name, value, b, str(pat), parent)
+        if isinstance(pat, LiteralPat):
+            if isinstance(value, fx.Node) or not _eq(value, pat.value):
+                shown = value.name if isinstance(value, fx.Node) else repr(value)
+                return MatchFailure(str(pat), parent, f"expected {pat.value!r} but found {shown}")
+            return None
+        if isinstance(pat, NodePat):
+            if not isinstance(value, fx.Node):
+                return MatchFailure(str(pat), parent, f"expected a node but found constant {value!r}")
+            return self._node(pat, value, b, nodes)
+        return MatchFailure(str(pat), parent, "unsupported pattern element")
+
+    def _node(self, pat: NodePat, node: fx.Node, b: Dict[str, Any], nodes: List[fx.Node]) -> Optional[MatchFailure]:
+        step = str(pat)
+        cls = self.classify(node)
+        if pat.classes is not None and cls not in pat.classes:
+            want = "|".join(pat.spelled)
+            return MatchFailure(step, node.name, f"{_describe(node, cls)} is not {want}")
+        if pat.binding:
+            f = self._bind(pat.binding, node, b, step, node.name)
+            if f:
+                return f
+        view = self.view(node)
+        for key, want in pat.attrs.items():
+            if key == "module":
+                if view.module is None:
+                    return MatchFailure(step, node.name, f":module {want} requires a module call, {node.name} is {node.op}")
+                names = module_type_names(view.module)
+                options = want if isinstance(want, list) else [want]
+                if not any(str(o) in names for o in options):
+                    return MatchFailure(step, node.name,
+                                        f"module type is {type(view.module).__name__}, not {want}")
+                continue
+            actual = view.get(key, _MISSING)
+            if actual is _MISSING:
+                return MatchFailure(step, node.name, f"{cls or node.op} has no argument {key!r}")
+            if isinstance(want, NodePat):
+                f = self._child(want, actual, b, nodes, node.name)
+                if f:
+                    return f
+                continue
+            if isinstance(want, BindingRef):
+                f = self._bind(want.name, actual, b, step, node.name)
+                if f:
+                    return f
+                continue
+            if not _eq(actual, want):
+                shown = actual.name if isinstance(actual, fx.Node) else repr(actual)
+                return MatchFailure(step, node.name, f":{key} is {shown}, not {want!r}")
+        nodes.append(node)
+        children = pat.children
+        if not children:
+            return None
+        inputs = view.inputs()
+        if not pat.rest and len(children) != len(inputs):
+            return MatchFailure(step, node.name,
+                                f"{node.name} has {len(inputs)} input(s), the pattern lists {len(children)} "
+                                f"(add '...' to allow more)")
+        if len(children) > len(inputs):
+            return MatchFailure(step, node.name, f"{node.name} has only {len(inputs)} input(s)")
+        orders = [list(range(len(children)))]
+        oc = OP_CLASSES.get(cls) if cls else None
+        if oc is not None and oc.commutative and len(children) == 2 and len(inputs) == 2:
+            orders.append([1, 0])
+        first: Optional[MatchFailure] = None
+        for order in orders:
+            b2 = dict(b)
+            n2: List[fx.Node] = list(nodes)
+            fail = None
+            for ci, ii in enumerate(order):
+                fail = self._child(children[ci], inputs[ii], b2, n2, node.name)
+                if fail:
+                    break
+            if fail is None:
+                b.clear()
+                b.update(b2)
+                nodes[:] = n2
+                return None
+            first = first or fail
+        return first
+
+
+class MatchContext:
+    """What constraints and actions see: the graph module, the match, the rule and its params."""
+
+    def __init__(self, gm: fx.GraphModule, matcher: Matcher, match: Match, rule: Any,
+                 params: Dict[str, Any], state: Optional[Dict[str, Any]] = None):
+        self.gm = gm
+        self.graph = gm.graph
+        self.matcher = matcher
+        self.match = match
+        self.rule = rule
+        self.params = params
+        #: per-run scratch space shared by all actions (e.g. observer sharing tables)
+        self.state = state if state is not None else {}
+
+    @property
+    def modules(self) -> Dict[str, nn.Module]:
+        return self.matcher.modules
+
+    def view(self, node: fx.Node) -> OpView:
+        return self.matcher.view(node)
+
+    def classify(self, node: fx.Node) -> Optional[str]:
+        return self.matcher.classify(node)
+
+    def resolve(self, value: Any) -> Any:
+        """Turn ``$x`` / ``?x`` references (and lists of them) into bound values."""
+        if isinstance(value, BindingRef):
+            return self.match.bindings[value.name]
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        return value
+
+    def call(self, fn, call: Call):
+        args = [self.resolve(a) for a in call.args]
+        kwargs = {k: self.resolve(v) for k, v in call.kwargs.items()}
+        return fn(self, *args, **kwargs)

@@ -1,0 +1,30 @@
+"""Numerics: the arithmetic of quantization, in plain PyTorch (the bottom layer of qpasses).
+
+* :mod:`.qparams` -- integer ranges, scale / zero point, quantize / dequantize / fake-quantize, SQNR;
+* :mod:`.observers` -- range estimation (min-max, moving average, percentile, MSE, entropy, ACIQ);
+* :mod:`.fake_quant` -- the ``FakeQuantize`` module (straight-through or LSQ);
+* :mod:`.aciq` -- analytical clipping, per-channel bit allocation, bias correction (Banner et al. 2019);
+* :mod:`.rounding` -- AdaRound (Nagel et al. 2020) and GENIE-M (Jeon et al. 2023);
+* :mod:`.fixed_point` -- gemmlowp integer requantization (Jacob et al. 2018).
+
+Nothing here imports the rest of qpasses.
+"""
+from .aciq import aciq_alpha, aciq_mse, allocate_bits, bias_correct_weight, fit_gauss_sigma, fit_laplace_b
+from .fake_quant import FakeQuantize, bits_of_range
+from .fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier, quantize_multiplier_tensor,
+                          requantize, rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
+from .observers import (OBSERVERS, ACIQObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+                        MSEObserver, Observer, PercentileObserver, make_observer)
+from .qparams import calc_qparams, dequantize, fake_quantize, qrange, quantize, sqnr
+from .rounding import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
+
+__all__ = [
+    "qrange", "calc_qparams", "quantize", "dequantize", "fake_quantize", "sqnr",
+    "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
+    "HistogramObserver", "ACIQObserver", "OBSERVERS", "make_observer",
+    "FakeQuantize", "bits_of_range",
+    "aciq_alpha", "aciq_mse", "fit_laplace_b", "fit_gauss_sigma", "allocate_bits", "bias_correct_weight",
+    "AdaRoundQuantizer", "BetaSchedule", "rectified_sigmoid",
+    "quantize_multiplier", "quantize_multiplier_tensor", "saturating_rounding_doubling_high_mul",
+    "rounding_divide_by_pot", "multiply_by_quantized_multiplier", "requantize",
+]

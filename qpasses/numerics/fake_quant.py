@@ -1,0 +1,164 @@
+"""``FakeQuantize``: quantize-dequantize in floating point, with straight-through gradients or LSQ.
+
+The module carries fixed quantization parameters (usually produced by an observer through
+:meth:`FakeQuantize.from_observer`). Its forward is plain aten ops only --
+``aten.fake_quantize_per_tensor_affine`` / ``aten.fake_quantize_per_channel_affine`` or, for a
+learnable scale, elementwise arithmetic -- so a graph containing it can be traced by ``torch.fx``
+(as a leaf ``call_module`` or traced through), exported by ``torch.export`` and lowered to ONNX
+``QuantizeLinear``/``DequantizeLinear`` pairs. The only Python branches in ``forward`` test plain
+attributes (``enabled``, ``learnable``, ``axis``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .qparams import dequantize as _dequantize
+from .qparams import quantize as _quantize
+
+__all__ = ["FakeQuantize", "bits_of_range"]
+
+_F32_EPS = torch.finfo(torch.float32).eps
+
+
+def bits_of_range(qmin: int, qmax: int) -> int:
+    """Smallest bit-width whose integer range holds ``qmax - qmin + 1`` codes."""
+    n = int(qmax) - int(qmin) + 1
+    if n < 2:
+        raise ValueError(f"empty or degenerate integer range [{qmin}, {qmax}]")
+    return int(math.ceil(math.log2(n)))
+
+
+class FakeQuantize(nn.Module):
+    """Fake quantization ``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale``.
+
+    Args:
+        scale: float scale, shape ``[]`` (per tensor) or ``[C]`` (per channel along ``axis``).
+        zero_point: integer zero point(s), same shape as ``scale`` (stored as int32).
+        qmin, qmax: integer range.
+        axis: ``None`` per tensor, else the channel axis of the per-channel parameters.
+        learnable: make ``scale`` an ``nn.Parameter`` trained with LSQ (Esser et al., "Learned Step
+            Size Quantization", ICLR 2020): ``x/s``, clamp, round with a straight-through
+            estimator, times ``s``; the scale's gradient is multiplied by
+            ``g = 1 / sqrt(N * qmax)`` with ``N`` the number of elements sharing one scale.
+            The zero point stays fixed.
+        bits: bit-width (derived from ``qmin``/``qmax`` when ``None``).
+        symmetric: recorded for back-ends and reports.
+
+    Attribute ``enabled`` (default True): when False, ``forward`` is the identity.
+    Without ``learnable`` the forward calls ``torch.fake_quantize_per_tensor_affine`` /
+    ``torch.fake_quantize_per_channel_affine`` (straight-through gradient for ``x``, masked
+    outside the range; no gradient for the parameters).
+    """
+
+    def __init__(self, scale: Union[float, torch.Tensor], zero_point: Union[int, torch.Tensor], qmin: int,
+                 qmax: int, axis: Optional[int] = None, learnable: bool = False, bits: Optional[int] = None,
+                 symmetric: bool = False):
+        super().__init__()
+        qmin, qmax = int(qmin), int(qmax)
+        if qmin >= qmax:
+            raise ValueError(f"empty integer range [{qmin}, {qmax}]")
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        z = torch.as_tensor(zero_point).detach().clone().to(torch.int32)
+        if axis is None:
+            if s.numel() != 1 or z.numel() != 1:
+                raise ValueError(f"per-tensor FakeQuantize needs one scale and zero point "
+                                 f"(got {s.numel()} / {z.numel()}); pass axis= for per-channel")
+            s, z = s.reshape(()), z.reshape(())
+        else:
+            s = s.reshape(-1)
+            z = z.reshape(-1)
+            if z.numel() == 1 and s.numel() > 1:
+                z = z.expand(s.numel()).clone()
+            if s.numel() != z.numel():
+                raise ValueError(f"{s.numel()} scales but {z.numel()} zero points")
+        if bool((s <= 0).any()) or not bool(torch.isfinite(s).all()):
+            raise ValueError("scales must be positive and finite")
+        self.qmin, self.qmax = qmin, qmax
+        self.axis = None if axis is None else int(axis)
+        self.learnable = bool(learnable)
+        self.bits = int(bits) if bits is not None else bits_of_range(qmin, qmax)
+        self.symmetric = bool(symmetric)
+        self.enabled = True
+        if self.learnable:
+            self.scale = nn.Parameter(s)
+        else:
+            self.register_buffer("scale", s)
+        self.register_buffer("zero_point", z)
+
+    @classmethod
+    def from_observer(cls, obs, learnable: bool = False) -> "FakeQuantize":
+        """A FakeQuantize with the observer's qparams, range, axis, bits and symmetry."""
+        scale, zero_point = obs.calculate_qparams()
+        return cls(scale, zero_point, obs.qmin, obs.qmax, axis=obs.axis, learnable=learnable,
+                   bits=obs.bits, symmetric=obs.symmetric)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (identity when ``enabled`` is False)."""
+        if not self.enabled:
+            return x
+        if self.learnable:
+            return self._lsq(x)
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        ax = self.axis if self.axis >= 0 else self.axis + x.dim()
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, ax, self.qmin, self.qmax)
+
+    def _lsq(self, x: torch.Tensor) -> torch.Tensor:
+        qpos = max(self.qmax, 1)
+        if self.axis is None:
+            xm = x
+            n = x.numel()
+        else:
+            xm = x.movedim(self.axis, -1)  # per-channel parameters broadcast along the last dim
+            n = x.numel() // x.shape[self.axis]
+        g = (n * qpos) ** -0.5
+        s = self.scale
+        s = (s - s * g).detach() + s * g          # value s, gradient scaled by g
+        s = torch.clamp(s, min=_F32_EPS)
+        z = self.zero_point.to(s.dtype)
+        v = torch.clamp(xm / s + z, self.qmin, self.qmax)
+        v = v + (torch.round(v) - v).detach()     # round with a straight-through estimator
+        y = (v - z) * s
+        if self.axis is not None:
+            y = y.movedim(-1, self.axis)
+        return y.to(x.dtype)
+
+    # ------------------------------------------------------------------ helpers
+    def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` as detached float32 / int32 tensors (observer-compatible)."""
+        return self.scale.detach().clone(), self.zero_point.clone()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int32) of ``x``: ``clamp(round(x / scale) + zp, qmin, qmax)``."""
+        return _quantize(x.detach(), self.scale.detach(), self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """Real values ``(q - zp) * scale`` of integer codes ``q``."""
+        return _dequantize(q, self.scale.detach(), self.zero_point, self.axis)
+
+    @property
+    def int_dtype(self) -> torch.dtype:
+        """The narrowest torch integer dtype holding ``[qmin, qmax]`` (int8, uint8, int16 or int32)."""
+        for dt in (torch.int8, torch.uint8, torch.int16, torch.int32):
+            info = torch.iinfo(dt)
+            if info.min <= self.qmin and self.qmax <= info.max:
+                return dt
+        return torch.int64
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` in :attr:`int_dtype` (e.g. int8 weights for a kernel)."""
+        return self.quantize(x).to(self.int_dtype)
+
+    def extra_repr(self) -> str:
+        """``bits=..., axis=..., qmin=..., qmax=...`` (plus ``learnable`` / ``enabled`` when set)."""
+        s = f"bits={self.bits}, axis={self.axis}, qmin={self.qmin}, qmax={self.qmax}, symmetric={self.symmetric}"
+        if self.learnable:
+            s += ", learnable=True"
+        if not self.enabled:
+            s += ", enabled=False"
+        return s

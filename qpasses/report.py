@@ -1,0 +1,139 @@
+"""``pm.report``: what matched, where, what was rewritten, what failed and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["Report", "RuleStats", "StageRecord", "StepRecord"]
+
+MAX_REASONS = 200
+
+
+@dataclass
+class RuleStats:
+    """Per-rule counters.  ``failures``: candidates whose pattern did not match;
+    ``refused``: matches that a constraint, a guard or the action declined."""
+    rule: str
+    family: Optional[str]
+    stage: str
+    candidates: int = 0
+    matches: int = 0
+    rewrites: int = 0
+    refused: List[Tuple[str, str]] = field(default_factory=list)
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+    n_refused: int = 0
+    n_failures: int = 0
+    rewritten: List[str] = field(default_factory=list)
+    disabled: bool = False
+
+    def fail(self, node: str, reason: str) -> None:
+        self.n_failures += 1
+        if len(self.failures) < MAX_REASONS:
+            self.failures.append((node, reason))
+
+    def refuse(self, node: str, reason: str) -> None:
+        self.n_refused += 1
+        if len(self.refused) < MAX_REASONS:
+            self.refused.append((node, reason))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"rule": self.rule, "family": self.family, "stage": self.stage, "candidates": self.candidates,
+                "matches": self.matches, "rewrites": self.rewrites, "refused": self.n_refused,
+                "failures": self.n_failures, "disabled": self.disabled,
+                "refused_reasons": [list(x) for x in self.refused[:20]],
+                "failure_reasons": [list(x) for x in self.failures[:20]]}
+
+
+@dataclass
+class StageRecord:
+    family: Optional[str]
+    stage: str
+    seconds: float
+    iterations: int
+    rewrites: int
+    converged: bool = True
+
+
+@dataclass
+class StepRecord:
+    name: str
+    seconds: float
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+class Report:
+    """The record of one ``PassManager.run``."""
+
+    def __init__(self) -> None:
+        self.rules: Dict[str, RuleStats] = {}
+        self.stages: List[StageRecord] = []
+        self.steps: List[StepRecord] = []
+        self.verify: List[Dict[str, Any]] = []
+        self.layers: List[Dict[str, Any]] = []
+        self.warnings: List[str] = []
+        self.seconds: float = 0.0
+
+    def rule(self, name: str, family: Optional[str] = None, stage: str = "main") -> RuleStats:
+        key = name if family is None else f"{family}.{name}"
+        st = self.rules.get(key)
+        if st is None:
+            st = self.rules[key] = RuleStats(name, family, stage)
+        return st
+
+    def __getitem__(self, name: str) -> RuleStats:
+        if name in self.rules:
+            return self.rules[name]
+        hits = [s for k, s in self.rules.items() if s.rule == name]
+        if not hits:
+            raise KeyError(name)
+        return hits[-1]
+
+    @property
+    def rewrites(self) -> int:
+        return sum(s.rewrites for s in self.rules.values())
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        """Seconds per stage (``family.stage``) and per data step (``step:name``)."""
+        out: Dict[str, float] = {}
+        for s in self.stages:
+            key = f"{s.family}.{s.stage}" if s.family else s.stage
+            out[key] = out.get(key, 0.0) + s.seconds
+        for st in self.steps:
+            key = f"step:{st.name}"
+            out[key] = out.get(key, 0.0) + st.seconds
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"rules": [s.to_dict() for s in self.rules.values()],
+                "stages": [vars(s) for s in self.stages],
+                "steps": [{"name": s.name, "seconds": s.seconds, "info": s.info} for s in self.steps],
+                "verify": self.verify, "layers": self.layers, "warnings": self.warnings,
+                "seconds": self.seconds}
+
+    def table(self) -> str:
+        rows = [("rule", "stage", "cand", "match", "rewr", "refused", "first reason")]
+        for s in self.rules.values():
+            reason = s.refused[0][1] if s.refused else (s.failures[0][1] if s.failures and not s.rewrites else "")
+            name = f"{s.family}.{s.rule}" if s.family else s.rule
+            if s.disabled:
+                reason = "disabled (when: false)"
+            rows.append((name, s.stage, str(s.candidates), str(s.matches), str(s.rewrites), str(s.n_refused),
+                         reason[:70]))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        parts = [self.table()]
+        if self.steps:
+            parts.append("steps: " + ", ".join(f"{s.name} {s.seconds:.2f}s" for s in self.steps))
+        if self.verify:
+            parts.append("verify: " + "; ".join(
+                f"{v['after']}: {v['metric']}={v['value']:.4g}" for v in self.verify))
+        if self.warnings:
+            parts += ["warning: " + w for w in self.warnings]
+        return "\n".join(parts)
+
+    __repr__ = __str__

@@ -1,0 +1,39 @@
+"""Shared fixtures: small models, both graph levels, randomised BatchNorm statistics."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.manual_seed(0)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+@pytest.fixture(params=["fx", "export"])
+def level(request):
+    """Run a test on both graph levels: symbolic-traced (module calls) and torch.export (aten)."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QPASSES_FAST"):
+        skip = pytest.mark.skip(reason="QPASSES_FAST=1 skips slow tests")
+        for it in items:
+            if "slow" in it.keywords:
+                it.add_marker(skip)

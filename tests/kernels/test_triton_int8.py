@@ -1,0 +1,217 @@
+"""Triton int8 GEMM / implicit-GEMM conv, run on CPU tensors by the Triton interpreter, against
+the integer references: int32 accumulators and requantized outputs bit-exact; float epilogues
+to within float rounding of the same fp32 formula."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qpasses.kernels import ops  # noqa: E402
+from qpasses.kernels import packing as P  # noqa: E402
+from qpasses.kernels import reference as R  # noqa: E402
+
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """Force the ops onto their Triton kernels (interpreted) and record that they were used."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    used = []
+    real = ops._kmod
+
+    def spy(name):
+        used.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ops, "_kmod", spy)
+    with ops.triton_policy("always"):
+        yield used
+    assert used, "the Triton path was not taken"
+    assert real("triton_int8").INTERPRET
+
+
+def rand_i8(*shape, g=None):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+
+
+LIN_SHAPES = [(1, 1, 1), (1, 13, 37), (7, 13, 37), (33, 40, 70), (5, 3, 300), (17, 16, 32)]
+
+
+@pytest.mark.parametrize("M,N,K", LIN_SHAPES)
+def test_int8_linear_accumulator_exact(M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x, w = rand_i8(M, K, g=g), rand_i8(N, K, g=g)
+    one = torch.ones(1)
+    y = torch.ops.qpasses.int8_linear(x, one, P.pack_int8_weight(w), one, None, "none", torch.float32)
+    acc = R.int8_linear_acc(x, w)
+    assert torch.equal(y, acc.to(torch.float32))      # |acc| < 2**24: exact in fp32
+
+
+def test_int8_linear_extremes():
+    x = torch.full((3, 300), -128, dtype=torch.int8)
+    w = torch.full((5, 300), -128, dtype=torch.int8)
+    w[1] = 127
+    one = torch.ones(1)
+    y = torch.ops.qpasses.int8_linear(x, one, P.pack_int8_weight(w), one, None, "none", torch.float32)
+    assert y[0, 0] == 300 * 16384 and y[0, 1] == -300 * 128 * 127
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("per_row,with_bias", [(True, True), (False, False)])
+def test_int8_linear_float_epilogue(out_dtype, activation, per_row, with_bias):
+    g = torch.Generator().manual_seed(3)
+    M, N, K = 7, 13, 37
+    x, w = rand_i8(M, K, g=g), rand_i8(N, K, g=g)
+    xs = (torch.rand(M if per_row else 1, generator=g) + 0.5) * 1e-3
+    ws = (torch.rand(N, generator=g) + 0.5) * 1e-2
+    b = torch.randn(N, generator=g) if with_bias else None
+    wp = P.pack_int8_weight(w)
+    y = torch.ops.qpasses.int8_linear(x, xs, wp, ws, b, activation, out_dtype)
+    yr = R.int8_linear(x, xs, w, ws, b, activation, out_dtype)
+    assert y.dtype == out_dtype and y.shape == (M, N)
+    rtol, atol = TOL[out_dtype]
+    torch.testing.assert_close(y, yr, rtol=rtol, atol=atol)
+    if activation != "none":
+        assert (y >= 0).all()
+    if activation == "relu6":
+        assert (y <= 6).all()
+
+
+def test_int8_linear_leading_dims_and_unpadded_weight():
+    g = torch.Generator().manual_seed(4)
+    x, w = rand_i8(2, 3, 37, g=g), rand_i8(5, 37, g=g)
+    xs = torch.rand(2, 3, generator=g) + 0.1
+    ws = torch.rand(5, generator=g)
+    y = torch.ops.qpasses.int8_linear(x, xs, w, ws, None, "none", torch.float32)       # [N, K] unpadded
+    yr = R.int8_linear(x.reshape(6, 37), xs.reshape(-1), w, ws, None, "none", torch.float32).reshape(2, 3, 5)
+    torch.testing.assert_close(y, yr, rtol=1e-6, atol=1e-5)
+
+
+def _multipliers(n, g, lo=1e-5, hi=2e-3):
+    m = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+    return R.quantize_multipliers(m)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 13, 37), (7, 13, 37), (33, 40, 70), (3, 5, 1)])
+@pytest.mark.parametrize("x_zp", [0, -128, 37, 127])
+def test_int8_linear_requant_exact(M, N, K, x_zp):
+    g = torch.Generator().manual_seed(M + N + K + x_zp)
+    x, w = rand_i8(M, K, g=g), rand_i8(N, K, g=g)
+    b32 = torch.randint(-5000, 5000, (N,), dtype=torch.int32, generator=g)
+    M0, sh = _multipliers(N, g)
+    y = torch.ops.qpasses.int8_linear_requant(x, x_zp, P.pack_int8_weight(w), b32, M0, sh, -3, -128, 127)
+    yr = R.int8_linear_requant(x, x_zp, w, b32, M0, sh, -3, -128, 127)
+    assert y.dtype == torch.int8
+    assert torch.equal(y, yr)
+    assert y.unique().numel() > min(8, y.numel() // 2) or y.numel() < 16   # not all saturated
+
+
+def test_int8_linear_requant_scalar_multiplier_relu_range_and_left_shift():
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 7, 13, 37
+    x, w = rand_i8(M, K, g=g), rand_i8(N, K, g=g)
+    wp = P.pack_int8_weight(w)
+    M0, sh = R.quantize_multipliers([4e-4])
+    y = torch.ops.qpasses.int8_linear_requant(x, 5, wp, None, M0, sh, -20, -20, 127)   # ReLU folded: qmin = zp
+    assert torch.equal(y, R.int8_linear_requant(x, 5, w, None, M0, sh, -20, -20, 127))
+    assert (y >= -20).all()
+    # multipliers > 1 (negative shift): saturating left shift before the high multiply
+    x1, w1 = rand_i8(3, 4, g=g) // 16, rand_i8(6, 4, g=g) // 16
+    M0, sh = R.quantize_multipliers([1.5, 3.0, 0.75, 2.0, 5.0, 1.0])
+    assert (sh < 0).any()
+    y = torch.ops.qpasses.int8_linear_requant(x1, 0, w1, None, M0, sh, 0, -128, 127)
+    assert torch.equal(y, R.int8_linear_requant(x1, 0, w1, None, M0, sh, 0, -128, 127))
+
+
+def test_requant_matches_float_rounding_within_one():
+    """The integer-only path agrees with round(acc * M) + zp up to gemmlowp's double rounding."""
+    g = torch.Generator().manual_seed(12)
+    x, w = rand_i8(9, 50, g=g), rand_i8(11, 50, g=g)
+    m = 3e-4
+    M0, sh = R.quantize_multipliers([m])
+    y = torch.ops.qpasses.int8_linear_requant(x, 9, w, None, M0, sh, 4, -128, 127).long()
+    acc = R.int8_linear_acc(x, w, 9).double()
+    real = torch.clamp(torch.round(acc * m) + 4, -128, 127)
+    assert (y - real).abs().max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ conv
+# (N, C, H, W, Cout, kh, kw, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 6, 9, 7, 5, 3, 3, (2, 1), (1, 2), (1, 2), 1),
+    (1, 4, 5, 5, 6, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    (2, 8, 6, 6, 4, 3, 3, (1, 1), (1, 1), (1, 1), 2),
+    (1, 5, 7, 6, 5, 3, 3, (1, 1), (1, 1), (1, 1), 5),          # depthwise
+    (1, 3, 6, 5, 6, 3, 3, (2, 2), (1, 1), (1, 1), 3),          # depthwise, channel multiplier 2
+    (1, 40, 4, 3, 3, 2, 2, (1, 1), (0, 1), (1, 1), 1),         # Cin > BLOCK_K, channel tail
+    (1, 2, 3, 3, 3, 5, 5, (1, 1), (2, 2), (1, 1), 1),          # kernel larger than the image
+]
+CONV_IDS = ["basic", "stride-dil", "1x1", "grouped", "dw", "dw-mult2", "cin40", "big-kernel"]
+
+
+def _conv_data(case, seed, channels_last):
+    n, c, h, w_, cout, kh, kw, stride, pad, dil, groups = case
+    g = torch.Generator().manual_seed(seed)
+    x = rand_i8(n, c, h, w_, g=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = rand_i8(cout, c // groups, kh, kw, g=g)
+    return g, x, w, dict(stride=list(stride), padding=list(pad), dilation=list(dil), groups=groups)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_int8_conv2d_accumulator_exact(case):
+    g, x, w, geo = _conv_data(case, 5, channels_last=False)
+    one = torch.ones(1)
+    y = torch.ops.qpasses.int8_conv2d(x, one, P.pack_int8_conv_weight(w), one, None, **geo)
+    acc = R.int8_conv2d_acc(x, w, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
+    assert y.shape == acc.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, acc.to(torch.float32))
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[5]], ids=["stride-dil", "grouped", "dw"])
+@pytest.mark.parametrize("out_dtype,activation", [(torch.bfloat16, "relu"), (torch.float16, "relu6"),
+                                                  (torch.float32, "none")])
+def test_int8_conv2d_float_epilogue(case, out_dtype, activation):
+    g, x, w, geo = _conv_data(case, 6, channels_last=True)
+    cout = w.shape[0]
+    xs = torch.tensor([0.02])
+    ws = (torch.rand(cout, generator=g) + 0.5) * 1e-3
+    b = torch.randn(cout, generator=g)
+    y = torch.ops.qpasses.int8_conv2d(x, xs, P.pack_int8_conv_weight(w), ws, b, activation=activation,
+                                      out_dtype=out_dtype, **geo)
+    yr = R.int8_conv2d(x, xs, w, ws, b, geo["stride"], geo["padding"], geo["dilation"], geo["groups"], activation,
+                       out_dtype)
+    rtol, atol = TOL[out_dtype]
+    torch.testing.assert_close(y, yr, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+@pytest.mark.parametrize("x_zp", [0, 23])
+def test_int8_conv2d_requant_exact(case, x_zp):
+    g, x, w, geo = _conv_data(case, 7 + x_zp, channels_last=x_zp == 0)
+    cout = w.shape[0]
+    b32 = torch.randint(-3000, 3000, (cout,), dtype=torch.int32, generator=g)
+    M0, sh = _multipliers(cout, g, 1e-4, 3e-3)
+    y = torch.ops.qpasses.int8_conv2d_requant(x, x_zp, P.pack_int8_conv_weight(w), b32, M0, sh, 5, -128, 127, **geo)
+    yr = R.int8_conv2d_requant(x, x_zp, w, b32, M0, sh, 5, -128, 127, geo["stride"], geo["padding"], geo["dilation"],
+                               geo["groups"])
+    assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, yr)
+
+
+def test_int8_conv2d_zero_point_padding_differs_from_zero_padding():
+    """With x_zp != 0 the border is x_zp (real 0), not integer 0: check against explicit padding."""
+    g = torch.Generator().manual_seed(8)
+    x, w = rand_i8(1, 3, 4, 4, g=g), rand_i8(2, 3, 3, 3, g=g)
+    M0, sh = R.quantize_multipliers([1e-3, 2e-3])
+    zp = -50
+    y = torch.ops.qpasses.int8_conv2d_requant(x, zp, w, None, M0, sh, 0, -128, 127, padding=[1, 1])
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), value=zp)
+    y_explicit = torch.ops.qpasses.int8_conv2d_requant(xp, zp, w, None, M0, sh, 0, -128, 127)
+    assert torch.equal(y, y_explicit)

@@ -1,0 +1,121 @@
+"""PassManager: input never modified (even on failure), fixpoint limits, provenance, report."""
+import pytest
+import torch
+import torch.nn as nn
+
+import qpasses
+from qpasses import PassManager, Refuse, RewriteError, Rule, action
+from qpasses.manager import PROVENANCE_KEY
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))))
+
+
+@action("test_break_midway")
+def _break_midway(ctx, node):
+    # modify the graph, then fail: the caller's graph must not see any of it
+    with ctx.graph.inserting_after(node):
+        ctx.graph.call_function(torch.neg, (node,))
+    ctx.gm.a.weight.data.zero_() if hasattr(ctx.gm, "a") else None
+    raise ValueError("boom")
+
+
+@action("test_wrap_relu")
+def _wrap_relu(ctx, node):
+    users = list(node.users)
+    with ctx.graph.inserting_after(node):
+        new = ctx.graph.call_function(torch.relu, (node,))
+    for u in users:
+        u.replace_input_with(node, new)
+
+
+@action("test_refuse")
+def _refuse(ctx, node):
+    raise Refuse("not today")
+
+
+def test_input_untouched_when_a_rule_raises(level):
+    m = Tiny().eval()
+    x = torch.randn(2, 4)
+    gm = qpasses.trace(m, x, mode=level)
+    code, state = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    pm = PassManager(Rule(name="broken", match="(relu $r ...)", rewrite="test_break_midway($r)"))
+    with pytest.raises(RewriteError, match="rule 'broken'.*failed on node .*boom"):
+        pm.run(gm)
+    assert gm.code == code
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, state[k])
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_created_nodes_carry_provenance_and_are_not_rematched():
+    gm = qpasses.trace(Tiny(), torch.randn(2, 4), mode="fx")
+    rule = Rule(name="wrap", match="(relu $r ...)", rewrite="test_wrap_relu($r)", stage="s")
+    pm = PassManager(rule)
+    out = pm.run(gm)
+    created = [n for n in out.graph.nodes if n.meta.get(PROVENANCE_KEY) == "wrap"]
+    assert len(created) == 2 and pm.report["wrap"].rewrites == 2
+
+
+def test_fixpoint_hard_limit(tmp_path):
+    f = tmp_path / "loop.yaml"
+    f.write_text("""
+version: 1
+stages: [{name: s, mode: fixpoint, max_iterations: 3}]
+rules:
+  - name: wrap
+    match: (relu $r ...)
+    rewrite: test_wrap_relu($r)
+""")
+    gm = qpasses.trace(Tiny(), torch.randn(2, 4), mode="fx")
+    pm = PassManager(str(f))
+    out = pm.run(gm)
+    # provenance stops the rule from chasing its own output; each iteration wraps the
+    # original relus' newest wrapper only once, and the hard limit stops it
+    assert pm.report.stages[0].iterations <= 3
+    assert len(list(out.graph.nodes)) < 30
+
+
+def test_refusals_are_reported():
+    gm = qpasses.trace(Tiny(), torch.randn(2, 4), mode="fx")
+    pm = PassManager(Rule(name="no", match="(relu $r ...)", rewrite="test_refuse($r)"))
+    pm.run(gm)
+    st = pm.report["no"]
+    assert st.candidates == 2 and st.matches == 2 and st.rewrites == 0 and st.n_refused == 2
+    assert st.refused[0][1] == "not today"
+    assert "not today" in str(pm.report)
+
+
+def test_run_rejects_non_graph_modules():
+    with pytest.raises(qpasses.OptionError, match="qpasses.trace"):
+        PassManager("canonicalize").run(Tiny())
+
+
+def test_trace_errors_are_clear():
+    class Bad(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow on values: neither tracer can
+                return x.nonzero().float().sum() * torch.tensor(float(x.sum()))
+            return x
+
+    with pytest.raises(qpasses.TraceError) as e:
+        qpasses.trace(Bad(), torch.ones(3))
+    assert "symbolic_trace failed" in str(e.value) and "torch.export.export failed" in str(e.value)
+
+
+def test_transformer_falls_back_to_export():
+    from qpasses.zoo import TransformerEncoderBlock, example_input
+    m = TransformerEncoderBlock().eval()
+    x = example_input("transformer")
+    gm = qpasses.trace(m, x)
+    assert gm.meta["qpasses.level"] == "aten"
+    torch.testing.assert_close(gm(x), m(x))
+    shapes = [n.meta.get("qpasses.shape") for n in gm.graph.nodes if n.op == "call_function"]
+    assert all(s is not None for s in shapes[:5])
