@@ -1,5 +1,15 @@
-"""Actions and constraints that rules call by name.  Importing this package registers them."""
+"""Actions and constraints that rules call by name.
+
+Importing this package registers them: every module in this package is imported, so a
+new family of actions only needs a new file here (``@action`` / ``@constraint``).
+"""
+import importlib
+import pkgutil
+
 from ..manager import Refuse
-from . import common, fold, quant  # noqa: F401  (registration side effects)
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["Refuse"]

@@ -1,0 +1,1 @@
+"""Method-specific library code (modules, training loops, search agents) used by actions and data steps."""
