@@ -95,7 +95,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
-          concrete_args: Optional[dict] = None, strict: bool = False) -> fx.GraphModule:
+          concrete_args: Optional[dict] = None, strict: bool = False, dynamic_batch: bool = True) -> fx.GraphModule:
     """Trace ``model`` into a ``torch.fx.GraphModule``.
 
     Args:
@@ -107,6 +107,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
         mode: ``"auto"`` (fx, then export on failure), ``"fx"`` or ``"export"``.
         concrete_args: forwarded to ``torch.fx.symbolic_trace``.
         strict: forwarded to ``torch.export.export``.
+        dynamic_batch: export with a dynamic leading (batch) dimension on every tensor
+            input, so the exported graph accepts other batch sizes (calibration batches,
+            a smaller last batch).  Falls back to static shapes if the model forbids it.
 
     Raises:
         TraceError: when the requested tracer(s) fail; the message gives each reason.
@@ -128,7 +131,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
             reasons.append(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {_first_line(e)}")
     if mode in ("auto", "export"):
         try:
-            ep = torch.export.export(model, inputs, strict=strict)
+            ep = _export(model, inputs, strict, dynamic_batch)
             gm = ep.module()
             propagate_shapes(gm, inputs)
             _gm_meta(gm)["qpasses.level"] = "aten"
@@ -139,6 +142,30 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
     raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(reasons))
 
 
+def _export(model, inputs, strict: bool, dynamic_batch: bool):
+    if dynamic_batch:
+        dims = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+                     for t in inputs)
+        try:
+            return torch.export.export(model, inputs, strict=strict, dynamic_shapes=dims)
+        except Exception:  # noqa: BLE001 - e.g. the model specialises on the batch size
+            pass
+    return torch.export.export(model, inputs, strict=strict)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else repr(e)
+
+
+def set_training(gm: torch.nn.Module, mode: bool) -> None:
+    """``gm.train(mode)`` that also works on graphs from ``torch.export`` (whose root refuses
+    ``train()``/``eval()``): submodules such as observers are switched one by one, and the
+    root's flag is set directly.  The exported aten graph itself has its mode baked in."""
+    try:
+        gm.train(mode)
+    except NotImplementedError:
+        for m in gm.modules():
+            if m is not gm:
+                torch.nn.Module.train(m, mode)
+        object.__setattr__(gm, "training", mode)

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import StepError
-from ..frontend import as_inputs
+from ..frontend import as_inputs, set_training
 from ..lang.registry import data_step
 from ..numerics import Observer
 
@@ -43,7 +43,7 @@ def calibrate(ctx) -> None:
     limit = ctx.arg("calib_batches")
     n_batches = n_samples = 0
     was_training = gm.training
-    gm.eval()
+    set_training(gm, False)
     try:
         with torch.no_grad():
             for inputs in iterate_batches(ctx.data, limit, "calibrate", ctx.progress):
@@ -52,7 +52,7 @@ def calibrate(ctx) -> None:
                 first = inputs[0]
                 n_samples += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
     finally:
-        gm.train(was_training)
+        set_training(gm, was_training)
     if n_batches == 0:
         raise StepError("calibrate got an empty data iterable")
     ctx.info.update(batches=n_batches, samples=n_samples, observers=len(observers))
