@@ -575,7 +575,14 @@ class PassManager:
 
 def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
     reg = CONSTRAINTS[call.name]
-    res = ctx.call(reg.fn, call)
+    try:
+        res = ctx.call(reg.fn, call)
+    except QPassesError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a constraint that crashes is a rule error, with its location
+        from .errors import MatchError
+        raise MatchError(f"constraint {call} of rule {ctx.rule.name!r} failed: {type(e).__name__}: {e}"
+                         f" (at {getattr(call, 'loc', '?')})") from e
     if isinstance(res, tuple):
         return bool(res[0]), str(res[1]) if len(res) > 1 and res[1] else ""
     return bool(res), ""

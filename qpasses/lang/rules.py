@@ -28,6 +28,8 @@ The Python API builds the same objects: ``Rule(name=..., match="(...)", rewrite=
 """
 from __future__ import annotations
 
+import inspect
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +272,20 @@ def _refs(v: Any, out: List[BindingRef]) -> None:
 RULE_KEYS = ("name", "stage", "match", "where", "unless", "rewrite", "when", "doc", "keeps")
 
 
+def _check_signature(fn, call: "Call", what: str, rule: str) -> None:
+    """The call's arguments fit the registered function (checked once, at load time)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, *call.args, **call.kwargs)
+    except TypeError as e:
+        params = [p for p in list(sig.parameters)[1:]]
+        raise RuleSyntaxError(f"{what} {call.name}() in rule {rule!r}: {e} (it takes: {', '.join(params)})",
+                              call.loc) from None
+
+
 class Rule:
     """One rewrite rule: a pattern, constraints and an action.
 
@@ -315,6 +331,8 @@ class Rule:
             if c.name not in CONSTRAINTS:
                 raise UnknownNameError(f"unknown constraint {c.name!r} in rule {self.name!r}", c.loc,
                                        nearest(c.name, CONSTRAINTS))
+            _check_signature(CONSTRAINTS[c.name].fn, c, "constraint", self.name)
+        _check_signature(ACTIONS[self.rewrite.name].fn, self.rewrite, "action", self.name)
         # every alternative must bind every name that the constraints / action use
         for alt in self.match:
             bound: Dict[str, str] = {}
