@@ -351,8 +351,9 @@ class PassManager:
                 iters, rewrites, converged = self._run_stage(work, unit)
                 work.graph.lint()
                 if rewrites:
-                    work.recompile()
-                    dirty = False
+                    # the generated code is refreshed lazily: before a step, verify or the
+                    # return -- i.e. before anything can run or read it
+                    dirty = True
                 label = f"{unit.family}.{unit.stage.name}" if unit.family else unit.stage.name
                 self.report.stages.append(StageRecord(
                     unit.family, unit.stage.name, time.perf_counter() - t, iters, rewrites, converged))

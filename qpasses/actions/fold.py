@@ -54,6 +54,16 @@ def _out_channels(w: torch.Tensor, opclass: str, groups: int) -> int:
     return w.shape[0]
 
 
+def _copy_leaf_module(mod: nn.Module) -> nn.Module:
+    """A copy of a leaf module (conv / linear) with its own parameter and buffer tables."""
+    new = copy.copy(mod)
+    new.__dict__["_parameters"] = {k: (None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad))
+                                   for k, v in mod._parameters.items()}
+    new.__dict__["_buffers"] = {k: (None if v is None else v.clone()) for k, v in mod._buffers.items()}
+    new.__dict__["_modules"] = {k: copy.deepcopy(v) for k, v in mod._modules.items()}
+    return new
+
+
 @action("fold_bn", replaces=True)
 def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
     """Fold an eval-mode BatchNorm that directly consumes ``conv``'s output into its weights."""
@@ -84,14 +94,15 @@ def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
     w_new, b_new = fold_bn_params(w, b, mean.detach(), var.detach(), None if gamma is None else gamma.detach(),
                                   None if beta is None else beta.detach(), eps, opclass, groups)
     if cv.module is not None:
-        mod = copy.deepcopy(cv.module)
-        mod.weight = nn.Parameter(w_new, requires_grad=cv.module.weight.requires_grad)
-        mod.bias = nn.Parameter(b_new, requires_grad=cv.module.weight.requires_grad)
+        requires_grad = cv.module.weight.requires_grad
         if is_shared_module(ctx.gm, conv):
+            # another call site keeps the unfolded module: this one gets its own copy
+            mod = _copy_leaf_module(cv.module)
             retarget(ctx.gm, conv, add_module(ctx, str(conv.target).replace(".", "_") + "_folded", mod))
         else:
-            ctx.gm.set_submodule(str(conv.target), mod)
-            ctx.matcher.modules[str(conv.target)] = mod
+            mod = cv.module  # owned by the working copy PassManager.run made: update in place
+        mod.weight = nn.Parameter(w_new, requires_grad=requires_grad)
+        mod.bias = nn.Parameter(b_new, requires_grad=requires_grad)
     else:
         old_w, old_b = cv.get("weight"), cv.get("bias")
         wn = add_param(ctx, "folded_weight", w_new, conv)

@@ -24,7 +24,7 @@ from ..errors import StepError
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
-from ..numerics import FakeQuantize, Observer, make_observer, qrange
+from ..numerics import FakeQuantize, Observer, calc_qparams, make_observer, qrange
 from ..ops import register_module_class
 from .graphutil import add_module, copy_meta
 
@@ -183,6 +183,16 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
                       observer: str = "minmax", learnable: bool = False) -> FakeQuantize:
     """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``."""
     axis = weight_axis(opclass, groups) if per_channel else None
+    if observer == "minmax" and not learnable:
+        # fast path (the common case, thousands of layers): max |w| per channel, no observer module
+        w = weight.detach().float()
+        if axis is None:
+            amax = w.abs().max()
+        else:
+            amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
+        qmin, qmax = qrange(bits, signed=True, narrow=True)
+        scale, zp = calc_qparams(-amax, amax, qmin, qmax, symmetric=True)
+        return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
         obs(weight.detach().float())

@@ -1,0 +1,103 @@
+"""Engine speed: ``ptq_int8`` rewriting against torch.ao's ``prepare_fx`` + ``convert_fx``.
+
+Residual conv-BN chains of about 350, 1.4k, 2.8k, 10k and 100k graph nodes.  For qpasses
+the time is the wall time of ``PassManager("ptq_int8").run(gm, data)`` minus the calibrate
+step (so: copy, canonicalize, observe, convert, recompiles and lint); for torch.ao it is
+``prepare_fx`` + ``convert_fx`` (calibration between them excluded).  Both see the same
+model and the same single calibration batch.  Tracing is not included in either (torch.ao
+traces inside ``prepare_fx``, so its time includes a symbolic trace; ours is given the
+traced graph — the trace time is printed separately so the reader can add it).
+
+    python benchmarks/engine.py                 # the full table (100k nodes takes ~1 min)
+    python benchmarks/engine.py --sizes 350 2800 --ao-limit 3000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+import qpasses
+from qpasses.zoo import chain_for_nodes
+
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))  # the interpreter default; torch.ao runs under it
+
+
+def bench_qpasses(model, x):
+    t0 = time.perf_counter()
+    gm = qpasses.trace(model, (x,), mode="fx")
+    t_trace = time.perf_counter() - t0
+    pm = qpasses.PassManager("ptq_int8")
+    t0 = time.perf_counter()
+    q = pm.run(gm, data=[x])
+    total = time.perf_counter() - t0
+    calib = pm.report.timings.get("step:calibrate", 0.0)
+    ok = pm.report["fold_bn"].rewrites > 0 and pm.report["weight_fake_quant"].rewrites > 0
+    return len(gm.graph.nodes), t_trace, total - calib, ok, q
+
+
+def bench_torch_ao(model, x):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    qmap = get_default_qconfig_mapping("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        prepared = prepare_fx(model, qmap, (x,))
+        t_prep = time.perf_counter() - t0
+        with torch.no_grad():
+            prepared(x)
+        t0 = time.perf_counter()
+        convert_fx(prepared)
+        t_conv = time.perf_counter() - t0
+    return t_prep + t_conv
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[350, 1400, 2800, 10000, 100000],
+                    help="target graph sizes in nodes")
+    ap.add_argument("--ao-limit", type=int, default=10000,
+                    help="do not run torch.ao above this many nodes (it fails with RecursionError near 3.5k)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x = torch.randn(1, 8, 4, 4)
+    rows = []
+    for size in args.sizes:
+        model = chain_for_nodes(size).eval()
+        nodes, t_trace, t_q, ok, _ = bench_qpasses(model, x)
+        t_ao, ao_note = None, ""
+        if nodes <= args.ao_limit:
+            try:
+                t_ao = bench_torch_ao(model, x)
+            except RecursionError:
+                ao_note = "RecursionError"
+            except Exception as e:  # noqa: BLE001 - report any failure of the reference in the table
+                ao_note = type(e).__name__
+        else:
+            ao_note = "not run"
+        rows.append((nodes, t_trace, t_q, t_ao, ao_note, ok))
+        ratio = f"{t_ao / t_q:8.1f}x" if t_ao else "        -"
+        ao = f"{t_ao:10.3f}" if t_ao else f"{ao_note:>10}"
+        print(f"{nodes:>8} nodes  trace {t_trace:7.3f}s  qpasses {t_q:8.3f}s  torch.ao {ao}  speed-up {ratio}"
+              f"{'' if ok else '  (rewrites missing!)'}", flush=True)
+
+    print()
+    print("| nodes | qpasses ptq_int8 (s) | torch.ao prepare+convert (s) | speed-up | qpasses µs/node | fx trace (s) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for nodes, t_trace, t_q, t_ao, note, _ in rows:
+        ao = f"{t_ao:.3f}" if t_ao else note
+        sp = f"{t_ao / t_q:.1f}×" if t_ao else "–"
+        print(f"| {nodes} | {t_q:.3f} | {ao} | {sp} | {1e6 * t_q / nodes:.1f} | {t_trace:.2f} |")
+    if len(rows) >= 2:
+        (n0, _, t0, *_), (n1, _, t1, *_) = rows[0], rows[-1]
+        print(f"\ngrowth: {n1 / n0:.0f}x the nodes took {t1 / t0:.0f}x the time "
+              f"({(t1 / n1) / (t0 / n0):.2f}x the per-node cost)")
+
+
+if __name__ == "__main__":
+    main()
