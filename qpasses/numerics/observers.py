@@ -22,6 +22,7 @@ key                 range                                                       
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple, Type
 
 import numpy as np
@@ -359,6 +360,10 @@ class HistogramObserver(Observer):
         if int(bins) < 2 or int(bins) & (int(bins) - 1):
             raise ValueError(f"bins must be a power of two >= 2, got {bins}")
         self.bins = int(bins)
+        if self.bits < 6:
+            warnings.warn(f"entropy (KL) calibration at {self.bits} bits: KL over the clipped histogram does not "
+                          f"weigh the clipping error, and with few levels it can pick a far too small range; "
+                          f"prefer the 'mse' or 'percentile' observer below 6 bits", stacklevel=2)
         self.register_buffer("histogram", _empty(torch.float64))
         self.register_buffer("hist_max", _empty())
 
