@@ -52,12 +52,12 @@ XNOR_MAX_M = 16          # packed ±1 activations with M <= this use the XNOR-po
 
 SCHEMAS = {
     "int8_linear": "(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
-                   "str activation=\"none\", ScalarType out_dtype=float) -> Tensor",
+                   "str activation=\"none\", ScalarType out_dtype=float, int x_zp=0) -> Tensor",
     "int8_linear_requant": "(Tensor x_q, int x_zp, Tensor w_q, Tensor? bias_int32, Tensor M0, Tensor shift, "
                            "int out_zp=0, int qmin=-128, int qmax=127) -> Tensor",
     "int8_conv2d": "(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, int[2] stride=1, "
                    "int[2] padding=0, int[2] dilation=1, int groups=1, str activation=\"none\", "
-                   "ScalarType out_dtype=float) -> Tensor",
+                   "ScalarType out_dtype=float, int x_zp=0) -> Tensor",
     "int8_conv2d_requant": "(Tensor x_q, int x_zp, Tensor w_q, Tensor? bias_int32, Tensor M0, Tensor shift, "
                            "int out_zp=0, int qmin=-128, int qmax=127, int[2] stride=1, int[2] padding=0, "
                            "int[2] dilation=1, int groups=1) -> Tensor",
@@ -214,7 +214,7 @@ def _conv_out(x_q: Tensor, shape, dtype) -> Tensor:
 # ================================================================================ int8 linear
 @torch.library.custom_op("qpasses::int8_linear", mutates_args=(), schema=SCHEMAS["int8_linear"])
 def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                activation: str = "none", out_dtype: torch.dtype = torch.float32) -> Tensor:
+                activation: str = "none", out_dtype: torch.dtype = torch.float32, x_zp: int = 0) -> Tensor:
     """int8 x int8 -> int32 GEMM with a fused float epilogue.
 
     Args:
@@ -227,12 +227,14 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
         bias: fp32 ``[N]`` or None.
         activation: ``"none"``, ``"relu"`` or ``"relu6"``.
         out_dtype: ``torch.float32``, ``torch.float16`` or ``torch.bfloat16``.
+        x_zp: activation zero point in [-128, 127] (affine activations; default 0 = symmetric).
 
     Returns ``act(acc[m, n] * x_scale[m] * w_scale[n] + bias[n])`` as ``out_dtype [..., N]``, with
-    ``acc = sum_k x_q[m, k] * w_q[n, k]`` exact in int32 (K <= ``MAX_K_INT8``); the epilogue is
-    fp32 in that order.
+    ``acc = sum_k (x_q[m, k] - x_zp) * w_q[n, k]`` exact in int32 (K <= ``MAX_K_INT8``, or
+    ``MAX_K_INT8_ZP`` with a zero point); the epilogue is fp32 in that order.
     """
-    K, N = _linear_common(x_q, w_q, False)
+    _check(-128 <= x_zp <= 127, f"x_zp must be in [-128, 127], got {x_zp}")
+    K, N = _linear_common(x_q, w_q, x_zp != 0)
     _act(activation)
     _float_out(out_dtype)
     lead = x_q.shape[:-1]
@@ -243,15 +245,15 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
         _vec(bias, N, "bias", allow_scalar=False)
     x2 = x_q.reshape(M, K)
     if use_triton(x_q.device):
-        y = _kmod("triton_int8").linear(x2, x_scale, w_q, w_scale, bias, activation, out_dtype)
+        y = _kmod("triton_int8").linear(x2, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp=x_zp)
     else:
-        y = ref.int8_linear(x2, x_scale, w_q, w_scale, bias, activation, out_dtype)
+        y = ref.int8_linear(x2, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp)
     return y.reshape(*lead, N)
 
 
 @int8_linear.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, activation="none", out_dtype=torch.float32):
-    K, N = _linear_common(x_q, w_q, False)
+def _(x_q, x_scale, w_q, w_scale, bias, activation="none", out_dtype=torch.float32, x_zp=0):
+    K, N = _linear_common(x_q, w_q, x_zp != 0)
     _act(activation)
     _float_out(out_dtype)
     return x_q.new_empty((*x_q.shape[:-1], N), dtype=out_dtype)
@@ -300,7 +302,8 @@ def _(x_q, x_zp, w_q, bias_int32, M0, shift, out_zp=0, qmin=-128, qmax=127):
 @torch.library.custom_op("qpasses::int8_conv2d", mutates_args=(), schema=SCHEMAS["int8_conv2d"])
 def int8_conv2d(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
-                groups: int = 1, activation: str = "none", out_dtype: torch.dtype = torch.float32) -> Tensor:
+                groups: int = 1, activation: str = "none", out_dtype: torch.dtype = torch.float32,
+                x_zp: int = 0) -> Tensor:
     """int8 conv2d (implicit GEMM on channels-last data) with the float epilogue of ``int8_linear``.
 
     Args:
@@ -314,10 +317,13 @@ def int8_conv2d(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
             (depthwise, ``C/groups == 1``, uses a direct kernel; other groups the implicit GEMM
             with groups as a grid axis). Zero padding.
         activation, out_dtype: as for ``int8_linear``.
+        x_zp: activation zero point; the border is padded with ``x_zp`` (real 0), so
+            ``acc = sum (x_q - x_zp) * w_q`` over the receptive field.
 
     Returns ``[N, Cout, OH, OW]`` of ``out_dtype`` in channels-last memory format.
     """
-    n, cout, oh, ow = _conv_common(x_q, w_q, stride, padding, dilation, groups, False)
+    _check(-128 <= x_zp <= 127, f"x_zp must be in [-128, 127], got {x_zp}")
+    n, cout, oh, ow = _conv_common(x_q, w_q, stride, padding, dilation, groups, x_zp != 0)
     _act(activation)
     _float_out(out_dtype)
     _vec(x_scale, 1, "x_scale")
@@ -326,17 +332,18 @@ def int8_conv2d(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
         _vec(bias, cout, "bias", allow_scalar=False)
     if use_triton(x_q.device):
         y = _kmod("triton_int8").conv2d(x_q, x_scale, w_q, w_scale, bias, list(stride), list(padding),
-                                        list(dilation), groups, activation, out_dtype)
+                                        list(dilation), groups, activation, out_dtype, x_zp=x_zp)
     else:
-        y = ref.int8_conv2d(x_q, x_scale, w_q, w_scale, bias, stride, padding, dilation, groups, activation, out_dtype)
+        y = ref.int8_conv2d(x_q, x_scale, w_q, w_scale, bias, stride, padding, dilation, groups, activation, out_dtype,
+                            x_zp)
     out = _conv_out(x_q, (n, cout, oh, ow), out_dtype)
     return out.copy_(y) if y.stride() != out.stride() else y
 
 
 @int8_conv2d.register_fake
 def _(x_q, x_scale, w_q, w_scale, bias, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-      activation="none", out_dtype=torch.float32):
-    n, cout, oh, ow = _conv_common(x_q, w_q, stride, padding, dilation, groups, False)
+      activation="none", out_dtype=torch.float32, x_zp=0):
+    n, cout, oh, ow = _conv_common(x_q, w_q, stride, padding, dilation, groups, x_zp != 0)
     _act(activation)
     _float_out(out_dtype)
     return _conv_out(x_q, (n, cout, oh, ow), out_dtype)

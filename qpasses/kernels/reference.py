@@ -157,8 +157,8 @@ def int8_linear_acc(x_q: torch.Tensor, w_q: torch.Tensor, x_zp: int = 0) -> torc
     return int_matmul(x, w_q[:, :k].to(torch.int64))
 
 
-def int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
-    acc = int8_linear_acc(x_q, w_q)
+def int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp=0):
+    acc = int8_linear_acc(x_q, w_q, x_zp)
     return float_epilogue(acc, x_scale, w_scale, bias, activation, out_dtype)
 
 
@@ -192,8 +192,9 @@ def _from_rows(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return rows.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def int8_conv2d(x_q, x_scale, w_q, w_scale, bias, stride, padding, dilation, groups, activation, out_dtype):
-    acc = int8_conv2d_acc(x_q, w_q, stride, padding, dilation, groups)
+def int8_conv2d(x_q, x_scale, w_q, w_scale, bias, stride, padding, dilation, groups, activation, out_dtype,
+                x_zp=0):
+    acc = int8_conv2d_acc(x_q, w_q, stride, padding, dilation, groups, x_zp)
     n, _, oh, ow = acc.shape
     y = float_epilogue(_to_rows(acc), x_scale.reshape(-1)[:1], w_scale, bias, activation, out_dtype)
     return _from_rows(y, n, oh, ow)

@@ -16,7 +16,8 @@ Kernels (host wrappers at the bottom; ``qpasses.kernels.ops`` validates argument
 
 Epilogues (shared, fused, applied to the int32 tile in registers):
 
-* float: ``act(((acc * x_scale[m]) * w_scale[n]) + bias[n])`` in fp32, stored as bf16/fp16/fp32;
+* float: ``act(((acc * x_scale[m]) * w_scale[n]) + bias[n])`` in fp32, stored as bf16/fp16/fp32,
+  after the same exact zero-point correction ``acc -= x_zp * colsum(w)`` for affine activations;
 * requant (integer-only, Jacob et al. 2018): ``acc -= x_zp * colsum(w)`` (zero-point
   correction, gemmlowp's "offset" trick, colsum accumulated from the very tiles fed to the dot),
   ``+ bias_int32``, gemmlowp fixed-point multiply ``M0 * 2**-31 * 2**-shift`` per output column
@@ -159,6 +160,8 @@ def _epilogue(acc, wsum, rm_c, rn_c, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr, x
         sh = tl.load(sh_ptr + rn_c * q_stride).to(tl.int64)
         y = _requant_tile(acc, m0, sh, out_zp, qmin, qmax)
     else:
+        if HAS_XZP:
+            acc = acc - x_zp * wsum[None, :]
         xs = tl.load(xs_ptr + rm_c * xs_stride)
         ws = tl.load(ws_ptr + rn_c * ws_stride)
         y = acc.to(tl.float32) * xs[:, None]
@@ -350,7 +353,8 @@ def _common_requant(M0, shift, device):
 
 
 def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor, w_scale: Optional[torch.Tensor],
-           bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, *, requant=None) -> torch.Tensor:
+           bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, *, requant=None,
+           x_zp: int = 0) -> torch.Tensor:
     """``x_q [M, K]`` (int8, unit stride along K) times prepacked ``w_q [N, Kp]``; float epilogue,
     or ``requant=(x_zp, M0, shift, out_zp, qmin, qmax)`` for the integer-only epilogue (then
     ``bias`` is int32)."""
@@ -368,7 +372,7 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
         ws = w_scale.reshape(-1).to(torch.float32).contiguous()
         b = bias.reshape(-1).to(torch.float32).contiguous() if bias is not None else dummy
         m0 = sh = torch.zeros(1, dtype=torch.int64, device=dev)
-        q_stride, x_zp, out_zp, qmin, qmax = 0, 0, 0, -128, 127
+        q_stride, out_zp, qmin, qmax = 0, 0, -128, 127
         xs_stride, ws_stride = (0 if xs.numel() == 1 else 1), (0 if ws.numel() == 1 else 1)
         act = ACT_CODES[activation]
     else:
@@ -392,12 +396,12 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
           xs_stride, ws_stride, q_stride,
           int(x_zp), int(out_zp), int(qmin), int(qmax),
           HAS_BIAS=bias is not None, ACTIVATION=act, REQUANT=requant is not None,
-          HAS_XZP=requant is not None and int(x_zp) != 0)
+          HAS_XZP=int(x_zp) != 0)
     return out
 
 
 def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride, padding, dilation, groups: int,
-           activation: str, out_dtype: torch.dtype, *, requant=None) -> torch.Tensor:
+           activation: str, out_dtype: torch.dtype, *, requant=None, x_zp: int = 0) -> torch.Tensor:
     """Implicit-GEMM conv2d. ``x_q``: int8 [N, C, H, W] (any memory format; made channels-last);
     ``w_q``: int8 [Cout, C/groups, kh, kw] (made channels-last = OHWI). Returns
     [N, Cout, OH, OW] in channels-last memory."""
@@ -422,7 +426,7 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
         ws = w_scale.reshape(-1).to(torch.float32).contiguous()
         b = bias.reshape(-1).to(torch.float32).contiguous() if bias is not None else dummy
         m0 = shf = torch.zeros(1, dtype=torch.int64, device=dev)
-        q_stride, x_zp, out_zp, qmin, qmax = 0, 0, 0, -128, 127
+        q_stride, out_zp, qmin, qmax = 0, 0, -128, 127
         xs_stride, ws_stride = 0, (0 if ws.numel() == 1 else 1)
         act = ACT_CODES[activation]
     else:
@@ -446,5 +450,5 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)  # noqa: E731
     _conv(grid, x_cl, w_cl, out, xs, ws, b, m0, shf, *common, cin_g, cout_g, *geo,
           HAS_BIAS=bias is not None, ACTIVATION=act, REQUANT=requant is not None,
-          HAS_XZP=requant is not None and int(x_zp) != 0)
+          HAS_XZP=int(x_zp) != 0)
     return out

@@ -215,3 +215,32 @@ def test_int8_conv2d_zero_point_padding_differs_from_zero_padding():
     xp = torch.nn.functional.pad(x, (1, 1, 1, 1), value=zp)
     y_explicit = torch.ops.qpasses.int8_conv2d_requant(xp, zp, w, None, M0, sh, 0, -128, 127)
     assert torch.equal(y, y_explicit)
+
+
+# ----------------------------------------------------------------- affine activations (x_zp) in the float path
+@pytest.mark.parametrize("M,N,K", [(1, 5, 33), (3, 40, 100)])
+@pytest.mark.parametrize("x_zp", [-128, -3, 90])
+def test_int8_linear_float_epilogue_zero_point_exact(M, N, K, x_zp):
+    g = torch.Generator().manual_seed(M + K - x_zp)
+    x, w = rand_i8(M, K, g=g), rand_i8(N, K, g=g)
+    one = torch.ones(1)
+    y = torch.ops.qpasses.int8_linear(x, one, P.pack_int8_weight(w), one, None, "none", torch.float32, x_zp)
+    acc = (x.long() - x_zp) @ w.long().t()                  # independent of reference.py
+    assert torch.equal(y, acc.to(torch.float32))
+    xs, ws, b = torch.tensor([0.01]), torch.rand(N, generator=g) * 1e-2, torch.randn(N, generator=g)
+    y = torch.ops.qpasses.int8_linear(x, xs, P.pack_int8_weight(w), ws, b, "relu", torch.bfloat16, x_zp)
+    yr = R.int8_linear(x, xs, w, ws, b, "relu", torch.bfloat16, x_zp)
+    torch.testing.assert_close(y, yr, rtol=TOL[torch.bfloat16][0], atol=TOL[torch.bfloat16][1])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[3], CONV_CASES[5]],
+                         ids=["basic", "stride-dil", "grouped", "dw-mult2"])
+def test_int8_conv2d_float_epilogue_zero_point_pads_with_zp(case):
+    """Affine activations: the border is x_zp (real 0); acc = sum (x - zp) * w, exact."""
+    g, x, w, geo = _conv_data(case, 9, channels_last=False)
+    zp = -77
+    one = torch.ones(1)
+    y = torch.ops.qpasses.int8_conv2d(x, one, P.pack_int8_conv_weight(w), one, None, x_zp=zp, **geo)
+    want = torch.nn.functional.conv2d(x.long() - zp, w.long(), None, geo["stride"], geo["padding"], geo["dilation"],
+                                      geo["groups"])
+    assert torch.equal(y, want.to(torch.float32))

@@ -1,0 +1,265 @@
+"""Actions of the ``lower`` family (``rules/lower_triton.yaml``) and of ``weight_int4``.
+
+``lower_to_kernel`` replaces a fake-quantized weighted op by the integer kernel op that computes
+the same thing:
+
+* ``act FakeQuantize -> linear / conv2d <- weight FakeQuantize(constant)`` (``ptq_int8``, any
+  weight bits <= 8) becomes ``quantize_int8(x) -> torch.ops.qpasses.int8_linear / int8_conv2d``
+  with the int8 weight codes pre-packed at lowering time and stored as buffers, the activation
+  zero point handled exactly inside the kernel, float (fp32) output;
+* ``linear <- Int4GroupFakeQuantize(constant)`` with a float input (``w4a16``) becomes
+  ``torch.ops.qpasses.int4_weight_only_linear`` on packed nibbles.
+
+Everything else keeps its fake-quant (float) form and is refused with the reason
+("no kernel for ..."), so ``pm.report`` lists it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ..kernels import lowering as L
+from ..kernels import packing
+from ..lang.registry import action, constraint
+from ..manager import Refuse
+from ..matcher import MatchContext
+from ..numerics import FakeQuantize
+from ..ops import get_attr_value
+from .graphutil import add_param, copy_meta, matches_any
+from .quant import QUANT_KEY
+
+LOWERED_KEY = "qpasses.lowered"
+
+
+def _module(ctx: MatchContext, node: Any):
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return ctx.modules.get(node.target)
+    return None
+
+
+def _weight_quantizer(ctx: MatchContext, op: fx.Node):
+    """``(weight node, its quantizer module, the constant get_attr node, the constant)`` or Nones."""
+    wnode = ctx.view(op).get("weight")
+    mod = _module(ctx, wnode)
+    if mod is None or not isinstance(mod, (FakeQuantize, L.Int4GroupFakeQuantize)):
+        return wnode, None, None, None
+    src = wnode.args[0] if wnode.args else None
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return wnode, mod, None, None
+    return wnode, mod, src, get_attr_value(ctx.gm, src.target)
+
+
+@constraint("weight_fake_quantized")
+def weight_fake_quantized(ctx: MatchContext, op: fx.Node):
+    """The weight of ``op`` is read through a FakeQuantize / Int4GroupFakeQuantize module."""
+    _, mod, _, _ = _weight_quantizer(ctx, op)
+    if mod is None:
+        return False, f"the weight of {op.name} is not fake-quantized (float layer: nothing to lower)"
+    return True, ""
+
+
+def _const_bias(ctx: MatchContext, op: fx.Node) -> Optional[torch.Tensor]:
+    view = ctx.view(op)
+    if view.get("bias") is None:
+        return None
+    b = view.tensor("bias")
+    if b is None:
+        raise Refuse(f"no kernel for {op.name}: its bias is not a constant")
+    return b.detach().to(torch.float32).reshape(-1)
+
+
+def _pair(v, name: str, op: fx.Node):
+    if isinstance(v, str):
+        raise Refuse(f"no kernel for {op.name}: string {name}={v!r}")
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _finish(ctx: MatchContext, op: fx.Node, new: fx.Node, info: dict, dead) -> None:
+    copy_meta(op, new)
+    for k in (QUANT_KEY, "qpasses.bits", "qpasses.module", "qpasses.module_type"):
+        if k in op.meta:
+            new.meta[k] = op.meta[k]
+    new.meta[LOWERED_KEY] = info
+    op.replace_all_uses_with(new)
+    ctx.graph.erase_node(op)
+    ctx.matcher.forget(op)
+    _drop_dead(ctx, dead)
+
+
+def _quantized_input(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp) -> fx.Node:
+    """One ``quantize_int8`` node per (value, qparams), shared by all the ops it feeds."""
+    src = x_fq.args[0]
+    args = (src, *qp)
+    target = torch.ops.qpasses.quantize_int8.default
+    for u in (src.users if isinstance(src, fx.Node) else ()):
+        if (u.op == "call_function" and u.target is target and tuple(u.args) == args
+                and u.meta.get("qpasses.lowered_from") == x_fq.name):
+            return u                                   # placed right after x_fq, so before every user of it
+    with ctx.graph.inserting_after(x_fq):
+        node = ctx.graph.call_function(target, args)
+    if "qpasses.shape" in x_fq.meta:
+        node.meta["qpasses.shape"] = x_fq.meta["qpasses.shape"]
+    node.meta["qpasses.dtype"] = torch.int8
+    node.meta["qpasses.lowered_from"] = x_fq.name
+    return node
+
+
+def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.dtype) -> None:
+    view = ctx.view(op)
+    ins = view.inputs()
+    x_fq = ins[0] if ins else None
+    afq = _module(ctx, x_fq)
+    if not isinstance(afq, FakeQuantize):
+        raise Refuse(f"no kernel for {op.name}: int8 weights with a float (not fake-quantized) input")
+    qp = L.act_int8_params(afq)
+    if qp is None:
+        raise Refuse(f"no kernel for {op.name}: its input quantizer ({afq.extra_repr()}) is not per-tensor "
+                     f"with at most 256 levels")
+    wc = L.int8_weight_codes(wfq, w)
+    if wc is None:
+        raise Refuse(f"no kernel for {op.name}: weight quantizer ({wfq.extra_repr()}) is not symmetric int8 "
+                     f"per output channel")
+    codes, w_scale = wc
+    bias = _const_bias(ctx, op)
+    out_zp = qp[1] - qp[4]                                   # activation zero point in the int8 domain
+    if view.opclass == "linear":
+        K = codes.shape[1]
+        from ..kernels.ops import MAX_K_INT8_ZP
+        if K > MAX_K_INT8_ZP:
+            raise Refuse(f"no kernel for {op.name}: K={K} could overflow the int32 accumulator")
+        xq = _quantized_input(ctx, op, x_fq, qp)
+        wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(codes), op)
+        xs = add_param(ctx, "lowered_xs", torch.tensor([qp[0]], dtype=torch.float32), op, requires_grad=False)
+        ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
+        bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+        with ctx.graph.inserting_before(op):
+            new = ctx.graph.call_function(torch.ops.qpasses.int8_linear.default,
+                                          (xq, xs, wp, ws, bn, "none", out_dtype, out_zp))
+        kernel = "int8_linear"
+    elif view.opclass == "conv2d":
+        stride = _pair(view.get("stride", 1), "stride", op)
+        padding = _pair(view.get("padding", 0), "padding", op)
+        dilation = _pair(view.get("dilation", 1), "dilation", op)
+        groups = int(view.get("groups", 1) or 1)
+        shape = x_fq.meta.get("qpasses.shape")
+        if shape is not None and len(shape) != 4:
+            raise Refuse(f"no kernel for {op.name}: conv2d on a {len(shape)}-d input (needs NCHW)")
+        xq = _quantized_input(ctx, op, x_fq, qp)
+        wp = add_param(ctx, "lowered_w", packing.pack_int8_conv_weight(codes), op)
+        xs = add_param(ctx, "lowered_xs", torch.tensor([qp[0]], dtype=torch.float32), op, requires_grad=False)
+        ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
+        bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+        with ctx.graph.inserting_before(op):
+            new = ctx.graph.call_function(torch.ops.qpasses.int8_conv2d.default,
+                                          (xq, xs, wp, ws, bn, stride, padding, dilation, groups, "none",
+                                           out_dtype, out_zp))
+        kernel = "int8_conv2d"
+    else:
+        raise Refuse(f"no kernel for {view.opclass} ({op.name}): int8 kernels exist for linear and conv2d only")
+    bias_node = view.get("bias")
+    _finish(ctx, op, new, {"kernel": kernel, "w_bits": int(wfq.bits), "a_zero_point": out_zp}, [])
+    _drop_dead(ctx, [x_fq, ctx.state.get("lower.wnode"), wsrc, bias_node])
+
+
+def _drop_dead(ctx: MatchContext, nodes) -> None:
+    for n in nodes:
+        if isinstance(n, fx.Node) and n.graph is ctx.graph and not n.users and n.op in ("get_attr", "call_module"):
+            ctx.graph.erase_node(n)
+            ctx.matcher.forget(n)
+
+
+def _lower_int4(ctx: MatchContext, op: fx.Node, wq: L.Int4GroupFakeQuantize, wsrc, w) -> None:
+    view = ctx.view(op)
+    if view.opclass != "linear":
+        raise Refuse(f"no kernel for {view.opclass} ({op.name}) with int4 group-wise weights (linear only)")
+    ins = view.inputs()
+    x = ins[0] if ins else None
+    if isinstance(_module(ctx, x), FakeQuantize):
+        raise Refuse(f"no kernel for {op.name}: int4 weights with a quantized input (W4A16 wants float "
+                     f"activations)")
+    bias = _const_bias(ctx, op)
+    w_packed, scales, zeros = wq.packed(w)
+    wp = add_param(ctx, "lowered_w4", w_packed, op)
+    sn = add_param(ctx, "lowered_s4", scales, op, requires_grad=False)
+    zn = add_param(ctx, "lowered_z4", zeros, op, requires_grad=False) if zeros is not None else None
+    bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+    bias_node = view.get("bias")
+    with ctx.graph.inserting_before(op):
+        new = ctx.graph.call_function(torch.ops.qpasses.int4_weight_only_linear.default,
+                                      (x, wp, sn, zn, wq.group_size, bn))
+    _finish(ctx, op, new, {"kernel": "int4_weight_only_linear", "w_bits": 4, "group_size": wq.group_size}, [])
+    _drop_dead(ctx, [ctx.state.get("lower.wnode"), wsrc, bias_node])
+
+
+_OUT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@action("lower_to_kernel")
+def lower_to_kernel(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
+    """Replace a fake-quantized linear / conv2d by its integer kernel op (see module doc)."""
+    if matches_any(op, skip):
+        raise Refuse(f"{op.name} is in skip: left in fake-quant form")
+    if str(out_dtype) not in _OUT_DTYPES:
+        from ..errors import OptionError
+        raise OptionError(f"lower: out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    wnode, mod, wsrc, w = _weight_quantizer(ctx, op)
+    if mod is None:
+        raise Refuse(f"{op.name}: float weight, nothing to lower")
+    if w is None or not isinstance(w, torch.Tensor):
+        raise Refuse(f"no kernel for {op.name}: its weight is not a constant")
+    ctx.state["lower.wnode"] = wnode
+    try:
+        if isinstance(mod, L.Int4GroupFakeQuantize):
+            _lower_int4(ctx, op, mod, wsrc, w)
+        else:
+            if int(mod.bits) > 8:
+                raise Refuse(f"no kernel for {op.name}: {mod.bits}-bit weights (int8 kernels take <= 8 bits)")
+            _lower_int8(ctx, op, mod, wsrc, w, _OUT_DTYPES[str(out_dtype)])
+    finally:
+        ctx.state.pop("lower.wnode", None)
+
+
+# ================================================================================ w4a16 weights
+@constraint("int4_weight_free")
+def int4_weight_free(ctx: MatchContext, op: fx.Node):
+    """``op`` reads a plain constant weight (not already quantized) of a linear layer."""
+    view = ctx.view(op)
+    w = view.get("weight")
+    if _module(ctx, w) is not None:
+        return False, f"the weight of {op.name} is already quantized"
+    if view.tensor("weight") is None:
+        return False, f"the weight of {op.name} is not a constant"
+    return True, ""
+
+
+@action("quantize_weight_int4")
+def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, symmetric: bool = True, skip=()):
+    """Read the weight of a linear op through an :class:`Int4GroupFakeQuantize` (w4a16)."""
+    if matches_any(op, skip):
+        raise Refuse(f"{op.name} is in skip: left in float")
+    if int(group_size) not in (32, 64, 128, 256) and (int(group_size) <= 0 or int(group_size) % 32):
+        from ..errors import OptionError
+        raise OptionError(f"w4a16: group_size must be a positive multiple of 32 (32/64/128), got {group_size}")
+    from .quant import functionalize
+    view = ctx.view(op)
+    w = view.tensor("weight")
+    if w is None or w.dim() != 2:
+        raise Refuse(f"{op.name}: weight is not a constant [N, K] matrix")
+    fq = L.Int4GroupFakeQuantize.fit(w, int(group_size), bool(symmetric))
+    op = functionalize(ctx, op)
+    view = ctx.view(op)
+    wnode = view.get("weight")
+    from .graphutil import add_module
+    target = add_module(ctx, "weight_fq4", fq)
+    with ctx.graph.inserting_before(op):
+        wq = ctx.graph.call_module(target, (wnode,))
+    copy_meta(wnode, wq)
+    view.set("weight", wq)
+    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": 4, "axis": 0, "group_size": int(group_size),
+                                                   "symmetric": bool(symmetric)}

@@ -1,0 +1,138 @@
+"""Library side of the ``lower`` rule family (``rules/lower_triton.yaml``).
+
+* ``torch.ops.qpasses.quantize_int8``: the activation quantizer a lowered graph runs in front of
+  an int8 kernel.  Its integer codes are *exactly* those of the fake quantizer it replaces
+  (it calls ``torch.fake_quantize_per_tensor_affine`` and reads the codes back), shifted by
+  ``offset`` into int8 (``[0, 255]`` activations become ``[-128, 127]`` with zero point
+  ``zp - 128``).
+* :class:`Int4GroupFakeQuantize`: group-wise int4 weight fake quantization (the ``w4a16``
+  recipe).  Its forward computes exactly the weight ``int4_weight_only_linear`` dequantizes.
+* :func:`int8_weight_codes`, :func:`act_int8_params`: read kernel operands off the FakeQuantize
+  modules of a ``ptq_int8`` graph.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import packing
+
+__all__ = ["quantize_int8", "Int4GroupFakeQuantize", "act_int8_params", "int8_weight_codes"]
+
+
+# ================================================================================ activation quantizer
+def _quantize_int8_check(x: Tensor, scale: float, qmin: int, qmax: int, offset: int) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"quantize_int8 expects a float tensor, got {x.dtype}")
+    if not (scale > 0):
+        raise ValueError(f"scale must be positive, got {scale}")
+    if not (-128 <= qmin - offset <= qmax - offset <= 127):
+        raise ValueError(f"[qmin, qmax] - offset = [{qmin - offset}, {qmax - offset}] does not fit int8")
+
+
+@torch.library.custom_op("qpasses::quantize_int8", mutates_args=(),
+                         schema="(Tensor x, float scale, int zero_point, int qmin, int qmax, int offset=0) -> Tensor")
+def quantize_int8(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, offset: int = 0) -> Tensor:
+    """int8 codes ``clamp(round(x / scale) + zero_point, qmin, qmax) - offset`` (per tensor).
+
+    The codes are bit-identical to those of ``torch.fake_quantize_per_tensor_affine`` with the
+    same parameters (the fake-quant graph this replaces): the fake-quantized value
+    ``(q - zp) * scale`` is computed by that very function and divided back exactly."""
+    _quantize_int8_check(x, scale, qmin, qmax, offset)
+    xf = x.to(torch.float32)
+    fq = torch.fake_quantize_per_tensor_affine(xf, float(scale), int(zero_point), int(qmin), int(qmax))
+    q = torch.round(fq / float(scale)) + float(int(zero_point) - int(offset))
+    return q.to(torch.int8)
+
+
+@quantize_int8.register_fake
+def _(x, scale, zero_point, qmin, qmax, offset=0):
+    _quantize_int8_check(x, scale, qmin, qmax, offset)
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+def act_int8_params(fq: nn.Module) -> Optional[Tuple[float, int, int, int, int]]:
+    """``(scale, zero_point, qmin, qmax, offset)`` of a per-tensor FakeQuantize whose range fits
+    int8 after an offset, or None (per-channel activations, > 8 bits, learnable but disabled...)."""
+    if getattr(fq, "axis", None) is not None or not getattr(fq, "enabled", True):
+        return None
+    qmin, qmax = int(fq.qmin), int(fq.qmax)
+    if qmax - qmin > 255:
+        return None
+    offset = 0 if (qmin >= -128 and qmax <= 127) else qmin + 128
+    scale = float(fq.scale.detach().reshape(()))
+    zp = int(fq.zero_point.reshape(()))
+    return scale, zp, qmin, qmax, offset
+
+
+def int8_weight_codes(fq: nn.Module, w: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(int8 codes, fp32 per-output-channel scale)`` of a weight FakeQuantize (symmetric,
+    axis 0 or per tensor, range within int8), or None when the kernel cannot take it."""
+    if not getattr(fq, "enabled", True):
+        return None
+    axis = getattr(fq, "axis", None)
+    if axis not in (None, 0):
+        return None
+    if int(fq.qmin) < -128 or int(fq.qmax) > 127 or bool((fq.zero_point != 0).any()):
+        return None
+    codes = fq.quantize(w.detach().float()).to(torch.int8)
+    scale = fq.scale.detach().to(torch.float32).reshape(-1).clone()
+    return codes, scale
+
+
+# ================================================================================ int4 weight-only
+class Int4GroupFakeQuantize(nn.Module):
+    """Group-wise int4 fake quantization of a ``[N, K]`` weight along K (``w4a16``).
+
+    Codes are unsigned 0..15, value ``(q - z) * s`` with one scale ``s`` (and zero ``z``) per
+    ``group_size`` consecutive inputs of an output row; ``symmetric`` means ``z = 8`` (signed
+    int4, [-8, 7]).  The qparams are fitted once by :meth:`fit` (``packing.quantize_int4``); the
+    forward re-quantizes its input with them, so for the fitted weight it returns exactly what
+    ``torch.ops.qpasses.int4_weight_only_linear`` computes with ``W = (q - z) * s``.
+    """
+
+    def __init__(self, scales: Tensor, zeros: Optional[Tensor], group_size: int, in_features: int):
+        super().__init__()
+        if group_size <= 0 or group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {group_size}")
+        self.group_size = int(group_size)
+        self.in_features = int(in_features)
+        self.symmetric = zeros is None
+        self.bits = 4
+        self.register_buffer("scales", scales.detach().to(torch.float32).clone())
+        self.register_buffer("zeros", None if zeros is None else zeros.detach().to(torch.float32).clone())
+
+    @classmethod
+    def fit(cls, w: Tensor, group_size: int = 128, symmetric: bool = True) -> "Int4GroupFakeQuantize":
+        if w.dim() != 2:
+            raise ValueError(f"int4 group quantization needs a [N, K] weight, got shape {tuple(w.shape)}")
+        _, s, z = packing.quantize_int4(w.detach().float(), group_size, symmetric=symmetric)
+        return cls(s, z, group_size, w.shape[1])
+
+    def _expand(self, t: Tensor) -> Tensor:
+        gidx = torch.arange(self.in_features, device=t.device) // self.group_size
+        return t[:, gidx]
+
+    def codes(self, w: Tensor) -> Tensor:
+        """Unsigned int4 codes (int8 tensor, values 0..15) of ``w``."""
+        s = self._expand(self.scales)
+        z = self._expand(self.zeros) if self.zeros is not None else torch.full_like(s, 8.0)
+        return torch.clamp(torch.round(w.float() / s) + z, 0, 15).to(torch.int8)
+
+    def forward(self, w: Tensor) -> Tensor:
+        s = self._expand(self.scales)
+        z = self._expand(self.zeros) if self.zeros is not None else torch.full_like(s, 8.0)
+        q = torch.clamp(torch.round(w.float() / s) + z, 0, 15)
+        q = w.float() / s + (q - w.float() / s).detach()          # straight-through estimator
+        return ((q - z) * s).to(w.dtype)
+
+    def packed(self, w: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(w_packed uint8 [N, ceil(K/2)], scales, zeros)`` operands of ``int4_weight_only_linear``."""
+        return (packing.pack_int4(self.codes(w), self.group_size, signed=False), self.scales.clone(),
+                None if self.zeros is None else self.zeros.clone())
+
+    def extra_repr(self) -> str:
+        return f"bits=4, group_size={self.group_size}, symmetric={self.symmetric}"
