@@ -160,7 +160,9 @@ def allocate_bits(ranges_or_stats: Union[torch.Tensor, list], total_bits: int, m
       Jensen's inequality the real-valued solution then satisfies ``sum M_i <= total_bits``.
       ``M_i`` is rounded to the nearest integer and clamped to ``[min_bits, max_bits]``; if the sum
       exceeds the budget, bits are taken back one at a time from the channel whose noise grows
-      least (``3 R_i^2 4**-(M_i)`` smallest).
+      least (``3 R_i^2 4**-(M_i)`` smallest); if rounding left bits unused, they go to the
+      channels rounded down the most (largest remainder of the real-valued ``M_i``, one bit per
+      channel per pass), so the budget is used exactly unless every channel is at ``max_bits``.
     * ``rule="mse"`` (default) -- the budget on the bits themselves, ``sum_i M_i <= total_bits``.
       The real-valued optimum of ``sum_i R_i^2 4**-M_i`` is
       ``M_i = total_bits / N + log2(R_i) - mean_j log2(R_j)`` (equal noise in every channel).
@@ -190,6 +192,18 @@ def allocate_bits(ranges_or_stats: Union[torch.Tensor, list], total_bits: int, m
         M = torch.clamp(torch.round(torch.log2(levels)), min_bits, max_bits).to(torch.long)
         bits = [int(m) for m in M]
         excess = sum(bits) - total_bits
+        if excess < 0:
+            # rounding left bits unused: give them out by largest remainder of the real-valued
+            # M_i (one per channel per pass), which keeps the R^(2/3) proportions of the rule
+            real = torch.log2(levels).tolist()
+            while excess < 0:
+                room = [i for i in range(n) if bits[i] < max_bits]
+                if not room:
+                    break
+                room.sort(key=lambda i: (bits[i] - real[i], i))
+                for i in room[:-excess]:
+                    bits[i] += 1
+                    excess += 1
         if excess > 0:
             heap = [(3.0 * r2[i] * 4.0 ** -bits[i], i) for i in range(n) if bits[i] > min_bits]
             heapq.heapify(heap)

@@ -1,0 +1,166 @@
+"""Dynamic quantization modules: int8 weights quantized once, activations quantized per batch.
+
+* :class:`DynamicQuantLinear` -- a linear layer whose weight is stored as an integer tensor
+  (per-output-channel symmetric, narrow range, e.g. ``[-127, 127]``) with one fp32 scale per
+  channel, computed once when the module is built.  At every call the activation's range is
+  measured on the batch itself (per tensor, or per token = per row of the ``[..., K]`` input),
+  the activation is quantized to ``a_bits`` (affine with a zero-point by default), and the
+  product is accumulated exactly on integers:
+  ``y[m, n] = s_x[m] * s_w[n] * sum_k (x_q[m, k] - z[m]) * w_q[n, k] + b[n]``.
+* :class:`DynamicFakeQuant` -- quantize-dequantize on the fly, with qparams taken from the
+  current tensor; ``reduce_dim=None`` is per tensor, ``reduce_dim=-1`` one range per row,
+  ``reduce_dim=-2`` one range per column (the right operand of a matmul).  Used on both inputs
+  of activation x activation ``matmul`` / ``bmm``: a row scale of the left operand and a column
+  scale of the right one factor out of the sum over ``k``, so the emulation equals an integer
+  GEMM with a float epilogue.
+
+Exactness of the accumulation. The integer operands are held in fp32 and multiplied with the
+float GEMM; every partial sum is an integer of magnitude at most ``K * 2**(a_bits) * 2**(w_bits-1)``,
+exact in fp32 while it stays below ``2**24`` (``K <= 512`` at 8/8 bits).  Larger ``K`` are split
+into chunks of at most that size, each an exact fp32 GEMM, summed in fp64 (exact below ``2**53``),
+so the result is the integer GEMM in every case.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantize_weight_per_channel",
+           "GRANULARITIES"]
+
+GRANULARITIES = ("per_tensor", "per_token")
+_FP32_EXACT = float(2 ** 24)
+
+
+def dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool, reduce_dim: Optional[int]):
+    """Scale / zero-point / integer range from the current tensor's min/max.
+
+    ``reduce_dim=None``: one pair per tensor; otherwise one pair per slice along every other
+    dimension, reduced over ``reduce_dim`` (kept as a size-1 dim, so the result broadcasts).
+    Affine: unsigned ``[0, 2**bits - 1]`` with an integer zero-point, the range always holding 0.
+    Symmetric: signed narrow ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, zero-point 0.
+    """
+    xf = x.detach()
+    if reduce_dim is None:
+        lo, hi = xf.amin(), xf.amax()
+    else:
+        lo, hi = xf.amin(dim=reduce_dim, keepdim=True), xf.amax(dim=reduce_dim, keepdim=True)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    eps = torch.finfo(torch.float32).eps
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax
+        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=eps)
+        zp = torch.zeros_like(scale)
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale.float(), zp.float(), qmin, qmax
+
+
+def quantize_weight_per_channel(w: torch.Tensor, bits: int = 8):
+    """Symmetric narrow-range per-output-channel (axis 0) quantization: (int8 weight, fp32 scale [N])."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"weight bits must be in [2, 8] for an int8 container, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    scale = torch.clamp(w2.abs().amax(dim=1) / qmax, min=torch.finfo(torch.float32).eps)
+    q = torch.clamp(torch.round(w2 / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+class DynamicQuantLinear(nn.Module):
+    """``y = x W^T + b`` with an integer weight (quantized once) and per-batch activation qparams.
+
+    Args:
+        weight: float ``[N, K]`` weight; quantized here and not kept.
+        bias: float ``[N]`` or None.
+        w_bits / a_bits: bit-widths (2..8).
+        granularity: ``"per_tensor"`` (one activation scale per call) or ``"per_token"`` (one per row).
+        symmetric: symmetric signed activations instead of affine unsigned ones.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int = 8, a_bits: int = 8,
+                 granularity: str = "per_token", symmetric: bool = False):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"DynamicQuantLinear needs a 2-D weight, got {tuple(weight.shape)}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if not 2 <= a_bits <= 8:
+            raise ValueError(f"a_bits must be in [2, 8], got {a_bits}")
+        q, s = quantize_weight_per_channel(weight, w_bits)
+        self.register_buffer("weight_q", q)
+        self.register_buffer("weight_scale", s)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
+        self.w_bits, self.a_bits = int(w_bits), int(a_bits)
+        self.granularity = granularity
+        self.symmetric = bool(symmetric)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+    def quantize_input(self, x: torch.Tensor):
+        """(x_q as integer-valued float, scale, zero_point) with this module's granularity."""
+        reduce_dim = -1 if self.granularity == "per_token" else None
+        scale, zp, qmin, qmax = dynamic_qparams(x, self.a_bits, self.symmetric, reduce_dim)
+        xq = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
+        return xq, scale, zp
+
+    def _weight_t(self) -> torch.Tensor:
+        """The integer weight, transposed, as fp32 (cached; exact: |w_q| <= 127)."""
+        cache = self.__dict__.get("_wt_cache")
+        if cache is None or cache[0] is not self.weight_q or cache[1].device != self.weight_q.device:
+            cache = (self.weight_q, self.weight_q.t().float().contiguous())
+            self.__dict__["_wt_cache"] = cache
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        reduce_dim = -1 if self.granularity == "per_token" else None
+        scale, zp, qmin, qmax = dynamic_qparams(xf, self.a_bits, self.symmetric, reduce_dim)
+        # x_q - z directly: clamp(round(x / s), qmin - z, qmax - z), integers in [-(2^a - 1), 2^a - 1]
+        centred = torch.clamp(torch.round(xf / scale), qmin - zp, qmax - zp)
+        bound = self.in_features * float(2 ** self.a_bits) * float(2 ** (self.w_bits - 1))
+        if bound < _FP32_EXACT:
+            acc = torch.matmul(centred, self._weight_t())            # exact integer sums in fp32
+            y = acc * (scale * self.weight_scale)
+        else:
+            # split K so that every fp32 partial GEMM stays exact; sum the partials in fp64 (exact)
+            chunk = max(1, int(_FP32_EXACT // (float(2 ** self.a_bits) * float(2 ** (self.w_bits - 1)))) - 1)
+            wt = self._weight_t()
+            acc = None
+            for k0 in range(0, self.in_features, chunk):
+                part = torch.matmul(centred[..., k0:k0 + chunk], wt[k0:k0 + chunk]).double()
+                acc = part if acc is None else acc + part
+            y = (acc * (scale.double() * self.weight_scale.double())).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits}, granularity={self.granularity!r}, symmetric={self.symmetric}")
+
+
+class DynamicFakeQuant(nn.Module):
+    """Quantize-dequantize with qparams measured on the current tensor (no state, no calibration)."""
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, reduce_dim: Optional[int] = None):
+        super().__init__()
+        if not 2 <= bits <= 16:
+            raise ValueError(f"bits must be in [2, 16], got {bits}")
+        self.bits, self.symmetric, self.reduce_dim = int(bits), bool(symmetric), reduce_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp, qmin, qmax = dynamic_qparams(x, self.bits, self.symmetric, self.reduce_dim)
+        q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
+        return ((q - zp) * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, reduce_dim={self.reduce_dim}"

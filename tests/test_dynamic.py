@@ -1,0 +1,189 @@
+"""The ``dynamic`` rule family and the ``dynamic_int8`` recipe."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qpasses
+from qpasses import zoo
+from qpasses.errors import OptionError
+from qpasses.methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_qparams
+
+
+def _mods(gm, kind):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+class MLPAttn(nn.Module):
+    """Linear layers, an activation x activation matmul and a parameter matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 16, bias=False)
+        self.p = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))          # [N, T, 16]
+        s = torch.matmul(h, h.transpose(-1, -2) * 0.5)  # activation x activation
+        return torch.matmul(s, h) @ self.p        # last matmul has a constant operand
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    m = zoo.TransformerEncoderBlock().eval()
+    x = zoo.example_input("transformer", batch=4)
+    return m, x, qpasses.trace(m, (x,))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_encoder_export_level_cosine(encoder, granularity):
+    m, x, gm = encoder
+    assert gm.meta["qpasses.level"] == "aten"  # fx cannot trace it
+    before = copy.deepcopy(gm.code)
+    pm = qpasses.PassManager("dynamic_int8", granularity=granularity)
+    q = pm.run(gm)
+    assert gm.code == before  # input graph untouched
+    assert pm.report["dynamic.dynamic_linear"].rewrites == 6
+    assert pm.report["dynamic.dynamic_matmul"].rewrites == 2
+    assert len(_mods(q, DynamicQuantLinear)) == 6
+    assert all(n.target is not torch.ops.aten.linear.default for n in q.graph.nodes)
+    with torch.no_grad():
+        ref, y = m(x), q(x)
+    assert _cos(ref, y) >= 0.995
+    assert not torch.equal(ref, y)  # really quantized
+    # a fresh batch with a different range: qparams follow the data (no calibration)
+    x2 = 5 * torch.randn_like(x)
+    with torch.no_grad():
+        assert _cos(m(x2), q(x2)) >= 0.995
+
+
+def test_fx_level_and_refusals(level):
+    torch.manual_seed(0)
+    m = MLPAttn().eval()
+    x = torch.randn(2, 6, 16)
+    gm = qpasses.trace(m, (x,), mode=level)
+    pm = qpasses.PassManager("dynamic_int8")
+    q = pm.run(gm)
+    assert pm.report["dynamic.dynamic_linear"].rewrites == 2
+    mm = pm.report["dynamic.dynamic_matmul"]
+    assert mm.rewrites == 2 and mm.n_refused == 1  # the matmul with a parameter operand is refused
+    reason = pm.explain("dynamic_matmul", [n for n in gm.graph.nodes if "matmul" in n.name][-1].name, gm)
+    assert not reason and "constant" in str(reason)
+    with torch.no_grad():
+        assert _cos(m(x), q(x)) > 0.999
+
+
+def test_linear_numerics_match_integer_kernel():
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 40), torch.randn(24)
+    x = torch.randn(3, 5, 40) * 3 + 1
+    mod = DynamicQuantLinear(w, b, granularity="per_tensor", symmetric=True)
+    # the repo's int8 x int8 -> int32 kernel on the same integers gives the same result
+    scale, _, lo, hi = dynamic_qparams(x, 8, True, None)
+    xq = torch.clamp(torch.round(x / scale), lo, hi).to(torch.int8)
+    from qpasses.kernels.packing import pack_int8_weight
+    ref = torch.ops.qpasses.int8_linear(xq, scale.reshape(1), pack_int8_weight(mod.weight_q), mod.weight_scale, b)
+    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    # per-token affine: each row's error bounded by half its own step times sum|w|
+    mod = DynamicQuantLinear(w, b, granularity="per_token")
+    x[0, 0] *= 100  # one outlier token must not hurt the others
+    err = (mod(x) - F.linear(x, mod.dequantized_weight(), b)).abs()
+    step = (x.amax(-1) - x.amin(-1).clamp(max=0)) / 255
+    assert torch.all(err.amax(-1) <= 0.5 * step * w.abs().sum(1).max() + 1e-4)
+
+
+def test_large_k_uses_exact_integer_accumulation():
+    torch.manual_seed(0)
+    w = torch.randn(4, 1024)
+    mod = DynamicQuantLinear(w, None, granularity="per_tensor")
+    x = torch.randn(2, 1024)
+    scale, zp, lo, hi = dynamic_qparams(x, 8, False, None)
+    xq = torch.clamp(torch.round(x / scale) + zp, lo, hi) - zp
+    exact = (xq.double() @ mod.weight_q.double().t()) * scale.double() * mod.weight_scale.double()
+    torch.testing.assert_close(mod(x).double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_fake_quant_granularity():
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 100.0, 50.0]])
+    row = DynamicFakeQuant(8, reduce_dim=-1)(x)
+    assert torch.allclose(row[0], x[0], atol=2 / 255)  # row 0 keeps its own fine step
+    tensor = DynamicFakeQuant(8, reduce_dim=None)(x)
+    assert (tensor[0] - x[0]).abs().max() > 2 / 255
+
+
+def test_idempotent(encoder):
+    _, x, gm = encoder
+    q = qpasses.PassManager("dynamic_int8").run(gm)
+    pm2 = qpasses.PassManager("dynamic_int8")
+    q2 = pm2.run(q)
+    assert pm2.report["dynamic.dynamic_linear"].rewrites == 0
+    assert pm2.report["dynamic.dynamic_matmul"].rewrites == 0
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q2(x))
+
+
+def test_skip_and_linear_only(encoder):
+    _, _, gm = encoder
+    pm = qpasses.PassManager("dynamic_int8", skip=["fc*"], quantize_matmul=False)
+    q = pm.run(gm)
+    assert len(_mods(q, DynamicQuantLinear)) == 4
+    assert not _mods(q, DynamicFakeQuant)
+
+
+@pytest.mark.parametrize("bad", [dict(w_bits=0), dict(a_bits=0), dict(a_bits=17), dict(w_bits=9),
+                                 dict(granularity="per_row"), dict(bogus=1), dict(symmetric="yes")])
+def test_options_validated_before_rewrite(bad):
+    with pytest.raises(OptionError):
+        qpasses.PassManager("dynamic_int8", **bad)
+
+
+def test_weight_quantized_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    mod = DynamicQuantLinear(lin.weight, lin.bias)
+    assert mod.weight_q.dtype == torch.int8 and mod.weight_q.abs().max() <= 127
+    assert not any(p.is_floating_point() and p.shape == lin.weight.shape for p in mod.buffers())
+
+
+def test_conv_optional(level):
+    from qpasses.numerics import FakeQuantize
+    torch.manual_seed(0)
+    m = zoo.DigitsCNN().eval()
+    x = torch.randn(4, 1, 8, 8)
+    gm = qpasses.trace(m, (x,), mode=level)
+    pm = qpasses.PassManager("dynamic_int8")
+    q = pm.run(gm)
+    assert pm.report["dynamic.dynamic_conv"].disabled and not _mods(q, FakeQuantize)  # off by default
+    pm = qpasses.PassManager("dynamic_int8", quantize_conv=True)
+    q = pm.run(gm)
+    assert pm.report["dynamic.dynamic_conv"].rewrites == 3
+    assert len(_mods(q, DynamicFakeQuant)) == 3 and len(_mods(q, FakeQuantize)) == 3
+    with torch.no_grad():
+        assert _cos(m(x), q(x)) > 0.999
+        x2 = 10 * torch.randn(4, 1, 8, 8)  # other range, no calibration
+        assert _cos(m(x2), q(x2)) > 0.999
+    pm2 = qpasses.PassManager("dynamic_int8", quantize_conv=True)
+    pm2.run(q)
+    assert pm2.report["dynamic.dynamic_conv"].rewrites == 0
+
+
+def test_per_token_protects_tokens_from_an_outlier_token():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    x = torch.randn(4, 16, 64)
+    x[:, 0] *= 100
+    with torch.no_grad():
+        ref = lin(x)[:, 1:]
+        cos = {g: _cos(DynamicQuantLinear(lin.weight, lin.bias, granularity=g)(x)[:, 1:], ref)
+               for g in ("per_tensor", "per_token")}
+    assert cos["per_token"] > 0.9999 and cos["per_tensor"] < 0.99
