@@ -598,6 +598,7 @@ def _is_named_file(name: str) -> bool:
 def _tag_new_nodes(gm: fx.GraphModule, rule_name: str, matcher: Matcher):
     def hook(node: fx.Node) -> None:
         node.meta[PROVENANCE_KEY] = rule_name
+        matcher.note_created(node)
 
     gm._register_create_node_hook(hook)
     try:

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
-from .ops import OP_CLASSES, OpView, classify
+from .ops import OP_CLASSES, OpView, classify, is_inplace
 
 __all__ = ["Match", "MatchFailure", "Matcher", "MatchContext"]
 
@@ -91,6 +91,28 @@ class Matcher:
         self.gm = gm
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self._cls: Dict[fx.Node, Optional[str]] = {}
+        self._mutators: Optional[Dict[fx.Node, List[fx.Node]]] = None
+
+    def mutators(self, value: fx.Node) -> List[fx.Node]:
+        """In-place ops that take ``value`` as an input (candidates for mutating it).
+
+        Built with one scan of the graph the first time it is asked, then kept up to date
+        through :meth:`note_created`, so the soundness guard costs O(match size), not
+        O(users of each input) (a value read by thousands of ops would make that quadratic).
+        """
+        if self._mutators is None:
+            self._mutators = {}
+            for n in self.gm.graph.nodes:
+                self.note_created(n)
+        return [u for u in self._mutators.get(value, ()) if not getattr(u, "_erased", False) and u in value.users]
+
+    def note_created(self, node: fx.Node) -> None:
+        """Record a node created during the stage (called by the PassManager's create hook)."""
+        if self._mutators is None:
+            return
+        if node.op in ("call_function", "call_method", "call_module") and is_inplace(node, self.modules):
+            for inp in node.all_input_nodes:
+                self._mutators.setdefault(inp, []).append(node)
 
     def refresh_modules(self) -> None:
         self.modules = dict(self.gm.named_modules())
