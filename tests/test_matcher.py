@@ -114,21 +114,38 @@ def _long_chain(n_nodes):
 
 
 @pytest.mark.slow
-def test_100k_nodes_no_recursion_linear_time():
+def test_100k_nodes_no_recursion():
     limit = sys.getrecursionlimit()
+    gm = _long_chain(100_000)
     sys.setrecursionlimit(200)  # any recursion over the graph would blow up here
     try:
-        times = {}
-        for n in (10_000, 100_000):
-            gm = _long_chain(n)
-            rule = Rule(name="relu_add", match="(relu $r (add $a ?x ?y))", rewrite="bypass($r, $a)")
-            pm = PassManager(rule)
-            t = time.perf_counter()
-            out = pm.run(gm)
-            times[n] = time.perf_counter() - t
-            assert pm.report["relu_add"].rewrites == n // 2
-            assert not find(out, "relu")
+        rule = Rule(name="relu_add", match="(relu $r (add $a ?x ?y))", rewrite="bypass($r, $a)")
+        pm = PassManager(rule)
+        out = pm.run(gm)
+        assert pm.report["relu_add"].rewrites == 100_000 // 2
+        assert not find(out, "relu")
     finally:
         sys.setrecursionlimit(limit)
-    # linear: 10x the nodes may not cost more than ~25x the time (generous for noise)
-    assert times[100_000] < 25 * times[10_000]
+    # (how the time grows with size is measured by benchmarks/engine.py, not asserted here)
+
+
+@pytest.mark.slow
+def test_ptq_int8_on_a_100k_node_residual_chain():
+    from qpasses.zoo import chain_for_nodes
+    model = chain_for_nodes(100_000).eval()
+    x = torch.randn(1, 8, 4, 4)
+    gm = qpasses.trace(model, (x,), mode="fx")
+    assert len(gm.graph.nodes) > 95_000
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)
+    try:
+        pm = PassManager("ptq_int8")
+        q = pm.run(gm, data=[x])
+    finally:
+        sys.setrecursionlimit(limit)
+    n_conv = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert pm.report["fold_bn"].rewrites == n_conv
+    assert pm.report["weight_fake_quant"].rewrites == n_conv
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
