@@ -26,9 +26,19 @@ ACTIONS: Dict[str, Registered] = {}
 DATA_STEPS: Dict[str, Registered] = {}
 
 
+def _origin(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def _register(table: Dict[str, Registered], name: Optional[str], **kw):
     def deco(fn: Callable) -> Callable:
         key = name or fn.__name__
+        old = table.get(key)
+        if old is not None and _origin(old.fn) != _origin(fn):
+            # two modules claiming one name would make rule files mean different things
+            # depending on import order: refuse loudly (re-registering the same function,
+            # e.g. on a module reload, is fine)
+            raise ValueError(f"the name {key!r} is registered twice: by {_origin(old.fn)} and by {_origin(fn)}")
         table[key] = Registered(key, fn, (fn.__doc__ or "").strip(), **kw)
         return fn
     return deco
