@@ -119,7 +119,9 @@ class FakeQuantize(nn.Module):
         g = (n * qpos) ** -0.5
         s = self.scale
         s = (s - s * g).detach() + s * g          # value s, gradient scaled by g
-        s = torch.clamp(s, min=_F32_EPS)
+        # |s|: an optimizer step can push a small learned scale below zero; with a clamp its
+        # gradient would then vanish for good, with abs() training carries on
+        s = torch.clamp(s.abs(), min=_F32_EPS)
         z = self.zero_point.to(s.dtype)
         v = torch.clamp(xm / s + z, self.qmin, self.qmax)
         v = v + (torch.round(v) - v).detach()     # round with a straight-through estimator
@@ -131,7 +133,7 @@ class FakeQuantize(nn.Module):
     # ------------------------------------------------------------------ helpers
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` as detached float32 / int32 tensors (observer-compatible)."""
-        return self.scale.detach().clone(), self.zero_point.clone()
+        return torch.clamp(self.scale.detach().abs(), min=_F32_EPS), self.zero_point.clone()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (int32) of ``x``: ``clamp(round(x / scale) + zp, qmin, qmax)``."""
