@@ -110,7 +110,9 @@ class AdaRoundQuantizer(nn.Module):
         return soft
 
     def _scale(self) -> torch.Tensor:
-        return _broadcast(self.scale, len(self.weight_shape), self.axis)
+        # a learned step size must stay positive: clamp (gradient flows while it is above the floor)
+        s = torch.clamp(self.scale, min=1e-12) if self.learn_scale else self.scale
+        return _broadcast(s, len(self.weight_shape), self.axis)
 
     def _zp(self) -> torch.Tensor:
         return _broadcast(self.zero_point, len(self.weight_shape), self.axis).to(torch.float32)

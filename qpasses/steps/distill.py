@@ -1,0 +1,158 @@
+"""The ``distill`` data step (GENIE-D) and ``calibrate_synthetic``.
+
+``distill`` synthesises calibration inputs from the float model's own BatchNorm statistics
+(see :mod:`qpasses.methods.genie`).  It must run on the float graph, before ``canonicalize``
+folds the BatchNorms away.  The synthetic set goes to ``gm.meta["qpasses.synthetic_data"]`` (a
+tensor ``[samples, *input shape]``; under ``torch.distributed`` this rank's shard), where
+``calibrate_synthetic`` and ``reconstruct`` find it; ``save_to`` also writes it with
+``torch.save``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import OptionError, StepError
+from ..frontend import as_inputs
+from ..lang.registry import data_step
+from .calibrate import calibrate, iterate_batches
+
+__all__ = ["distill", "calibrate_synthetic", "SYNTHETIC_KEY", "step_data", "synthetic_data"]
+
+SYNTHETIC_KEY = "qpasses.synthetic_data"
+
+
+def synthetic_data(gm: fx.GraphModule) -> Optional[torch.Tensor]:
+    """The synthetic set a ``distill`` step left on ``gm`` (None if none)."""
+    return getattr(gm, "meta", {}).get(SYNTHETIC_KEY)
+
+
+def _input_shape(gm: fx.GraphModule, override: Any) -> List[int]:
+    if override:
+        if not isinstance(override, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in override):
+            raise OptionError(f"input_shape must be a list of positive ints (one sample, no batch dim), got {override!r}")
+        return list(override)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != 1:
+        raise StepError(f"distill synthesises one input tensor, but the graph has {len(phs)} inputs")
+    ex = getattr(gm, "meta", {}).get("qpasses.example_inputs")
+    if ex is not None:
+        x = as_inputs(ex)[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return list(x.shape[1:])
+    from ..frontend import node_shape
+    shp = node_shape(phs[0])
+    if shp is None or len(shp) < 2:
+        raise StepError("distill cannot tell the input shape: trace with qpasses.trace(model, example) or pass "
+                        "input_shape=[C, H, W]")
+    return list(shp[1:])
+
+
+def _pos_int(ctx, name: str, default: int) -> int:
+    v = ctx.arg(name, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise OptionError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+@data_step("distill")
+def distill(ctx) -> None:
+    """GENIE-D: synthesise ``samples`` inputs by matching BatchNorm statistics (generator + latents)."""
+    from ..methods.genie import synthesize
+    from ..matcher import Matcher
+
+    gm = ctx.gm
+    mode = str(ctx.arg("distill_mode", "genie"))
+    if mode not in ("genie", "generator", "latents"):
+        raise OptionError(f"distill_mode must be genie, generator or latents, got {mode!r}")
+    samples = _pos_int(ctx, "samples", 256)
+    batch_size = _pos_int(ctx, "distill_batch_size", 64)
+    iters = _pos_int(ctx, "distill_iters", 200)
+    if not Matcher(gm).index(["batch_norm"]):
+        raise StepError("distill needs BatchNorm layers (their running statistics are the target); none found -- "
+                        "run distill before canonicalize folds them, on a model that has them")
+    shape = _input_shape(gm, ctx.arg("input_shape"))
+    kw = {}
+    for name, key in (("latent_dim", "latent_dim"), ("hidden", "gen_hidden"), ("lr_g", "distill_lr_g"), ("lr_z", "distill_lr_z"),
+                      ("lr_x", "distill_lr_x"), ("input_weight", "input_weight"), ("mean", "input_mean"),
+                      ("std", "input_std")):
+        v = ctx.arg(key)
+        if v is not None:
+            kw[name] = v
+    seed = ctx.arg("seed", 0)
+    data, info = synthesize(gm, shape, samples, batch_size, iters, mode=mode,
+                            swing=bool(ctx.arg("swing", True)), progress=ctx.progress, seed=seed, **kw)
+    if not torch.isfinite(data).all():
+        raise StepError("distill produced non-finite samples: lower the learning rates")
+    gm.meta[SYNTHETIC_KEY] = data
+    path = ctx.arg("save_to")
+    if path:
+        path = str(path)
+        rank = info["rank"]
+        if info["world_size"] > 1:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.rank{rank}{ext or '.pt'}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({"data": data, "shape": shape, "mode": mode, "info": info}, path)
+        info["saved_to"] = path
+    info.update(samples=int(data.shape[0]), shape=list(shape), mode=mode, iterations=iters)
+    ctx.info.update(info)
+
+
+def step_data(ctx, source: str = "auto", limit_samples: Optional[int] = None) -> torch.Tensor:
+    """The input tensor a GENIE step works on: the synthetic set or the real ``data`` batches.
+
+    ``source``: ``synthetic`` (error without a prior ``distill``), ``real`` (``run(gm, data=...)``)
+    or ``auto`` (synthetic when present, else real).
+    """
+    if source not in ("auto", "synthetic", "real"):
+        raise OptionError(f"data_source must be auto, synthetic or real, got {source!r}")
+    syn = synthetic_data(ctx.gm)
+    if source == "synthetic" or (source == "auto" and syn is not None):
+        if syn is None:
+            raise StepError("no synthetic data: put a distill step before this one (or use data_source=real)")
+        x = syn
+    else:
+        if ctx.data is None:
+            raise StepError("this step needs data: call run(gm, data=batches), or distill synthetic data first")
+        xs = []
+        n = 0
+        for inputs in iterate_batches(ctx.data, None, "data", False):
+            if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+                raise StepError("GENIE steps take batches of one input tensor")
+            xs.append(inputs[0])
+            n += inputs[0].shape[0]
+            if limit_samples is not None and n >= limit_samples:
+                break
+        if not xs:
+            raise StepError("the data iterable is empty")
+        x = torch.cat(xs, 0)
+        from ..methods.genie import world
+        rank, size = world()
+        if size > 1:
+            x = x[rank::size]
+    if limit_samples is not None:
+        x = x[:limit_samples]
+    return x.detach()
+
+
+@data_step("calibrate_synthetic")
+def calibrate_synthetic(ctx) -> None:
+    """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``."""
+    x = step_data(ctx, str(ctx.arg("data_source", "auto")))
+    bs = _pos_int(ctx, "calib_batch_size", 64)
+    batches = [x[i:i + bs] for i in range(0, x.shape[0], bs)]
+
+    class _Ctx:
+        pass
+    c = _Ctx()
+    c.gm, c.data, c.progress, c.info = ctx.gm, batches, ctx.progress, ctx.info
+    c.arg = lambda name, default=None: None if name == "calib_batches" else ctx.arg(name, default)
+    calibrate(c)
+    ctx.info["source"] = "synthetic" if synthetic_data(ctx.gm) is not None and ctx.arg("data_source", "auto") != "real" \
+        else "real"
