@@ -133,6 +133,10 @@ def test_100k_nodes_no_recursion():
 def test_ptq_int8_on_a_100k_node_residual_chain():
     from qpasses.zoo import chain_for_nodes
     model = chain_for_nodes(100_000).eval()
+    with torch.no_grad():  # keep 14k residual blocks from overflowing float32
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(1e-4)
     x = torch.randn(1, 8, 4, 4)
     gm = qpasses.trace(model, (x,), mode="fx")
     assert len(gm.graph.nodes) > 95_000
@@ -148,4 +152,4 @@ def test_ptq_int8_on_a_100k_node_residual_chain():
     assert pm.report["weight_fake_quant"].rewrites == n_conv
     with torch.no_grad():
         ref, out = model(x), q(x)
-    assert torch.isfinite(out).all() and out.shape == ref.shape
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all() and out.shape == ref.shape

@@ -163,6 +163,11 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     if not getattr(mod, "has_data", True):
         raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
                         f"(PassManager(...).run(gm, data=batches))")
+    scale, _ = mod.calculate_qparams()
+    if not bool(torch.isfinite(scale).all()):
+        lo, hi = mod.calculate_range()
+        raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
+                        f"{float(hi.max())}]: the float model overflows on the calibration data there")
     fq = FakeQuantize.from_observer(mod, learnable=bool(learnable))
     fq.qpasses_config = getattr(mod, "qpasses_config", None)  # type: ignore[attr-defined]
     target = add_module(ctx, "act_fq", fq)
