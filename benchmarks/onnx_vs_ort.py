@@ -1,0 +1,132 @@
+"""qpasses ptq_int8 -> QDQ ONNX vs onnxruntime.quantization.quantize_static (QDQ, per-channel).
+
+Same trained digits models, same 256 calibration images, same 500 test images.  Rows:
+
+* ``fp32``            -- the float model exported by qpasses;
+* ``ort quantize_static`` -- ``quant_pre_process`` + ``quantize_static(QDQ, per_channel=True,
+  activation QUInt8, weight QInt8, MinMax calibration)`` on the fp32 ONNX file;
+* ``qpasses ptq_int8 (torch) -> export_onnx`` -- the PyTorch route;
+* ``qpasses quantize_onnx`` -- the ONNX route (rules on the ONNX graph, calibration in ORT);
+* ``qpasses int_only (integerize=false)`` -- also quantizes op outputs, so ORT can fuse
+  DQ -> Conv -> Q into integer kernels (QLinearConv).
+
+Accuracy is measured in onnxruntime (CPU); latency is the best of 5 rounds' median over repeated runs of
+one ORT CPU session with one intra-op thread (batch 1 and batch 256).  Prints a markdown table.
+
+    python benchmarks/onnx_vs_ort.py [--repeat 200] [--models digits_cnn,mlp]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+import datetime
+
+import numpy as np
+import onnx
+import torch
+
+import qpasses
+from qpasses import datasets, zoo
+from qpasses.onnx import export_onnx, ort_session, quantize_onnx
+
+
+class _Reader:
+    def __init__(self, batches, name):
+        self.it = iter([{name: b.numpy()} for b in batches])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_static(fp32_path: str, out_path: str, batches) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    pre = out_path.replace(".onnx", "_pre.onnx")
+    quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
+    name = onnx.load(pre).graph.input[0].name
+    quantize_static(pre, out_path, _Reader(batches, name), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int):
+    sess = ort_session(path, threads=1)
+    name = sess.get_inputs()[0].name
+    out = sess.run(None, {name: xt.numpy()})[0]
+    acc = float((out.argmax(1) == yt.numpy()).mean())
+    lat = {}
+    for bs in (1, 256):
+        feed = {name: xt[:bs].numpy()}
+        for _ in range(10):
+            sess.run(None, feed)
+        n = repeat if bs == 1 else max(10, repeat // 10)
+        medians = []
+        for _ in range(5):  # shared machine: the best of 5 rounds' medians
+            ts = []
+            for _ in range(n):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                ts.append(time.perf_counter() - t)
+            medians.append(statistics.median(ts))
+        lat[bs] = min(medians) * 1e3
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    return acc, lat, ops.count("QuantizeLinear"), os.path.getsize(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--models", default="digits_cnn,mlp")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    xt, yt = datasets.load_digits_tensors("test")
+    calib = datasets.calib_batches()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            model = datasets.train_digits_cnn() if name == "digits_cnn" else datasets.train_digits_cnn(model=zoo.MLP())
+            gm = qpasses.trace(model, xt[:1])
+            fp32 = os.path.join(d, f"{name}_fp32.onnx")
+            export_onnx(gm, xt[:1], fp32)
+            t = time.perf_counter()
+            ort_path = os.path.join(d, f"{name}_ort.onnx")
+            ort_static(fp32, ort_path, calib)
+            t_ort = time.perf_counter() - t
+            t = time.perf_counter()
+            qgm = qpasses.PassManager("ptq_int8").run(gm, data=calib)
+            qp = os.path.join(d, f"{name}_qpasses.onnx")
+            export_onnx(qgm, xt[:1], qp)
+            t_qp = time.perf_counter() - t
+            t = time.perf_counter()
+            qo = os.path.join(d, f"{name}_qpasses_onnx.onnx")
+            quantize_onnx(fp32, calib, path=qo)
+            t_qo = time.perf_counter() - t
+            t = time.perf_counter()
+            io_path = os.path.join(d, f"{name}_qpasses_int_only.onnx")
+            export_onnx(qpasses.PassManager("int_only", integerize=False).run(gm, data=calib), xt[:1], io_path)
+            t_io = time.perf_counter() - t
+            fq_acc = float((qgm(xt).argmax(1) == yt).float().mean())
+            for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+                                      ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+                                      ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
+                                      ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io)):
+                acc, lat, nq, size = evaluate(path, xt, yt, args.repeat)
+                rows.append((name, label, acc, lat[1], lat[256], nq, size, secs))
+            rows.append((name, "qpasses ptq_int8 fake-quant graph (torch)", fq_acc, None, None, None, None, None))
+    print(f"measured on a {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
+          f"{datetime.date.today().isoformat()}, onnxruntime {__import__('onnxruntime').__version__}, 1 thread\n")
+    print("| model | method | test acc | ORT ms (batch 1) | ORT ms (batch 256) | Q nodes | file KiB | quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, acc, l1, l256, nq, size, secs in rows:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        print(f"| {name} | {label} | {acc:.4f} | {f(l1, '.3f')} | {f(l256, '.2f')} | {f(nq, 'd')} | "
+              f"{f(None if size is None else size / 1024, '.1f')} | {f(secs, '.2f')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""The ``qpasses`` command line (also ``python -m qpasses``).
+
+Exit codes (stable, for scripts):
+
+* ``0`` -- success;
+* ``1`` -- a qpasses error (bad rule file, unknown recipe or option, a step or export that
+  failed); the message is printed on stderr as ``error: ...`` (rule files as
+  ``file:line:col: message``);
+* ``2`` -- usage error (unknown command or flag, missing argument, unreadable file);
+* ``3`` -- an unexpected internal error (a bug: please report it with the traceback).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        from .errors import QPassesError
+        try:
+            return super().invoke(ctx)
+        except QPassesError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except BrokenPipeError:  # output piped into `head`: not an error
+            ctx.exit(EXIT_OK)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            click.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_options(items: Tuple[str, ...]) -> Dict[str, Any]:
+    """``k=v`` strings to a dict; values read as YAML scalars/lists (``4``, ``true``, ``[a, b]``)."""
+    import yaml
+    out: Dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise click.BadParameter(f"{it!r} is not of the form key=value", param_hint="--option")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def load_model(spec: str):
+    """``module:factory`` / ``module.Class`` -> nn.Module; ``.pt`` -> torch.load'ed module; ``.onnx`` -> path."""
+    import torch
+    from .errors import OptionError
+    if spec.endswith(".onnx"):
+        if not os.path.isfile(spec):
+            raise click.BadParameter(f"no such file: {spec}", param_hint="MODEL")
+        return spec
+    if spec.endswith((".pt", ".pth")):
+        if not os.path.isfile(spec):
+            raise click.BadParameter(f"no such file: {spec}", param_hint="MODEL")
+        obj = torch.load(spec, weights_only=False)
+        if not isinstance(obj, torch.nn.Module):
+            raise OptionError(f"{spec} holds a {type(obj).__name__}, not an nn.Module / GraphModule "
+                              "(save the module itself with torch.save(model, path))")
+        return obj.eval()
+    if ":" not in spec:
+        raise click.BadParameter("give MODEL as module:factory (e.g. qpasses.zoo:DigitsCNN), a .pt or a .onnx file",
+                                 param_hint="MODEL")
+    mod_name, attr = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise OptionError(f"cannot import module {mod_name!r}: {e}") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            from .errors import nearest
+            hint = nearest(part, [n for n in dir(obj) if not n.startswith("_")])
+            raise OptionError(f"{mod_name} has no attribute {attr!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        obj = getattr(obj, part)
+    if callable(obj) and not isinstance(obj, torch.nn.Module):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # deterministic initialisation: same model, same cache entry, same numbers
+            model = obj()
+    else:
+        model = obj
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def load_data(spec: Optional[str], batch_size: int = 32):
+    """``digits`` -> (calibration batches, (x_test, y_test)); a ``.pt`` file -> (batches, None)."""
+    import torch
+    from .errors import OptionError
+    if spec is None:
+        return None, None
+    if spec == "digits":
+        from .datasets import calib_batches, load_digits_tensors
+        return calib_batches(batch_size), load_digits_tensors("test")
+    if not os.path.isfile(spec):
+        raise click.BadParameter(f"no such file: {spec} (give a .pt tensor file or 'digits')", param_hint="--data")
+    obj = torch.load(spec, weights_only=False)
+    if isinstance(obj, torch.Tensor):
+        return list(obj.split(batch_size)), None
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        if len(obj) == 2 and obj[1].dtype in (torch.int64, torch.int32) and obj[0].shape[0] == obj[1].shape[0]:
+            return list(obj[0].split(batch_size)), (obj[0], obj[1])  # (x, labels)
+        return list(obj), None
+    raise OptionError(f"{spec} holds a {type(obj).__name__}; expected a tensor [N, ...], a list of batches, or (x, y)")
+
+
+def _accuracy_torch(model, x, y) -> float:
+    import torch
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _accuracy_onnx(model, x, y) -> float:
+    from .onnx import run_onnx
+    return float((run_onnx(model, x)[0].argmax(1) == y.numpy()).mean())
+
+
+def _prepare(model_spec: str, data: Optional[str], train: Optional[bool], progress: bool):
+    model = load_model(model_spec)
+    batches, test = load_data(data)
+    if isinstance(model, str):
+        return model, batches, test
+    import torch
+    auto = train is None and data == "digits" and not model_spec.endswith((".pt", ".pth"))
+    if train or auto:
+        from .datasets import train_digits_cnn
+        click.echo("training on the scikit-learn digits (cached after the first run) ...", err=True)
+        try:
+            model = train_digits_cnn(model=model)
+        except Exception as e:  # noqa: BLE001  e.g. a model that does not take [N, 1, 8, 8] images
+            from .errors import OptionError
+            raise OptionError(f"--data digits trains {model_spec} on [N, 1, 8, 8] digit images with 10 classes "
+                              f"and that failed ({type(e).__name__}: {e}); pass --no-train or your own --data") from None
+    return model.eval(), batches, test
+
+
+def save_graph_module(gm, path) -> None:
+    """``torch.save`` a GraphModule (string type annotations, e.g. from ``from __future__ import
+    annotations``, break fx's pickling, so they are dropped from the saved copy's placeholders)."""
+    import torch
+    if any(isinstance(n.type, str) for n in gm.graph.nodes):
+        for n in gm.graph.nodes:
+            if isinstance(n.type, str):
+                n.type = None
+        gm.recompile()
+    torch.save(gm, path)
+
+
+def _example(batches, model):
+    from .frontend import as_inputs
+    if batches:
+        return as_inputs(batches[0])
+    from .errors import OptionError
+    raise OptionError("--data is needed (calibration batches, also used as example inputs): a .pt file or 'digits'")
+
+
+# ----------------------------------------------------------------------------- commands
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(version=__version__, prog_name="qpasses", message="%(prog)s %(version)s")
+def main():
+    """qpasses: a declarative graph-rewriting compiler for neural-network quantization.
+
+    Exit codes: 0 ok, 1 qpasses error (message on stderr), 2 usage error, 3 internal error.
+    Start with:  qpasses quantize qpasses.zoo:DigitsCNN --data digits --out out/digits_int8.onnx
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe, rule family or rule file.")
+@click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable), e.g. -o w_bits=4.")
+@click.option("--data", "-d", metavar="FILE|digits", help="Calibration data: a .pt tensor [N,...] (or list of batches, or (x, y)), or 'digits'.")
+@click.option("--out", "-O", "out", type=click.Path(dir_okay=False), help="Output: .pt (GraphModule) or .onnx (QDQ).")
+@click.option("--opset", default=None, type=int, help="ONNX opset for .onnx output (default 21).")
+@click.option("--train/--no-train", default=None, help="Train on the digits first (default: when --data digits and MODEL is module:factory).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+@click.option("--report/--no-report", "show_report", default=True, show_default=True, help="Print the per-rule report.")
+def quantize(model, recipe, options, data, out, opset, train, progress, show_report):
+    """Quantize MODEL (module:factory, a .pt file or an .onnx file) with a recipe.
+
+    \b
+    Examples:
+      qpasses quantize qpasses.zoo:DigitsCNN --data digits --out out/digits_int8.onnx
+      qpasses quantize model.pt --data calib.pt -o w_bits=4 -o observer=percentile --out q.pt
+      qpasses quantize fp32.onnx --data digits --out int8.onnx
+    """
+    import torch
+    import qpasses
+    from .onnx import DEFAULT_OPSET
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    opts = parse_options(options)
+    if not model.endswith(".onnx"):
+        qpasses.PassManager(recipe, **opts)  # unknown recipe / option: fail before any training
+    m, batches, test = _prepare(model, data, train, progress)
+    if out and not out.endswith((".pt", ".pth", ".onnx")):
+        raise click.BadParameter("--out must end in .pt or .onnx", param_hint="--out")
+    t0 = time.perf_counter()
+    if isinstance(m, str):  # ONNX in
+        from .onnx import quantize_onnx
+        from .report import Report
+        if batches is None:
+            raise click.UsageError("quantizing an .onnx model needs --data")
+        if out and not out.endswith(".onnx"):
+            raise click.BadParameter("an .onnx model quantizes to an .onnx file", param_hint="--out")
+        rep = Report()
+        qm = quantize_onnx(m, batches, recipe=recipe, path=out, progress=progress, report=rep, **opts)
+        if show_report:
+            click.echo(rep.table())
+        if test is not None:
+            click.echo(f"accuracy (onnxruntime): fp32 {_accuracy_onnx(m, *test):.4f}  int8 {_accuracy_onnx(qm, *test):.4f}")
+        click.echo(f"done in {time.perf_counter() - t0:.1f}s" + (f": wrote {out}" if out else ""))
+        return
+    ex = _example(batches, m)
+    gm = qpasses.trace(m, ex)
+    pm = qpasses.PassManager(recipe, progress=progress, **opts)
+    qgm = pm.run(gm, data=batches)
+    if show_report:
+        click.echo(pm.report)
+    lines = []
+    if test is not None:
+        lines.append(f"accuracy: fp32 {_accuracy_torch(m, *test):.4f}  {recipe} (fake-quant) {_accuracy_torch(qgm, *test):.4f}")
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        if out.endswith(".onnx"):
+            qpasses.export_onnx(qgm, ex, out, opset=opset or DEFAULT_OPSET)
+            if test is not None:
+                lines.append(f"accuracy (onnxruntime, {out}): {_accuracy_onnx(out, *test):.4f}")
+        else:
+            save_graph_module(qgm, out)
+    for ln in lines:
+        click.echo(ln)
+    click.echo(f"done in {time.perf_counter() - t0:.1f}s" + (f": wrote {out}" if out else ""))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", "-O", default="out/digits_int8.onnx", show_default=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def demo(ctx, out):
+    """Train (or load cached) the digits CNN, quantize it with ptq_int8, export QDQ ONNX, compare accuracy."""
+    ctx.invoke(quantize, model="qpasses.zoo:DigitsCNN", recipe="ptq_int8", options=(), data="digits", out=out,
+               opset=None, train=True, progress=True, show_report=False)
+
+
+# ----------------------------------------------------------------------------- rules
+
+@main.group(cls=_Group, context_settings=CONTEXT)
+def rules():
+    """List, show and check rule files and recipes."""
+
+
+@rules.command("list", context_settings=CONTEXT)
+def rules_list():
+    """List every recipe, rule family and data step addressable by name."""
+    from .lang.rules import _named_files, find_named
+    from .lang.registry import DATA_STEPS
+    rows = []
+    for name, path in sorted(_named_files().items()):
+        try:
+            obj = find_named(name)
+            doc = " ".join(str(obj.doc).split())
+            kind = "recipe" if path.parent.name == "recipes" else "rules"
+        except Exception as e:  # noqa: BLE001
+            kind, doc = "broken", str(e)
+        rows.append((kind, name, doc))
+    for name, reg in sorted(DATA_STEPS.items()):
+        rows.append(("step", name, reg.doc.split("\n")[0]))
+    w = max(len(r[1]) for r in rows)
+    for kind, name, doc in sorted(rows, key=lambda r: ({"recipe": 0, "rules": 1, "step": 2}.get(r[0], 3), r[1])):
+        click.echo(f"{kind:7} {name:{w}}  {doc[:90]}")
+
+
+@rules.command("show", context_settings=CONTEXT)
+@click.argument("name")
+def rules_show(name):
+    """Print the file of a recipe or rule family (by NAME or path)."""
+    from .errors import Location
+    from .lang.rules import find_named, load_file
+    obj = (load_file(name) if (name.endswith((".yaml", ".yml")) and os.path.isfile(name))
+           else find_named(name, Location("qpasses rules show")))
+    click.echo(f"# {obj.path}")
+    click.echo(Path(obj.path).read_text(encoding="utf-8"))
+
+
+@rules.command("check", context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def rules_check(files):
+    """Validate rule / recipe FILES; errors print as file:line:col: message (exit 1 if any)."""
+    from .errors import RuleError
+    from .lang.rules import Recipe, load_file
+    from .manager import PassManager
+    bad = 0
+    for f in files:
+        try:
+            obj = load_file(f)
+            PassManager(obj)  # binds parameters: undefined ${params}, unknown steps
+            what = (f"recipe {obj.name}: {len(obj.steps)} steps" if isinstance(obj, Recipe)
+                    else f"rule family {obj.name}: {len(obj.rules)} rules")
+            click.echo(f"{f}: ok ({what})")
+        except RuleError as e:
+            bad += 1
+            click.echo(str(e), err=True)
+    if bad:
+        sys.exit(EXIT_ERROR)
+
+
+# ----------------------------------------------------------------------------- explain
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.argument("rule")
+@click.argument("node", required=False)
+@click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe or rule family holding RULE.")
+@click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
+@click.option("--shape", default="1,1,8,8", show_default=True, help="Example input shape for tracing.")
+def explain(model, rule, node, recipe, options, shape):
+    """Why RULE does (not) match NODE of MODEL (all candidate nodes when NODE is omitted).
+
+    The rule is tried on the traced (input) graph.  For an .onnx MODEL, RULE runs on the ONNX
+    graph through the onnx-graphsurgeon adapter (canonicalize / qdq_cleanup rules).
+    """
+    import torch
+    import qpasses
+    m = load_model(model)
+    if isinstance(m, str):
+        import onnx
+        import onnx_graphsurgeon as gs
+        from .onnx.rewrite import explain as onnx_explain
+        g = gs.import_onnx(onnx.load(m))
+        names = [node] if node else [n.name for n in g.nodes]
+        bound = qpasses.PassManager(recipe, **parse_options(options)).rules  # the recipe's rules, bound
+        for nm in names:
+            click.echo(onnx_explain(g, rule, nm, family=bound))
+        return
+    x = torch.randn(*[int(s) for s in shape.split(",")])
+    gm = qpasses.trace(m, x)
+    pm = qpasses.PassManager(recipe, **parse_options(options))
+    nodes = [node] if node else [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    for nm in nodes:
+        click.echo(str(pm.explain(rule, nm, gm)))
+
+
+# ----------------------------------------------------------------------------- report
+
+def layer_table(qgm, example) -> List[Dict[str, Any]]:
+    """Per weighted layer: op, bits, scales, output SQNR (quantized vs the same graph with fake quant off), size."""
+    import torch
+    import torch.fx as fx
+    from .numerics import FakeQuantize, sqnr
+    from .ops import OpView, classify
+    from .frontend import as_inputs
+    mods = dict(qgm.named_modules())
+    weighted = []
+    for n in qgm.graph.nodes:
+        cls = classify(n, mods)
+        if cls in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"):
+            weighted.append((n, cls))
+
+    def capture(enabled: bool):
+        fqs = [m for m in qgm.modules() if isinstance(m, FakeQuantize)]
+        old = [m.enabled for m in fqs]
+        for m in fqs:
+            m.enabled = enabled if True else m.enabled
+        vals: Dict[str, torch.Tensor] = {}
+
+        class Rec(fx.Interpreter):
+            def run_node(self, nd):
+                out = super().run_node(nd)
+                if isinstance(out, torch.Tensor):
+                    vals[nd.name] = out.detach()
+                return out
+        try:
+            with torch.no_grad():
+                Rec(qgm).run(*as_inputs(example))
+        finally:
+            for m, o in zip(fqs, old):
+                m.enabled = o
+        return vals
+
+    q_vals, f_vals = capture(True), capture(False)
+    rows = []
+    for n, cls in weighted:
+        v = OpView(n, qgm, cls, mods)
+        w = v.get("weight")
+        wfq = mods.get(w.target) if isinstance(w, fx.Node) and w.op == "call_module" else None
+        x = v.get("input")
+        afq = mods.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None
+        wt = None
+        if isinstance(wfq, FakeQuantize):
+            src = w.args[0]
+            wt = q_vals.get(src.name) if isinstance(src, fx.Node) else None
+        elif isinstance(w, fx.Node):
+            wt = q_vals.get(w.name)
+        elif isinstance(w, torch.Tensor):
+            wt = w
+        numel = int(wt.numel()) if wt is not None else 0
+        w_bits = wfq.bits if isinstance(wfq, FakeQuantize) and wfq.enabled else 32
+        a_bits = afq.bits if isinstance(afq, FakeQuantize) and afq.enabled else 32
+        ws = wfq.scale.detach().float() if isinstance(wfq, FakeQuantize) else None
+        s = sqnr(f_vals[n.name].float(), q_vals[n.name].float()) if n.name in q_vals else float("nan")
+        rows.append({
+            "layer": n.meta.get("qpasses.module", n.name), "op": cls, "w_bits": w_bits, "a_bits": a_bits,
+            "w_scale": "-" if ws is None else (f"{ws.min().item():.3g}..{ws.max().item():.3g}" if ws.numel() > 1 else f"{ws.item():.3g}"),
+            "a_scale": f"{afq.scale.item():.3g}" if isinstance(afq, FakeQuantize) and afq.scale.numel() == 1 else "-",
+            "sqnr_db": float(s), "size_kib": numel * w_bits / 8 / 1024, "fp32_kib": numel * 4 / 1024,
+        })
+    return rows
+
+
+def format_layers(rows: List[Dict[str, Any]]) -> str:
+    head = ("layer", "op", "w_bits", "a_bits", "w_scale", "a_scale", "SQNR dB", "KiB", "fp32 KiB")
+    body = [(r["layer"], r["op"], str(r["w_bits"]), str(r["a_bits"]), r["w_scale"], r["a_scale"],
+             "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.1f}", f"{r['size_kib']:.2f}",
+             f"{r['fp32_kib']:.2f}") for r in rows]
+    tot_q = sum(r["size_kib"] for r in rows)
+    tot_f = sum(r["fp32_kib"] for r in rows)
+    body.append(("total", "", "", "", "", "", "", f"{tot_q:.2f}", f"{tot_f:.2f}"))
+    allrows = [head] + body
+    w = [max(len(r[i]) for r in allrows) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in allrows]
+    out.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(out)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe to apply first (ignored for a quantized .pt GraphModule with --as-is).")
+@click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
+@click.option("--data", "-d", metavar="FILE|digits", help="Calibration data (as for quantize).")
+@click.option("--as-is", is_flag=True, help="MODEL is already quantized (a .pt GraphModule): report it without running a recipe.")
+@click.option("--train/--no-train", default=None, help="Train on the digits first (as for quantize).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def report(model, recipe, options, data, as_is, train, as_json):
+    """Per-layer table of a quantized model: op, bits, scales, SQNR against float, size.
+
+    MODEL is a PyTorch model (the recipe is applied first, unless --as-is; SQNR against the same
+    graph with fake quantization off) or a QDQ .onnx file (SQNR against the same graph with its
+    activation Q/DQ pairs removed: the file has no float weights, so only activation error counts).
+    """
+    import json
+    import qpasses
+    m, batches, test = _prepare(model, data, train, False)
+    if isinstance(m, str):  # a QDQ .onnx file: report it as is
+        from .onnx.inspect import onnx_layer_table
+        if batches is None:
+            raise click.UsageError("report on an .onnx model needs --data (for the SQNR column)")
+        rows = onnx_layer_table(m, batches)
+        click.echo(json.dumps(rows, indent=1) if as_json else format_layers(rows))
+        return
+    ex = _example(batches, m)
+    if as_is:
+        qgm = m
+    else:
+        qgm = qpasses.PassManager(recipe, **parse_options(options)).run(qpasses.trace(m, ex), data=batches)
+    rows = layer_table(qgm, ex)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_layers(rows))
+
+
+# ----------------------------------------------------------------------------- draw
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", "-O", required=True, type=click.Path(dir_okay=False), help="Output .svg or .html.")
+@click.option("--recipe", "-r", default=None, help="Apply this recipe first (needs --data); default: draw the traced graph.")
+@click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
+@click.option("--data", "-d", metavar="FILE|digits", help="Calibration data.")
+@click.option("--shape", default="1,1,8,8", show_default=True, help="Example input shape when no --data is given.")
+@click.option("--train/--no-train", default=None, help="Train on the digits first (as for quantize).")
+def draw(model, out, recipe, options, data, shape, train):
+    """Draw the graph of MODEL as SVG (or HTML with inline SVG); quantized nodes are coloured."""
+    import torch
+    import qpasses
+    from .draw import draw_graph
+    if not out.endswith((".svg", ".html")):
+        raise click.BadParameter("--out must end in .svg or .html", param_hint="--out")
+    m, batches, _ = _prepare(model, data, train, False)
+    if isinstance(m, str):
+        raise click.UsageError("draw works on PyTorch models (module:factory or .pt)")
+    ex = (batches[0],) if batches else (torch.randn(*[int(s) for s in shape.split(",")]),)
+    gm = qpasses.trace(m, ex)
+    if recipe:
+        gm = qpasses.PassManager(recipe, **parse_options(options)).run(gm, data=batches)
+    n = draw_graph(gm, out, title=f"{model}" + (f" ({recipe})" if recipe else ""))
+    click.echo(f"wrote {out} ({n} nodes)")
+
+
+def run() -> None:  # pragma: no cover - console entry with stable exit codes
+    main(prog_name="qpasses")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

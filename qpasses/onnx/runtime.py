@@ -1,0 +1,32 @@
+"""Run ONNX models in onnxruntime (CPU)."""
+from __future__ import annotations
+
+from typing import Any, List, Union
+
+import numpy as np
+import onnx
+
+__all__ = ["ort_session", "run_onnx"]
+
+
+def ort_session(model: Union[str, onnx.ModelProto], threads: int = 1, optimize: bool = True):
+    """An onnxruntime CPU ``InferenceSession`` for a path or a ModelProto."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model: Any, *inputs: Any, session=None) -> List[np.ndarray]:
+    """Run ``model`` (path, ModelProto or session) on tensors / arrays; returns the outputs as arrays."""
+    sess = session or (model if hasattr(model, "run") else ort_session(model))
+    feeds = {}
+    for meta, x in zip(sess.get_inputs(), inputs):
+        arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        feeds[meta.name] = arr
+    return sess.run(None, feeds)
