@@ -123,6 +123,11 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
     if mode in ("auto", "fx"):
         try:
             gm = fx.symbolic_trace(model, concrete_args=concrete_args)
+            stringly = [n for n in gm.graph.nodes if isinstance(n.type, str)]
+            for n in stringly:  # string annotations (PEP 563) would make the module unpicklable
+                n.type = None
+            if stringly:
+                gm.recompile()
             propagate_shapes(gm, inputs)  # a graph that does not run on the example is a failed trace
             _gm_meta(gm)["qpasses.level"] = "fx"
             _gm_meta(gm)["qpasses.example_inputs"] = inputs

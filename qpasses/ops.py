@@ -253,6 +253,9 @@ def _refine_hardtanh(node: fx.Node, mod: Optional[nn.Module]) -> Optional[str]:
 
 
 _REFINE["hardtanh"] = _refine_hardtanh
+# a hardtanh refined to relu6 keeps its spelling: let relu6 views read it (not added to the
+# target index, so plain hardtanh nodes still classify as hardtanh first)
+OP_CLASSES["relu6"].spellings.update(OP_CLASSES["hardtanh"].spellings)
 
 
 def register_module_class(module_type: type, name: str) -> None:
