@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import os
 import time
@@ -348,7 +349,9 @@ class PassManager:
         for unit in self.units:
             if unit.kind == "stage":
                 t = time.perf_counter()
-                iters, rewrites, converged = self._run_stage(work, unit)
+                with _no_gc():  # rewriting allocates many small cyclic objects; full GC passes over a
+                    # large graph would make the stage superlinear in its size
+                    iters, rewrites, converged = self._run_stage(work, unit)
                 work.graph.lint()
                 if rewrites:
                     # the generated code is refreshed lazily: before a step, verify or the
@@ -592,6 +595,17 @@ def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
 def _is_named_file(name: str) -> bool:
     from .lang.rules import available_names
     return available_names().get(name) in ("recipe", "rules")
+
+
+@contextlib.contextmanager
+def _no_gc():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

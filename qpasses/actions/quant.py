@@ -163,12 +163,13 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     if not getattr(mod, "has_data", True):
         raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
                         f"(PassManager(...).run(gm, data=batches))")
-    scale, _ = mod.calculate_qparams()
+    scale, zero_point = mod.calculate_qparams()
     if not bool(torch.isfinite(scale).all()):
         lo, hi = mod.calculate_range()
         raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
                         f"{float(hi.max())}]: the float model overflows on the calibration data there")
-    fq = FakeQuantize.from_observer(mod, learnable=bool(learnable))
+    fq = FakeQuantize(scale, zero_point, mod.qmin, mod.qmax, axis=mod.axis, learnable=bool(learnable),
+                      bits=mod.bits, symmetric=mod.symmetric)
     fq.qpasses_config = getattr(mod, "qpasses_config", None)  # type: ignore[attr-defined]
     target = add_module(ctx, "act_fq", fq)
     with ctx.graph.inserting_before(obs):
@@ -190,13 +191,14 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
     axis = weight_axis(opclass, groups) if per_channel else None
     if observer == "minmax" and not learnable:
         # fast path (the common case, thousands of layers): max |w| per channel, no observer module
-        w = weight.detach().float()
-        if axis is None:
-            amax = w.abs().max()
-        else:
-            amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
-        qmin, qmax = qrange(bits, signed=True, narrow=True)
-        scale, zp = calc_qparams(-amax, amax, qmin, qmax, symmetric=True)
+        with torch.no_grad():
+            w = weight.detach().float()
+            if axis is None:
+                amax = w.abs().max()
+            else:
+                amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
+            qmin, qmax = qrange(bits, signed=True, narrow=True)
+            scale, zp = calc_qparams(-amax, amax, qmin, qmax, symmetric=True)
         return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
