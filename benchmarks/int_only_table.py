@@ -13,28 +13,11 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import qpasses
 from qpasses import datasets, zoo
+from qpasses.zoo import CatNet
 
-
-class CatNet(nn.Module):
-    """Two conv branches concatenated, ReLU6, max-pool, avg-pool, linear (as in tests/test_int_only.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 6, 1)
-        self.c = nn.Conv2d(10, 8, 3, padding=1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x):
-        y = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)
-        y = F.relu6(self.c(y))
-        y = F.avg_pool2d(F.max_pool2d(y, 2), 2)
-        return self.fc(y.flatten(1))
 
 
 def row(name, model, example, calib, x_eval, labels=None, w_bits=8, a_bits=8, rounding="gemmlowp"):

@@ -18,7 +18,7 @@ from .errors import (Location, OptionError, QPassesError, RewriteError, RuleErro
                      VerifyError, nearest)
 from .frontend import as_inputs
 from .guards import check_guards
-from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS
+from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
 from .lang.syntax import substitute
 from .matcher import Match, MatchContext, MatchFailure, Matcher
@@ -352,8 +352,8 @@ class PassManager:
                 with _no_gc():  # rewriting allocates many small cyclic objects; full GC passes over a
                     # large graph would make the stage superlinear in its size
                     iters, rewrites, converged = self._run_stage(work, unit)
-                work.graph.lint()
                 if rewrites:
+                    work.graph.lint()  # an unchanged graph needs no re-check
                     # the generated code is refreshed lazily: before a step, verify or the
                     # return -- i.e. before anything can run or read it
                     dirty = True
@@ -451,15 +451,7 @@ class PassManager:
 
     @staticmethod
     def _constraints(ctx: MatchContext, rule: Rule) -> Optional[str]:
-        for c in rule.where:
-            ok, why = _eval_constraint(ctx, c)
-            if not ok:
-                return f"where {c} is false" + (f": {why}" if why else "")
-        for c in rule.unless:
-            ok, why = _eval_constraint(ctx, c)
-            if ok:
-                return f"unless {c} holds" + (f": {why}" if why else "")
-        return None
+        return rule.failing_constraint(lambda c: _eval_constraint(ctx, c))
 
     def _run_step(self, gm: fx.GraphModule, step: Step, data: Any) -> fx.GraphModule:
         reg = DATA_STEPS[step.name]
@@ -587,9 +579,7 @@ def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
         from .errors import MatchError
         raise MatchError(f"constraint {call} of rule {ctx.rule.name!r} failed: {type(e).__name__}: {e}"
                          f" (at {getattr(call, 'loc', '?')})") from e
-    if isinstance(res, tuple):
-        return bool(res[0]), str(res[1]) if len(res) > 1 and res[1] else ""
-    return bool(res), ""
+    return constraint_result(res)
 
 
 def _is_named_file(name: str) -> bool:

@@ -618,6 +618,27 @@ def chain_for_nodes(target_nodes: int, channels: int = 8) -> ConvBNChain:
 # ---------------------------------------------------------------------------
 
 #: Short model names mapped to constructors (all callable with no arguments).
+
+class CatNet(nn.Module):
+    """Two conv branches concatenated, ReLU6, max-pool, avg-pool, linear.
+
+    Exercises integer concatenation, clamps and pooling; input ``[N, 3, 8, 8]``, output ``[N, 5]``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(10, 8, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)
+        y = F.relu6(self.c(y))
+        y = F.avg_pool2d(F.max_pool2d(y, 2), 2)
+        return self.fc(y.flatten(1))
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet": ResNetLike,
     "mobilenetv2": MobileNetV2Like,

@@ -25,6 +25,23 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def duplicate_act_fake_quants(gm: torch.fx.GraphModule) -> int:
+    """Put a copy of every activation FakeQuantize right after it (a redundant Q/DQ pair for the
+    clean-up rules to remove); recompiles ``gm`` and returns how many were duplicated."""
+    import copy
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target.startswith("act_fq"):
+            gm.add_submodule(n.target + "_dup", copy.deepcopy(gm.get_submodule(n.target)))
+            with gm.graph.inserting_after(n):
+                d = gm.graph.call_module(n.target + "_dup", (n,))
+            n.replace_all_uses_with(d)
+            d.args = (n,)
+            count += 1
+    gm.recompile()
+    return count
+
+
 @pytest.fixture(params=["fx", "export"])
 def level(request):
     """Run a test on both graph levels: symbolic-traced (module calls) and torch.export (aten)."""

@@ -11,26 +11,10 @@ from qpasses import zoo
 from qpasses.errors import OptionError, StepError
 from qpasses.methods import int_only as io
 from qpasses.numerics.fixed_point import quantize_multiplier, requantize
+from qpasses.zoo import CatNet
 
 torch.set_num_threads(1)
 INT_DTYPES = (torch.int8,)
-
-
-class CatNet(nn.Module):
-    """Two branches concatenated, ReLU6, max-pool, avg-pool, linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 6, 1)
-        self.c = nn.Conv2d(10, 8, 3, padding=1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x):
-        y = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)
-        y = F.relu6(self.c(y))
-        y = F.avg_pool2d(F.max_pool2d(y, 2), 2)
-        return self.fc(y.flatten(1))
 
 
 def _run(model, x, data, **opts):

@@ -1,7 +1,6 @@
 """QDQ ONNX export: onnx.checker, onnxruntime CPU, agreement with the fake-quant graph."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import onnx
@@ -11,6 +10,8 @@ import torch
 import qpasses
 from qpasses import datasets, zoo
 from qpasses.onnx import ExportError, export_onnx, run_onnx
+
+from conftest import duplicate_act_fake_quants
 
 torch.set_num_threads(1)
 
@@ -110,14 +111,7 @@ def test_redundant_qdq_pairs_are_removed():
     torch.manual_seed(0)
     x = zoo.example_input("mlp", 8)
     _, q = _ptq(zoo.MLP(), x)
-    for n in list(q.graph.nodes):  # duplicate every activation fake quant
-        if n.op == "call_module" and n.target.startswith("act_fq"):
-            q.add_submodule(n.target + "_dup", copy.deepcopy(q.get_submodule(n.target)))
-            with q.graph.inserting_after(n):
-                d = q.graph.call_module(n.target + "_dup", (n,))
-            n.replace_all_uses_with(d)
-            d.args = (n,)
-    q.recompile()
+    duplicate_act_fake_quants(q)
     raw = export_onnx(q, x, cleanup=False)
     clean = export_onnx(q, x)
     assert _ops(raw).count("QuantizeLinear") == 2 * _ops(clean).count("QuantizeLinear")

@@ -1,7 +1,6 @@
 """The rule language on ONNX graphs: same rule files (canonicalize, qdq_cleanup) on both IRs; ONNX quantization."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ from qpasses import datasets, zoo
 from qpasses.lang import find_named
 from qpasses.onnx import export_onnx, quantize_onnx, run_onnx
 from qpasses.onnx.rewrite import explain, onnx_opclass, run_rules
-from conftest import randomize_bn
+from conftest import duplicate_act_fake_quants, randomize_bn
 
 torch.set_num_threads(1)
 
@@ -85,14 +84,7 @@ def test_qdq_cleanup_same_rule_file_on_fx_and_onnx():
     x = zoo.example_input("mlp", 8)
     q = qpasses.PassManager("ptq_int8").run(qpasses.trace(zoo.MLP().eval(), x), data=[x])
     n_act = sum(1 for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("act_fq"))
-    for n in list(q.graph.nodes):
-        if n.op == "call_module" and n.target.startswith("act_fq"):
-            q.add_submodule(n.target + "_dup", copy.deepcopy(q.get_submodule(n.target)))
-            with q.graph.inserting_after(n):
-                d = q.graph.call_module(n.target + "_dup", (n,))
-            n.replace_all_uses_with(d)
-            d.args = (n,)
-    q.recompile()
+    duplicate_act_fake_quants(q)
     # fx
     pm = qpasses.PassManager("qdq_cleanup")
     q2 = pm.run(q)

@@ -16,8 +16,7 @@ from ..manager import Refuse
 from ..matcher import MatchContext
 from ..methods.aciq import ChannelBitsFakeQuant, aciq_weight_quantizer
 from ..ops import register_module_class
-from .graphutil import add_module, copy_meta
-from .quant import QUANT_KEY, bits_for, functionalize, weight_axis
+from .quant import attach_weight_quantizer, bits_for, weight_axis
 
 register_module_class(ChannelBitsFakeQuant, "channel_bits_fq")
 
@@ -41,14 +40,6 @@ def aciq_quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 4, prior: s
                           f"max_bits={max_bits}]")
     mod, info = aciq_weight_quantizer(w, bits, axis, prior, bool(clip), bool(allocate), bool(bias_correction),
                                       int(min_bits), int(max_bits), str(alloc_rule))
-    op = functionalize(ctx, op)
-    view = ctx.view(op)
-    wnode = view.get("weight")
-    target = add_module(ctx, "weight_aciq", mod)
-    with ctx.graph.inserting_before(op):
-        wq = ctx.graph.call_module(target, (wnode,))
-    copy_meta(wnode, wq)
-    view.set("weight", wq)
     info.update(prior=prior, clip=bool(clip), allocate=bool(allocate), bias_correction=bool(bias_correction))
-    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": info["used"] / max(1, len(info["bits"])), "axis": axis,
-                                                   "aciq": info}
+    attach_weight_quantizer(ctx, op, mod, "weight_aciq",
+                            {"bits": info["used"] / max(1, len(info["bits"])), "axis": axis, "aciq": info})

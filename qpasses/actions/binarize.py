@@ -25,7 +25,7 @@ from ..matcher import MatchContext
 from ..methods.binary import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear)
 from ..ops import register_module_class
 from .graphutil import add_module, copy_meta
-from .quant import QUANT_KEY, functionalize, observe_input, quantize_weight, weight_axis
+from .quant import QUANT_KEY, attach_weight_quantizer, observe_input, quantize_weight, weight_axis
 
 register_module_class(BinaryActivation, "binary_act")
 register_module_class(BinaryWeight, "binary_weight")
@@ -143,15 +143,8 @@ def binarize_weight(ctx: MatchContext, op: fx.Node, scale: bool = True):
     axis = weight_axis(view.opclass, groups)
     if axis is None:
         raise Refuse(f"{op.name}: grouped conv_transpose has no single output-channel axis to scale")
-    op = functionalize(ctx, op)
-    view = ctx.view(op)
-    wnode = view.get("weight")
-    target = add_module(ctx, "binary_w", BinaryWeight(scale=bool(scale), axis=axis))
-    with ctx.graph.inserting_before(op):
-        wb = ctx.graph.call_module(target, (wnode,))
-    copy_meta(wnode, wb)
-    view.set("weight", wb)
-    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": 1, "axis": axis, "binary": True, "scale": bool(scale)}
+    op = attach_weight_quantizer(ctx, op, BinaryWeight(scale=bool(scale), axis=axis), "binary_w",
+                                 {"bits": 1, "axis": axis, "binary": True, "scale": bool(scale)})
     op.meta["qpasses.bits"] = {**(op.meta.get("qpasses.bits") or {}), "w_bits": 1}
 
 

@@ -132,11 +132,7 @@ def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.d
         from ..kernels.ops import MAX_K_INT8_ZP
         if K > MAX_K_INT8_ZP:
             raise Refuse(f"no kernel for {op.name}: K={K} could overflow the int32 accumulator")
-        xq = _quantized_input(ctx, op, x_fq, qp)
-        wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(codes), op)
-        xs = add_param(ctx, "lowered_xs", torch.tensor([qp[0]], dtype=torch.float32), op, requires_grad=False)
-        ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
-        bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+        xq, wp, xs, ws, bn = _int8_operands(ctx, op, x_fq, qp, packing.pack_int8_weight(codes), w_scale, bias)
         with ctx.graph.inserting_before(op):
             new = ctx.graph.call_function(torch.ops.qpasses.int8_linear.default,
                                           (xq, xs, wp, ws, bn, "none", out_dtype, out_zp))
@@ -149,11 +145,8 @@ def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.d
         shape = x_fq.meta.get("qpasses.shape")
         if shape is not None and len(shape) != 4:
             raise Refuse(f"no kernel for {op.name}: conv2d on a {len(shape)}-d input (needs NCHW)")
-        xq = _quantized_input(ctx, op, x_fq, qp)
-        wp = add_param(ctx, "lowered_w", packing.pack_int8_conv_weight(codes), op)
-        xs = add_param(ctx, "lowered_xs", torch.tensor([qp[0]], dtype=torch.float32), op, requires_grad=False)
-        ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
-        bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+        xq, wp, xs, ws, bn = _int8_operands(ctx, op, x_fq, qp, packing.pack_int8_conv_weight(codes), w_scale,
+                                            bias)
         with ctx.graph.inserting_before(op):
             new = ctx.graph.call_function(torch.ops.qpasses.int8_conv2d.default,
                                           (xq, xs, wp, ws, bn, stride, padding, dilation, groups, "none",
@@ -164,6 +157,18 @@ def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.d
     bias_node = view.get("bias")
     _finish(ctx, op, new, {"kernel": kernel, "w_bits": int(wfq.bits), "a_zero_point": out_zp}, [])
     _drop_dead(ctx, [x_fq, ctx.state.get("lower.wnode"), wsrc, bias_node])
+
+
+def _int8_operands(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp, packed_w: torch.Tensor,
+                   w_scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The int8 kernels' operands: the quantized input node and get_attr nodes for the packed
+    weight, the activation scale, the weight scales and the bias (None without one)."""
+    xq = _quantized_input(ctx, op, x_fq, qp)
+    wp = add_param(ctx, "lowered_w", packed_w, op)
+    xs = add_param(ctx, "lowered_xs", torch.tensor([qp[0]], dtype=torch.float32), op, requires_grad=False)
+    ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
+    bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+    return xq, wp, xs, ws, bn
 
 
 def _drop_dead(ctx: MatchContext, nodes) -> None:
@@ -246,20 +251,11 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
     if int(group_size) not in (32, 64, 128, 256) and (int(group_size) <= 0 or int(group_size) % 32):
         from ..errors import OptionError
         raise OptionError(f"w4a16: group_size must be a positive multiple of 32 (32/64/128), got {group_size}")
-    from .quant import functionalize
+    from .quant import attach_weight_quantizer
     view = ctx.view(op)
     w = view.tensor("weight")
     if w is None or w.dim() != 2:
         raise Refuse(f"{op.name}: weight is not a constant [N, K] matrix")
     fq = L.Int4GroupFakeQuantize.fit(w, int(group_size), bool(symmetric))
-    op = functionalize(ctx, op)
-    view = ctx.view(op)
-    wnode = view.get("weight")
-    from .graphutil import add_module
-    target = add_module(ctx, "weight_fq4", fq)
-    with ctx.graph.inserting_before(op):
-        wq = ctx.graph.call_module(target, (wnode,))
-    copy_meta(wnode, wq)
-    view.set("weight", wq)
-    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": 4, "axis": 0, "group_size": int(group_size),
-                                                   "symmetric": bool(symmetric)}
+    attach_weight_quantizer(ctx, op, fq, "weight_fq4", {"bits": 4, "axis": 0, "group_size": int(group_size),
+                                                       "symmetric": bool(symmetric)})

@@ -13,7 +13,7 @@ Representation (shared by every later rule, the integer back-ends and ONNX expor
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 import torch.fx as fx
@@ -241,6 +241,26 @@ def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
     return new
 
 
+def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, prefix: str,
+                            info: Dict[str, Any]) -> fx.Node:
+    """Make weighted ``op`` read its weight through ``module`` (registered as ``prefix_N``).
+
+    Module calls are first rewritten to their functional form so the weight is an explicit
+    input; ``info`` is recorded as ``op.meta["qpasses.quant"]["weight"]``.  Returns the
+    (possibly new) op node.
+    """
+    op = functionalize(ctx, op)
+    view = ctx.view(op)
+    wnode = view.get("weight")
+    target = add_module(ctx, prefix, module)
+    with ctx.graph.inserting_before(op):
+        wq = ctx.graph.call_module(target, (wnode,))
+    copy_meta(wnode, wq)
+    view.set("weight", wq)
+    op.meta.setdefault(QUANT_KEY, {})["weight"] = info
+    return op
+
+
 @action("quantize_weight")
 def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: bool = True,
                     observer: str = "minmax", learnable: bool = False):
@@ -252,12 +272,4 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
     bits = bits_for(ctx, op, "w_bits", bits)
     groups = int(view.get("groups", 1) or 1)
     fq = weight_fake_quant(w, view.opclass, groups, bits, bool(per_channel), str(observer), bool(learnable))
-    op = functionalize(ctx, op)
-    view = ctx.view(op)
-    wnode = view.get("weight")
-    target = add_module(ctx, "weight_fq", fq)
-    with ctx.graph.inserting_before(op):
-        wq = ctx.graph.call_module(target, (wnode,))
-    copy_meta(wnode, wq)
-    view.set("weight", wq)
-    op.meta.setdefault(QUANT_KEY, {})["weight"] = {"bits": bits, "axis": fq.axis}
+    attach_weight_quantizer(ctx, op, fq, "weight_fq", {"bits": bits, "axis": fq.axis})

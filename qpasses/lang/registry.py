@@ -7,7 +7,7 @@ imported, ``eval``-ed or ``exec``-ed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 
 @dataclass
@@ -42,6 +42,13 @@ def _register(table: Dict[str, Registered], name: Optional[str], **kw):
         table[key] = Registered(key, fn, (fn.__doc__ or "").strip(), **kw)
         return fn
     return deco
+
+
+def constraint_result(res) -> Tuple[bool, str]:
+    """A constraint's return value (``bool`` or ``(bool, reason)``) as ``(ok, reason)``."""
+    if isinstance(res, tuple):
+        return bool(res[0]), str(res[1]) if len(res) > 1 and res[1] else ""
+    return bool(res), ""
 
 
 def constraint(name: Optional[str] = None):

@@ -349,6 +349,22 @@ class Rule:
                     raise RuleSyntaxError(f"keeps: ${k} is not bound by the pattern {alt}", self.loc,
                                           nearest(k, bound))
 
+    def failing_constraint(self, evaluate) -> Optional[str]:
+        """Why the ``where`` / ``unless`` constraints reject a match, or None.
+
+        ``evaluate(call) -> (ok, reason)`` runs one constraint call on the IR at hand (fx
+        graphs in the PassManager, ONNX graphs in :mod:`qpasses.onnx.rewrite`).
+        """
+        for c in self.where:
+            ok, why = evaluate(c)
+            if not ok:
+                return f"where {c} is false" + (f": {why}" if why else "")
+        for c in self.unless:
+            ok, why = evaluate(c)
+            if ok:
+                return f"unless {c} holds" + (f": {why}" if why else "")
+        return None
+
     def params(self) -> List[ParamRef]:
         refs: List[ParamRef] = []
         for p in self.match:

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..errors import Location, OptionError, QPassesError, UnknownNameError, nearest
+from ..lang.registry import constraint_result
 from ..lang.rules import Rule, RuleFamily, find_named, load_file
 from ..lang.syntax import AnyPat, BindPat, BindingRef, Call, LiteralPat, NodePat, ValuePat
 from ..matcher import _eq
@@ -385,22 +386,11 @@ def _eval(ctx: OnnxContext, call: Call) -> Tuple[bool, str]:
     fn = ONNX_CONSTRAINTS.get(call.name)
     if fn is None:
         raise OnnxRefuse(f"constraint {call.name!r} has no ONNX implementation")
-    res = ctx.call(fn, call)
-    if isinstance(res, tuple):
-        return bool(res[0]), str(res[1]) if len(res) > 1 and res[1] else ""
-    return bool(res), ""
+    return constraint_result(ctx.call(fn, call))
 
 
 def _check(ctx: OnnxContext, rule: Rule) -> Optional[str]:
-    for c in rule.where:
-        ok, why = _eval(ctx, c)
-        if not ok:
-            return f"where {c} is false" + (f": {why}" if why else "")
-    for c in rule.unless:
-        ok, why = _eval(ctx, c)
-        if ok:
-            return f"unless {c} holds" + (f": {why}" if why else "")
-    return None
+    return rule.failing_constraint(lambda c: _eval(ctx, c))
 
 
 def run_rules(graph: gs.Graph, rules: Any, max_iterations: Optional[int] = None, report: Optional[Report] = None,
