@@ -140,6 +140,7 @@ def test_random_rules_on_random_graphs(plan, bn_train, text, level, data):
     except QPassesError:
         return  # e.g. export refuses a training-mode BN pattern: a clear error is the contract
     snap = _snapshot(gm)
+    y = None
     try:
         fam = parse_text(text, "random.yaml")
         pm = qpasses.PassManager(fam)
@@ -148,8 +149,11 @@ def test_random_rules_on_random_graphs(plan, bn_train, text, level, data):
         assert str(e)  # a message that names the problem
     else:
         y = out(x)
-        assert y.shape == model(x).shape
     assert _unchanged(gm, snap), "the input graph module was modified"
+    if y is not None:
+        # after the check: `model` shares its buffers with `gm`, and a training-mode
+        # BatchNorm in it updates its running statistics when called
+        assert y.shape == model(x).shape
 
 
 @settings(max_examples=40, deadline=None)
