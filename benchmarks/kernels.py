@@ -75,25 +75,62 @@ NO_GPU_NOTE = ("no GPU was lent in the session that wrote this; run `python benc
 
 # ================================================================================ timing
 class Timer:
-    """Median CUDA-event time with an L2 flush before every timed launch."""
+    """Median CUDA-event time with an L2 flush before every timed launch.
+
+    ``timer(fn)`` is the GPU time of ``fn``: it is captured once as a CUDA graph and the graph
+    replay is timed, so host work (Python, op dispatch, Triton's launcher) is not counted -- the
+    number a graph-replayed or compiled deployment sees. ``timer.eager(fn)`` times plain eager
+    calls: when the host needs longer to issue ``fn`` than the GPU needs to run it, the GPU idles
+    and that shows. ``timer.host(fn)`` is the host time to issue one call (no synchronisation)."""
 
     def __init__(self, warmup: int = 10, rep: int = 50, flush_mib: int = 256):
         self.warmup, self.rep = warmup, rep
         self.cache = torch.empty(flush_mib * (1 << 20) // 4, dtype=torch.int32, device="cuda")
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
+    def _events(self, run: Callable[[], object]) -> float:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.rep)]
         for i in range(self.rep):
             self.cache.zero_()
             starts[i].record()
-            fn()
+            run()
             ends[i].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3   # microseconds
+
+    def eager(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        return self._events(fn)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):                     # autotuning happens here, outside the capture
+            fn()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        t = self._events(graph.replay)
+        del graph
+        return t
+
+    def host(self, fn: Callable[[], object], n: int = 200) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / n * 1e6
 
 
 def _fmt(v: Optional[float], digits: int = 2) -> str:
@@ -124,20 +161,23 @@ def bench_int8(timer: Timer, m_values, shapes) -> Dict:
             xs = torch.rand(M, device="cuda") * 1e-2
             x_bf = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_bf = timer(lambda: torch.matmul(x_bf, w_bf.t()))
-            t_ours = timer(lambda: torch.ops.qpasses.int8_linear(x, xs, wp, ws, b, "none", torch.bfloat16))
+            ours = lambda: torch.ops.qpasses.int8_linear(x, xs, wp, ws, b, "none", torch.bfloat16)  # noqa: E731
+            t_ours, e_ours, h_ours = timer(ours), timer.eager(ours), timer.host(ours)
             t_rq = timer(lambda: torch.ops.qpasses.int8_linear_requant(x, 3, wp, None, M0, sh, 0, -128, 127))
             t_int = t_deq = None
             if M > 16:
                 t_int = timer(lambda: torch._int_mm(x, w_t))
                 t_deq = timer(lambda: (torch._int_mm(x, w_t).float() * xs[:, None] * ws + b).to(torch.bfloat16))
             rec = dict(shape=name, M=M, bf16_us=t_bf, int_mm_us=t_int, int_mm_deq_us=t_deq, ours_us=t_ours,
-                       ours_requant_us=t_rq, vs_bf16=t_bf / t_ours, vs_int_mm=(t_int / t_ours) if t_int else None,
+                       ours_eager_us=e_ours, ours_host_us=h_ours, ours_requant_us=t_rq, vs_bf16=t_bf / t_ours, vs_int_mm=(t_int / t_ours) if t_int else None,
                        vs_int_mm_deq=(t_deq / t_ours) if t_deq else None)
             records.append(rec)
             rows.append([name, str(M), _fmt(t_bf, 1), _fmt(t_int, 1), _fmt(t_deq, 1), _fmt(t_ours, 1), _fmt(t_rq, 1),
-                         _fmt(rec["vs_bf16"]), _fmt(rec["vs_int_mm"]), _fmt(rec["vs_int_mm_deq"])])
+                         _fmt(rec["vs_bf16"]), _fmt(rec["vs_int_mm"]), _fmt(rec["vs_int_mm_deq"]), _fmt(e_ours, 1),
+                         _fmt(h_ours, 1)])
     md = _table(["shape (N x K)", "M", "bf16 us", "_int_mm us", "_int_mm+deq us", "int8_linear us",
-                 "int8_linear_requant us", "x bf16", "x _int_mm", "x _int_mm+deq"], rows)
+                 "int8_linear_requant us", "x bf16", "x _int_mm", "x _int_mm+deq", "int8_linear eager us",
+                 "host us/call"], rows)
     return dict(markdown=md, records=records)
 
 
@@ -152,11 +192,14 @@ def bench_int4(timer: Timer, m_values, shapes, group: int = 128) -> Dict:
         for M in m_values:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_bf = timer(lambda: torch.matmul(x, w_bf.t()))
-            t_ours = timer(lambda: torch.ops.qpasses.int4_weight_only_linear(x, wp, s, z, group, None))
-            rec = dict(shape=name, M=M, group=group, bf16_us=t_bf, ours_us=t_ours, vs_bf16=t_bf / t_ours)
+            ours = lambda: torch.ops.qpasses.int4_weight_only_linear(x, wp, s, z, group, None)  # noqa: E731
+            t_ours, e_ours = timer(ours), timer.eager(ours)
+            rec = dict(shape=name, M=M, group=group, bf16_us=t_bf, ours_us=t_ours, ours_eager_us=e_ours,
+                       vs_bf16=t_bf / t_ours)
             records.append(rec)
-            rows.append([name, str(M), _fmt(t_bf, 1), _fmt(t_ours, 1), _fmt(rec["vs_bf16"])])
-    md = _table(["shape (N x K)", "M", "bf16 us", "int4_weight_only_linear us (g=%d)" % group, "x bf16"], rows)
+            rows.append([name, str(M), _fmt(t_bf, 1), _fmt(t_ours, 1), _fmt(rec["vs_bf16"]), _fmt(e_ours, 1)])
+    md = _table(["shape (N x K)", "M", "bf16 us", "int4_weight_only_linear us (g=%d)" % group, "x bf16",
+                 "eager us"], rows)
     return dict(markdown=md, records=records)
 
 
@@ -204,15 +247,18 @@ def bench_conv(timer: Timer, batches, convs) -> Dict:
             x_bf = torch.randn(nb, cin, h, h, device="cuda", dtype=torch.bfloat16).contiguous(
                 memory_format=torch.channels_last)
             t_bf = timer(lambda: F.conv2d(x_bf, w_bf, None, stride, pad))
-            t_ours = timer(lambda: torch.ops.qpasses.int8_conv2d(x, xs, wp, ws, b, [stride] * 2, [pad] * 2, [1, 1], 1,
-                                                                 "relu", torch.bfloat16))
+            ours = lambda: torch.ops.qpasses.int8_conv2d(x, xs, wp, ws, b, [stride] * 2, [pad] * 2,  # noqa: E731
+                                                         [1, 1], 1, "relu", torch.bfloat16)
+            t_ours, e_ours = timer(ours), timer.eager(ours)
             t_rq = timer(lambda: torch.ops.qpasses.int8_conv2d_requant(x, 0, wp, None, M0, sh, 0, 0, 127, [stride] * 2,
                                                                         [pad] * 2, [1, 1], 1))
-            rec = dict(conv=name, batch=nb, bf16_us=t_bf, ours_us=t_ours, ours_requant_us=t_rq, vs_bf16=t_bf / t_ours)
+            rec = dict(conv=name, batch=nb, bf16_us=t_bf, ours_us=t_ours, ours_eager_us=e_ours, ours_requant_us=t_rq,
+                       vs_bf16=t_bf / t_ours)
             records.append(rec)
-            rows.append([name, str(nb), _fmt(t_bf, 1), _fmt(t_ours, 1), _fmt(t_rq, 1), _fmt(rec["vs_bf16"])])
-    md = _table(["ResNet-50 conv", "batch", "cuDNN bf16 us", "int8_conv2d us", "int8_conv2d_requant us", "x bf16"],
-                rows)
+            rows.append([name, str(nb), _fmt(t_bf, 1), _fmt(t_ours, 1), _fmt(t_rq, 1), _fmt(rec["vs_bf16"]),
+                         _fmt(e_ours, 1)])
+    md = _table(["ResNet-50 conv", "batch", "cuDNN bf16 us", "int8_conv2d us", "int8_conv2d_requant us", "x bf16",
+                 "int8_conv2d eager us"], rows)
     return dict(markdown=md, records=records)
 
 
@@ -316,12 +362,14 @@ def bench_end_to_end(lowered_model_fn: Optional[Callable[[nn.Module, torch.Tenso
     x_bf = x.to(torch.bfloat16)
     res = {}
     with torch.inference_mode():
-        res["bf16 eager"] = timer(lambda: m_bf(x_bf))
+        res["bf16 eager"] = timer.eager(lambda: m_bf(x_bf))
+        res["bf16 CUDA graph"] = timer(lambda: m_bf(x_bf))
         compiled = torch.compile(m_bf)
-        res["bf16 torch.compile"] = timer(lambda: compiled(x_bf))
+        res["bf16 torch.compile"] = timer.eager(lambda: compiled(x_bf))
         if lowered_model_fn is not None:
             lowered = lowered_model_fn(model, x)
-            res["qpasses int8 (lowered)"] = timer(lambda: lowered(x))
+            res["qpasses int8 (lowered), eager"] = timer.eager(lambda: lowered(x))
+            res["qpasses int8 (lowered), CUDA graph"] = timer(lambda: lowered(x))
     rows = [[k, _fmt(v / 1e3, 3), _fmt(res["bf16 eager"] / v)] for k, v in res.items()]
     md = _table([f"ResNet-50-like, batch {batch}", "ms", "x bf16 eager"], rows)
     return dict(markdown=md, records=[dict(variant=k, us=v) for k, v in res.items()])
@@ -372,13 +420,19 @@ def _compile_variants():
     from qpasses.kernels.ops import _kmod            # (re)builds the modules for the current TRITON_INTERPRET
     T8, T4, TB = _kmod("triton_int8"), _kmod("triton_int4"), _kmod("triton_binary")
     out = []
+    def int8_ptrs(requant):
+        return dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8" if requant else "*bf16", xs_ptr="*fp32",
+                    ws_ptr="*fp32", bias_ptr="*i32" if requant else "*fp32", m0_ptr="*i64", sh_ptr="*i64")
+
     for cfg in T8.GEMM_CONFIGS:
         for requant in (False, True):
-            ptrs = dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8" if requant else "*bf16", xs_ptr="*fp32",
-                        ws_ptr="*fp32", bias_ptr="*i32" if requant else "*fp32", m0_ptr="*i64", sh_ptr="*i64")
             const = dict(HAS_BIAS=True, ACTIVATION=0 if requant else 1, REQUANT=requant, HAS_XZP=True)
-            out.append((T8._int8_gemm_kernel, ptrs, const, cfg))
-            out.append((T8._int8_conv_kernel, ptrs, const, cfg))
+            out.append((T8._int8_gemm_kernel, int8_ptrs(requant), const, cfg))
+    for cfg in T8.CONV_CONFIGS:
+        for requant in (False, True):
+            const = dict(HAS_BIAS=True, ACTIVATION=0 if requant else 1, REQUANT=requant, HAS_XZP=True,
+                         FLAT_K=requant)                  # both reduction paths, each with one epilogue
+            out.append((T8._int8_conv_kernel, int8_ptrs(requant), const, cfg))
     for cfg in T8.DW_CONFIGS:
         for requant in (False, True):
             ptrs = dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8" if requant else "*fp16", xs_ptr="*fp32",

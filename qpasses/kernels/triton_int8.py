@@ -96,13 +96,29 @@ def _prune_gemm(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+# Implicit-GEMM conv tiles: the reduction block must fit the channels of one tap (or, with the
+# flat-K path for few channels, the whole kh*kw*cin reduction) and the column block the output
+# channels of one group, so narrower tiles than the GEMM's are needed.
+CONV_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4, 8), _cfg(128, 64, 64, 8, 4, 4), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 4),
+    _cfg(128, 128, 32, 8, 4, 4), _cfg(128, 64, 32, 8, 4, 4), _cfg(128, 32, 64, 8, 4, 4), _cfg(64, 32, 32, 8, 4, 4),
+    _cfg(128, 256, 64, 8, 3, 8), _cfg(256, 128, 64, 8, 3, 8), _cfg(128, 128, 128, 8, 3, 8),
+    _cfg(16, 64, 64, 1, 4, 4), _cfg(32, 64, 64, 1, 4, 4), _cfg(32, 32, 32, 1, 4, 4), _cfg(16, 128, 128, 1, 4, 4),
+]
+FLAT_K_MAX_CIN = 32      # fewer input channels per group than this: reduce over the flat (kh, kw, cin) index
+
+
 def _prune_conv(configs, named_args, **kwargs):
     keep = _prune_gemm(configs, named_args, **kwargs)
-    cin_g = named_args.get("CIN_G", kwargs.get("CIN_G", 1 << 20))
-    cout_g = named_args.get("COUT_G", kwargs.get("COUT_G", 1 << 20))
-    k2 = [c for c in keep if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin_g))
-          and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(cout_g))]
-    return k2 or keep[:1]
+    get = lambda name: named_args.get(name, kwargs.get(name, 1 << 20))  # noqa: E731
+    cin_g, cout_g = get("CIN_G"), get("COUT_G")
+    kdim = get("KH") * get("KW") * cin_g if get("FLAT_K") else cin_g
+    kmax, nmax = max(32, triton.next_power_of_2(kdim)), max(32, triton.next_power_of_2(cout_g))
+    k2 = [c for c in keep if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
+    if k2:
+        return k2
+    # nothing fits both: the smallest tiles waste least
+    return [min(keep, key=lambda c: (c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], -c.kwargs["BLOCK_M"]))]
 
 
 # ============================================================================ device helpers
@@ -234,6 +250,7 @@ def _int8_conv_kernel(
     xs_stride, ws_stride, q_stride,
     x_zp, out_zp, qmin, qmax,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, REQUANT: tl.constexpr, HAS_XZP: tl.constexpr,
+    FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -264,24 +281,44 @@ def _int8_conv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     wsum = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    # one flat (and therefore software-pipelinable) loop over (kh, kw, channel block)
-    num_c = tl.cdiv(CIN_G, BLOCK_K)
-    for kk in range(0, KH * KW * num_c):
-        rs = kk // num_c
-        c0 = (kk - rs * num_c) * BLOCK_K
-        r = rs // KW
-        s = rs - r * KW
-        ih = ih0 + r * DH
-        iw = iw0 + s * DW
-        ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix = x_base + (ih * W + iw) * C
-        c = c0 + rk
-        cmask = c < CIN_G
-        a = tl.load(x_ptr + pix[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=x_zp)
-        b = tl.load(w_ptr + w_base[None, :] + (rs * CIN_G + c)[:, None], mask=cmask[:, None], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if HAS_XZP:
-            wsum += tl.sum(b.to(tl.int32), axis=0)
+    if FLAT_K:
+        # few channels (e.g. an RGB stem): the reduction index k = (r * KW + s) * CIN_G + c runs
+        # over all taps at once, so a 7x7x3 kernel takes 5 blocks of 32 instead of 49 mostly
+        # masked ones; the weight row (OHWI) is contiguous in k
+        for k0 in range(0, KDIM, BLOCK_K):
+            kidx = k0 + rk
+            kmask = kidx < KDIM
+            c = kidx % CIN_G
+            rs = kidx // CIN_G
+            r = rs // KW
+            s = rs - r * KW
+            ih = ih0[:, None] + (r * DH)[None, :]
+            iw = iw0[:, None] + (s * DW)[None, :]
+            ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & kmask[None, :]
+            a = tl.load(x_ptr + x_base[:, None] + (ih * W + iw) * C + c[None, :], mask=ok, other=x_zp)
+            b = tl.load(w_ptr + w_base[None, :] + kidx[:, None], mask=kmask[:, None], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if HAS_XZP:
+                wsum += tl.sum(b.to(tl.int32), axis=0)
+    else:
+        # one flat (and therefore software-pipelinable) loop over (kh, kw, channel block)
+        num_c = tl.cdiv(CIN_G, BLOCK_K)
+        for kk in range(0, KH * KW * num_c):
+            rs = kk // num_c
+            c0 = (kk - rs * num_c) * BLOCK_K
+            r = rs // KW
+            s = rs - r * KW
+            ih = ih0 + r * DH
+            iw = iw0 + s * DW
+            ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = x_base + (ih * W + iw) * C
+            c = c0 + rk
+            cmask = c < CIN_G
+            a = tl.load(x_ptr + pix[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=x_zp)
+            b = tl.load(w_ptr + w_base[None, :] + (rs * CIN_G + c)[:, None], mask=cmask[:, None], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if HAS_XZP:
+                wsum += tl.sum(b.to(tl.int32), axis=0)
 
     y = _epilogue(acc, wsum, rm_c, oc, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr, xs_stride, ws_stride, q_stride,
                   x_zp, out_zp, qmin, qmax, HAS_BIAS, ACTIVATION, REQUANT, HAS_XZP)
@@ -289,8 +326,9 @@ def _int8_conv_kernel(
     tl.store(out_ptrs, cast_to(y, out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < COUT_G))
 
 
-_conv = Launcher(_int8_conv_kernel, GEMM_CONFIGS,
-                 key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "SH", "HAS_BIAS", "ACTIVATION", "REQUANT", "HAS_XZP"],
+_conv = Launcher(_int8_conv_kernel, CONV_CONFIGS,
+                 key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "SH", "HAS_BIAS", "ACTIVATION", "REQUANT", "HAS_XZP",
+                      "FLAT_K"],
                  interp_meta=INTERP_META, prune=_prune_conv)
 
 
@@ -342,8 +380,17 @@ _dwconv = Launcher(_int8_dwconv_kernel, DW_CONFIGS,
 
 
 # ============================================================================ host wrappers
-def _scal(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like
+_CONSTS: Dict[tuple, torch.Tensor] = {}
+
+
+def _const(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 1-element device tensor (placeholder pointer for an unused argument): creating
+    one per call costs an allocation and a fill kernel on the host's critical path."""
+    key = (value, dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.full((1,), value, dtype=dtype, device=device)
+    return t
 
 
 def _common_requant(M0, shift, device):
@@ -365,13 +412,13 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
     if w_q.stride(1) != 1:
         w_q = w_q.contiguous()
     dev = x_q.device
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    dummy = _const(0.0, torch.float32, dev)
     if requant is None:
         out = torch.empty((M, N), dtype=out_dtype, device=dev)
         xs = x_scale.reshape(-1).to(torch.float32).contiguous()
         ws = w_scale.reshape(-1).to(torch.float32).contiguous()
         b = bias.reshape(-1).to(torch.float32).contiguous() if bias is not None else dummy
-        m0 = sh = torch.zeros(1, dtype=torch.int64, device=dev)
+        m0 = sh = _const(0, torch.int64, dev)
         q_stride, out_zp, qmin, qmax = 0, 0, -128, 127
         xs_stride, ws_stride = (0 if xs.numel() == 1 else 1), (0 if ws.numel() == 1 else 1)
         act = ACT_CODES[activation]
@@ -380,8 +427,7 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
         out = torch.empty((M, N), dtype=torch.int8, device=dev)
         xs = ws = dummy
         xs_stride = ws_stride = 0
-        b = bias.reshape(-1).to(torch.int32).contiguous() if bias is not None else torch.zeros(1, dtype=torch.int32,
-                                                                                                   device=dev)
+        b = bias.reshape(-1).to(torch.int32).contiguous() if bias is not None else _const(0, torch.int32, dev)
         m0, sh, q_stride = _common_requant(M0, shift, dev)
         act = 0
     if M == 0 or N == 0:
@@ -401,10 +447,12 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
 
 
 def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride, padding, dilation, groups: int,
-           activation: str, out_dtype: torch.dtype, *, requant=None, x_zp: int = 0) -> torch.Tensor:
+           activation: str, out_dtype: torch.dtype, *, requant=None, x_zp: int = 0,
+           flat_k: Optional[bool] = None) -> torch.Tensor:
     """Implicit-GEMM conv2d. ``x_q``: int8 [N, C, H, W] (any memory format; made channels-last);
     ``w_q``: int8 [Cout, C/groups, kh, kw] (made channels-last = OHWI). Returns
-    [N, Cout, OH, OW] in channels-last memory."""
+    [N, Cout, OH, OW] in channels-last memory. ``flat_k`` forces (True) or forbids (False) the
+    flat-reduction path; by default it is used below ``FLAT_K_MAX_CIN`` channels per group."""
     x_cl = x_q.contiguous(memory_format=torch.channels_last)
     w_cl = w_q.contiguous(memory_format=torch.channels_last)
     nb, c, h, w = x_cl.shape
@@ -415,7 +463,7 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh_ + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw_ + 1
     dev = x_q.device
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    dummy = _const(0.0, torch.float32, dev)
     out_dt = torch.int8 if requant is not None else out_dtype
     out = torch.empty((nb, cout, oh, ow), dtype=out_dt, device=dev, memory_format=torch.channels_last)
     M = nb * oh * ow
@@ -425,7 +473,7 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
         xs = x_scale.reshape(-1).to(torch.float32).contiguous()
         ws = w_scale.reshape(-1).to(torch.float32).contiguous()
         b = bias.reshape(-1).to(torch.float32).contiguous() if bias is not None else dummy
-        m0 = shf = torch.zeros(1, dtype=torch.int64, device=dev)
+        m0 = shf = _const(0, torch.int64, dev)
         q_stride, out_zp, qmin, qmax = 0, 0, -128, 127
         xs_stride, ws_stride = 0, (0 if ws.numel() == 1 else 1)
         act = ACT_CODES[activation]
@@ -433,8 +481,7 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
         x_zp, M0, shift, out_zp, qmin, qmax = requant
         xs = ws = dummy
         xs_stride = ws_stride = 0
-        b = bias.reshape(-1).to(torch.int32).contiguous() if bias is not None else torch.zeros(1, dtype=torch.int32,
-                                                                                                   device=dev)
+        b = bias.reshape(-1).to(torch.int32).contiguous() if bias is not None else _const(0, torch.int32, dev)
         m0, shf, q_stride = _common_requant(M0, shift, dev)
         act = 0
     common = (M, h, w, c, oh, ow, cout)
@@ -450,5 +497,5 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)  # noqa: E731
     _conv(grid, x_cl, w_cl, out, xs, ws, b, m0, shf, *common, cin_g, cout_g, *geo,
           HAS_BIAS=bias is not None, ACTIVATION=act, REQUANT=requant is not None,
-          HAS_XZP=int(x_zp) != 0)
+          HAS_XZP=int(x_zp) != 0, FLAT_K=bool(cin_g < FLAT_K_MAX_CIN if flat_k is None else flat_k))
     return out

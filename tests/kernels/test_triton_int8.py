@@ -244,3 +244,28 @@ def test_int8_conv2d_float_epilogue_zero_point_pads_with_zp(case):
     want = torch.nn.functional.conv2d(x.long() - zp, w.long(), None, geo["stride"], geo["padding"], geo["dilation"],
                                       geo["groups"])
     assert torch.equal(y, want.to(torch.float32))
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[3], CONV_CASES[6]],
+                         ids=["basic", "stride-dil", "grouped", "cin40"])
+@pytest.mark.parametrize("flat_k", [True, False])
+@pytest.mark.parametrize("x_zp", [0, -21])
+def test_int8_conv2d_flat_and_per_tap_reductions_agree_exactly(case, flat_k, x_zp):
+    """Both reduction orders (flat (kh, kw, cin) blocks for few channels; per-tap channel blocks)
+    give the exact integer result, with zero-point padding, whichever the heuristic would pick."""
+    g, x, w, geo = _conv_data(case, 13, channels_last=True)
+    cout = w.shape[0]
+    b32 = torch.randint(-3000, 3000, (cout,), dtype=torch.int32, generator=g)
+    M0, sh = _multipliers(cout, g, 1e-4, 3e-3)
+    k8 = ops._kmod("triton_int8")
+    y = k8.conv2d(x, None, P.pack_int8_conv_weight(w), None, b32, geo["stride"], geo["padding"], geo["dilation"],
+                  geo["groups"], "none", torch.int8, requant=(x_zp, M0, sh, 5, -128, 127), x_zp=x_zp, flat_k=flat_k)
+    yr = R.int8_conv2d_requant(x, x_zp, w, b32, M0, sh, 5, -128, 127, geo["stride"], geo["padding"], geo["dilation"],
+                               geo["groups"])
+    assert torch.equal(y, yr)
+    one = torch.ones(1)
+    acc = k8.conv2d(x, one, P.pack_int8_conv_weight(w), one, None, geo["stride"], geo["padding"], geo["dilation"],
+                    geo["groups"], "none", torch.float32, x_zp=x_zp, flat_k=flat_k)
+    want = torch.nn.functional.conv2d(x.long() - x_zp, w.long(), None, geo["stride"], geo["padding"],
+                                      geo["dilation"], geo["groups"])
+    assert torch.equal(acc, want.to(torch.float32))
