@@ -133,6 +133,63 @@ class Timer:
         return (t1 - t0) / n * 1e6
 
 
+class _CompileOnly:
+    """Stands in for :class:`Timer` in :func:`prewarm`: one call, which runs the autotuner."""
+
+    def __call__(self, fn):
+        fn()
+        return 1.0
+
+    eager = host = __call__
+
+
+def _prewarm_shard(job):
+    shard, which, quick, e2e_batch = job
+    os.environ["QPASSES_AUTOTUNE_SHARD"] = shard            # before the kernel modules load
+    import qpasses.kernels  # noqa: F401  registers the ops
+    t = _CompileOnly()
+    m_values, shapes, convs, batches = _sizes(quick)
+    with torch.inference_mode():
+        if "int8" in which:
+            bench_int8(t, m_values, shapes)
+        if "conv" in which:
+            bench_conv(t, batches, convs)
+        if "int4" in which:
+            bench_int4(t, m_values, shapes)
+        if "binary" in which:
+            bench_binary(t, m_values, shapes)
+        if "e2e" in which:
+            torch.manual_seed(0)
+            model = ResNet50Like().eval().cuda().to(memory_format=torch.channels_last)
+            x = torch.randn(e2e_batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+            lower_for_benchmark(model, x)(x)
+    torch.cuda.synchronize()
+    return shard
+
+
+def prewarm(which, quick: bool, e2e_batch: int, jobs: int) -> float:
+    """Compile every kernel variant the benchmark will autotune, in ``jobs`` processes.
+
+    Triton's autotuner compiles its candidate configurations one after another, seconds each,
+    which dominates a run on a fresh machine. Process i of J runs the benchmark's calls untimed
+    with ``QPASSES_AUTOTUNE_SHARD=i/J`` (every J-th candidate), so between them they compile all
+    candidates into Triton's on-disk cache; the timed run then loads them from there and its
+    autotuning only benchmarks."""
+    import multiprocessing as mp
+    t0 = time.time()
+    jobs_ = [(f"{i}/{jobs}", which, quick, e2e_batch) for i in range(jobs)]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_prewarm_shard, jobs_)
+    return time.time() - t0
+
+
+def _sizes(quick: bool):
+    """(M values, linear shapes, convs, conv batches) of a full or ``--quick`` run."""
+    if quick:
+        return [1, 16, 1024, 4096], dict(list(LINEAR_SHAPES.items())[:2]), RESNET50_CONVS[:4], CONV_BATCHES[:2]
+    return M_VALUES, LINEAR_SHAPES, RESNET50_CONVS, CONV_BATCHES
+
+
 def _fmt(v: Optional[float], digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -533,6 +590,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-check", action="store_true", help="compile all kernels/configs for --arch, no GPU")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--prewarm", type=int, default=0, metavar="J",
+                    help="compile the autotuning candidates in J processes before timing (cold machines)")
     ap.add_argument("--cpu-check", action="store_true", help="no GPU needed: lower the end-to-end model on the "
                     "CPU and report its agreement with the fake-quant graph")
     args = ap.parse_args(argv)
@@ -565,31 +624,36 @@ def main(argv=None) -> int:
     import qpasses.kernels  # noqa: F401  registers the ops
     torch.backends.cuda.matmul.allow_tf32 = False
     which = set(args.only.split(","))
-    m_values = [1, 16, 1024, 4096] if args.quick else M_VALUES
-    shapes = dict(list(LINEAR_SHAPES.items())[:2]) if args.quick else LINEAR_SHAPES
-    convs = RESNET50_CONVS[:4] if args.quick else RESNET50_CONVS
+    m_values, shapes, convs, conv_batches = _sizes(args.quick)
+    e2e_batch = 8 if args.quick else 32
     timer = Timer(args.warmup, 20 if args.quick else args.rep)
     device = torch.cuda.get_device_name()
-    print(f"# qpasses kernel benchmarks on {device} (torch {torch.__version__})\n")
+    print(f"# qpasses kernel benchmarks on {device} (torch {torch.__version__})\n", flush=True)
+    if args.prewarm > 1:
+        secs = prewarm(which, args.quick, e2e_batch, args.prewarm)
+        print(f"(autotuning candidates compiled in {secs:.0f} s by {args.prewarm} processes)\n", flush=True)
     results = {}
     torch.manual_seed(0)
+
+    def done(key, res):
+        results[key] = res
+        print(f"## {key}\n\n{res['markdown']}\n", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({k: v["records"] for k, v in results.items()}, indent=1))
+
     with torch.inference_mode():
         if "int8" in which:
-            results["int8"] = bench_int8(timer, m_values, shapes)
-        if "int4" in which:
-            results["int4"] = bench_int4(timer, m_values, shapes)
-        if "binary" in which:
-            results["binary"] = bench_binary(timer, m_values, shapes)
+            done("int8", bench_int8(timer, m_values, shapes))
         if "conv" in which:
-            results["conv"] = bench_conv(timer, CONV_BATCHES[:2] if args.quick else CONV_BATCHES, convs)
+            done("conv", bench_conv(timer, conv_batches, convs))
+        if "int4" in which:
+            done("int4", bench_int4(timer, m_values, shapes))
+        if "binary" in which:
+            done("binary", bench_binary(timer, m_values, shapes))
     if "e2e" in which:
-        results["e2e"] = bench_end_to_end(lower_for_benchmark, batch=8 if args.quick else 32)
-    for key, res in results.items():
-        print(f"## {key}\n\n{res['markdown']}\n")
+        done("e2e", bench_end_to_end(lower_for_benchmark, batch=e2e_batch))
     for line in check_targets(results):
         print(line)
-    if args.json:
-        args.json.write_text(json.dumps({k: v["records"] for k, v in results.items()}, indent=1))
     if args.write_docs:
         write_docs(args.write_docs, results, device)
     return 0

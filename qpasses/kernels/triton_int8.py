@@ -60,6 +60,7 @@ class Launcher:
         if INTERPRET:
             self.tuned = None
         else:
+            prune = _sharded(prune)
             self.tuned = triton.autotune(configs=configs, key=key,
                                          prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
 
@@ -69,6 +70,24 @@ class Launcher:
             meta.update(kwargs)
             return self.kernel[grid](*args, **meta)
         return self.tuned[grid](*args, **kwargs)
+
+
+def _sharded(prune):
+    """``QPASSES_AUTOTUNE_SHARD=i/J`` (read when the kernel modules load): autotune over every J-th
+    surviving configuration only, starting at the i-th. J processes with i = 0..J-1 then compile
+    all candidates between them into Triton's on-disk cache, in parallel -- the way
+    ``benchmarks/kernels.py --prewarm`` warms a cold GPU machine. Unset: all configurations."""
+    spec = os.environ.get("QPASSES_AUTOTUNE_SHARD", "").strip()
+    if not spec:
+        return prune
+    i, j = (int(v) for v in spec.split("/"))
+    if not 0 <= i < j:
+        raise ValueError(f"QPASSES_AUTOTUNE_SHARD must be i/J with 0 <= i < J, got {spec!r}")
+
+    def shard(configs, named_args, **kwargs):
+        keep = prune(configs, named_args, **kwargs) if prune else list(configs)
+        return keep[i::j] or keep[:1]
+    return shard
 
 
 def _cfg(bm, bn, bk, gm, stages, warps, **extra):
