@@ -25,7 +25,6 @@ import tempfile
 import time
 import datetime
 
-import numpy as np
 import onnx
 import torch
 

@@ -143,7 +143,6 @@ def _prepare(model_spec: str, data: Optional[str], train: Optional[bool], progre
     batches, test = load_data(data)
     if isinstance(model, str):
         return model, batches, test
-    import torch
     auto = train is None and data == "digits" and not model_spec.endswith((".pt", ".pth"))
     if train or auto:
         from .datasets import train_digits_cnn

@@ -10,7 +10,7 @@ on proxies.  Every node that produces a tensor gets ``meta["qpasses.shape"]`` an
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx as fx

@@ -9,10 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qpasses
-from qpasses import datasets, zoo
+from qpasses import datasets
 from qpasses.errors import OptionError
 from qpasses.methods.aciq import ChannelBitsFakeQuant, aciq_weight_quantizer, effective_bits
-from qpasses.numerics import FakeQuantize
 from qpasses.numerics.aciq import aciq_alpha, aciq_mse, allocate_bits, bias_correct_weight, fit_laplace_b
 
 from conftest import randomize_bn

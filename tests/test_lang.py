@@ -5,7 +5,6 @@ import pytest
 
 import qpasses
 from qpasses import (MissingParameterError, OptionError, PassManager, Rule, RuleSyntaxError, UnknownNameError)
-from qpasses.lang.rules import parse_text
 from qpasses.lang.syntax import parse_call, parse_pattern
 
 

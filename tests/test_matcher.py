@@ -1,7 +1,6 @@
 """Matcher: bindings, alternatives, commutativity, explain, linear cost without recursion."""
 import operator
 import sys
-import time
 
 import pytest
 import torch

@@ -37,10 +37,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from ..errors import (Location, MissingParameterError, RuleError, RuleSyntaxError, UnknownNameError,
-                      nearest)
+from ..errors import Location, RuleError, RuleSyntaxError, UnknownNameError, nearest
 from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS
-from .syntax import (AnyPat, BindPat, BindingRef, Call, LiteralPat, NodePat, ParamRef, Pattern,
+from .syntax import (BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
                      ValuePat, param_refs, parse_call, parse_pattern, parse_value, substitute)
 
 # ----------------------------------------------------------------------------- located YAML

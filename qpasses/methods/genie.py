@@ -223,7 +223,6 @@ def bn_capture_module(gm: fx.GraphModule, bn_nodes: Sequence[fx.Node]) -> fx.Gra
     made by :func:`qpasses.manager.copy_graph_module` (the caller's graph is not touched).
     """
     from ..manager import copy_graph_module
-    from ..ops import OpView
     from ..matcher import Matcher
     cap = copy_graph_module(gm, recompile=False)
     by_name = {n.name: n for n in cap.graph.nodes}

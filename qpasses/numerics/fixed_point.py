@@ -16,7 +16,7 @@ reproduce 32-bit gemmlowp bit for bit, including the saturation of ``INT32_MIN *
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 
