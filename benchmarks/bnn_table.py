@@ -23,6 +23,7 @@ import torch
 import qpasses
 from qpasses import datasets, zoo
 from qpasses.methods.binary import clip_latent_weights, make_optimizer, pack_binary
+from _common import markdown_table
 
 
 def _bnn(model, xtr, epochs, lr, seed):
@@ -82,10 +83,7 @@ def main() -> None:
     head = ("width", "FP32 %", "BNN (same init) %", "BNN (from FP32) %", "BNN packed 1-bit %",
             "binary share of weights", "train s FP32 / BNN")
     print(f"digits test accuracy (500 images), {args.epochs} epochs, Adam lr {args.lr}, seed {args.seed}")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print(markdown_table(head, rows))
 
 
 if __name__ == "__main__":

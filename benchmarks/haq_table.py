@@ -25,6 +25,7 @@ import torch
 
 import qpasses
 from qpasses import datasets, zoo
+from _common import markdown_table
 
 
 def main() -> None:
@@ -84,10 +85,7 @@ def main() -> None:
                          ", ".join(sorted(set(maps))), f"{statistics.mean(secs):.1f}"))
     head = ("constraint", "budget = cost of avg", "method", "test acc %", "cost / budget", "avg w bits",
             "w bits per layer", "seconds")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print(markdown_table(head, rows))
 
 
 if __name__ == "__main__":

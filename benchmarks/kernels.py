@@ -194,9 +194,8 @@ def _fmt(v: Optional[float], digits: int = 2) -> str:
 
 
 def _table(headers: List[str], rows: List[List[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
+    from _common import markdown_table           # benchmarks/ is on sys.path when run as a script
+    return markdown_table(headers, rows)
 
 
 # ================================================================================ micro-benchmarks
