@@ -113,6 +113,27 @@ def test_large_k_uses_exact_integer_accumulation():
     torch.testing.assert_close(mod(x).double(), exact, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("a_bits,w_bits,K", [(8, 8, 40), (8, 8, 1030), (4, 6, 33), (8, 4, 7)])
+def test_int_mm_route_equals_float_route(granularity, symmetric, a_bits, w_bits, K, monkeypatch):
+    """The int8 GEMM route (torch._int_mm, unsigned codes shifted by 128) and the exact-float
+    route compute the same integer sums and the same epilogue: bit-identical outputs."""
+    g = torch.Generator().manual_seed(K + a_bits)
+    w, b = torch.randn(19, K, generator=g), torch.randn(19, generator=g)
+    x = torch.randn(2, 6, K, generator=g) * 2 + 0.7
+    x[1, 2] *= 30                                                    # an outlier token
+    mod = DynamicQuantLinear(w, b, w_bits=w_bits, a_bits=a_bits, granularity=granularity, symmetric=symmetric)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or real(*a))
+    y_int = mod(x)
+    assert calls, "the int8 GEMM route was not taken"
+    monkeypatch.setattr(DynamicQuantLinear, "_use_int_mm", lambda self, rows: False)
+    y_float = mod(x)
+    assert torch.equal(y_int, y_float)
+
+
 def test_dynamic_fake_quant_granularity():
     x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 100.0, 50.0]])
     row = DynamicFakeQuant(8, reduce_dim=-1)(x)

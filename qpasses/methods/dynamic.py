@@ -14,11 +14,15 @@
   scale of the right one factor out of the sum over ``k``, so the emulation equals an integer
   GEMM with a float epilogue.
 
-Exactness of the accumulation. The integer operands are held in fp32 and multiplied with the
-float GEMM; every partial sum is an integer of magnitude at most ``K * 2**(a_bits) * 2**(w_bits-1)``,
-exact in fp32 while it stays below ``2**24`` (``K <= 512`` at 8/8 bits).  Larger ``K`` are split
-into chunks of at most that size, each an exact fp32 GEMM, summed in fp64 (exact below ``2**53``),
-so the result is the integer GEMM in every case.
+Exactness of the accumulation. On the CPU (and on CUDA where cuBLASLt accepts the shape) the
+product is ``torch._int_mm``: int8 x int8 -> int32, exact. Affine 8-bit activations (codes
+0..255) are fed as ``x_q - 128`` and the offset is added back through the weight's column sums,
+``sum_k (x_q - z) w = sum_k (x_q - 128) w + (128 - z) sum_k w``, in int64. Elsewhere the integer
+operands are held in fp32 and multiplied with the float GEMM; every partial sum is an integer of
+magnitude at most ``K * 2**(a_bits) * 2**(w_bits-1)``, exact in fp32 while it stays below
+``2**24`` (``K <= 512`` at 8/8 bits). Larger ``K`` are split into chunks of at most that size,
+each an exact fp32 GEMM, summed in fp64 (exact below ``2**53``). Both routes compute the same
+integer GEMM and apply the same float epilogue, so they give identical outputs.
 """
 from __future__ import annotations
 
@@ -120,13 +124,52 @@ class DynamicQuantLinear(nn.Module):
             self.__dict__["_wt_cache"] = cache
         return cache[1]
 
+    def _int8_operands(self):
+        """The int8 weight as the ``[K, N]`` right operand of ``torch._int_mm`` and its column
+        sums (int64 ``[N]``), cached."""
+        cache = self.__dict__.get("_i8_cache")
+        if cache is None or cache[0] is not self.weight_q or cache[1].device != self.weight_q.device:
+            cache = (self.weight_q, self.weight_q.t().contiguous(), self.weight_q.sum(1, dtype=torch.int64))
+            self.__dict__["_i8_cache"] = cache
+        return cache[1], cache[2]
+
+    def _use_int_mm(self, rows: int) -> bool:
+        dev = self.weight_q.device.type
+        if dev == "cpu":
+            return True
+        # cuBLASLt's int8 GEMM: more than 16 rows, K and N multiples of 8
+        return dev == "cuda" and rows > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         reduce_dim = -1 if self.granularity == "per_token" else None
         scale, zp, qmin, qmax = dynamic_qparams(xf, self.a_bits, self.symmetric, reduce_dim)
+        bound = self.in_features * float(2 ** self.a_bits) * float(2 ** (self.w_bits - 1))
+        lead = xf.shape[:-1]
+        rows = xf.numel() // max(self.in_features, 1)
+        if self.in_features > 0 and self._use_int_mm(rows):
+            # codes in [qmin, qmax]; shifted into int8 when they are unsigned 8-bit
+            shift = 128 if qmax > 127 else 0
+            codes = torch.clamp(torch.round(xf / scale) + zp, qmin, qmax)
+            x8 = (codes - shift).to(torch.int8).reshape(rows, self.in_features)
+            w8t, colsum = self._int8_operands()
+            acc = torch._int_mm(x8, w8t)                                # int32 [rows, N], exact
+            offset = (shift - zp).reshape(-1, 1)                        # [1 or rows, 1], integers
+            if bound < _FP32_EXACT:                                     # everything below 2**24: fp32 exact
+                y = acc.float()
+                y += offset * colsum.float()
+            elif self.in_features * (128 * 127 + 255 * 127) < 2 ** 31:   # int32 cannot overflow
+                acc += offset.to(torch.int32) * colsum.to(torch.int32)
+                y = acc.float()
+            else:
+                y = (acc.to(torch.int64) + offset.to(torch.int64) * colsum).float()
+            y = y.reshape(*lead, self.out_features)
+            y *= scale * self.weight_scale                             # in place: one pass per step
+            if self.bias is not None:
+                y += self.bias
+            return y.to(x.dtype)
         # x_q - z directly: clamp(round(x / s), qmin - z, qmax - z), integers in [-(2^a - 1), 2^a - 1]
         centred = torch.clamp(torch.round(xf / scale), qmin - zp, qmax - zp)
-        bound = self.in_features * float(2 ** self.a_bits) * float(2 ** (self.w_bits - 1))
         if bound < _FP32_EXACT:
             acc = torch.matmul(centred, self._weight_t())            # exact integer sums in fp32
             y = acc * (scale * self.weight_scale)
@@ -138,7 +181,7 @@ class DynamicQuantLinear(nn.Module):
             for k0 in range(0, self.in_features, chunk):
                 part = torch.matmul(centred[..., k0:k0 + chunk], wt[k0:k0 + chunk]).double()
                 acc = part if acc is None else acc + part
-            y = (acc * (scale.double() * self.weight_scale.double())).float()
+            y = acc.float() * (scale * self.weight_scale)       # one rounding of the exact sum
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
