@@ -17,6 +17,7 @@ import torch.fx as fx
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
 from .frontend import as_inputs
+from .fxfast import copy_graph
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -102,14 +103,16 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
     Iterative, so arbitrarily deep module trees are fine.
     """
     memo: Dict[int, Any] = {}
+    Parameter = torch.nn.Parameter
+    set_dict = object.__setattr__  # nn.Module.__setattr__ is slow, even for "__dict__"
 
     def clone_tensor(t):
         if t is None:
             return None
         hit = memo.get(id(t))
         if hit is None:
-            if isinstance(t, torch.nn.Parameter):
-                hit = torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+            if type(t) is Parameter or isinstance(t, Parameter):
+                hit = Parameter(t.detach().clone(), requires_grad=t.requires_grad)
             else:
                 hit = t.detach().clone()
             memo[id(t)] = hit
@@ -127,7 +130,7 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
         d["_parameters"] = {k: clone_tensor(v) for k, v in mod._parameters.items()}
         d["_buffers"] = {k: clone_tensor(v) for k, v in mod._buffers.items()}
         d["_modules"] = dict(mod._modules)
-        new.__dict__ = d
+        set_dict(new, "__dict__", d)
         memo[id(mod)] = new
         return new, True
 
@@ -138,7 +141,7 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
         d["_parameters"] = {k: clone_tensor(v) for k, v in root._parameters.items()}
         d["_buffers"] = {k: clone_tensor(v) for k, v in root._buffers.items()}
         d["_modules"] = dict(root._modules)
-        new_root.__dict__ = d
+        set_dict(new_root, "__dict__", d)
         memo[id(root)] = new_root
         expand = True
     else:
@@ -162,19 +165,9 @@ def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphMod
     With ``recompile=False`` the copy must be ``recompile()``-d before it is called.
     """
     meta = dict(getattr(gm, "meta", {}))
-    keep = {}
-    for n in gm.graph.nodes:  # fake tensors from torch.export do not deep-copy; keep them by reference
-        if "val" in n.meta:
-            keep[n.name] = n.meta.pop("val")
-    try:
-        graph = copy.deepcopy(gm.graph)
-    finally:
-        for n in gm.graph.nodes:
-            if n.name in keep:
-                n.meta["val"] = keep[n.name]
-    for n in graph.nodes:
-        if n.name in keep:
-            n.meta["val"] = keep[n.name]
+    # node meta is copied one level deep, as Graph.__deepcopy__ does: values (fake tensors
+    # from torch.export among them, which do not deep-copy) are kept by reference
+    graph = copy_graph(gm.graph)
     new = _copy_module_tree(gm)
     # the copied object still points at the old graph; give it its own
     new.__dict__["_graph"] = graph

@@ -92,6 +92,9 @@ class Matcher:
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self._cls: Dict[fx.Node, Optional[str]] = {}
         self._mutators: Optional[Dict[fx.Node, List[fx.Node]]] = None
+        #: scratch space for actions that lives as long as this matcher, i.e. one stage
+        #: (e.g. qparams computed for many nodes at once on the first rewrite)
+        self.scratch: Dict[str, Any] = {}
 
     def mutators(self, value: fx.Node) -> List[fx.Node]:
         """In-place ops that take ``value`` as an input (candidates for mutating it).

@@ -14,13 +14,20 @@ __all__ = ["add_module", "add_param", "node_paths", "erase_if_unused", "copy_met
            "matches_any"]
 
 
+def _has_attr(mod: nn.Module, name: str) -> bool:
+    """``hasattr(mod, name)`` without the cost of nn.Module.__getattr__ raising for a free name."""
+    d = mod.__dict__
+    return (name in d or name in d["_modules"] or name in d["_parameters"] or name in d["_buffers"]
+            or hasattr(type(mod), name))
+
+
 def _unique(gm: nn.Module, prefix: str, state: Dict[str, Any]) -> str:
     counters = state.setdefault("name_counters", {})
     i = counters.get(prefix, 0)
     while True:
         name = f"{prefix}_{i}"
         i += 1
-        if not hasattr(gm, name):
+        if not _has_attr(gm, name):
             counters[prefix] = i
             return name
 

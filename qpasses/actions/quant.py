@@ -24,7 +24,9 @@ from ..errors import StepError
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
-from ..numerics import FakeQuantize, Observer, calc_qparams, make_observer, qrange
+from ..fxfast import new_node
+from ..numerics import FakeQuantize, Observer, calc_symmetric_qparams, make_observer, qrange
+from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
 from .graphutil import add_module, copy_meta
 
@@ -105,7 +107,7 @@ def new_observer(cfg: Dict[str, Any]) -> Observer:
         obs = make_observer(cfg["kind"], **kw)
     except ValueError as e:
         raise StepError(str(e)) from None
-    obs.qpasses_config = dict(cfg)  # type: ignore[attr-defined]
+    obs.__dict__["qpasses_config"] = dict(cfg)  # a plain attribute (nn.Module.__setattr__ is slow)
     return obs
 
 
@@ -131,7 +133,7 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
                 return
     target = add_module(ctx, "act_obs", new_observer(cfg))
     with ctx.graph.inserting_after(x):
-        obs = ctx.graph.call_module(target, (x,))
+        obs = new_node(ctx.graph, "call_module", target, (x,))
     copy_meta(x, obs)
     op.replace_input_with(x, obs)
 
@@ -154,6 +156,25 @@ def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: i
         u.replace_input_with(op, obs)
 
 
+def _observer_qparams(ctx: MatchContext, mod: Observer):
+    """``mod.calculate_qparams()``; the stage's first call computes them for every observer of the
+    graph module at once (:func:`calculate_qparams_many`), later calls look them up."""
+    batch = ctx.matcher.scratch.get("quant.observer_qparams")
+    if batch is None:
+        observers = [m for m in ctx.modules.values() if isinstance(m, Observer)]
+        qp = calculate_qparams_many(observers)
+        # with the statistics they were computed from: an observer that sees data later is recomputed
+        batch = {id(o): (o, o.min_val, o.max_val, o.min_val._version, o.max_val._version) + qp[id(o)]
+                 for o in observers if id(o) in qp}
+        ctx.matcher.scratch["quant.observer_qparams"] = batch
+    hit = batch.get(id(mod))
+    if hit is not None and hit[0] is mod:
+        lo, hi = mod.min_val, mod.max_val
+        if hit[1] is lo and hit[2] is hi and hit[3] == lo._version and hit[4] == hi._version:
+            return hit[5], hit[6]
+    return mod.calculate_qparams()
+
+
 @action("to_fake_quant")
 def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     """Replace a calibrated observer by a FakeQuantize carrying its qparams."""
@@ -163,17 +184,20 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     if not getattr(mod, "has_data", True):
         raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
                         f"(PassManager(...).run(gm, data=batches))")
-    scale, zero_point = mod.calculate_qparams()
-    if not bool(torch.isfinite(scale).all()):
+    scale, zero_point = _observer_qparams(ctx, mod)
+    try:
+        fq = FakeQuantize(scale, zero_point, mod.qmin, mod.qmax, axis=mod.axis, learnable=bool(learnable),
+                          bits=mod.bits, symmetric=mod.symmetric)
+    except ValueError:
+        if bool(torch.isfinite(scale).all()):
+            raise
         lo, hi = mod.calculate_range()
         raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
-                        f"{float(hi.max())}]: the float model overflows on the calibration data there")
-    fq = FakeQuantize(scale, zero_point, mod.qmin, mod.qmax, axis=mod.axis, learnable=bool(learnable),
-                      bits=mod.bits, symmetric=mod.symmetric)
-    fq.qpasses_config = getattr(mod, "qpasses_config", None)  # type: ignore[attr-defined]
+                        f"{float(hi.max())}]: the float model overflows on the calibration data there") from None
+    fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
     target = add_module(ctx, "act_fq", fq)
     with ctx.graph.inserting_before(obs):
-        new = ctx.graph.call_module(target, obs.args)
+        new = new_node(ctx.graph, "call_module", target, obs.args)
     copy_meta(obs, new)
     obs.replace_all_uses_with(new)
     ctx.graph.erase_node(obs)
@@ -195,10 +219,12 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
             w = weight.detach().float()
             if axis is None:
                 amax = w.abs().max()
+            elif axis == 0 and w.dim() > 1:
+                amax = w.abs().amax(dim=tuple(range(1, w.dim())))
             else:
                 amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
             qmin, qmax = qrange(bits, signed=True, narrow=True)
-            scale, zp = calc_qparams(-amax, amax, qmin, qmax, symmetric=True)
+            scale, zp = calc_symmetric_qparams(amax, qmin, qmax)  # = calc_qparams(-amax, amax, ...)
         return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
@@ -218,9 +244,11 @@ def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
     if len(op.args) > 1 or op.kwargs:
         raise Refuse(f"{op.name} is called with extra arguments (output_size?)")
     x = op.args[0]
-    with ctx.graph.inserting_before(op):
-        w = ctx.graph.get_attr(f"{op.target}.weight")
-        b = ctx.graph.get_attr(f"{op.target}.bias") if mod.bias is not None else None
+    g = ctx.graph
+    with g.inserting_before(op):
+        # the module's own weight and bias: no existence check needed (get_attr would make one)
+        w = new_node(g, "get_attr", f"{op.target}.weight")
+        b = new_node(g, "get_attr", f"{op.target}.bias") if mod.bias is not None else None
         if view.opclass == "linear":
             args = (x, w, b)
         elif view.opclass.startswith("conv_transpose"):
@@ -228,7 +256,7 @@ def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
         else:
             padding = mod.padding if not isinstance(mod.padding, str) else mod.padding
             args = (x, w, b, mod.stride, padding, mod.dilation, mod.groups)
-        new = ctx.graph.call_function(fn, args)
+        new = new_node(g, "call_function", fn, args)
     copy_meta(op, new)
     for k in ("qpasses.bits", QUANT_KEY, "qpasses.folded_bn"):
         if k in op.meta:
@@ -236,7 +264,7 @@ def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
     new.meta["qpasses.module"] = str(op.target)
     new.meta["qpasses.module_type"] = type(mod).__name__
     op.replace_all_uses_with(new)
-    ctx.graph.erase_node(op)
+    g.erase_node(op)
     ctx.matcher.forget(op)
     return new
 
@@ -254,7 +282,7 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     wnode = view.get("weight")
     target = add_module(ctx, prefix, module)
     with ctx.graph.inserting_before(op):
-        wq = ctx.graph.call_module(target, (wnode,))
+        wq = new_node(ctx.graph, "call_module", target, (wnode,))
     copy_meta(wnode, wq)
     view.set("weight", wq)
     op.meta.setdefault(QUANT_KEY, {})["weight"] = info

@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._module import add_buffers
 from .qparams import dequantize as _dequantize
 from .qparams import quantize as _quantize
 
@@ -67,27 +68,34 @@ class FakeQuantize(nn.Module):
             if s.numel() != 1 or z.numel() != 1:
                 raise ValueError(f"per-tensor FakeQuantize needs one scale and zero point "
                                  f"(got {s.numel()} / {z.numel()}); pass axis= for per-channel")
-            s, z = s.reshape(()), z.reshape(())
+            if s.dim():
+                s = s.reshape(())
+            if z.dim():
+                z = z.reshape(())
         else:
-            s = s.reshape(-1)
-            z = z.reshape(-1)
+            if s.dim() != 1:
+                s = s.reshape(-1)
+            if z.dim() != 1:
+                z = z.reshape(-1)
             if z.numel() == 1 and s.numel() > 1:
                 z = z.expand(s.numel()).clone()
             if s.numel() != z.numel():
                 raise ValueError(f"{s.numel()} scales but {z.numel()} zero points")
-        if bool((s <= 0).any()) or not bool(torch.isfinite(s).all()):
-            raise ValueError("scales must be positive and finite")
-        self.qmin, self.qmax = qmin, qmax
-        self.axis = None if axis is None else int(axis)
-        self.learnable = bool(learnable)
-        self.bits = int(bits) if bits is not None else bits_of_range(qmin, qmax)
-        self.symmetric = bool(symmetric)
-        self.enabled = True
+        if s.numel():
+            lo, hi = torch.aminmax(s)  # one reduction; NaN makes both NaN and fails the test
+            if not (float(lo) > 0 and math.isfinite(float(hi))):
+                raise ValueError("scales must be positive and finite")
+        # plain attributes go straight into __dict__: on a fresh module that is exactly what
+        # nn.Module.__setattr__ does, at a fraction of its cost (models hold thousands of these)
+        self.__dict__.update(qmin=qmin, qmax=qmax, axis=None if axis is None else int(axis),
+                             learnable=bool(learnable),
+                             bits=int(bits) if bits is not None else bits_of_range(qmin, qmax),
+                             symmetric=bool(symmetric), enabled=True)
         if self.learnable:
             self.scale = nn.Parameter(s)
+            add_buffers(self, zero_point=z)
         else:
-            self.register_buffer("scale", s)
-        self.register_buffer("zero_point", z)
+            add_buffers(self, scale=s, zero_point=z)
 
     @classmethod
     def from_observer(cls, obs, learnable: bool = False) -> "FakeQuantize":

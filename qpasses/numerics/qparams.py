@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["qrange", "calc_qparams", "quantize", "dequantize", "fake_quantize", "sqnr"]
+__all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "quantize", "dequantize", "fake_quantize", "sqnr"]
 
 Number = Union[int, float]
 TensorLike = Union[torch.Tensor, Number]
@@ -81,7 +81,8 @@ def calc_qparams(min_val: TensorLike, max_val: TensorLike, qmin: int, qmax: int,
         raise ValueError(f"empty integer range [{qmin}, {qmax}]")
     lo = torch.clamp(_as_f32(min_val), max=0.0)
     hi = torch.clamp(_as_f32(max_val), min=0.0)
-    lo, hi = torch.broadcast_tensors(lo, hi)
+    if lo.shape != hi.shape:
+        lo, hi = torch.broadcast_tensors(lo, hi)
     if symmetric:
         amax = torch.maximum(-lo, hi)
         scale = torch.clamp(amax / ((qmax - qmin) / 2.0), min=eps)
@@ -92,6 +93,21 @@ def calc_qparams(min_val: TensorLike, max_val: TensorLike, qmin: int, qmax: int,
         zp = qmin - torch.round(lo / scale)
         zero_point = torch.clamp(zp, qmin, qmax).to(torch.int32)
     return scale.to(torch.float32), zero_point
+
+
+def calc_symmetric_qparams(amax: torch.Tensor, qmin: int, qmax: int,
+                           eps: float = _F32_EPS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``calc_qparams(-amax, amax, qmin, qmax, symmetric=True)`` for a signed range, in fewer ops.
+
+    ``amax`` is a float32 tensor of absolute maxima (``>= 0``, or NaN); the result is
+    bit-identical to :func:`calc_qparams` on ``[-amax, amax]`` (the weight quantizers of
+    thousands of layers use it).  Returns float32 ``scale`` and an int32 zero point of 0.
+    """
+    qmin, qmax = int(qmin), int(qmax)
+    if not qmin < 0 < qmax:
+        raise ValueError(f"calc_symmetric_qparams needs a signed range, got [{qmin}, {qmax}]")
+    scale = torch.clamp(amax / ((qmax - qmin) / 2.0), min=eps)
+    return scale, torch.zeros(scale.shape, dtype=torch.int32)
 
 
 def _channel_view(p: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:

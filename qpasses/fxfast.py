@@ -1,0 +1,134 @@
+"""Faster equivalents of two torch.fx operations the engine performs thousands of times.
+
+* :func:`new_node` is ``Graph.create_node`` without its pytree walk over the arguments.
+  In torch 2.13 ``create_node`` flattens ``(args, kwargs)`` with ``torch.utils._pytree``
+  only to warn about raw ``SymInt``/``SymFloat``/``SymBool`` arguments; that walk is about
+  two thirds of its cost (~10 of ~17 us a node).  For the flat arguments actions build
+  (nodes, numbers, strings, tuples of them) a type check does the same job; anything else
+  goes through ``create_node`` itself, so the warning is still given where it applies.
+* :func:`copy_graph` is ``copy.deepcopy(graph)`` (``Graph.__deepcopy__``) with its nodes
+  made by :func:`new_node`.
+
+Both keep every invariant ``create_node`` keeps (unique names, insert point, the
+``find_nodes`` side table, node count, create-node hooks of the owning module); when the
+private attributes they rely on are missing (another torch version) they fall back to
+the public API.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+__all__ = ["new_node", "copy_graph"]
+
+# argument types create_node's check can never warn about (exact types: SymInt and friends
+# are not subclasses of these, and a subclass of one of them goes the slow way)
+_PLAIN = frozenset({fx.Node, int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format, type(Ellipsis), slice})
+_SEQ = frozenset({tuple, list, immutable_list})
+
+_set = object.__setattr__
+
+_GRAPH_ATTRS = ("_graph_namespace", "_insert", "_find_nodes_lookup_table", "_len")
+
+
+def _plain(values) -> bool:
+    """True when ``values`` holds only plain leaves or flat tuples/lists of them."""
+    for a in values:
+        t = type(a)
+        if t in _PLAIN:
+            continue
+        if t in _SEQ:
+            for b in a:
+                if type(b) not in _PLAIN:
+                    return False
+            continue
+        return False
+    return True
+
+
+def _fast_ok(graph: fx.Graph) -> bool:
+    d = graph.__dict__
+    return all(k in d for k in _GRAPH_ATTRS)
+
+
+_TARGET_TO_STR = fx.Graph._target_to_str
+_NAMES: Dict[Tuple[bool, str], str] = {}
+
+
+def _candidate_name(graph: fx.Graph, target: Any) -> str:
+    """``graph._target_to_str(target)`` (the default node name), memoised: it runs two regexes."""
+    if type(graph)._target_to_str is not _TARGET_TO_STR:  # a Graph subclass names nodes its own way
+        return graph._target_to_str(target)
+    is_fn = callable(target)
+    key = (is_fn, target.__name__ if is_fn else target)
+    name = _NAMES.get(key)
+    if name is None:
+        name = graph._target_to_str(target)
+        if len(_NAMES) < 65536:  # targets are few (module paths, functions); stay bounded anyway
+            _NAMES[key] = name
+    return name
+
+
+def new_node(graph: fx.Graph, op: str, target: Any, args: Optional[Tuple[Any, ...]] = None,
+             kwargs: Optional[Dict[str, Any]] = None, name: Optional[str] = None,
+             type_expr: Any = None) -> fx.Node:
+    """``graph.create_node(op, target, args, kwargs, name, type_expr)``, faster for flat arguments.
+
+    The node is inserted at the graph's current insert point (``inserting_before`` /
+    ``inserting_after`` apply) and the owning module's create-node hooks run, exactly as
+    with ``create_node``.
+    """
+    if not args:
+        args = ()
+    if not (type(args) is tuple and _plain(args) and (not kwargs or (type(kwargs) in (dict, immutable_dict)
+                                                                    and _plain(kwargs.values())))
+            and _fast_ok(graph) and (type(target) is str or callable(target))):
+        return graph.create_node(op, target, args, kwargs, name, type_expr)
+    if not kwargs:
+        kwargs = immutable_dict()
+    ns = graph._graph_namespace
+    name = ns.create_name(name if name is not None else _candidate_name(graph, target), None)
+    n = fx.Node(graph, name, op, target, args, kwargs, type_expr)
+    owner = graph.owning_module
+    if owner is not None:
+        for f in getattr(owner, "_create_node_hooks", None) or ():
+            f(n)
+    ns.associate_name_with_obj(name, n)
+    graph._insert(n)
+    graph._find_nodes_lookup_table.insert(n)
+    graph._len += 1
+    return n
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` as ``copy.deepcopy(graph)`` makes it: same names, targets, types, meta
+    (copied one level deep), code generator; new nodes, not owned by any module."""
+    if not _fast_ok(graph):
+        return copy.deepcopy(graph)
+    g = fx.Graph(tracer_cls=graph._tracer_cls)
+    env: Dict[fx.Node, fx.Node] = {}
+    remap = env.__getitem__
+    map_arg = fx.node.map_arg
+    out = None
+    for node in graph.nodes:
+        if node.op == "output":
+            out = node
+            break
+        args = map_arg(node.args, remap) if node._input_nodes else node.args
+        kwargs = map_arg(node.kwargs, remap) if node._input_nodes and node.kwargs else node.kwargs
+        n = new_node(g, node.op, node.target, args, kwargs, node.name, node.type)
+        # Node.__setattr__ re-files the node in the find_nodes table on every assignment;
+        # meta is not part of that table's key
+        meta = node.meta
+        _set(n, "meta", meta.copy() if type(meta) is dict else copy.copy(meta))
+        env[node] = n
+    g._codegen = copy.deepcopy(graph._codegen)
+    if out is not None:
+        new_out = g.output(map_arg(out.args[0], remap), type_expr=getattr(out, "type", None))
+        new_out.meta = copy.copy(out.meta)
+    return g

@@ -1,0 +1,143 @@
+"""The engine's fast paths give exactly what the slower public APIs give.
+
+``qpasses.fxfast`` (node creation, graph copy), the batched / reduced-op qparams of the
+convert stage and the cheap module construction must be indistinguishable from
+``Graph.create_node``, ``copy.deepcopy(graph)``, ``calc_qparams`` and
+``Observer.calculate_qparams``.
+"""
+import copy
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+
+from qpasses.fxfast import copy_graph, new_node
+from qpasses.numerics import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver,
+                              calc_qparams, calc_symmetric_qparams, qrange)
+from qpasses.numerics.observers import calculate_qparams_many
+from qpasses.zoo import conv_bn_chain
+
+
+def _graph_summary(g: fx.Graph):
+    return [(n.name, n.op, n.target, repr(n.args), repr(n.kwargs), n.type, dict(n.meta), list(u.name for u in n.users))
+            for n in g.nodes]
+
+
+def test_new_node_matches_create_node():
+    def build(make):
+        g = fx.Graph()
+        x = g.placeholder("x")
+        a = make(g, "call_function", torch.conv2d, (x, x, None, (1, 1), (0, 0), (1, 1), 1), None)
+        b = make(g, "call_module", "blocks.0.conv1", (a,), None)
+        c = make(g, "get_attr", "blocks.0.conv1.weight", None, None)
+        d = make(g, "call_function", torch.cat, ([a, b, c], 1), {"out": None})
+        e = make(g, "call_method", "relu_", (d,), None)
+        f = make(g, "call_function", operator.add, (e, 1.5), None)
+        make(g, "call_function", torch.relu, (f,), None)  # a second relu-named node: unique names
+        make(g, "call_function", torch.relu, (f,), None)
+        g.output(f)
+        return g
+
+    slow = build(lambda g, op, t, a, k: g.create_node(op, t, a, k))
+    fast = build(lambda g, op, t, a, k: new_node(g, op, t, a, k))
+    fast.lint()
+    assert _graph_summary(fast) == _graph_summary(slow)
+    assert str(fast) == str(slow)
+    assert fast.python_code("self").src == slow.python_code("self").src
+    assert len(fast.find_nodes(op="call_function", target=torch.relu)) == 2
+
+
+def test_new_node_respects_insert_point_and_hooks():
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU()))
+    seen = []
+    gm._register_create_node_hook(seen.append)
+    first = next(n for n in gm.graph.nodes if n.op == "call_module")
+    with gm.graph.inserting_before(first):
+        n = new_node(gm.graph, "call_function", torch.neg, (first.args[0],))
+    assert seen == [n] and n.next is first
+    gm.graph.lint()
+
+
+def test_new_node_still_warns_about_raw_symbolic_args():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    s = ShapeEnv().create_unbacked_symint()
+    g = fx.Graph()
+    x = g.placeholder("x")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        new_node(g, "call_function", torch.ops.aten.view.default, (x, [s]))
+    assert any("SymInt" in str(m.message) for m in w)
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_copy_graph_matches_deepcopy(level):
+    import qpasses
+    model = conv_bn_chain(3, 4).eval()
+    gm = qpasses.trace(model, (torch.randn(1, 4, 6, 6),), mode=level)
+    a, b = copy.deepcopy(gm.graph), copy_graph(gm.graph)
+    assert _graph_summary(a) == _graph_summary(b)
+    assert a.python_code("self").src == b.python_code("self").src
+    # new nodes, meta one level deep (values shared, dicts not)
+    for old, new in zip(gm.graph.nodes, b.nodes):
+        assert old is not new and old.meta is not new.meta
+        assert all(new.meta[k] is v for k, v in old.meta.items())
+    b.lint()
+    # names created later stay unique in the copy
+    out = next(n for n in b.nodes if n.op == "output")
+    with b.inserting_before(out):
+        fresh = new_node(b, "call_function", torch.relu, (out.args[0],))
+    assert fresh.name not in {n.name for n in gm.graph.nodes}
+
+
+def test_symmetric_qparams_equal_calc_qparams():
+    torch.manual_seed(0)
+    amax = torch.cat([torch.rand(1000) * 10.0 ** torch.randint(-30, 30, (1000,)).float(),
+                      torch.tensor([0.0, 1e-45, 3e38, float("inf"), float("nan")])])
+    for bits in (2, 4, 8, 16):
+        qmin, qmax = qrange(bits, signed=True, narrow=True)
+        s1, z1 = calc_qparams(-amax, amax, qmin, qmax, symmetric=True)
+        s2, z2 = calc_symmetric_qparams(amax, qmin, qmax)
+        assert torch.equal(s1.nan_to_num(), s2.nan_to_num()) and s1.isnan().equal(s2.isnan())
+        assert torch.equal(z1, z2) and z2.dtype == torch.int32
+
+
+def test_observer_qparams_in_one_batch_are_bit_identical():
+    torch.manual_seed(0)
+    obs = []
+    for i in range(300):
+        kind = [MinMaxObserver, MovingAverageMinMaxObserver][i % 2]
+        o = kind(bits=[8, 4][i % 3 == 0], symmetric=i % 5 == 0, axis=0 if i % 7 == 0 else None)
+        scale = 10.0 ** float(torch.randint(-6, 6, ()))
+        for _ in range(2):
+            x = torch.randn(3, 16) * scale + float(torch.randn(())) * scale * (i % 4)
+            o(x if i % 11 else x.abs())
+        obs.append(o)
+    obs.append(MinMaxObserver())                                 # no data: left out
+    obs.append(PercentileObserver())                             # its own range rule: left out
+    obs[-1](torch.randn(64))
+    bad = MinMaxObserver()
+    bad(torch.tensor([1.0, float("inf")]))                       # non-finite: left out
+    obs.append(bad)
+    got = calculate_qparams_many(obs)
+    assert len(got) == 300
+    for o in obs[:300]:
+        s, z = got[id(o)]
+        s0, z0 = o.calculate_qparams()
+        assert torch.equal(s, s0) and torch.equal(z, z0) and s.dtype == s0.dtype and z.dtype == z0.dtype
+
+
+def test_fast_module_construction_is_a_normal_module():
+    fq = FakeQuantize(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), -127, 127, axis=0, bits=8, symmetric=True)
+    assert list(fq.state_dict()) == ["scale", "zero_point"] and fq.bits == 8 and fq.axis == 0
+    lfq = FakeQuantize(0.1, 3, 0, 255, learnable=True)
+    assert [n for n, _ in lfq.named_parameters()] == ["scale"] and list(lfq.state_dict()) == ["scale", "zero_point"]
+    with pytest.raises(ValueError):
+        FakeQuantize(torch.tensor([0.1, float("nan")]), 0, -127, 127, axis=0)
+    with pytest.raises(ValueError):
+        FakeQuantize(0.0, 0, 0, 255)
+    o = MinMaxObserver(bits=8, symmetric=True, axis=1)
+    assert list(o.state_dict()) == ["min_val", "max_val"] and (o.qmin, o.qmax) == (-128, 127)
+    copy.deepcopy(o)
+    copy.deepcopy(fq)
