@@ -1,4 +1,4 @@
-"""Faster equivalents of two torch.fx operations the engine performs thousands of times.
+"""Faster equivalents of torch.fx / torch.nn operations the engine performs thousands of times.
 
 * :func:`new_node` is ``Graph.create_node`` without its pytree walk over the arguments.
   In torch 2.13 ``create_node`` flattens ``(args, kwargs)`` with ``torch.utils._pytree``
@@ -8,6 +8,7 @@
   goes through ``create_node`` itself, so the warning is still given where it applies.
 * :func:`copy_graph` is ``copy.deepcopy(graph)`` (``Graph.__deepcopy__``) with its nodes
   made by :func:`new_node`.
+* :func:`module_table` is ``dict(root.named_modules())`` without a generator frame per module.
 
 Both keep every invariant ``create_node`` keeps (unique names, insert point, the
 ``find_nodes`` side table, node count, create-node hooks of the owning module); when the
@@ -23,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-__all__ = ["new_node", "copy_graph"]
+__all__ = ["new_node", "copy_graph", "module_table"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)
@@ -57,20 +58,27 @@ def _fast_ok(graph: fx.Graph) -> bool:
 
 
 _TARGET_TO_STR = fx.Graph._target_to_str
-_NAMES: Dict[Tuple[bool, str], str] = {}
+_FN_NAMES: Dict[str, str] = {}
 
 
 def _candidate_name(graph: fx.Graph, target: Any) -> str:
-    """``graph._target_to_str(target)`` (the default node name), memoised: it runs two regexes."""
+    """``graph._target_to_str(target)``, the default node name, without its regexes where they are no-ops.
+
+    For a module path or attribute name (``"blocks.0.conv1.weight"``) with no upper-case
+    letter and no ``__magic__`` form that name is the string itself; function names are
+    few and memoised.
+    """
     if type(graph)._target_to_str is not _TARGET_TO_STR:  # a Graph subclass names nodes its own way
         return graph._target_to_str(target)
-    is_fn = callable(target)
-    key = (is_fn, target.__name__ if is_fn else target)
-    name = _NAMES.get(key)
+    if type(target) is str:
+        if target.isascii() and target.lower() == target and not (target.startswith("__") and target.endswith("__")):
+            return target
+        return graph._target_to_str(target)
+    name = _FN_NAMES.get(target.__name__)
     if name is None:
         name = graph._target_to_str(target)
-        if len(_NAMES) < 65536:  # targets are few (module paths, functions); stay bounded anyway
-            _NAMES[key] = name
+        if len(_FN_NAMES) < 4096:
+            _FN_NAMES[target.__name__] = name
     return name
 
 
@@ -132,3 +140,28 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         new_out = g.output(map_arg(out.args[0], remap), type_expr=getattr(out, "type", None))
         new_out.meta = copy.copy(out.meta)
     return g
+
+
+def module_table(root: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """``dict(root.named_modules())``: same names, same order, a module reachable twice listed once
+    (under its first name in depth-first pre-order)."""
+    if type(root).named_modules is not torch.nn.Module.named_modules:
+        return dict(root.named_modules())
+    out: Dict[str, torch.nn.Module] = {}
+    seen = set()
+    stack = [("", root)]
+    while stack:
+        prefix, mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        if type(mod).named_modules is not torch.nn.Module.named_modules:
+            for k, m in mod.named_modules(prefix=prefix):  # a class with its own traversal
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    out[k] = m
+            continue
+        seen.add(id(mod))
+        out[prefix] = mod
+        children = [(f"{prefix}.{k}" if prefix else k, m) for k, m in mod._modules.items() if m is not None]
+        stack.extend(reversed(children))
+    return out

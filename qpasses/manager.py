@@ -396,40 +396,43 @@ class PassManager:
             stats.disabled = True
             return 0
         action = ACTIONS[rule.rewrite.name]
+        keeps = tuple(rule.keeps) + action.keeps
         rewrites = 0
-        for node in matcher.index(rule.anchor_classes()):
-            if getattr(node, "_erased", False):
-                continue
-            if node.meta.get(PROVENANCE_KEY) == rule.name:
-                continue  # created by this rule: never re-matched by it
-            stats.candidates += 1
-            m, failure = self._match(matcher, rule, node)
-            if m is None:
-                stats.fail(node.name, str(failure))
-                continue
-            stats.matches += 1
-            ctx = MatchContext(gm, matcher, m, rule, self.params, state)
-            why = self._constraints(ctx, rule)
-            if why is None:
-                why = check_guards(ctx, action.replaces, tuple(rule.keeps) + action.keeps)
-            if why is not None:
-                stats.refuse(node.name, why)
-                continue
-            try:
-                with _tag_new_nodes(gm, rule.name, matcher):
+        # nodes created while this rule runs (by its actions) are tagged with its name; the
+        # hook stays registered for the whole loop rather than once per rewrite
+        with _tag_new_nodes(gm, rule.name, matcher):
+            for node in matcher.index(rule.anchor_classes()):
+                if getattr(node, "_erased", False):
+                    continue
+                if node.meta.get(PROVENANCE_KEY) == rule.name:
+                    continue  # created by this rule: never re-matched by it
+                stats.candidates += 1
+                m, failure = self._match(matcher, rule, node)
+                if m is None:
+                    stats.fail(node.name, str(failure))
+                    continue
+                stats.matches += 1
+                ctx = MatchContext(gm, matcher, m, rule, self.params, state)
+                why = self._constraints(ctx, rule)
+                if why is None:
+                    why = check_guards(ctx, action.replaces, keeps)
+                if why is not None:
+                    stats.refuse(node.name, why)
+                    continue
+                try:
                     ctx.call(action.fn, rule.rewrite)
-            except Refuse as r:
-                stats.refuse(node.name, r.reason)
-                continue
-            except QPassesError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                where = f" ({rule.loc})" if rule.loc and rule.loc.file else ""
-                raise RewriteError(f"rule {rule.name!r}{where} failed on node {node.name}: "
-                                   f"{type(e).__name__}: {e}") from e
-            rewrites += 1
-            stats.rewrites += 1
-            stats.rewritten.append(node.name)
+                except Refuse as r:
+                    stats.refuse(node.name, r.reason)
+                    continue
+                except QPassesError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    where = f" ({rule.loc})" if rule.loc and rule.loc.file else ""
+                    raise RewriteError(f"rule {rule.name!r}{where} failed on node {node.name}: "
+                                       f"{type(e).__name__}: {e}") from e
+                rewrites += 1
+                stats.rewrites += 1
+                stats.rewritten.append(node.name)
         return rewrites
 
     @staticmethod

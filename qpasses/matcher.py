@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
+from .fxfast import module_table
 from .ops import OP_CLASSES, OpView, classify, is_inplace
 
 __all__ = ["Match", "MatchFailure", "Matcher", "MatchContext"]
@@ -89,7 +90,7 @@ class Matcher:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
+        self.modules: Dict[str, nn.Module] = module_table(gm)
         self._cls: Dict[fx.Node, Optional[str]] = {}
         self._mutators: Optional[Dict[fx.Node, List[fx.Node]]] = None
         #: scratch space for actions that lives as long as this matcher, i.e. one stage
@@ -118,14 +119,14 @@ class Matcher:
                 self._mutators.setdefault(inp, []).append(node)
 
     def refresh_modules(self) -> None:
-        self.modules = dict(self.gm.named_modules())
+        self.modules = module_table(self.gm)
         self._cls.clear()
 
     def classify(self, node: fx.Node) -> Optional[str]:
         c = self._cls.get(node, _MISSING)
         if c is _MISSING:
             if node.op == "call_module" and node.target not in self.modules:
-                self.modules = dict(self.gm.named_modules())
+                self.modules = module_table(self.gm)
             c = classify(node, self.modules)
             self._cls[node] = c
         return c  # type: ignore[return-value]
@@ -135,7 +136,7 @@ class Matcher:
 
     def view(self, node: fx.Node) -> OpView:
         if node.op == "call_module" and node.target not in self.modules:
-            self.modules = dict(self.gm.named_modules())
+            self.modules = module_table(self.gm)
         return OpView(node, self.gm, self.classify(node), self.modules)
 
     def index(self, classes: Optional[Sequence[str]]) -> List[fx.Node]:

@@ -141,3 +141,45 @@ def test_fast_module_construction_is_a_normal_module():
     assert list(o.state_dict()) == ["min_val", "max_val"] and (o.qmin, o.qmax) == (-128, 127)
     copy.deepcopy(o)
     copy.deepcopy(fq)
+
+
+def test_module_table_matches_named_modules():
+    import qpasses
+    from qpasses import zoo
+    from qpasses.fxfast import module_table
+    shared = torch.nn.ReLU()
+    odd = torch.nn.Sequential(torch.nn.Sequential(shared, torch.nn.Linear(2, 2)), shared, torch.nn.ModuleList([shared]))
+    odd.add_module("empty", None)
+    models = [odd, zoo.MODELS["resnet"](), zoo.CatNet()]
+    models.append(qpasses.trace(zoo.conv_bn_chain(3, 4), (torch.randn(1, 4, 6, 6),), mode="fx"))
+    for m in models:
+        assert list(module_table(m).items()) == list(m.named_modules())
+
+
+def test_absmax_qparams_many_is_bit_identical():
+    from qpasses.numerics import absmax_qparams, absmax_qparams_many
+    torch.manual_seed(0)
+    for shape, axis in [((8, 4, 3, 3), 0), ((8, 4, 3, 3), 1), ((6, 5), 0), ((6, 5), None), ((4, 2, 3), 1), ((7,), 0)]:
+        ws = [torch.randn(shape) * 10.0 ** float(torch.randint(-8, 8, ())) for _ in range(50)]
+        ws[3] = torch.zeros(shape)
+        ws[5] = ws[5].double()
+        ws[7][0] = float("nan")
+        ws = [w if w.dtype == torch.float32 else w.float() for w in ws]
+        for bits in (4, 8):
+            qmin, qmax = qrange(bits, signed=True, narrow=True)
+            many = absmax_qparams_many(ws, axis, qmin, qmax)
+            for w, (s, z) in zip(ws, many):
+                s0, z0 = absmax_qparams(w, axis, qmin, qmax)
+                assert s.shape == s0.shape and z.shape == z0.shape and z.dtype == z0.dtype == torch.int32
+                assert torch.equal(s.nan_to_num(), s0.nan_to_num()) and torch.equal(s.isnan(), s0.isnan())
+                assert torch.equal(z, z0)
+
+
+def test_default_node_names_are_fx_names():
+    from qpasses.fxfast import _candidate_name
+    g = fx.Graph()
+    targets = ["blocks.0.conv1.weight", "act_fq_12", "fooBar", "Conv.Weight", "__add__", "__x", "ümlaut", "ÜBER",
+               "a.B.c", "x_1", "ALL_CAPS", "0abc", "", torch.relu, operator.add, torch.conv2d, torch.ops.aten.add.Tensor]
+    for t in targets:
+        assert _candidate_name(g, t) == g._target_to_str(t), t
+        assert _candidate_name(g, t) == g._target_to_str(t), t  # memoised answer too

@@ -25,7 +25,7 @@ from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
 from ..fxfast import new_node
-from ..numerics import FakeQuantize, Observer, calc_symmetric_qparams, make_observer, qrange
+from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
 from .graphutil import add_module, copy_meta
@@ -210,21 +210,17 @@ def weight_axis(opclass: str, groups: int) -> Optional[int]:
 
 
 def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int, per_channel: bool,
-                      observer: str = "minmax", learnable: bool = False) -> FakeQuantize:
-    """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``."""
+                      observer: str = "minmax", learnable: bool = False, qparams=None) -> FakeQuantize:
+    """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``.
+
+    ``qparams``: ``(scale, zero_point)`` of the min-max rule, when already computed (e.g. by
+    :func:`~qpasses.numerics.absmax_qparams_many` for many weights at once).
+    """
     axis = weight_axis(opclass, groups) if per_channel else None
     if observer == "minmax" and not learnable:
         # fast path (the common case, thousands of layers): max |w| per channel, no observer module
-        with torch.no_grad():
-            w = weight.detach().float()
-            if axis is None:
-                amax = w.abs().max()
-            elif axis == 0 and w.dim() > 1:
-                amax = w.abs().amax(dim=tuple(range(1, w.dim())))
-            else:
-                amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
-            qmin, qmax = qrange(bits, signed=True, narrow=True)
-            scale, zp = calc_symmetric_qparams(amax, qmin, qmax)  # = calc_qparams(-amax, amax, ...)
+        qmin, qmax = qrange(bits, signed=True, narrow=True)
+        scale, zp = qparams if qparams is not None else absmax_qparams(weight, axis, qmin, qmax)
         return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
@@ -232,8 +228,54 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
     return FakeQuantize.from_observer(obs, learnable=learnable)
 
 
+def _weight_qparams(ctx: MatchContext, weight: torch.Tensor, axis: Optional[int], bits: int,
+                    per_channel: bool, default_bits: int):
+    """Min-max qparams of a weighted op's constant ``weight``, or None.
+
+    The stage's first call computes them for the weights of every candidate node of the
+    rule (:func:`~qpasses.numerics.absmax_qparams_many`, one pass per shape); later calls
+    look them up, checking the weight is the same tensor, unchanged since.
+    """
+    key = ("quant.weight_qparams", bool(per_channel), int(default_bits))
+    batch = ctx.matcher.scratch.get(key)
+    if batch is None:
+        groups: Dict[tuple, Dict[int, torch.Tensor]] = {}
+        for node in ctx.matcher.index(ctx.rule.anchor_classes()):
+            if getattr(node, "_erased", False):
+                continue
+            v = ctx.view(node)
+            w = v.tensor("weight") if v.oc is not None else None
+            if not isinstance(w, torch.Tensor):
+                continue
+            try:
+                ax = weight_axis(v.opclass, int(v.get("groups", 1) or 1)) if per_channel else None
+                b = bits_for(ctx, node, "w_bits", default_bits)
+            except (TypeError, ValueError):
+                continue
+            if ax is not None and not 0 <= ax < w.dim():
+                continue
+            groups.setdefault((ax, b, w.shape, w.dtype, w.device), {})[id(w)] = w
+        batch = {}
+        for (ax, b, *_), ws in groups.items():
+            qmin, qmax = qrange(b, signed=True, narrow=True)
+            for w, qp in zip(ws.values(), absmax_qparams_many(list(ws.values()), ax, qmin, qmax)):
+                batch[(id(w), ax, b)] = (w, w._version) + qp
+        ctx.matcher.scratch[key] = batch
+    hit = batch.get((id(weight), axis, bits))
+    if hit is not None and hit[0] is weight and hit[1] == weight._version:
+        return hit[2], hit[3]
+    return None
+
+
 def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
     """Rewrite a conv / linear module call to its functional form with explicit weight/bias nodes."""
+    return _functionalize(ctx, op)
+
+
+def _functionalize(ctx: MatchContext, op: fx.Node, wrap_weight=None) -> fx.Node:
+    """:func:`functionalize`; ``wrap_weight(weight_node) -> node``, if given, makes the node the
+    functional op reads as its weight (placed between the weight and the op), so a weight
+    quantizer is attached without rewriting the new node's arguments a second time."""
     view = ctx.view(op)
     mod = view.module
     fn = _FUNCTIONAL.get(view.opclass)
@@ -249,20 +291,21 @@ def functionalize(ctx: MatchContext, op: fx.Node) -> fx.Node:
         # the module's own weight and bias: no existence check needed (get_attr would make one)
         w = new_node(g, "get_attr", f"{op.target}.weight")
         b = new_node(g, "get_attr", f"{op.target}.bias") if mod.bias is not None else None
+        wa = w if wrap_weight is None else wrap_weight(w)
         if view.opclass == "linear":
-            args = (x, w, b)
+            args = (x, wa, b)
         elif view.opclass.startswith("conv_transpose"):
-            args = (x, w, b, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+            args = (x, wa, b, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
         else:
-            padding = mod.padding if not isinstance(mod.padding, str) else mod.padding
-            args = (x, w, b, mod.stride, padding, mod.dilation, mod.groups)
+            args = (x, wa, b, mod.stride, mod.padding, mod.dilation, mod.groups)
         new = new_node(g, "call_function", fn, args)
     copy_meta(op, new)
+    meta, new_meta = op.meta, new.meta
     for k in ("qpasses.bits", QUANT_KEY, "qpasses.folded_bn"):
-        if k in op.meta:
-            new.meta[k] = op.meta[k]
-    new.meta["qpasses.module"] = str(op.target)
-    new.meta["qpasses.module_type"] = type(mod).__name__
+        if k in meta:
+            new_meta[k] = meta[k]
+    new_meta["qpasses.module"] = str(op.target)
+    new_meta["qpasses.module_type"] = type(mod).__name__
     op.replace_all_uses_with(new)
     g.erase_node(op)
     ctx.matcher.forget(op)
@@ -277,16 +320,24 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     input; ``info`` is recorded as ``op.meta["qpasses.quant"]["weight"]``.  Returns the
     (possibly new) op node.
     """
-    op = functionalize(ctx, op)
-    view = ctx.view(op)
-    wnode = view.get("weight")
-    target = add_module(ctx, prefix, module)
-    with ctx.graph.inserting_before(op):
-        wq = new_node(ctx.graph, "call_module", target, (wnode,))
-    copy_meta(wnode, wq)
-    view.set("weight", wq)
-    op.meta.setdefault(QUANT_KEY, {})["weight"] = info
-    return op
+    def wrap(wnode: fx.Node) -> fx.Node:
+        target = add_module(ctx, prefix, module)
+        wq = new_node(ctx.graph, "call_module", target, (wnode,))  # at the caller's insert point
+        copy_meta(wnode, wq)
+        return wq
+
+    new = _functionalize(ctx, op, wrap)
+    if new is op:  # already functional (or aten): its weight argument is rewired
+        view = ctx.view(op)
+        wnode = view.get("weight")
+        with ctx.graph.inserting_before(op):
+            wq = wrap(wnode)
+        view.set("weight", wq)
+    # a new dict: the old one may be shared with the node this graph was copied from
+    quant = dict(new.meta.get(QUANT_KEY) or {})
+    quant["weight"] = info
+    new.meta[QUANT_KEY] = quant
+    return new
 
 
 @action("quantize_weight")
@@ -297,7 +348,12 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
     w = view.tensor("weight")
     if w is None:
         raise Refuse(f"the weight of {op.name} is not a constant")
+    default_bits = bits
     bits = bits_for(ctx, op, "w_bits", bits)
     groups = int(view.get("groups", 1) or 1)
-    fq = weight_fake_quant(w, view.opclass, groups, bits, bool(per_channel), str(observer), bool(learnable))
+    qp = None
+    if str(observer) == "minmax" and not learnable:
+        axis = weight_axis(view.opclass, groups) if per_channel else None
+        qp = _weight_qparams(ctx, w, axis, bits, bool(per_channel), default_bits)
+    fq = weight_fake_quant(w, view.opclass, groups, bits, bool(per_channel), str(observer), bool(learnable), qp)
     attach_weight_quantizer(ctx, op, fq, "weight_fq", {"bits": bits, "axis": fq.axis})

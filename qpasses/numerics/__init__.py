@@ -15,11 +15,13 @@ from .fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier,
                           requantize, rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 from .observers import (OBSERVERS, ACIQObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
                         MSEObserver, Observer, PercentileObserver, make_observer)
-from .qparams import calc_qparams, calc_symmetric_qparams, dequantize, fake_quantize, qrange, quantize, sqnr
+from .qparams import (absmax_qparams, absmax_qparams_many, calc_qparams, calc_symmetric_qparams, dequantize,
+                      fake_quantize, qrange, quantize, sqnr)
 from .rounding import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 
 __all__ = [
-    "qrange", "calc_qparams", "calc_symmetric_qparams", "quantize", "dequantize", "fake_quantize", "sqnr",
+    "qrange", "calc_qparams", "calc_symmetric_qparams", "absmax_qparams", "absmax_qparams_many", "quantize",
+    "dequantize", "fake_quantize", "sqnr",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
     "HistogramObserver", "ACIQObserver", "OBSERVERS", "make_observer",
     "FakeQuantize", "bits_of_range",

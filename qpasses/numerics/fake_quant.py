@@ -62,8 +62,13 @@ class FakeQuantize(nn.Module):
         qmin, qmax = int(qmin), int(qmax)
         if qmin >= qmax:
             raise ValueError(f"empty integer range [{qmin}, {qmax}]")
-        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
-        z = torch.as_tensor(zero_point).detach().clone().to(torch.int32)
+        # own copies (float32 scale, int32 zero point), made with as few tensor ops as possible
+        s = torch.as_tensor(scale, dtype=torch.float32)
+        s = (s.detach() if s.requires_grad else s).clone()
+        z = torch.as_tensor(zero_point)
+        if z.requires_grad:
+            z = z.detach()
+        z = z.clone() if z.dtype == torch.int32 else z.to(torch.int32)
         if axis is None:
             if s.numel() != 1 or z.numel() != 1:
                 raise ValueError(f"per-tensor FakeQuantize needs one scale and zero point "
@@ -81,10 +86,14 @@ class FakeQuantize(nn.Module):
                 z = z.expand(s.numel()).clone()
             if s.numel() != z.numel():
                 raise ValueError(f"{s.numel()} scales but {z.numel()} zero points")
-        if s.numel():
-            lo, hi = torch.aminmax(s)  # one reduction; NaN makes both NaN and fails the test
-            if not (float(lo) > 0 and math.isfinite(float(hi))):
-                raise ValueError("scales must be positive and finite")
+        if s.dim() == 0:
+            lo = hi = float(s)
+        elif s.numel():
+            lo, hi = (float(v) for v in torch.aminmax(s))  # one reduction; NaN makes both NaN
+        else:
+            lo = hi = 1.0
+        if not (lo > 0 and math.isfinite(hi)):
+            raise ValueError("scales must be positive and finite")
         # plain attributes go straight into __dict__: on a fresh module that is exactly what
         # nn.Module.__setattr__ does, at a fraction of its cost (models hold thousands of these)
         self.__dict__.update(qmin=qmin, qmax=qmax, axis=None if axis is None else int(axis),

@@ -16,11 +16,11 @@ Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference"
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "quantize", "dequantize", "fake_quantize", "sqnr"]
+__all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "absmax_qparams", "absmax_qparams_many", "quantize", "dequantize", "fake_quantize", "sqnr"]
 
 Number = Union[int, float]
 TensorLike = Union[torch.Tensor, Number]
@@ -108,6 +108,41 @@ def calc_symmetric_qparams(amax: torch.Tensor, qmin: int, qmax: int,
         raise ValueError(f"calc_symmetric_qparams needs a signed range, got [{qmin}, {qmax}]")
     scale = torch.clamp(amax / ((qmax - qmin) / 2.0), min=eps)
     return scale, torch.zeros(scale.shape, dtype=torch.int32)
+
+
+def absmax_qparams(weight: torch.Tensor, axis: Optional[int], qmin: int, qmax: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric qparams of ``weight`` from its largest magnitude, per tensor or per channel along ``axis``.
+
+    ``calc_qparams(-amax, amax, qmin, qmax, symmetric=True)`` with ``amax = max |weight|`` (in
+    float32): the min-max rule for weights on a signed range.
+    """
+    w = weight.detach().float()
+    if axis is None:
+        amax = w.abs().max()
+    elif axis == 0 and w.dim() > 1:
+        amax = w.abs().amax(dim=tuple(range(1, w.dim())))
+    else:
+        amax = w.transpose(0, axis).reshape(w.shape[axis], -1).abs().amax(1)
+    return calc_symmetric_qparams(amax, qmin, qmax)
+
+
+def absmax_qparams_many(weights, axis: Optional[int], qmin: int, qmax: int
+                        ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`absmax_qparams` of many weights of one shape, dtype and device, in one vectorised pass.
+
+    Bit-identical to calling :func:`absmax_qparams` on each (a maximum is exact and the rest
+    is elementwise); the results are views of one tensor (clone them to keep them).
+    """
+    w = torch.stack([t.detach() for t in weights]).float()
+    n = w.shape[0]
+    if axis is None:
+        amax = w.reshape(n, -1).abs().amax(1)
+    else:
+        ax = axis + 1
+        amax = w.transpose(1, ax).reshape(n, w.shape[ax], -1).abs().amax(2)
+    scale, zp = calc_symmetric_qparams(amax, qmin, qmax)
+    return list(zip(scale.unbind(0), zp.unbind(0)))
 
 
 def _channel_view(p: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
