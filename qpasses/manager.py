@@ -94,6 +94,7 @@ def _is_plain_module(mod: torch.nn.Module) -> bool:
         and not hasattr(type(mod), "__deepcopy__")
 
 
+@torch.no_grad()
 def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
     """Copy a module tree: new module objects, cloned parameters and buffers.
 
@@ -111,10 +112,9 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
             return None
         hit = memo.get(id(t))
         if hit is None:
-            if type(t) is Parameter or isinstance(t, Parameter):
-                hit = Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-            else:
-                hit = t.detach().clone()
+            c = t.clone()  # under no_grad (below): as detach().clone(), one op less
+            hit = Parameter(c, requires_grad=t.requires_grad) if type(t) is Parameter or isinstance(t, Parameter) \
+                else c
             memo[id(t)] = hit
         return hit
 
@@ -332,7 +332,12 @@ class PassManager:
         t0 = time.perf_counter()
         self.report = Report()
         self._last_input = gm
-        work = copy_graph_module(gm, recompile=False)
+        # rewriting (copy, stages, lint, code generation) allocates many small cyclic objects;
+        # full GC passes over a large graph would make it superlinear in the graph's size, so
+        # the cyclic GC is paused there (not in data steps or verify, which run the model)
+        with _no_gc():
+            work = copy_graph_module(gm, recompile=False)
+        self.report.phases["copy"] = time.perf_counter() - t0
         dirty = True  # the copy's code is generated lazily: before anything runs it
         sample = None
         reference = None
@@ -342,33 +347,39 @@ class PassManager:
         for unit in self.units:
             if unit.kind == "stage":
                 t = time.perf_counter()
-                with _no_gc():  # rewriting allocates many small cyclic objects; full GC passes over a
-                    # large graph would make the stage superlinear in its size
+                with _no_gc():
                     iters, rewrites, converged = self._run_stage(work, unit)
-                if rewrites:
-                    work.graph.lint()  # an unchanged graph needs no re-check
-                    # the generated code is refreshed lazily: before a step, verify or the
-                    # return -- i.e. before anything can run or read it
-                    dirty = True
+                    if rewrites:
+                        work.graph.lint()  # an unchanged graph needs no re-check
+                        # the generated code is refreshed lazily: before a step, verify or the
+                        # return -- i.e. before anything can run or read it
+                        dirty = True
                 label = f"{unit.family}.{unit.stage.name}" if unit.family else unit.stage.name
                 self.report.stages.append(StageRecord(
                     unit.family, unit.stage.name, time.perf_counter() - t, iters, rewrites, converged))
                 if self.verify:
                     if dirty:
-                        work.recompile()
+                        self._recompile(work)
                         dirty = False
                     self._check(work, sample, reference, label, unit.stage.verify)
             else:
                 if dirty:
-                    work.recompile()
+                    self._recompile(work)
                     dirty = False
                 work = self._run_step(work, unit.step, data)
                 if self.verify:
                     self._check(work, sample, reference, f"step:{unit.step.name}", "sqnr")
         if dirty:
-            work.recompile()
+            self._recompile(work)
         self.report.seconds = time.perf_counter() - t0
         return work
+
+    def _recompile(self, gm: fx.GraphModule) -> None:
+        """``gm.recompile()``, timed as the ``codegen`` phase."""
+        t = time.perf_counter()
+        with _no_gc():
+            gm.recompile()
+        self.report.phases["codegen"] = self.report.phases.get("codegen", 0.0) + time.perf_counter() - t
 
     def _run_stage(self, gm: fx.GraphModule, unit: _Unit) -> Tuple[int, int, bool]:
         stage = unit.stage

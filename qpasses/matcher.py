@@ -96,6 +96,7 @@ class Matcher:
         #: scratch space for actions that lives as long as this matcher, i.e. one stage
         #: (e.g. qparams computed for many nodes at once on the first rewrite)
         self.scratch: Dict[str, Any] = {}
+        self._steps: Dict[int, Tuple[Pattern, str]] = {}
 
     def mutators(self, value: fx.Node) -> List[fx.Node]:
         """In-place ops that take ``value`` as an input (candidates for mutating it).
@@ -187,8 +188,15 @@ class Matcher:
             return self._node(pat, value, b, nodes)
         return MatchFailure(str(pat), parent, "unsupported pattern element")
 
+    def _step(self, pat: Pattern) -> str:
+        """``str(pat)``, the pattern step named in failures, formatted once per pattern."""
+        hit = self._steps.get(id(pat))
+        if hit is None:
+            hit = self._steps[id(pat)] = (pat, str(pat))  # holds pat: its id stays unique
+        return hit[1]
+
     def _node(self, pat: NodePat, node: fx.Node, b: Dict[str, Any], nodes: List[fx.Node]) -> Optional[MatchFailure]:
-        step = str(pat)
+        step = self._step(pat)
         cls = self.classify(node)
         if pat.classes is not None and cls not in pat.classes:
             want = "|".join(pat.spelled)
@@ -235,10 +243,16 @@ class Matcher:
                                 f"(add '...' to allow more)")
         if len(children) > len(inputs):
             return MatchFailure(step, node.name, f"{node.name} has only {len(inputs)} input(s)")
-        orders = [list(range(len(children)))]
         oc = OP_CLASSES.get(cls) if cls else None
-        if oc is not None and oc.commutative and len(children) == 2 and len(inputs) == 2:
-            orders.append([1, 0])
+        if not (oc is not None and oc.commutative and len(children) == 2 and len(inputs) == 2):
+            # one order only: match in place (on failure the caller drops b and nodes, or
+            # its own copies of them, anyway)
+            for ci, child in enumerate(children):
+                fail = self._child(child, inputs[ci], b, nodes, node.name)
+                if fail:
+                    return fail
+            return None
+        orders = [[0, 1], [1, 0]]
         first: Optional[MatchFailure] = None
         for order in orders:
             b2 = dict(b)

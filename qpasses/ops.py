@@ -320,11 +320,32 @@ def get_attr_value(gm: nn.Module, target: str) -> Any:
     return obj
 
 
+def module_attr(mod: Any, name: str, default: Any = None) -> Any:
+    """``getattr(mod, name, default)``, cheaper for nn.Modules.
+
+    Reads the instance dict and the parameter / buffer / submodule tables directly, where
+    ``nn.Module.__getattr__`` would look, so a missing attribute (``inplace`` on a conv)
+    does not cost an AttributeError; class attributes, properties and modules with their
+    own ``__getattr__`` go through ``getattr``.
+    """
+    cls = type(mod)
+    if not isinstance(mod, nn.Module) or cls.__getattr__ is not nn.Module.__getattr__ or hasattr(cls, name):
+        return getattr(mod, name, default)
+    d = mod.__dict__
+    if name in d:
+        return d[name]
+    for table in ("_parameters", "_buffers", "_modules"):  # where nn.Module.__getattr__ looks
+        t = d.get(table)
+        if t is not None and name in t:
+            return t[name]
+    return default
+
+
 def is_inplace(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> bool:
     """True for ops that mutate their inputs (``relu_``, ``+=``, ``inplace=True`` modules, mutable aten ops)."""
     if node.op == "call_module":
         mod = _module_of(node, modules)
-        return bool(getattr(mod, "inplace", False))
+        return bool(module_attr(mod, "inplace", False))
     if node.op == "call_method":
         return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
     if node.op == "call_function":
@@ -379,11 +400,7 @@ class OpView:
                 return n.args[0] if n.args else n.kwargs.get("input")
             if name == "training":
                 return self.module.training
-            if name == "running_mean" or name == "running_var":
-                return getattr(self.module, name, default)
-            if hasattr(self.module, name):
-                return getattr(self.module, name)
-            return default
+            return module_attr(self.module, name, default)
         names = self._names()
         if name in n.kwargs:
             return n.kwargs[name]

@@ -72,6 +72,9 @@ class Report:
         self.layers: List[Dict[str, Any]] = []
         self.warnings: List[str] = []
         self.seconds: float = 0.0
+        #: seconds outside the stages and steps: ``copy`` (the working copy of the input)
+        #: and ``codegen`` (``recompile()``: Python code for the graph before a step and at the end)
+        self.phases: Dict[str, float] = {}
 
     def rule(self, name: str, family: Optional[str] = None, stage: str = "main") -> RuleStats:
         key = name if family is None else f"{family}.{name}"
@@ -94,8 +97,9 @@ class Report:
 
     @property
     def timings(self) -> Dict[str, float]:
-        """Seconds per stage (``family.stage``) and per data step (``step:name``)."""
-        out: Dict[str, float] = {}
+        """Seconds per stage (``family.stage``, lint included), per data step (``step:name``), and
+        for the ``copy`` and ``codegen`` phases."""
+        out: Dict[str, float] = dict(self.phases)
         for s in self.stages:
             key = f"{s.family}.{s.stage}" if s.family else s.stage
             out[key] = out.get(key, 0.0) + s.seconds
@@ -109,7 +113,7 @@ class Report:
                 "stages": [vars(s) for s in self.stages],
                 "steps": [{"name": s.name, "seconds": s.seconds, "info": s.info} for s in self.steps],
                 "verify": self.verify, "layers": self.layers, "warnings": self.warnings,
-                "seconds": self.seconds}
+                "phases": dict(self.phases), "seconds": self.seconds}
 
     def table(self) -> str:
         rows = [("rule", "stage", "cand", "match", "rewr", "refused", "first reason")]

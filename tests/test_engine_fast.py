@@ -183,3 +183,35 @@ def test_default_node_names_are_fx_names():
     for t in targets:
         assert _candidate_name(g, t) == g._target_to_str(t), t
         assert _candidate_name(g, t) == g._target_to_str(t), t  # memoised answer too
+
+
+def test_module_attr_is_getattr():
+    from qpasses.ops import module_attr
+
+    class WithProp(torch.nn.Module):
+        flag = "class"
+
+        @property
+        def prop(self):
+            return 3
+
+        @property
+        def broken(self):
+            raise AttributeError("no")
+
+    class OwnGetattr(torch.nn.Module):
+        def __getattr__(self, name):
+            return "dynamic"
+
+    m = WithProp()
+    m.register_buffer("buf", torch.ones(1))
+    m.register_parameter("p", None)
+    m.sub = torch.nn.ReLU(inplace=True)
+    m.plain = 7
+    conv = torch.nn.Conv2d(2, 2, 1, bias=False)
+    cases = [(m, n) for n in ("flag", "prop", "broken", "buf", "p", "sub", "plain", "missing", "training")]
+    cases += [(conv, n) for n in ("weight", "bias", "stride", "inplace", "padding_mode")]
+    cases += [(OwnGetattr(), "anything"), (None, "inplace"), (3, "real")]
+    for obj, name in cases:
+        sentinel = object()
+        assert module_attr(obj, name, sentinel) is getattr(obj, name, sentinel), name

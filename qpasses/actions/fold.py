@@ -32,7 +32,7 @@ def fold_bn_params(weight: torch.Tensor, bias, mean, var, gamma, beta, eps: floa
     with torch.no_grad():
         w = weight.detach()
         cout = mean.numel()
-        s = (gamma if gamma is not None else torch.ones_like(mean)) / torch.sqrt(var + eps)
+        s = (gamma if gamma is not None else torch.ones_like(mean)) / (var + eps).sqrt_()
         b = bias.detach() if bias is not None else torch.zeros_like(mean)
         bt = beta if beta is not None else torch.zeros_like(mean)
         if opclass.startswith("conv_transpose"):
@@ -44,8 +44,12 @@ def fold_bn_params(weight: torch.Tensor, bias, mean, var, gamma, beta, eps: floa
             w_new = (wg * sg).reshape(w.shape)
         else:
             w_new = w * s.reshape(cout, *([1] * (w.dim() - 1)))
-        b_new = (b - mean) * s + bt
-    return w_new.to(weight.dtype), b_new.to(weight.dtype)
+        if b.dtype == mean.dtype == s.dtype == bt.dtype and b.shape == mean.shape == s.shape == bt.shape:
+            b_new = (b - mean).mul_(s).add_(bt)  # the same arithmetic, without two temporaries
+        else:
+            b_new = (b - mean) * s + bt          # mixed dtypes: promote as written
+    dt = weight.dtype
+    return (w_new if w_new.dtype == dt else w_new.to(dt)), (b_new if b_new.dtype == dt else b_new.to(dt))
 
 
 def _out_channels(w: torch.Tensor, opclass: str, groups: int) -> int:
@@ -91,8 +95,7 @@ def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
         if shp is not None and len(shp) != 2:
             raise Refuse(f"BatchNorm after linear with a rank-{len(shp)} output normalises dim 1, "
                          f"not the linear's features")
-    w_new, b_new = fold_bn_params(w, b, mean.detach(), var.detach(), None if gamma is None else gamma.detach(),
-                                  None if beta is None else beta.detach(), eps, opclass, groups)
+    w_new, b_new = fold_bn_params(w, b, mean, var, gamma, beta, eps, opclass, groups)  # (no autograd inside)
     if cv.module is not None:
         requires_grad = cv.module.weight.requires_grad
         if is_shared_module(ctx.gm, conv):

@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 
 from ..matcher import MatchContext
 
@@ -34,8 +35,13 @@ def _unique(gm: nn.Module, prefix: str, state: Dict[str, Any]) -> str:
 
 def add_module(ctx: MatchContext, prefix: str, module: nn.Module) -> str:
     """Register ``module`` on the graph module under a fresh top-level name; returns the target."""
-    name = _unique(ctx.gm, prefix, ctx.state)
-    ctx.gm.add_module(name, module)
+    gm = ctx.gm
+    name = _unique(gm, prefix, ctx.state)
+    if (isinstance(module, nn.Module) and "." not in name and type(gm).add_module is nn.Module.add_module
+            and not getattr(_nn_module, "_global_module_registration_hooks", True)):
+        gm._modules[name] = module  # what add_module does for a valid, unused name (_unique checked it)
+    else:
+        gm.add_module(name, module)
     ctx.matcher.modules[name] = module
     return name
 

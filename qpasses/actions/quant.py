@@ -156,23 +156,31 @@ def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: i
         u.replace_input_with(op, obs)
 
 
-def _observer_qparams(ctx: MatchContext, mod: Observer):
-    """``mod.calculate_qparams()``; the stage's first call computes them for every observer of the
-    graph module at once (:func:`calculate_qparams_many`), later calls look them up."""
+def _batched_observer_qparams(ctx: MatchContext, mod: Observer):
+    """``mod.calculate_qparams()`` if the stage's batch has it, else None.
+
+    The stage's first call computes the qparams of every observer of the graph module at
+    once (:func:`calculate_qparams_many`); later calls look them up, checking the
+    observer's statistics are the tensors they were computed from, unchanged since.
+    """
     batch = ctx.matcher.scratch.get("quant.observer_qparams")
     if batch is None:
         observers = [m for m in ctx.modules.values() if isinstance(m, Observer)]
         qp = calculate_qparams_many(observers)
-        # with the statistics they were computed from: an observer that sees data later is recomputed
-        batch = {id(o): (o, o.min_val, o.max_val, o.min_val._version, o.max_val._version) + qp[id(o)]
-                 for o in observers if id(o) in qp}
+        batch = {}
+        for o in observers:
+            if id(o) in qp:
+                lo, hi = o._buffers["min_val"], o._buffers["max_val"]
+                batch[id(o)] = (o, lo, hi, lo._version, hi._version) + qp[id(o)]
         ctx.matcher.scratch["quant.observer_qparams"] = batch
     hit = batch.get(id(mod))
-    if hit is not None and hit[0] is mod:
-        lo, hi = mod.min_val, mod.max_val
-        if hit[1] is lo and hit[2] is hi and hit[3] == lo._version and hit[4] == hi._version:
-            return hit[5], hit[6]
-    return mod.calculate_qparams()
+    if hit is None or hit[0] is not mod:
+        return None
+    buffers = mod._buffers  # where min_val / max_val live (read without nn.Module.__getattr__)
+    lo, hi = buffers.get("min_val"), buffers.get("max_val")
+    if hit[1] is lo and hit[2] is hi and hit[3] == lo._version and hit[4] == hi._version:
+        return hit[5], hit[6]
+    return None
 
 
 @action("to_fake_quant")
@@ -181,10 +189,13 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     mod = ctx.modules.get(obs.target)
     if not isinstance(mod, Observer):
         raise Refuse(f"{obs.name} is not an observer")
-    if not getattr(mod, "has_data", True):
-        raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
-                        f"(PassManager(...).run(gm, data=batches))")
-    scale, zero_point = _observer_qparams(ctx, mod)
+    qp = _batched_observer_qparams(ctx, mod)  # found there: the observer has data
+    if qp is None:
+        if not getattr(mod, "has_data", True):
+            raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
+                            f"(PassManager(...).run(gm, data=batches))")
+        qp = mod.calculate_qparams()
+    scale, zero_point = qp
     try:
         fq = FakeQuantize(scale, zero_point, mod.qmin, mod.qmax, axis=mod.axis, learnable=bool(learnable),
                           bits=mod.bits, symmetric=mod.symmetric)
