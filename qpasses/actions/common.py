@@ -1,7 +1,7 @@
 """Generic constraints (``where:`` / ``unless:``) and structural actions."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.fx as fx
 

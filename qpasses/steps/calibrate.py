@@ -1,7 +1,7 @@
 """The ``calibrate`` data step: run batches through the graph so observers see real ranges."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
