@@ -40,7 +40,7 @@ import yaml
 from ..errors import Location, RuleError, RuleSyntaxError, UnknownNameError, nearest
 from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS
 from .syntax import (BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
-                     ValuePat, param_refs, parse_call, parse_pattern, parse_value, substitute)
+                     ValuePat, find_refs, param_refs, parse_call, parse_pattern, parse_value, substitute)
 
 # ----------------------------------------------------------------------------- located YAML
 
@@ -256,16 +256,7 @@ def _bindings(p: Pattern, out: Dict[str, str]) -> None:
 
 
 def _refs(v: Any, out: List[BindingRef]) -> None:
-    stack = [v]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, BindingRef):
-            out.append(x)
-        elif isinstance(x, list):
-            stack.extend(x)
-        elif isinstance(x, Call):
-            stack.extend(x.args)
-            stack.extend(x.kwargs.values())
+    out.extend(find_refs(v, BindingRef, into_patterns=False))
 
 
 RULE_KEYS = ("name", "stage", "match", "where", "unless", "rewrite", "when", "doc", "keeps")

@@ -389,22 +389,30 @@ def substitute(value: Any, params: Dict[str, Any], where: str = "") -> Any:
     return value
 
 
-def param_refs(value: Any) -> List[ParamRef]:
-    """All ``${param}`` references inside ``value``."""
-    out: List[ParamRef] = []
+def find_refs(value: Any, kind: type, into_patterns: bool = True) -> list:
+    """All instances of ``kind`` (e.g. :class:`ParamRef`) inside ``value``: lists and action /
+    constraint calls, and (``into_patterns``) pattern children, attributes and literals."""
+    out: list = []
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, ParamRef):
+        if isinstance(v, kind):
             out.append(v)
         elif isinstance(v, list):
             stack.extend(v)
         elif isinstance(v, Call):
             stack.extend(v.args)
             stack.extend(v.kwargs.values())
+        elif not into_patterns:
+            continue
         elif isinstance(v, NodePat):
             stack.extend(v.children)
             stack.extend(v.attrs.values())
         elif isinstance(v, LiteralPat):
             stack.append(v.value)
     return out
+
+
+def param_refs(value: Any) -> List[ParamRef]:
+    """All ``${param}`` references inside ``value``."""
+    return find_refs(value, ParamRef)
