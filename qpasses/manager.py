@@ -17,7 +17,7 @@ import torch.fx as fx
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
 from .frontend import as_inputs
-from .fxfast import copy_graph
+from .fxfast import copy_graph, delete_unused_submodules
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -369,10 +369,20 @@ class PassManager:
                 work = self._run_step(work, unit.step, data)
                 if self.verify:
                     self._check(work, sample, reference, f"step:{unit.step.name}", "sqnr")
+        self._prune(work)
         if dirty:
             self._recompile(work)
         self.report.seconds = time.perf_counter() - t0
         return work
+
+    def _prune(self, gm: fx.GraphModule) -> None:
+        """Drop the submodules no node uses any more (a folded BatchNorm, a replaced observer,
+        a module swapped for another): they would still be in ``parameters()`` and the
+        ``state_dict``. Timed as the ``prune`` phase."""
+        t = time.perf_counter()
+        with _no_gc():
+            delete_unused_submodules(gm)
+        self.report.phases["prune"] = time.perf_counter() - t
 
     def _recompile(self, gm: fx.GraphModule) -> None:
         """``gm.recompile()``, timed as the ``codegen`` phase."""
@@ -417,12 +427,12 @@ class PassManager:
                     continue
                 if node.meta.get(PROVENANCE_KEY) == rule.name:
                     continue  # created by this rule: never re-matched by it
-                stats.candidates += 1
+                stats.candidate(node.name)
                 m, failure = self._match(matcher, rule, node)
                 if m is None:
                     stats.fail(node.name, str(failure))
                     continue
-                stats.matches += 1
+                stats.match(node.name)
                 ctx = MatchContext(gm, matcher, m, rule, self.params, state)
                 why = self._constraints(ctx, rule)
                 if why is None:

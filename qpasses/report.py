@@ -12,7 +12,12 @@ MAX_REASONS = 200
 @dataclass
 class RuleStats:
     """Per-rule counters.  ``failures``: candidates whose pattern did not match;
-    ``refused``: matches that a constraint, a guard or the action declined."""
+    ``refused``: matches that a constraint, a guard or the action declined.
+
+    A node counts once: a ``fixpoint`` stage visits a node that stays refused in every
+    pass, and a composition may run a family twice, but ``candidates``, ``matches``,
+    ``n_failures`` and ``n_refused`` count distinct nodes (and distinct reasons);
+    ``rewrites`` counts every rewrite."""
     rule: str
     family: Optional[str]
     stage: str
@@ -25,13 +30,35 @@ class RuleStats:
     n_failures: int = 0
     rewritten: List[str] = field(default_factory=list)
     disabled: bool = False
+    _seen: set = field(default_factory=set, repr=False, compare=False)
+
+    def _first(self, key: tuple) -> bool:
+        """True the first time ``key`` is seen (always for unnamed nodes, e.g. in ONNX files)."""
+        if not key[1]:
+            return True
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def candidate(self, node: str) -> None:
+        if self._first(("c", node)):
+            self.candidates += 1
+
+    def match(self, node: str) -> None:
+        if self._first(("m", node)):
+            self.matches += 1
 
     def fail(self, node: str, reason: str) -> None:
+        if not self._first(("f", node, reason)):
+            return
         self.n_failures += 1
         if len(self.failures) < MAX_REASONS:
             self.failures.append((node, reason))
 
     def refuse(self, node: str, reason: str) -> None:
+        if not self._first(("r", node, reason)):
+            return
         self.n_refused += 1
         if len(self.refused) < MAX_REASONS:
             self.refused.append((node, reason))

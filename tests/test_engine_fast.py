@@ -240,3 +240,44 @@ def test_engine_benchmark_prints_its_tables(capsys):
     assert header and "codegen (s)" in header[0] and "convert.convert (s)" in header[0]
     for row in phase_rows:
         assert all(float(c) >= 0 for c in row.strip("|").split("|")[1:])
+
+
+def test_delete_unused_submodules_matches_fx():
+    """Same modules kept as GraphModule.delete_all_unused_submodules, on graphs after rewrites."""
+    import qpasses
+    from qpasses.fxfast import delete_unused_submodules
+    from qpasses.zoo import MobileNetV2Like, ResNetLike
+
+    for model, shape in ((ResNetLike(), (1, 1, 16, 16)), (MobileNetV2Like(), (1, 1, 16, 16))):
+        x = torch.randn(*shape)
+        gm = qpasses.trace(model.eval(), (x,))
+        work = copy.deepcopy(gm)
+        for n in list(work.graph.nodes):  # orphan every BatchNorm: its users read its input
+            if n.op == "call_module" and isinstance(work.get_submodule(n.target), torch.nn.BatchNorm2d):
+                n.replace_all_uses_with(n.args[0])
+                work.graph.erase_node(n)
+        work.recompile()
+        ref = copy.deepcopy(work)
+        ref.delete_all_unused_submodules()
+        removed = delete_unused_submodules(work)
+        assert removed > 0
+        assert [k for k, _ in work.named_modules()] == [k for k, _ in ref.named_modules()]
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in work.modules())
+        torch.testing.assert_close(work(x), ref(x))
+
+
+def test_run_drops_the_modules_its_rewrites_orphaned():
+    import qpasses
+    from qpasses.zoo import ResNetLike
+
+    x = torch.randn(2, 1, 16, 16)
+    gm = qpasses.trace(ResNetLike().eval(), (x,))
+    pm = qpasses.PassManager("ptq_int8")
+    q = pm.run(gm, data=[x])
+    assert "prune" in pm.report.phases
+    used = {n.target for n in q.graph.nodes if n.op == "call_module"}
+    top = {name for name, _ in q.named_children()}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in q.modules())   # folded
+    assert not any(type(m).__name__.endswith("Observer") for m in q.modules())  # converted
+    assert {t.split(".")[0] for t in used} <= top
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in gm.modules())       # input untouched

@@ -123,3 +123,28 @@ def test_transformer_falls_back_to_export():
     # the batch dimension is exported dynamic: other batch sizes run too
     x3 = torch.cat([x, x, x])
     torch.testing.assert_close(gm(x3), m(x3))
+
+
+def test_report_counts_a_refused_node_once_across_fixpoint_passes():
+    class ConvUsedTwice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.conv2 = torch.nn.Conv2d(3, 3, 1)
+            self.bn2 = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn2(self.conv2(self.bn(y) + y))
+
+    x = torch.randn(1, 3, 4, 4)
+    gm = qpasses.trace(ConvUsedTwice().eval(), (x,))
+    pm = qpasses.PassManager("canonicalize")
+    out = pm.run(gm)
+    st = pm.report["fold_bn"]
+    stage = [s for s in pm.report.stages if s.stage == "canonicalize"][0]
+    assert stage.iterations == 2  # a fixpoint stage: the second pass sees the refusal again
+    assert (st.candidates, st.matches, st.rewrites, st.n_refused) == (2, 2, 1, 1)
+    assert st.refused == [("bn", "interior node conv is also used outside the match (by add)")]
+    torch.testing.assert_close(out(x), gm(x))

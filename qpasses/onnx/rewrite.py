@@ -433,7 +433,7 @@ def _apply(graph: gs.Graph, rule: Rule, family: Optional[str], report: Report, s
         cls = matcher.classify(node)
         if anchors is not None and cls not in anchors:
             continue
-        stats.candidates += 1
+        stats.candidate(node.name)
         m, why = None, None
         for pat in rule.match:
             r = matcher.match(pat, node)
@@ -444,7 +444,7 @@ def _apply(graph: gs.Graph, rule: Rule, family: Optional[str], report: Report, s
         if m is None:
             stats.fail(node.name, str(why))
             continue
-        stats.matches += 1
+        stats.match(node.name)
         if fn is None:
             stats.refuse(node.name, f"action {rule.rewrite.name!r} has no ONNX implementation")
             continue
