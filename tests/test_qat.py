@@ -159,3 +159,16 @@ def test_qat_recovers_w4a4_accuracy_on_digits():
     assert ptq < fp32 and qat > ptq + 0.4
     ptq, qat = res[(3, 3)]          # measured: 87.8 -> 97.8
     assert qat >= ptq + 5.0
+
+
+def test_qat_prepare_modules_stay_in_eval_mode_like_the_batchnorm_they_replace():
+    # (a training-mode BatchNorm is refused by the soundness guards: it is stateful)
+    torch.manual_seed(0)
+    gm = qpasses.trace(_model(), (torch.randn(2, 1, 6, 6),))
+    out = qpasses.PassManager("qat_prepare").run(gm)
+    mods = [mod for mod in out.modules() if isinstance(mod, QATConvBn2d)]
+    assert mods and not any(mod.training for mod in mods)
+    before = [mod.running_mean.clone() for mod in mods]
+    with torch.no_grad():  # an eval forward leaves the running statistics alone
+        out(torch.randn(4, 1, 6, 6))
+    assert all(torch.equal(b, mod.running_mean) for b, mod in zip(before, mods))

@@ -23,7 +23,8 @@ def edge_weighted(ctx: MatchContext, node: fx.Node, which: str = "both"):
     if not ws:
         return False, "no weighted ops"
     hit = (which in ("first", "both") and node is ws[0]) or (which in ("last", "both") and node is ws[-1])
-    return hit, f"{node.name} is not the {which} weighted op"
+    wanted = {"first": "the first", "last": "the last"}.get(which, "the first or the last")
+    return hit, f"{node.name} is not {wanted} weighted op"
 
 
 @action("set_bits")

@@ -54,9 +54,13 @@ def _weight_quantizer(ctx: MatchContext, op: fx.Node):
 @constraint("weight_fake_quantized")
 def weight_fake_quantized(ctx: MatchContext, op: fx.Node):
     """The weight of ``op`` is read through a FakeQuantize / Int4GroupFakeQuantize module."""
-    _, mod, _, _ = _weight_quantizer(ctx, op)
+    wnode, mod, _, _ = _weight_quantizer(ctx, op)
     if mod is None:
-        return False, f"the weight of {op.name} is not fake-quantized (float layer: nothing to lower)"
+        other = _module(ctx, wnode)
+        if other is None:
+            return False, f"the weight of {op.name} is not fake-quantized (float layer: nothing to lower)"
+        return False, (f"the weight of {op.name} is read through {type(other).__name__}, which has no kernel "
+                       f"(weights behind FakeQuantize or Int4GroupFakeQuantize are lowered)")
     return True, ""
 
 

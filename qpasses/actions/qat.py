@@ -48,6 +48,7 @@ def qat_fuse_conv_bn(ctx: MatchContext, bn: fx.Node, conv: fx.Node, w_bits: int 
                           freeze_bn_after=None if freeze_bn_after is None else int(freeze_bn_after))
     except ValueError as e:
         raise Refuse(f"{conv.name}: {e}") from None
+    mod.train(bm.training)  # the mode of the BatchNorm it replaces (a new module starts in training mode)
     target = add_module(ctx, "qat_conv_bn", mod)
     with ctx.graph.inserting_before(bn):
         new = ctx.graph.call_module(target, conv.args[:1])
