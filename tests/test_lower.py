@@ -293,3 +293,15 @@ def test_one_quantize_node_per_shared_activation_and_lowering_twice_is_a_no_op()
         assert (low(x) - fq(x)).abs().max() <= 1e-5 * fq(x).abs().max()
     again = qpasses.PassManager("lower").run(low)
     assert kernel_targets(again) == t
+
+
+def test_lower_names_the_weight_quantizer_it_has_no_kernel_for():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    gm = qpasses.trace(zoo.MLP().eval(), (x,))
+    pm = qpasses.PassManager(["canonicalize", "observe", "aciq", "lower_triton"])
+    out = pm.run(gm, data=[x])
+    st = pm.report["lower_quantized_weighted"]
+    assert st.rewrites == 0 and st.n_refused == st.matches > 0
+    assert all("read through ChannelBitsFakeQuant, which has no kernel" in why for _, why in st.refused)
+    torch.testing.assert_close(out(x), qpasses.PassManager(["canonicalize", "observe", "aciq"]).run(gm, data=[x])(x))
