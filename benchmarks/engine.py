@@ -2,13 +2,15 @@
 
 Residual conv-BN chains of about 350, 1.4k, 2.8k, 10k and 100k graph nodes.  For qpasses
 the time is the wall time of ``PassManager("ptq_int8").run(gm, data)`` minus the calibrate
-step (so: copy, canonicalize, observe, convert, recompiles and lint); for torch.ao it is
+step (so: copy, canonicalize, observe, convert, recompiles, lint and the prune of orphaned
+submodules); for torch.ao it is
 ``prepare_fx`` + ``convert_fx`` (calibration between them excluded).  Both see the same
 model and the same single calibration batch.  Tracing is not included in either (torch.ao
 traces inside ``prepare_fx``, so its time includes a symbolic trace; ours is given the
-traced graph — the trace time is printed separately so the reader can add it).
+traced graph — the trace time is printed separately so the reader can add it).  Each side
+is the best of ``--repeat`` runs (torch.ao once above ``--ao-repeat-limit`` nodes).
 
-    python benchmarks/engine.py                 # the full table (100k nodes takes ~1 min)
+    python benchmarks/engine.py                 # the full table (~8 min: torch.ao at 10k takes ~3)
     python benchmarks/engine.py --sizes 350 2800 --ao-limit 3000
 """
 from __future__ import annotations
