@@ -119,6 +119,9 @@ def test_large_k_uses_exact_integer_accumulation():
 def test_int_mm_route_equals_float_route(granularity, symmetric, a_bits, w_bits, K, monkeypatch):
     """The int8 GEMM route (torch._int_mm, unsigned codes shifted by 128) and the exact-float
     route compute the same integer sums and the same epilogue: bit-identical outputs."""
+    from qpasses.methods.dynamic import int_mm_is_exact
+    if not int_mm_is_exact("cpu"):
+        pytest.skip("torch._int_mm is not exact on this CPU (no AVX-512 VNNI): qpasses does not use it here")
     g = torch.Generator().manual_seed(K + a_bits)
     w, b = torch.randn(19, K, generator=g), torch.randn(19, generator=g)
     x = torch.randn(2, 6, K, generator=g) * 2 + 0.7
@@ -208,3 +211,38 @@ def test_per_token_protects_tokens_from_an_outlier_token():
         cos = {g: _cos(DynamicQuantLinear(lin.weight, lin.bias, granularity=g)(x)[:, 1:], ref)
                for g in ("per_tensor", "per_token")}
     assert cos["per_token"] > 0.9999 and cos["per_tensor"] < 0.99
+
+
+def _saturating_int_mm(a, b):
+    """An int8 GEMM that sums pairs of u8 x s8 products in saturating int16, as some CPU kernels do."""
+    u = (a.to(torch.int32) + 128)                                   # u8 codes
+    prod = u.unsqueeze(2) * b.to(torch.int32).unsqueeze(0)          # [M, K, N]
+    k = prod.shape[1] - prod.shape[1] % 2
+    pairs = (prod[:, 0:k:2] + prod[:, 1:k:2]).clamp(-32768, 32767)
+    acc = pairs.sum(1) + (prod[:, k:].sum(1) if k < prod.shape[1] else 0)
+    return (acc - 128 * b.to(torch.int32).sum(0)).to(torch.int32)
+
+
+def test_inexact_int_mm_is_detected_and_not_used(monkeypatch):
+    from qpasses.methods import dynamic as dyn
+    monkeypatch.setattr(dyn, "_INT_MM_EXACT", {})
+    monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    assert dyn.int_mm_is_exact("cpu") is False
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(19, 40, generator=g), torch.randn(19, generator=g)
+    x = torch.randn(2, 6, 40, generator=g) * 2 + 0.7
+    mod = DynamicQuantLinear(w, b, granularity="per_token")
+    y = mod(x)
+    monkeypatch.setattr(DynamicQuantLinear, "_use_int_mm", lambda self, rows: False)
+    assert torch.equal(y, mod(x))  # the exact float route
+
+
+def test_int_mm_probe_agrees_with_an_exact_reference():
+    from qpasses.methods.dynamic import int_mm_is_exact
+    g = torch.Generator().manual_seed(1)
+    cases = [(torch.full((3, 64), 127, dtype=torch.int8), torch.full((64, 8), 127, dtype=torch.int8)),
+             (torch.randint(-128, 128, (17, 64), generator=g, dtype=torch.int8),
+              torch.randint(-128, 128, (64, 32), generator=g, dtype=torch.int8))]
+    exact = all(torch.equal(torch._int_mm(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+                for a, b in cases)
+    assert int_mm_is_exact("cpu") is exact

@@ -15,7 +15,11 @@
   GEMM with a float epilogue.
 
 Exactness of the accumulation. On the CPU (and on CUDA where cuBLASLt accepts the shape) the
-product is ``torch._int_mm``: int8 x int8 -> int32, exact. Affine 8-bit activations (codes
+product is ``torch._int_mm``: int8 x int8 -> int32, exact -- where it is. On CPUs without
+AVX-512 VNNI it is not (torch 2.13, oneDNN at ``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` or ``AVX2``:
+results off by thousands, as from pairs of u8 x s8 products summed in saturating int16).
+:func:`int_mm_is_exact` probes the running process once with operands that saturate such a
+kernel; where it fails, the float route below is used instead. Affine 8-bit activations (codes
 0..255) are fed as ``x_q - 128`` and the offset is added back through the weight's column sums,
 ``sum_k (x_q - z) w = sum_k (x_q - 128) w + (128 - z) sum_k w``, in int64. Elsewhere the integer
 operands are held in fp32 and multiplied with the float GEMM; every partial sum is an integer of
@@ -32,10 +36,39 @@ import torch
 import torch.nn as nn
 
 __all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantize_weight_per_channel",
-           "GRANULARITIES"]
+           "GRANULARITIES", "int_mm_is_exact"]
 
 GRANULARITIES = ("per_tensor", "per_token")
 _FP32_EXACT = float(2 ** 24)
+_INT_MM_EXACT = {}
+
+
+def int_mm_is_exact(device: str = "cpu") -> bool:
+    """Whether ``torch._int_mm`` gives exact int32 products on ``device`` in this process.
+
+    Checked once per device type against an int64 reference, on operands with the extreme
+    codes (-128 and 127 side by side, where a kernel that sums u8 x s8 pairs in int16
+    saturates) and random ones, at a few shapes (a single row, odd rows, a longer K).
+    """
+    hit = _INT_MM_EXACT.get(device)
+    if hit is None:
+        hit = True
+        g = torch.Generator().manual_seed(0)
+        try:
+            for m, k, n in ((1, 64, 32), (17, 64, 48), (33, 256, 64)):
+                a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+                b = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+                a[0, 0::2], a[0, 1::2] = 127, -128
+                b[0::2, 0], b[1::2, 0] = 127, -128
+                b[:, -1] = 127
+                got = torch._int_mm(a.to(device), b.to(device)).cpu().to(torch.int64)
+                if not torch.equal(got, a.to(torch.int64) @ b.to(torch.int64)):
+                    hit = False
+                    break
+        except RuntimeError:  # no int8 GEMM for these shapes here
+            hit = False
+        _INT_MM_EXACT[device] = hit
+    return hit
 
 
 def dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool, reduce_dim: Optional[int]):
@@ -136,7 +169,7 @@ class DynamicQuantLinear(nn.Module):
     def _use_int_mm(self, rows: int) -> bool:
         dev = self.weight_q.device.type
         if dev == "cpu":
-            return True
+            return int_mm_is_exact("cpu")
         # cuBLASLt's int8 GEMM: more than 16 rows, K and N multiples of 8
         return dev == "cuda" and rows > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
 
