@@ -9,8 +9,10 @@
 * :func:`copy_graph` is ``copy.deepcopy(graph)`` (``Graph.__deepcopy__``) with its nodes
   made by :func:`new_node`.
 * :func:`module_table` is ``dict(root.named_modules())`` without a generator frame per module.
+* :func:`delete_unused_submodules` is ``GraphModule.delete_all_unused_submodules()`` in
+  linear time.
 
-Both keep every invariant ``create_node`` keeps (unique names, insert point, the
+:func:`new_node` and :func:`copy_graph` keep every invariant ``create_node`` keeps (unique names, insert point, the
 ``find_nodes`` side table, node count, create-node hooks of the owning module); when the
 private attributes they rely on are missing (another torch version) they fall back to
 the public API.
@@ -24,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-__all__ = ["new_node", "copy_graph", "module_table"]
+__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)

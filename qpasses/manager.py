@@ -335,9 +335,8 @@ class PassManager:
         # rewriting (copy, stages, lint, code generation) allocates many small cyclic objects;
         # full GC passes over a large graph would make it superlinear in the graph's size, so
         # the cyclic GC is paused there (not in data steps or verify, which run the model)
-        with _no_gc():
+        with self._phase("copy"):
             work = copy_graph_module(gm, recompile=False)
-        self.report.phases["copy"] = time.perf_counter() - t0
         dirty = True  # the copy's code is generated lazily: before anything runs it
         sample = None
         reference = None
@@ -375,21 +374,27 @@ class PassManager:
         self.report.seconds = time.perf_counter() - t0
         return work
 
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Run the body without the cyclic GC and add its seconds to ``report.phases[name]``."""
+        t = time.perf_counter()
+        try:
+            with _no_gc():
+                yield
+        finally:
+            phases = self.report.phases
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
     def _prune(self, gm: fx.GraphModule) -> None:
         """Drop the submodules no node uses any more (a folded BatchNorm, a replaced observer,
         a module swapped for another): they would still be in ``parameters()`` and the
-        ``state_dict``. Timed as the ``prune`` phase."""
-        t = time.perf_counter()
-        with _no_gc():
+        ``state_dict``."""
+        with self._phase("prune"):
             delete_unused_submodules(gm)
-        self.report.phases["prune"] = time.perf_counter() - t
 
     def _recompile(self, gm: fx.GraphModule) -> None:
-        """``gm.recompile()``, timed as the ``codegen`` phase."""
-        t = time.perf_counter()
-        with _no_gc():
+        with self._phase("codegen"):
             gm.recompile()
-        self.report.phases["codegen"] = self.report.phases.get("codegen", 0.0) + time.perf_counter() - t
 
     def _run_stage(self, gm: fx.GraphModule, unit: _Unit) -> Tuple[int, int, bool]:
         stage = unit.stage

@@ -99,8 +99,9 @@ class Report:
         self.layers: List[Dict[str, Any]] = []
         self.warnings: List[str] = []
         self.seconds: float = 0.0
-        #: seconds outside the stages and steps: ``copy`` (the working copy of the input)
-        #: and ``codegen`` (``recompile()``: Python code for the graph before a step and at the end)
+        #: seconds outside the stages and steps: ``copy`` (the working copy of the input),
+        #: ``codegen`` (``recompile()``: Python code for the graph before a step and at the end)
+        #: and ``prune`` (dropping the submodules the rewrites orphaned)
         self.phases: Dict[str, float] = {}
 
     def rule(self, name: str, family: Optional[str] = None, stage: str = "main") -> RuleStats:
@@ -125,7 +126,7 @@ class Report:
     @property
     def timings(self) -> Dict[str, float]:
         """Seconds per stage (``family.stage``, lint included), per data step (``step:name``), and
-        for the ``copy`` and ``codegen`` phases."""
+        for the ``copy``, ``codegen`` and ``prune`` phases."""
         out: Dict[str, float] = dict(self.phases)
         for s in self.stages:
             key = f"{s.family}.{s.stage}" if s.family else s.stage

@@ -10,16 +10,13 @@ import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
 from ..matcher import MatchContext
+from ..ops import module_attr
 
 __all__ = ["add_module", "add_param", "node_paths", "erase_if_unused", "copy_meta", "is_shared_module", "retarget",
            "matches_any"]
 
 
-def _has_attr(mod: nn.Module, name: str) -> bool:
-    """``hasattr(mod, name)`` without the cost of nn.Module.__getattr__ raising for a free name."""
-    d = mod.__dict__
-    return (name in d or name in d["_modules"] or name in d["_parameters"] or name in d["_buffers"]
-            or hasattr(type(mod), name))
+_FREE = object()
 
 
 def _unique(gm: nn.Module, prefix: str, state: Dict[str, Any]) -> str:
@@ -28,7 +25,7 @@ def _unique(gm: nn.Module, prefix: str, state: Dict[str, Any]) -> str:
     while True:
         name = f"{prefix}_{i}"
         i += 1
-        if not _has_attr(gm, name):
+        if module_attr(gm, name, _FREE) is _FREE:  # hasattr, without __getattr__ raising for a free name
             counters[prefix] = i
             return name
 
