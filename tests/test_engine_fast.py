@@ -281,3 +281,71 @@ def test_run_drops_the_modules_its_rewrites_orphaned():
     assert not any(type(m).__name__.endswith("Observer") for m in q.modules())  # converted
     assert {t.split(".")[0] for t in used} <= top
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in gm.modules())       # input untouched
+
+
+def test_observer_state_updates_are_buffers():
+    """The observers write their running ranges straight into ``_buffers``: still registered
+    buffers (state_dict, load_state_dict, deepcopy, device moves), with the values of the
+    plain min / max / moving-average formulas."""
+    torch.manual_seed(1)
+    xs = [torch.randn(4, 3, 5) * (i + 1) for i in range(4)]
+    for axis in (None, 1):
+        mm, ma = MinMaxObserver(axis=axis), MovingAverageMinMaxObserver(axis=axis, averaging_constant=0.25)
+        for x in xs:
+            mm(x)
+            ma(x)
+        dims = (0, 2) if axis == 1 else (0, 1, 2)
+        lo = torch.stack([x.amin(dim=dims) for x in xs])
+        hi = torch.stack([x.amax(dim=dims) for x in xs])
+        assert torch.equal(mm.min_val, lo.amin(0)) and torch.equal(mm.max_val, hi.amax(0))
+        elo, ehi = lo[0], hi[0]
+        for i in range(1, len(xs)):
+            elo, ehi = elo + 0.25 * (lo[i] - elo), ehi + 0.25 * (hi[i] - ehi)
+        assert torch.equal(ma.min_val, elo) and torch.equal(ma.max_val, ehi)
+        assert mm._batches == ma._batches == len(xs)
+        assert dict(mm.named_buffers())["min_val"] is mm.min_val
+        fresh = MinMaxObserver(axis=axis)
+        fresh.load_state_dict(mm.state_dict())
+        assert torch.equal(fresh.calculate_qparams()[0], mm.calculate_qparams()[0])
+        assert torch.equal(copy.deepcopy(ma).max_val, ma.max_val)
+
+
+class _KeepsBNFrozen(torch.nn.Module):
+    """A module with its own ``train()``: its BatchNorm always stays in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.lin = torch.nn.Linear(3, 3)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.lin(self.bn(x))
+
+
+def test_set_training_matches_train():
+    from qpasses.frontend import set_training
+
+    def flags(m):
+        return {k: v.training for k, v in m.named_modules()}
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), _KeepsBNFrozen(), torch.nn.Sequential(torch.nn.ReLU()))
+    ref = copy.deepcopy(m)
+    for mode in (True, False, True):
+        set_training(m, mode)
+        ref.train(mode)
+        assert flags(m) == flags(ref)
+    assert m[1].bn.training is False and m[1].lin.training is True
+
+    # an exported graph's root refuses train(): its flag and its submodules are set directly
+    ep = torch.export.export(torch.nn.Sequential(torch.nn.Linear(3, 3)).eval(), (torch.randn(2, 3),))
+    g = ep.module()
+    g.add_module("obs", MinMaxObserver())
+    set_training(g, True)
+    assert g.training is True and g.obs.training is True
+    set_training(g, False)
+    assert g.training is False and g.obs.training is False

@@ -127,16 +127,17 @@ class Observer(nn.Module):
                 raise ValueError(f"{type(self).__name__}: {v.shape[0]} channels along axis {self.axis}, "
                                  f"previously {self.min_val.reshape(-1).shape[0]}")
             self._observe(v)
-            self._batches += 1
+            self.__dict__["_batches"] += 1  # a plain attribute: nn.Module.__setattr__ is slow
         return x
 
     def _update_minmax(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self._shape(v.amin(dim=1)), self._shape(v.amax(dim=1))
+        buf = self._buffers  # registered buffers, replaced in the dict (nn.Module.__setattr__ is slow)
         if self.has_data:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
+            buf["min_val"] = torch.minimum(buf["min_val"], lo)
+            buf["max_val"] = torch.maximum(buf["max_val"], hi)
         else:
-            self.min_val, self.max_val = lo, hi
+            buf["min_val"], buf["max_val"] = lo, hi
         return lo, hi
 
     def _observe(self, v: torch.Tensor) -> None:
@@ -218,12 +219,13 @@ class MovingAverageMinMaxObserver(Observer):
 
     def _observe(self, v: torch.Tensor) -> None:
         lo, hi = self._shape(v.amin(dim=1)), self._shape(v.amax(dim=1))
+        buf = self._buffers
         if self.has_data:
             c = self.averaging_constant
-            self.min_val = self.min_val + c * (lo - self.min_val)
-            self.max_val = self.max_val + c * (hi - self.max_val)
+            buf["min_val"] = buf["min_val"] + c * (lo - buf["min_val"])
+            buf["max_val"] = buf["max_val"] + c * (hi - buf["max_val"])
         else:
-            self.min_val, self.max_val = lo, hi
+            buf["min_val"], buf["max_val"] = lo, hi
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", averaging_constant={self.averaging_constant}"
