@@ -72,6 +72,27 @@ def bench_torch_ao_best(model, x, repeat: int):
     return min(bench_torch_ao(model, x) for _ in range(max(1, repeat)))
 
 
+def target_verdicts(rows):
+    """The issue's three targets, judged on the measured ``(nodes, qpasses s, torch.ao s or None)`` rows."""
+    out = []
+    ratios = [tao / tq for _, tq, tao in rows if tao]
+    if ratios:
+        ok = min(ratios) >= 10
+        out.append(f"target >= 10x torch.ao where it runs: {'met' if ok else 'NOT met'} "
+                   f"({min(ratios):.1f}x-{max(ratios):.1f}x over {len(ratios)} sizes)")
+    big = [(n, tq) for n, tq, _ in rows if 9000 <= n <= 11000]
+    if big:
+        n, tq = big[0]
+        out.append(f"target 10k nodes under 1 s: {'met' if tq < 1.0 else 'NOT met'} ({n} nodes: {tq:.3f} s)")
+    if len(rows) >= 2:
+        (n0, t0, _), (n1, t1, _) = rows[0], rows[-1]
+        growth = (t1 / n1) / (t0 / n0)
+        # linear: the per-node cost at the largest size is at most twice that at the smallest
+        out.append(f"target linear growth: {'met' if growth <= 2.0 else 'NOT met'} "
+                   f"(per-node cost x{growth:.2f} from {n0} to {n1} nodes)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[350, 1400, 2800, 10000, 100000],
@@ -121,6 +142,9 @@ def main(argv=None):
         (n0, _, t0, *_), (n1, _, t1, *_) = rows[0], rows[-1]
         print(f"\ngrowth: {n1 / n0:.0f}x the nodes took {t1 / t0:.0f}x the time "
               f"({(t1 / n1) / (t0 / n0):.2f}x the per-node cost)")
+    print()
+    for line in target_verdicts([(n, tq, tao) for n, _, tq, tao, *_ in rows]):
+        print(line)
     # where qpasses' time goes (the best run): working copy, fx code generation (recompile before
     # the calibrate step and at the end), and each stage (its rules plus graph.lint)
     keys = [k for k in rows[0][6]] if rows else []

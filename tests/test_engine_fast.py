@@ -240,6 +240,14 @@ def test_engine_benchmark_prints_its_tables(capsys):
     assert header and "codegen (s)" in header[0] and "convert.convert (s)" in header[0]
     for row in phase_rows:
         assert all(float(c) >= 0 for c in row.strip("|").split("|")[1:])
+    assert any(line.startswith("target linear growth: ") for line in out.splitlines())
+    # the verdicts follow the numbers they are given
+    v = mod.target_verdicts([(352, 0.1, 2.0), (9998, 2.2, 160.0), (99997, 24.0, None)])
+    assert v[0].startswith("target >= 10x torch.ao where it runs: met (20.0x-72.7x")
+    assert v[1].startswith("target 10k nodes under 1 s: NOT met (9998 nodes: 2.200 s)")
+    assert v[2].startswith("target linear growth: met")
+    v = mod.target_verdicts([(350, 0.01, 0.05), (10000, 0.9, None)])
+    assert "NOT met" in v[0] and v[1].startswith("target 10k nodes under 1 s: met") and "NOT met" in v[2]
 
 
 def test_delete_unused_submodules_matches_fx():
