@@ -165,8 +165,9 @@ def test_shipped_names_are_addressable():
     names = qpasses.available_names()
     for n in ("canonicalize", "observe", "convert", "ptq_int8"):
         assert n in names
-    with pytest.raises(UnknownNameError, match="did you mean 'ptq_int8'"):
+    with pytest.raises(UnknownNameError, match="did you mean 'ptq_int8'") as e:
         PassManager("ptq_int9")
+    assert str(e.value).startswith("<rules argument>: no recipe or rule family named 'ptq_int9'")
 
 
 def test_recipe_file_and_steps(tmp_path):

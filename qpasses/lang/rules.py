@@ -618,6 +618,6 @@ def find_named(name: str, loc: Optional[Location] = None) -> Union[RuleFamily, R
     """Load the shipped (or $QPASSES_RULES_PATH) rule family or recipe called ``name``."""
     files = _named_files()
     if name not in files:
-        raise UnknownNameError(f"no recipe or rule family named {name!r}", loc or Location("<name>"),
+        raise UnknownNameError(f"no recipe or rule family named {name!r}", loc or Location("<rules argument>"),
                                nearest(name, list(files) + list(DATA_STEPS)))
     return _load_cached(files[name])
