@@ -113,8 +113,7 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
         hit = memo.get(id(t))
         if hit is None:
             c = t.clone()  # under no_grad (below): as detach().clone(), one op less
-            hit = Parameter(c, requires_grad=t.requires_grad) if type(t) is Parameter or isinstance(t, Parameter) \
-                else c
+            hit = Parameter(c, requires_grad=t.requires_grad) if isinstance(t, Parameter) else c
             memo[id(t)] = hit
         return hit
 

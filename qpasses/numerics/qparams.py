@@ -20,7 +20,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "absmax_qparams", "absmax_qparams_many", "quantize", "dequantize", "fake_quantize", "sqnr"]
+__all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "absmax_qparams", "absmax_qparams_many", "quantize",
+           "dequantize", "fake_quantize", "sqnr"]
 
 Number = Union[int, float]
 TensorLike = Union[torch.Tensor, Number]
