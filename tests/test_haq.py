@@ -208,3 +208,28 @@ def test_seconds_budget_and_export_graph():
     assert info["cost"] <= info["budget"]
     with torch.no_grad():
         assert torch.isfinite(q(x[:4])).all()
+
+
+def test_per_position_outputs_are_scored_on_the_last_dimension():
+    """A transformer block's [N, S, D] output: labels are per position ([N, S]), in the label-free
+    default (float top-1 per position) and with val_data; labels of another shape are refused by name."""
+    torch.manual_seed(0)
+    m = zoo.TransformerEncoderBlock().eval()
+    data = [zoo.example_input("transformer", 4, seed=s) for s in range(4)]
+    gm = qpasses.trace(m, (data[0],))
+    out, t = haq.classification(torch.randn(4, 10), torch.arange(4))      # a classifier's output: as it is
+    assert out.shape == (4, 10) and t.shape == (4,)
+    pm = qpasses.PassManager("haq", method="hessian", budget_bits=[4, 8], hutchinson_iters=1)
+    q = pm.run(gm, data=data)
+    info = pm.report.steps[0].info
+    assert info["cost"] <= info["budget"] and info["avg_w_bits"] <= 4.0
+    with torch.no_grad():
+        assert torch.isfinite(q(data[0])).all()
+    val = [(d, m(d).argmax(-1)) for d in data[2:]]                          # per-position labels
+    pm = qpasses.PassManager("haq", episodes=2, val_data=val)
+    pm.run(gm, data=data[:2])
+    assert pm.report.steps[0].info["cost"] <= pm.report.steps[0].info["budget"]
+    with pytest.raises(StepError, match=r"labels of shape \(8,\) do not fit a model output of shape \(8, 16, 64\)"):
+        qpasses.PassManager("haq", episodes=2, val_data=[(d, torch.zeros(4, dtype=torch.long))
+                                                         for d in data[2:]]).run(gm, data=data[:2])
+    assert gm.graph is not None and len(gm.graph.nodes) == len(qpasses.trace(m, (data[0],)).graph.nodes)

@@ -52,6 +52,20 @@ _WEIGHTED = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d
 
 
 # ============================================================================== layers
+def classification(out: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [M, C], targets [M])`` for a model output whose last dimension holds the classes.
+
+    A classifier's ``[N, C]`` output is used as it is; a per-position output such as a
+    transformer's ``[N, S, C]`` (targets ``[N, S]``) is scored position by position, the
+    same convention as the label-free targets (``float_output.argmax(-1)``).
+    """
+    if out.dim() < 1 or tuple(targets.shape) != tuple(out.shape[:-1]):
+        raise StepError(f"labels of shape {tuple(targets.shape)} do not fit a model output of shape "
+                        f"{tuple(out.shape)}: the search scores classes on the output's last dimension, so the "
+                        f"labels must have shape {tuple(out.shape[:-1])}")
+    return out.reshape(-1, out.shape[-1]), targets.reshape(-1)
+
+
 @dataclass
 class Layer:
     """One weighted op and the features HAQ's agent sees."""
@@ -349,7 +363,7 @@ class QuantSim:
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Tuple], targets: torch.Tensor) -> Tuple[float, float]:
         """(top-1 accuracy in %, mean cross-entropy) of the current configuration."""
-        out = self.logits(batches)
+        out, targets = classification(self.logits(batches), targets)
         acc = 100.0 * float((out.argmax(-1) == targets).float().mean())
         return acc, float(F.cross_entropy(out, targets))
 
@@ -567,7 +581,7 @@ def hutchinson_traces(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
     traces = [0.0] * len(params)
     total = 0
     for inputs, y in zip(batches, targets):
-        loss = F.cross_entropy(g(*inputs), y)
+        loss = F.cross_entropy(*classification(g(*inputs), y))
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for _ in range(iters):
             vs = [torch.randint(0, 2, p.shape, generator=gen).float() * 2 - 1 for p in params]
