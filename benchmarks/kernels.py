@@ -481,8 +481,10 @@ def _compile_variants():
 
     for cfg in T8.GEMM_CONFIGS:
         for requant in (False, True):
-            const = dict(HAS_BIAS=True, ACTIVATION=0 if requant else 1, REQUANT=requant, HAS_XZP=True)
-            out.append((T8._int8_gemm_kernel, int8_ptrs(requant), const, cfg))
+            # the float epilogue with per-row zero points (dynamic activations), requant with a scalar one
+            const = dict(HAS_BIAS=True, ACTIVATION=0 if requant else 1, REQUANT=requant, HAS_XZP=requant,
+                         XZP_ROWS=not requant)
+            out.append((T8._int8_gemm_kernel, dict(int8_ptrs(requant), xzp_ptr="*i32"), const, cfg))
     for cfg in T8.CONV_CONFIGS:
         for requant in (False, True):
             const = dict(HAS_BIAS=True, ACTIVATION=0 if requant else 1, REQUANT=requant, HAS_XZP=True,

@@ -305,3 +305,58 @@ def test_lower_names_the_weight_quantizer_it_has_no_kernel_for():
     assert st.rewrites == 0 and st.n_refused == st.matches > 0
     assert all("read through ChannelBitsFakeQuant, which has no kernel" in why for _, why in st.refused)
     torch.testing.assert_close(out(x), qpasses.PassManager(["canonicalize", "observe", "aciq"]).run(gm, data=[x])(x))
+
+
+@pytest.mark.parametrize("name,level", [("mlp", "fx"), ("transformer", "export")])
+def test_dynamic_int8_linears_lowered_to_the_dynamic_kernel(name, level):
+    from qpasses.methods.dynamic import DynamicQuantLinear
+    torch.manual_seed(0)
+    model = zoo.MODELS[name]().eval()
+    x = zoo.example_input(name, 4)
+    gm = qpasses.trace(model, (x,), mode=level)
+    dyn = qpasses.PassManager("dynamic_int8").run(gm)
+    n_dyn = sum(isinstance(m, DynamicQuantLinear) for m in dyn.modules())
+    pm = qpasses.PassManager("lower")
+    low = pm.run(dyn)
+    assert n_dyn > 0 and kernel_targets(low).count(Q.dynamic_int8_linear.default) == n_dyn
+    assert not any(isinstance(m, DynamicQuantLinear) for m in low.modules())
+    assert rule_row(pm, "lower_dynamic_linear")["rewrites"] == n_dyn
+    xs = zoo.example_input(name, 3, seed=1)                     # another batch size: qparams come from the batch
+    with torch.no_grad():
+        want = dyn(xs)
+        with kops.triton_policy("never"):
+            got = low(xs)
+        with kops.triton_policy("always"):
+            tri = low(xs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same integers, fp32 epilogue order differs
+    assert torch.equal(tri, got)                                 # Triton (interpreted) == reference, bit for bit
+    # composed in one PassManager, and a second lowering finds nothing left
+    low2 = qpasses.PassManager(["dynamic_int8", "lower"]).run(gm)
+    with torch.no_grad():
+        assert torch.equal(low2(xs), got)
+    pm3 = qpasses.PassManager("lower")
+    pm3.run(low)
+    assert rule_row(pm3, "lower_dynamic_linear")["candidates"] == 0
+
+
+def test_dynamic_lowering_skip_out_dtype_and_export():
+    from qpasses.methods.dynamic import DynamicQuantLinear
+    model = zoo.MLP().eval()
+    x = digits(4)
+    dyn = qpasses.PassManager("dynamic_int8", granularity="per_tensor", symmetric=True).run(
+        qpasses.trace(model, (x,)))
+    first = next(n for n in dyn.graph.nodes if n.op == "call_module"
+                 and isinstance(dyn.get_submodule(n.target), DynamicQuantLinear))
+    pm = qpasses.PassManager("lower", skip=[first.name])
+    low = pm.run(dyn)
+    assert sum(isinstance(m, DynamicQuantLinear) for m in low.modules()) == 1
+    assert "in skip" in str(pm.report.to_dict())
+    bf = qpasses.PassManager("lower", out_dtype="bfloat16").run(dyn)
+    with torch.no_grad():
+        assert bf(x).dtype == torch.bfloat16
+        torch.testing.assert_close(bf(x).float(), dyn(x), rtol=2e-2, atol=2e-2)
+    full = qpasses.PassManager("lower").run(dyn)
+    ep = torch.export.export(full, (x,))
+    assert Q.dynamic_int8_linear.default in {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), full(x))

@@ -10,6 +10,10 @@ the same thing:
 * ``linear <- Int4GroupFakeQuantize(constant)`` with a float input (``w4a16``) becomes
   ``torch.ops.qpasses.int4_weight_only_linear`` on packed nibbles.
 
+``lower_dynamic_linear`` replaces a ``DynamicQuantLinear`` call (``dynamic_int8``) by
+``torch.ops.qpasses.dynamic_int8_linear``: the same per-call activation quantization, then the
+int8 GEMM with one zero point per row.
+
 Everything else keeps its fake-quant (float) form and is refused with the reason
 ("no kernel for ..."), so ``pm.report`` lists it.
 """
@@ -25,6 +29,7 @@ from ..kernels import packing
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
+from ..methods.dynamic import DynamicQuantLinear
 from ..numerics import FakeQuantize
 from ..ops import get_attr_value
 from .graphutil import add_param, copy_meta, matches_any
@@ -263,3 +268,37 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
     fq = L.Int4GroupFakeQuantize.fit(w, int(group_size), bool(symmetric))
     attach_weight_quantizer(ctx, op, fq, "weight_fq4", {"bits": 4, "axis": 0, "group_size": int(group_size),
                                                        "symmetric": bool(symmetric)})
+
+
+# ================================================================================ dynamic_int8
+@action("lower_dynamic_linear")
+def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
+    """Replace a ``DynamicQuantLinear`` call by ``torch.ops.qpasses.dynamic_int8_linear``.
+
+    The output keeps the input's dtype (as the module's does) unless ``out_dtype`` is
+    ``float16`` / ``bfloat16``.
+    """
+    if matches_any(op, skip):
+        raise Refuse(f"{op.name} is in skip: left as a DynamicQuantLinear module")
+    if str(out_dtype) not in _OUT_DTYPES:
+        from ..errors import OptionError
+        raise OptionError(f"lower: out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    mod = _module(ctx, op)
+    if not isinstance(mod, DynamicQuantLinear):
+        raise Refuse(f"{op.name} is not a DynamicQuantLinear call")
+    if len(op.args) != 1 or op.kwargs:
+        raise Refuse(f"{op.name} is called with extra arguments")
+    from ..kernels.ops import MAX_K_INT8_ZP
+    if mod.in_features > MAX_K_INT8_ZP:
+        raise Refuse(f"no kernel for {op.name}: K={mod.in_features} could overflow the int32 accumulator")
+    od = _OUT_DTYPES[str(out_dtype)]
+    wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(mod.weight_q), op)
+    ws = add_param(ctx, "lowered_ws", mod.weight_scale, op, requires_grad=False)
+    bn = add_param(ctx, "lowered_b", mod.bias, op, requires_grad=False) if mod.bias is not None else None
+    per_token = mod.granularity == "per_token"
+    with ctx.graph.inserting_before(op):
+        new = ctx.graph.call_function(torch.ops.qpasses.dynamic_int8_linear.default,
+                                      (op.args[0], wp, ws, bn, mod.a_bits, mod.symmetric, per_token,
+                                       None if od is torch.float32 else od))
+    _finish(ctx, op, new, {"kernel": "dynamic_int8_linear", "w_bits": mod.w_bits, "a_bits": mod.a_bits,
+                           "granularity": mod.granularity}, [])

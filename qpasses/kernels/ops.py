@@ -24,7 +24,7 @@ process by the :func:`triton_policy` context manager / :func:`set_triton_policy`
 Ops (``torch.ops.qpasses.<name>``), exact schemas in ``SCHEMAS``:
 
 ``int8_linear``, ``int8_linear_requant``, ``int8_conv2d``, ``int8_conv2d_requant``,
-``int4_weight_only_linear``, ``binary_linear``.
+``dynamic_int8_linear``, ``int4_weight_only_linear``, ``binary_linear``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from torch import Tensor
 from . import reference as ref
 
 __all__ = [
-    "int8_linear", "int8_linear_requant", "int8_conv2d", "int8_conv2d_requant", "int4_weight_only_linear",
+    "int8_linear", "int8_linear_requant", "int8_conv2d", "int8_conv2d_requant", "dynamic_int8_linear",
+    "int4_weight_only_linear",
     "binary_linear", "use_triton", "triton_policy", "set_triton_policy", "triton_available", "SCHEMAS",
     "MAX_K_INT8", "MAX_K_INT8_ZP", "XNOR_MAX_M",
 ]
@@ -61,6 +62,8 @@ SCHEMAS = {
     "int8_conv2d_requant": "(Tensor x_q, int x_zp, Tensor w_q, Tensor? bias_int32, Tensor M0, Tensor shift, "
                            "int out_zp=0, int qmin=-128, int qmax=127, int[2] stride=1, int[2] padding=0, "
                            "int[2] dilation=1, int groups=1) -> Tensor",
+    "dynamic_int8_linear": "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int a_bits=8, "
+                           "bool symmetric=False, bool per_token=True, ScalarType? out_dtype=None) -> Tensor",
     "int4_weight_only_linear": "(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
                                "Tensor? bias=None) -> Tensor",
     "binary_linear": "(Tensor x, Tensor w_packed, int K, Tensor? alpha=None, Tensor? bias=None, "
@@ -257,6 +260,68 @@ def _(x_q, x_scale, w_q, w_scale, bias, activation="none", out_dtype=torch.float
     _act(activation)
     _float_out(out_dtype)
     return x_q.new_empty((*x_q.shape[:-1], N), dtype=out_dtype)
+
+
+# ================================================================================ dynamic int8 linear
+def _dynamic_common(x: Tensor, w_q: Tensor, a_bits: int, out_dtype):
+    _check(x.is_floating_point(), f"x must be a floating-point tensor, got {x.dtype}")
+    _check(x.dim() >= 1, "x must have at least one dimension")
+    _check(w_q.dtype == torch.int8 and w_q.dim() == 2, f"w_q must be a prepacked int8 [N, Kp] tensor, got "
+                                                       f"{w_q.dtype} {tuple(w_q.shape)}")
+    _check(2 <= int(a_bits) <= 8, f"a_bits must be in [2, 8], got {a_bits}")
+    K = x.shape[-1]
+    _check(w_q.shape[1] >= K, f"w_q has {w_q.shape[1]} columns < K={K}")
+    _check(K <= MAX_K_INT8_ZP, f"K={K} exceeds {MAX_K_INT8_ZP}: the int32 accumulator could overflow")
+    od = x.dtype if out_dtype is None else out_dtype
+    _float_out(od)
+    return K, w_q.shape[0], od
+
+
+@torch.library.custom_op("qpasses::dynamic_int8_linear", mutates_args=(), schema=SCHEMAS["dynamic_int8_linear"])
+def dynamic_int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], a_bits: int = 8,
+                        symmetric: bool = False, per_token: bool = True,
+                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Dynamic quantization's linear: activations quantized from their own range at every call.
+
+    Args:
+        x: float ``[..., K]`` activations (``M`` = product of leading dims).
+        w_q: prepacked int8 weight ``[N, Kp]`` (``packing.pack_int8_weight``), symmetric codes.
+        w_scale: fp32 ``[N]`` or ``[1]``.
+        bias: fp32 ``[N]`` or None.
+        a_bits: activation bits (2..8).
+        symmetric: signed narrow-range activations (zero point 0) instead of affine unsigned ones.
+        per_token: one activation range per row of ``x`` (else one for the whole tensor).
+        out_dtype: output dtype (default: ``x.dtype``).
+
+    Each row is quantized as :class:`~qpasses.methods.dynamic.DynamicQuantLinear` quantizes it
+    (:func:`~qpasses.kernels.reference.dynamic_quantize_int8`), then
+    ``y[m, n] = (acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]`` with
+    ``acc = sum_k (x_q[m, k] - x_zp[m]) * w_q[n, k]`` exact in int32; on CUDA the GEMM is the
+    Triton int8 kernel with one zero point per row.
+    """
+    K, N, od = _dynamic_common(x, w_q, a_bits, out_dtype)
+    _vec(w_scale, N, "w_scale")
+    if bias is not None:
+        _vec(bias, N, "bias", allow_scalar=False)
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    if M == 0 or K == 0:            # nothing to measure a range on: the product is empty / zero
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+        if bias is not None:
+            y = y + bias.reshape(-1).to(torch.float32)
+        return y.to(od).reshape(*lead, N)
+    x8, xs, xzp = ref.dynamic_quantize_int8(x.reshape(M, K), a_bits, symmetric, per_token)
+    if use_triton(x.device):
+        y = _kmod("triton_int8").linear(x8, xs, w_q, w_scale, bias, "none", od, x_zp_rows=xzp)
+    else:
+        y = ref.int8_linear_rows_zp(x8, xs, w_q, w_scale, bias, "none", od, xzp)
+    return y.reshape(*lead, N)
+
+
+@dynamic_int8_linear.register_fake
+def _(x, w_q, w_scale, bias, a_bits=8, symmetric=False, per_token=True, out_dtype=None):
+    K, N, od = _dynamic_common(x, w_q, a_bits, out_dtype)
+    return x.new_empty((*x.shape[:-1], N), dtype=od)
 
 
 @torch.library.custom_op("qpasses::int8_linear_requant", mutates_args=(), schema=SCHEMAS["int8_linear_requant"])

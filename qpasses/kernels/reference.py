@@ -162,6 +162,32 @@ def int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp=0)
     return float_epilogue(acc, x_scale, w_scale, bias, activation, out_dtype)
 
 
+def dynamic_quantize_int8(x2: torch.Tensor, a_bits: int, symmetric: bool, per_token: bool):
+    """Quantize ``x2 [M, K]`` with qparams measured on itself, as ``DynamicQuantLinear`` does.
+
+    Returns ``(x8, x_scale, x_zp)``: int8 codes ``[M, K]`` (unsigned 8-bit codes shifted by
+    -128 into int8), fp32 scales ``[M]`` and int32 zero points ``[M]`` in the int8 domain, so
+    that ``x ~= (x8 - x_zp) * x_scale`` row by row (per tensor: the same value in every row).
+    """
+    from ..methods.dynamic import dynamic_qparams
+    xf = x2.float()
+    scale, zp, qmin, qmax = dynamic_qparams(xf, int(a_bits), bool(symmetric), -1 if per_token else None)
+    shift = 128 if qmax > 127 else 0
+    codes = torch.clamp(torch.round(xf / scale) + zp, qmin, qmax)
+    m = xf.shape[0]
+    x8 = (codes - shift).to(torch.int8)
+    return (x8, scale.reshape(-1).expand(m).contiguous(),
+            (zp - shift).reshape(-1).to(torch.int32).expand(m).contiguous())
+
+
+def int8_linear_rows_zp(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp_rows):
+    """:func:`int8_linear` with one zero point per row: ``sum_k (x_q[m, k] - x_zp[m]) * w_q[n, k]``."""
+    k = x_q.shape[1]
+    x = x_q.to(torch.int64) - x_zp_rows.reshape(-1, 1).to(torch.int64)
+    acc = int_matmul(x, w_q[:, :k].to(torch.int64))
+    return float_epilogue(acc, x_scale, w_scale, bias, activation, out_dtype)
+
+
 def int8_linear_requant(x_q, x_zp, w_q, bias_int32, M0, shift, out_zp, qmin, qmax):
     acc = int8_linear_acc(x_q, w_q, x_zp)
     if bias_int32 is not None:

@@ -213,12 +213,13 @@ def _epilogue(acc, wsum, rm_c, rn_c, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr, x
 # ============================================================================ GEMM
 @triton.jit
 def _int8_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr,
+    x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr, xzp_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_wn, stride_om,
     xs_stride, ws_stride, q_stride,
     x_zp, out_zp, qmin, qmax,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, REQUANT: tl.constexpr, HAS_XZP: tl.constexpr,
+    XZP_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,11 +246,14 @@ def _int8_gemm_kernel(
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0)
         b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if HAS_XZP:
+        if HAS_XZP or XZP_ROWS:
             wsum += tl.sum(b.to(tl.int32), axis=0)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if XZP_ROWS:
+        # one zero point per row (dynamic per-token activations): acc -= x_zp[m] * colsum(w)[n], exact
+        acc = acc - tl.load(xzp_ptr + rm_c)[:, None] * wsum[None, :]
     y = _epilogue(acc, wsum, rm_c, rn_c, xs_ptr, ws_ptr, bias_ptr, m0_ptr, sh_ptr, xs_stride, ws_stride, q_stride,
                   x_zp, out_zp, qmin, qmax, HAS_BIAS, ACTIVATION, REQUANT, HAS_XZP)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
@@ -257,7 +261,7 @@ def _int8_gemm_kernel(
 
 
 _gemm = Launcher(_int8_gemm_kernel, GEMM_CONFIGS,
-                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "REQUANT", "HAS_XZP"],
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "REQUANT", "HAS_XZP", "XZP_ROWS"],
                  interp_meta=INTERP_META, prune=_prune_gemm)
 
 
@@ -420,10 +424,11 @@ def _common_requant(M0, shift, device):
 
 def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor, w_scale: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, *, requant=None,
-           x_zp: int = 0) -> torch.Tensor:
+           x_zp: int = 0, x_zp_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x_q [M, K]`` (int8, unit stride along K) times prepacked ``w_q [N, Kp]``; float epilogue,
     or ``requant=(x_zp, M0, shift, out_zp, qmin, qmax)`` for the integer-only epilogue (then
-    ``bias`` is int32)."""
+    ``bias`` is int32).  ``x_zp_rows``: int32 ``[M]``, one activation zero point per row (float
+    epilogue only), in place of the scalar ``x_zp``."""
     M, K = x_q.shape
     N = w_q.shape[0]
     if x_q.stride(1) != 1:
@@ -454,14 +459,22 @@ def linear(x_q: torch.Tensor, x_scale: Optional[torch.Tensor], w_q: torch.Tensor
     if K == 0:
         x_q = torch.zeros((M, 1), dtype=torch.int8, device=dev)
         w_q = torch.zeros((N, 1), dtype=torch.int8, device=dev)
+    if x_zp_rows is not None:
+        if requant is not None or int(x_zp) != 0:
+            raise ValueError("x_zp_rows replaces x_zp, and only with the float epilogue")
+        xzp = x_zp_rows.reshape(-1).to(device=dev, dtype=torch.int32).contiguous()
+        if xzp.numel() != M:
+            raise ValueError(f"x_zp_rows has {xzp.numel()} values for {M} rows")
+    else:
+        xzp = _const(0, torch.int32, dev)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm(grid, x_q, w_q, out, xs, ws, b, m0, sh,
+    _gemm(grid, x_q, w_q, out, xs, ws, b, m0, sh, xzp,
           M, N, K, m_bucket(M),
           x_q.stride(0), w_q.stride(0), out.stride(0),
           xs_stride, ws_stride, q_stride,
           int(x_zp), int(out_zp), int(qmin), int(qmax),
           HAS_BIAS=bias is not None, ACTIVATION=act, REQUANT=requant is not None,
-          HAS_XZP=int(x_zp) != 0)
+          HAS_XZP=int(x_zp) != 0, XZP_ROWS=x_zp_rows is not None)
     return out
 
 

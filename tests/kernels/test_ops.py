@@ -28,6 +28,9 @@ EXPECTED_SCHEMAS = {
     "int8_conv2d_requant": "qpasses::int8_conv2d_requant(Tensor x_q, int x_zp, Tensor w_q, Tensor? bias_int32, "
                            "Tensor M0, Tensor shift, int out_zp=0, int qmin=-128, int qmax=127, int[2] stride=1, "
                            "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
+    "dynamic_int8_linear": "qpasses::dynamic_int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
+                           "int a_bits=8, bool symmetric=False, bool per_token=True, ScalarType? out_dtype=None) "
+                           "-> Tensor",
     "int4_weight_only_linear": "qpasses::int4_weight_only_linear(Tensor x, Tensor w_packed, Tensor scales, "
                                "Tensor? zeros, int group_size, Tensor? bias=None) -> Tensor",
     "binary_linear": "qpasses::binary_linear(Tensor x, Tensor w_packed, int K, Tensor? alpha=None, "
@@ -58,6 +61,10 @@ def _cases():
         ("int8_conv2d", (xc, torch.tensor([0.1]), P.pack_int8_conv_weight(wc), torch.rand(6), None, [1, 2], [1, 1],
                          [1, 1], 2, "relu6", torch.float16)),
         ("int8_conv2d_requant", (xc, -4, wc, None, M0c, shc, 2, -128, 127, [1, 1], [1, 0], [1, 1], 2)),
+        ("dynamic_int8_linear", (torch.randn(2, 3, 37, generator=g), wp, torch.rand(5), torch.randn(5), 8, False,
+                                 True, None)),
+        ("dynamic_int8_linear", (torch.randn(3, 37, generator=g), wp, torch.rand(1), None, 5, True, False,
+                                 torch.bfloat16)),
         ("int4_weight_only_linear", (torch.randn(3, 37, generator=g).to(torch.bfloat16), w4, s4, z4, 32,
                                      torch.randn(5))),
         ("binary_linear", (i8(3, 37), wb, 37, torch.rand(5), None, False)),

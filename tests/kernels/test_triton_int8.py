@@ -269,3 +269,52 @@ def test_int8_conv2d_flat_and_per_tap_reductions_agree_exactly(case, flat_k, x_z
     want = torch.nn.functional.conv2d(x.long() - x_zp, w.long(), None, geo["stride"], geo["padding"],
                                       geo["dilation"], geo["groups"])
     assert torch.equal(acc, want.to(torch.float32))
+
+
+# ------------------------------------------------------------------ dynamic int8 linear (per-row zero points)
+def _dynamic_reference(x, w, w_scale, bias, a_bits, symmetric, per_token):
+    """Written out here: each row (or the whole tensor) quantized from its own min/max, integer sums in int64."""
+    xf = x.reshape(-1, x.shape[-1]).double()
+    lo = xf.amin(-1, keepdim=True) if per_token else xf.amin().expand(xf.shape[0], 1)
+    hi = xf.amax(-1, keepdim=True) if per_token else xf.amax().expand(xf.shape[0], 1)
+    lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()
+    eps = torch.finfo(torch.float32).eps
+    if symmetric:
+        qmax = 2 ** (a_bits - 1) - 1
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=eps)
+        codes = torch.clamp(torch.round(x.reshape(xf.shape).float() / scale), -qmax, qmax)
+        zp = torch.zeros_like(scale)
+    else:
+        qmax = 2 ** a_bits - 1
+        scale = ((hi - lo) / qmax).clamp(min=eps)
+        zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+        codes = torch.clamp(torch.round(x.reshape(xf.shape).float() / scale) + zp, 0, qmax)
+    acc = (codes.to(torch.int64) - zp.to(torch.int64)) @ w.to(torch.int64).t()     # exact
+    y = acc.float() * scale * w_scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 13, 37), (7, 13, 37), (33, 40, 70), (5, 3, 300)])
+@pytest.mark.parametrize("per_token,symmetric,a_bits", [(True, False, 8), (False, False, 8), (True, True, 8),
+                                                        (True, False, 4), (False, True, 6)])
+def test_dynamic_int8_linear_exact_per_row_zero_points(M, N, K, per_token, symmetric, a_bits):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K + a_bits)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4 + torch.randn(M, 1, generator=g)
+    w = rand_i8(N, K, g=g)
+    w[w == -128] = -127                                  # symmetric narrow-range weight codes
+    w_scale, bias = torch.rand(N, generator=g) * 1e-2, torch.randn(N, generator=g)
+    wp = P.pack_int8_weight(w)
+    y = torch.ops.qpasses.dynamic_int8_linear(x, wp, w_scale, bias, a_bits, symmetric, per_token)
+    with ops.triton_policy("never"):
+        y_ref = torch.ops.qpasses.dynamic_int8_linear(x, wp, w_scale, bias, a_bits, symmetric, per_token)
+    assert torch.equal(y, y_ref)                         # same integers, same fp32 epilogue: bit-exact
+    torch.testing.assert_close(y, _dynamic_reference(x, w, w_scale, bias, a_bits, symmetric, per_token),
+                               rtol=1e-5, atol=1e-5)
+    # the kernel's integer sums alone (unit scales, no bias; |acc| < 2**24 is exact in fp32) against int64
+    x8, xs, xzp = R.dynamic_quantize_int8(x, a_bits, symmetric, per_token)
+    acc = ops._kmod("triton_int8").linear(x8, torch.ones(M), wp, torch.ones(1), None, "none", torch.float32,
+                                          x_zp_rows=xzp)
+    want = (x8.to(torch.int64) - xzp.to(torch.int64)[:, None]) @ w.to(torch.int64).t()
+    assert torch.equal(acc, want.to(torch.float32))
