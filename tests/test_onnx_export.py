@@ -275,3 +275,36 @@ def test_several_inputs_outputs_and_indexing():
     x2, y2 = torch.randn(3, 4), torch.randn(3, 5)
     for got, ref in zip(run_onnx(model, x2, y2), q(x2, y2)):
         _agree(got, ref)
+
+
+class _Activations(torch.nn.Module):
+    """Every activation the exporter maps, as modules and as functionals (with non-default arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4 if i else 3, 4, 3, padding=1) for i in range(7))
+        self.acts = torch.nn.ModuleList([torch.nn.Hardswish(), torch.nn.Hardsigmoid(), torch.nn.LeakyReLU(0.2),
+                                         torch.nn.ELU(0.7), torch.nn.Softplus(beta=2.0), torch.nn.Mish()])
+
+    def forward(self, x):
+        F = torch.nn.functional
+        fns = [F.hardswish, F.hardsigmoid, lambda t: F.leaky_relu(t, 0.05), lambda t: F.elu(t, alpha=1.3),
+               F.softplus, F.mish]
+        for conv, act, fn in zip(self.convs, self.acts, fns):
+            x = fn(act(conv(x)))
+        return self.convs[6](x)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_activations_export(level, opset):
+    torch.manual_seed(0)
+    m = _Activations().eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm = qpasses.trace(m, (x,), mode=level)
+    fl = export_onnx(gm, x, opset=opset)                         # float: the same function, to float rounding
+    np.testing.assert_allclose(run_onnx(fl, x)[0], m(x).detach().numpy(), atol=1e-5, rtol=1e-4)
+    ops = set(_ops(fl))
+    assert {"HardSigmoid", "LeakyRelu", "Elu", "Softplus"} <= ops
+    assert ({"HardSwish", "Mish"} <= ops) == (opset >= 18)        # opset 13: spelled with other ops
+    q = qpasses.PassManager("ptq_int8").run(gm, data=[x, x * 0.5])
+    _agree(run_onnx(export_onnx(q, x, opset=opset), x)[0], q(x))

@@ -532,6 +532,9 @@ def _dim(d: int, rank: int) -> int:
 _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "neg": "Neg", "exp": "Exp", "sqrt": "Sqrt",
           "abs": "Abs", "erf": "Erf"}
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "truediv": "Div", "pow": "Pow"}
+# activation modules without an op class, by the name their functional / aten spelling has
+_ACT_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.LeakyReLU: "leaky_relu",
+                nn.ELU: "elu", nn.Softplus: "softplus", nn.Mish: "mish"}
 _IDENTITY = {"contiguous", "clone", "detach", "dropout", "alias", "identity"}
 
 
@@ -721,6 +724,9 @@ def _convert(b: _Builder, node: fx.Node) -> Any:
             tn = "tanh"
     if tn in _IDENTITY:
         return b.names[node.args[0]]
+    act = _activation(b, node, tn, nm)
+    if act is not None:
+        return act
     if tn in _UNARY and len(node.args) >= 1:
         return b.add(_UNARY[tn], [b.tensor_in(node.args[0])], nm)
     if tn in _BINARY and len(node.args) == 2:
@@ -744,6 +750,47 @@ def _convert(b: _Builder, node: fx.Node) -> Any:
         hint = (" (an integer kernel op: ONNX export takes fake-quant graphs; export before the 'lower' recipe, "
                 "or run int_only with integerize=false)")
     raise ExportError(f"cannot export node {node.name!r} ({node.op} {target}, op class {cls}) to ONNX{hint}")
+
+
+def _activation(b: _Builder, node: fx.Node, tn: str, nm: str) -> Optional[str]:
+    """Hardswish / hardsigmoid / leaky_relu / elu / softplus / mish (module, functional or aten), else None."""
+    mod = b.modules.get(node.target) if node.op == "call_module" else None
+    if mod is not None:
+        tn = _ACT_MODULES.get(type(mod), "")
+    if tn not in ("hardswish", "hardsigmoid", "leaky_relu", "elu", "softplus", "mish") or not node.args:
+        return None
+
+    def arg(i: int, key: str, attr: str, default: float) -> float:
+        if mod is not None:
+            return float(getattr(mod, attr, default))
+        if len(node.args) > i:
+            return float(node.args[i])
+        return float(node.kwargs.get(key, default))
+
+    x = b.tensor_in(node.args[0])
+    if tn == "hardsigmoid":
+        return b.add("HardSigmoid", [x], nm, alpha=1.0 / 6, beta=0.5)
+    if tn == "hardswish":
+        if b.opset >= 14:
+            return b.add("HardSwish", [x], nm)
+        return b.add("Mul", [x, b.add("HardSigmoid", [x], nm + "_hs", alpha=1.0 / 6, beta=0.5)], nm)
+    if tn == "leaky_relu":
+        return b.add("LeakyRelu", [x], nm, alpha=arg(1, "negative_slope", "negative_slope", 0.01))
+    if tn == "elu":
+        if mod is None and (float(node.args[2] if len(node.args) > 2 else node.kwargs.get("scale", 1.0)) != 1.0 or
+                            float(node.args[3] if len(node.args) > 3 else node.kwargs.get("input_scale", 1.0)) != 1.0):
+            raise ExportError(f"cannot export node {node.name!r}: elu with scale / input_scale other than 1")
+        return b.add("Elu", [x], nm, alpha=arg(1, "alpha", "alpha", 1.0))
+    if tn == "softplus":
+        beta = arg(1, "beta", "beta", 1.0)          # torch's threshold (linear above it) is a float no-op
+        if beta == 1.0:
+            return b.add("Softplus", [x], nm)
+        bx = b.add("Mul", [x, b.const(beta, nm + "_beta", torch.float32)], nm + "_bx")
+        return b.add("Div", [b.add("Softplus", [bx], nm + "_sp"), b.const(beta, nm + "_beta", torch.float32)], nm)
+    # mish: x * tanh(softplus(x))
+    if b.opset >= 18:
+        return b.add("Mish", [x], nm)
+    return b.add("Mul", [x, b.add("Tanh", [b.add("Softplus", [x], nm + "_sp")], nm + "_t")], nm)
 
 
 # ----------------------------------------------------------------------------- driver
