@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -156,24 +157,72 @@ def _prepare(model_spec: str, data: Optional[str], train: Optional[bool], progre
     return model.eval(), batches, test
 
 
+def picklable(gm):
+    """A copy of ``gm`` that ``torch.save`` can pickle, computing the same function.
+
+    * string type annotations (``from __future__ import annotations``) break fx's pickling:
+      the copy's nodes have none;
+    * a graph from ``torch.export`` (``ExportedProgram.module()``) carries run-time artefacts
+      defined inside torch functions: forward (pre-)hooks that check the input spec, ``train`` /
+      ``eval`` replaced by closures, and a ``_guards_fn`` submodule whose call (without users)
+      re-checks the export's shape guards.  The copy is a plain GraphModule without them: it
+      keeps the pytree input/output handling of the generated code, but no longer re-checks
+      those guards.
+    """
+    import copy
+    import torch.fx as fx
+    graph = copy.deepcopy(gm.graph)
+    graph._tracer_cls, graph._tracer_extras = None, {}   # torch.load re-traces with fx's own tracer
+    for n in list(graph.nodes):
+        if isinstance(n.type, str):
+            n.type = None
+        if n.op == "call_module" and not n.users and type(gm.get_submodule(n.target)).__name__ == "GuardsFn":
+            graph.erase_node(n)
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    if hasattr(gm, "meta"):
+        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.")})
+    return out.train(gm.training)
+
+
 def save_graph_module(gm, path) -> None:
-    """``torch.save`` a GraphModule (string type annotations, e.g. from ``from __future__ import
-    annotations``, break fx's pickling, so they are dropped from the saved copy's placeholders)."""
+    """``torch.save`` a :func:`picklable` copy of GraphModule ``gm`` (``gm`` itself is untouched)."""
     import torch
-    if any(isinstance(n.type, str) for n in gm.graph.nodes):
-        for n in gm.graph.nodes:
-            if isinstance(n.type, str):
-                n.type = None
-        gm.recompile()
-    torch.save(gm, path)
+    torch.save(picklable(gm), path)
 
 
-def _example(batches, model):
+def parse_shape(text: Optional[str]):
+    """``"1,16,64"`` (or ``"1x16x64"``) -> ``(1, 16, 64)`` (None stays None)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in re.split(r"[,x]", str(text).strip()))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"{text!r} is not a shape: give positive sizes separated by commas, e.g. 1,16,64",
+                                 param_hint="--input-shape")
+    return shape
+
+
+def parse_recipe(text: str):
+    """``--recipe`` value: one name / file, or several separated by commas (applied in order)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _example(batches, model, input_shape=None):
+    """The example inputs to trace with: the first batch of ``--data``, else a standard-normal
+    tensor of ``--input-shape``."""
     from .frontend import as_inputs
     if batches:
         return as_inputs(batches[0])
+    if input_shape is not None:
+        import torch
+        return (torch.randn(input_shape, generator=torch.Generator().manual_seed(0)),)
     from .errors import OptionError
-    raise OptionError("--data is needed (calibration batches, also used as example inputs): a .pt file or 'digits'")
+    raise OptionError("--data is needed (calibration batches, also used as example inputs): a .pt file or "
+                      "'digits'; a recipe that needs no data (dynamic_int8, w4a16, genie) can trace from "
+                      "--input-shape instead, e.g. --input-shape 1,16,64")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -190,15 +239,19 @@ def main():
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe, rule family or rule file.")
+@click.option("--recipe", "-r", default="ptq_int8", show_default=True,
+              help="Recipe, rule family or rule file; several separated by commas are applied in order "
+                   "(e.g. dynamic_int8,lower).")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable), e.g. -o w_bits=4.")
 @click.option("--data", "-d", metavar="FILE|digits", help="Calibration data: a .pt tensor [N,...] (or list of batches, or (x, y)), or 'digits'.")
+@click.option("--input-shape", "-s", "input_shape", metavar="N,C,...",
+              help="Without --data: trace from a random input of this shape (for recipes that need no data).")
 @click.option("--out", "-O", "out", type=click.Path(dir_okay=False), help="Output: .pt (GraphModule) or .onnx (QDQ).")
 @click.option("--opset", default=None, type=int, help="ONNX opset for .onnx output (default 21).")
 @click.option("--train/--no-train", default=None, help="Train on the digits first (default: when --data digits and MODEL is module:factory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 @click.option("--report/--no-report", "show_report", default=True, show_default=True, help="Print the per-rule report.")
-def quantize(model, recipe, options, data, out, opset, train, progress, show_report):
+def quantize(model, recipe, options, data, out, opset, train, progress, show_report, input_shape=None):
     """Quantize MODEL (module:factory, a .pt file or an .onnx file) with a recipe.
 
     \b
@@ -206,12 +259,15 @@ def quantize(model, recipe, options, data, out, opset, train, progress, show_rep
       qpasses quantize qpasses.zoo:DigitsCNN --data digits --out out/digits_int8.onnx
       qpasses quantize model.pt --data calib.pt -o w_bits=4 -o observer=percentile --out q.pt
       qpasses quantize fp32.onnx --data digits --out int8.onnx
+      qpasses quantize qpasses.zoo:TransformerEncoderBlock -r dynamic_int8,lower -s 1,16,64 --out t.pt
     """
     import torch
     import qpasses
     from .onnx import DEFAULT_OPSET
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     opts = parse_options(options)
+    shape = parse_shape(input_shape)
+    recipe = parse_recipe(recipe)
     if not model.endswith(".onnx"):
         qpasses.PassManager(recipe, **opts)  # unknown recipe / option: fail before any training
     m, batches, test = _prepare(model, data, train, progress)
@@ -233,7 +289,7 @@ def quantize(model, recipe, options, data, out, opset, train, progress, show_rep
             click.echo(f"accuracy (onnxruntime): fp32 {_accuracy_onnx(m, *test):.4f}  int8 {_accuracy_onnx(qm, *test):.4f}")
         click.echo(f"done in {time.perf_counter() - t0:.1f}s" + (f": wrote {out}" if out else ""))
         return
-    ex = _example(batches, m)
+    ex = _example(batches, m, shape)
     gm = qpasses.trace(m, ex)
     pm = qpasses.PassManager(recipe, progress=progress, **opts)
     qgm = pm.run(gm, data=batches)
@@ -241,7 +297,8 @@ def quantize(model, recipe, options, data, out, opset, train, progress, show_rep
         click.echo(pm.report)
     lines = []
     if test is not None:
-        lines.append(f"accuracy: fp32 {_accuracy_torch(m, *test):.4f}  {recipe} (fake-quant) {_accuracy_torch(qgm, *test):.4f}")
+        label = recipe if isinstance(recipe, str) else "+".join(recipe)
+        lines.append(f"accuracy: fp32 {_accuracy_torch(m, *test):.4f}  {label} (fake-quant) {_accuracy_torch(qgm, *test):.4f}")
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         if out.endswith(".onnx"):
@@ -365,74 +422,16 @@ def explain(model, rule, node, recipe, options, shape):
 # ----------------------------------------------------------------------------- report
 
 def layer_table(qgm, example) -> List[Dict[str, Any]]:
-    """Per weighted layer: op, bits, scales, output SQNR (quantized vs the same graph with fake quant off), size."""
-    import torch
-    import torch.fx as fx
-    from .numerics import FakeQuantize, sqnr
-    from .ops import OpView, classify
-    from .frontend import as_inputs
-    mods = dict(qgm.named_modules())
-    weighted = []
-    for n in qgm.graph.nodes:
-        cls = classify(n, mods)
-        if cls in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"):
-            weighted.append((n, cls))
-
-    def capture(enabled: bool):
-        fqs = [m for m in qgm.modules() if isinstance(m, FakeQuantize)]
-        old = [m.enabled for m in fqs]
-        for m in fqs:
-            m.enabled = enabled if True else m.enabled
-        vals: Dict[str, torch.Tensor] = {}
-
-        class Rec(fx.Interpreter):
-            def run_node(self, nd):
-                out = super().run_node(nd)
-                if isinstance(out, torch.Tensor):
-                    vals[nd.name] = out.detach()
-                return out
-        try:
-            with torch.no_grad():
-                Rec(qgm).run(*as_inputs(example))
-        finally:
-            for m, o in zip(fqs, old):
-                m.enabled = o
-        return vals
-
-    q_vals, f_vals = capture(True), capture(False)
-    rows = []
-    for n, cls in weighted:
-        v = OpView(n, qgm, cls, mods)
-        w = v.get("weight")
-        wfq = mods.get(w.target) if isinstance(w, fx.Node) and w.op == "call_module" else None
-        x = v.get("input")
-        afq = mods.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None
-        wt = None
-        if isinstance(wfq, FakeQuantize):
-            src = w.args[0]
-            wt = q_vals.get(src.name) if isinstance(src, fx.Node) else None
-        elif isinstance(w, fx.Node):
-            wt = q_vals.get(w.name)
-        elif isinstance(w, torch.Tensor):
-            wt = w
-        numel = int(wt.numel()) if wt is not None else 0
-        w_bits = wfq.bits if isinstance(wfq, FakeQuantize) and wfq.enabled else 32
-        a_bits = afq.bits if isinstance(afq, FakeQuantize) and afq.enabled else 32
-        ws = wfq.scale.detach().float() if isinstance(wfq, FakeQuantize) else None
-        s = sqnr(f_vals[n.name].float(), q_vals[n.name].float()) if n.name in q_vals else float("nan")
-        rows.append({
-            "layer": n.meta.get("qpasses.module", n.name), "op": cls, "w_bits": w_bits, "a_bits": a_bits,
-            "w_scale": "-" if ws is None else (f"{ws.min().item():.3g}..{ws.max().item():.3g}" if ws.numel() > 1 else f"{ws.item():.3g}"),
-            "a_scale": f"{afq.scale.item():.3g}" if isinstance(afq, FakeQuantize) and afq.scale.numel() == 1 else "-",
-            "sqnr_db": float(s), "size_kib": numel * w_bits / 8 / 1024, "fp32_kib": numel * 4 / 1024,
-        })
-    return rows
+    """Per weighted layer: op, bits, scales, output SQNR, size (:func:`qpasses.layers.layer_table`)."""
+    from .layers import layer_table as table
+    return table(qgm, example)
 
 
 def format_layers(rows: List[Dict[str, Any]]) -> str:
     head = ("layer", "op", "w_bits", "a_bits", "w_scale", "a_scale", "SQNR dB", "KiB", "fp32 KiB")
     body = [(r["layer"], r["op"], str(r["w_bits"]), str(r["a_bits"]), r["w_scale"], r["a_scale"],
-             "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.1f}", f"{r['size_kib']:.2f}",
+             "inf" if math.isinf(r["sqnr_db"]) else "-" if math.isnan(r["sqnr_db"]) else f"{r['sqnr_db']:.1f}",
+             f"{r['size_kib']:.2f}",
              f"{r['fp32_kib']:.2f}") for r in rows]
     tot_q = sum(r["size_kib"] for r in rows)
     tot_f = sum(r["fp32_kib"] for r in rows)
@@ -449,10 +448,12 @@ def format_layers(rows: List[Dict[str, Any]]) -> str:
 @click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe to apply first (ignored for a quantized .pt GraphModule with --as-is).")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
 @click.option("--data", "-d", metavar="FILE|digits", help="Calibration data (as for quantize).")
+@click.option("--input-shape", "-s", "input_shape", metavar="N,C,...",
+              help="Without --data: a random input of this shape (as for quantize).")
 @click.option("--as-is", is_flag=True, help="MODEL is already quantized (a .pt GraphModule): report it without running a recipe.")
 @click.option("--train/--no-train", default=None, help="Train on the digits first (as for quantize).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def report(model, recipe, options, data, as_is, train, as_json):
+def report(model, recipe, options, data, as_is, train, as_json, input_shape=None):
     """Per-layer table of a quantized model: op, bits, scales, SQNR against float, size.
 
     MODEL is a PyTorch model (the recipe is applied first, unless --as-is; SQNR against the same
@@ -469,12 +470,20 @@ def report(model, recipe, options, data, as_is, train, as_json):
         rows = onnx_layer_table(m, batches)
         click.echo(json.dumps(rows, indent=1) if as_json else format_layers(rows))
         return
-    ex = _example(batches, m)
+    ex = _example(batches, m, parse_shape(input_shape))
     if as_is:
         qgm = m
     else:
-        qgm = qpasses.PassManager(recipe, **parse_options(options)).run(qpasses.trace(m, ex), data=batches)
+        qgm = qpasses.PassManager(parse_recipe(recipe), **parse_options(options)).run(qpasses.trace(m, ex),
+                                                                                      data=batches)
     rows = layer_table(qgm, ex)
+    if not rows:
+        from .errors import OptionError
+        kernels = sorted({str(n.target).split(".")[1] for n in qgm.graph.nodes
+                          if n.op == "call_function" and str(n.target).startswith("qpasses.")})
+        hint = (f"; the graph runs integer kernel ops ({', '.join(kernels)}): report the fake-quant graph instead "
+                f"(for int_only: -o integerize=false; or before the 'lower' recipe)") if kernels else ""
+        raise OptionError(f"no weighted layer (conv / linear) found in the graph{hint}")
     click.echo(json.dumps(rows, indent=1) if as_json else format_layers(rows))
 
 

@@ -159,3 +159,36 @@ def test_demo(tmp_path):
     r = _run("demo", "--out", tmp_path / "demo.onnx")
     assert r.exit_code == EXIT_OK, r.output
     assert (tmp_path / "demo.onnx").is_file() and "accuracy (onnxruntime" in r.output
+
+
+def test_input_shape_composed_recipes_and_export_graphs_saved(tmp_path):
+    """No --data: trace from --input-shape; 'a,b' composes recipes; a torch.export graph (the
+    transformer block traces only that way) is saved as a plain, loadable GraphModule."""
+    import qpasses
+    out = tmp_path / "t.pt"
+    r = _run("quantize", "qpasses.zoo:TransformerEncoderBlock", "-r", "dynamic_int8,lower", "-s", "2,16,64",
+             "--out", out, "--no-report")
+    assert r.exit_code == EXIT_OK, r.output
+    loaded = torch.load(out, weights_only=False)
+    assert torch.ops.qpasses.dynamic_int8_linear.default in {n.target for n in loaded.graph.nodes}
+    torch.manual_seed(0)                                   # the CLI builds factories under seed 0
+    m = zoo.TransformerEncoderBlock().eval()
+    want = qpasses.PassManager(["dynamic_int8", "lower"]).run(qpasses.trace(m, (torch.randn(2, 16, 64),)))
+    x = torch.randn(3, 16, 64)                             # another batch size
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want(x))
+    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8", "-s", "2,x")
+    assert r.exit_code == EXIT_USAGE and "is not a shape" in r.output
+    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8")
+    assert r.exit_code == EXIT_ERROR and "--input-shape" in r.output
+
+
+@pytest.mark.parametrize("recipe,bits", [("w4a16", [4, 4, 4]), ("dynamic_int8", [8, 8, 8]), ("bnn", [8, 1, 8]),
+                                         ("ptq_int8,lower", [8, 8, 8])])
+def test_report_every_quantizer_kind(recipe, bits):
+    r = _run("report", "qpasses.zoo:MLP", "-r", recipe, "--data", "digits", "--no-train", "--json")
+    assert r.exit_code == EXIT_OK, r.output
+    import json
+    rows = json.loads(r.output)
+    assert [x["w_bits"] for x in rows] == bits
+    assert rows[0]["size_kib"] == pytest.approx(128 * 64 * bits[0] / 8 / 1024)

@@ -172,7 +172,16 @@ def binarize_input(ctx: MatchContext, op: fx.Node, index: int = 0):
 
 @action("drop_relu")
 def drop_relu(ctx: MatchContext, relu: fx.Node, value: fx.Node):
-    """Remove a ReLU whose value only reaches sign(): sign(maxpool(x)) replaces sign(maxpool(relu(x)))."""
+    """Remove a ReLU whose value only reaches sign(): sign(maxpool(x)) replaces sign(maxpool(relu(x))).
+
+    The sign modules it fed remember it (``BinaryActivation.float_activation``): a ReLU commutes
+    with max-pooling, so ``act(maxpool(x))`` is the float value there either way."""
+    kind = "relu6" if ctx.classify(relu) == "relu6" else "relu"
+    for u in list(relu.users):
+        for b in ([u] if ctx.classify(u) == "binary_act" else list(u.users)):
+            mod = ctx.modules.get(b.target) if b.op == "call_module" else None
+            if isinstance(mod, BinaryActivation):
+                mod.float_activation = kind
     relu.replace_all_uses_with(value)
     ctx.graph.erase_node(relu)
     ctx.matcher.forget(relu)

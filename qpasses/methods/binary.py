@@ -42,7 +42,15 @@ def _ste_sign(x: torch.Tensor) -> torch.Tensor:
 
 
 class BinaryActivation(nn.Module):
-    """Binarize activations: ``sign(x)`` forward, hardtanh straight-through gradient backward."""
+    """Binarize activations: ``sign(x)`` forward, hardtanh straight-through gradient backward.
+
+    ``float_activation`` (``None``, ``"relu"`` or ``"relu6"``) names the activation a rewrite
+    dropped in front of it because ``sign`` made it redundant (``sign(relu(x))`` is constant, so
+    the ReLU goes); the float function of the layer is that activation, not the identity
+    (:func:`qpasses.layers.quantizers_off` uses it).
+    """
+
+    float_activation = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``±1`` tensor of the shape of ``x``."""

@@ -1,0 +1,229 @@
+"""Per-layer report of a quantized GraphModule (``qpasses report``): op, bits, scales, SQNR, size.
+
+Every quantizer module the recipes leave in a graph is described here by what it is, not by
+its name:
+
+===========================  ==========================  ==============================
+module                       made by                     bits / scale shown
+===========================  ==========================  ==============================
+``FakeQuantize``             ptq_int8, qat, genie, ...   ``bits``, ``scale``
+``Int4GroupFakeQuantize``    w4a16                       4, the group scales
+``ChannelBitsFakeQuant``     aciq4                       per-channel bits (``min-max``)
+``BinaryWeight``             bnn                         1
+``BinaryActivation``         bnn                         1
+``DynamicFakeQuant``         dynamic_int8 (matmuls)      ``bits`` (scale: per call)
+``DynamicQuantLinear``       dynamic_int8 (linears)      the layer's own bits and scales
+``PackedBinaryLinear/Conv``  lower after bnn             1, ``alpha``
+===========================  ==========================  ==============================
+
+SQNR is the layer output of the quantized graph against the same graph with every quantizer
+switched off (replaced by the identity; a sign that replaced a ReLU by the ReLU; a ``DynamicQuantLinear`` by a float linear on its
+dequantized weight, whose float original is not kept, so only its activation error counts;
+a packed binary layer keeps its 1-bit weights, for the same reason).  The size is the weight's
+element count times its bits (per channel for ``ChannelBitsFakeQuant``).  Integer kernel ops
+(after ``lower``, or ``int_only``'s integerized layers) get a row too, without SQNR: they have no
+float mode.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .frontend import as_inputs
+from .kernels.lowering import Int4GroupFakeQuantize
+from .methods.aciq import ChannelBitsFakeQuant
+from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
+from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
+from .numerics import FakeQuantize, sqnr
+from .ops import OpView, classify
+
+__all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
+
+WEIGHTED = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
+_QUANTIZERS = (FakeQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation,
+               DynamicFakeQuant)
+_DROPPED = {"relu": F.relu, "relu6": F.relu6}     # activations a sign() made redundant (drop_relu)
+
+
+def quantizer_bits(mod: Any) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
+    """``(bits, scale)`` of a quantizer module (bits an int, or ``"lo-hi"`` for per-channel bits;
+    scale None where it is not fixed), or None for anything else (or a disabled FakeQuantize)."""
+    if isinstance(mod, FakeQuantize):
+        return (int(mod.bits), mod.scale.detach().float()) if mod.enabled else None
+    if isinstance(mod, Int4GroupFakeQuantize):
+        return 4, mod.scales.detach().float()
+    if isinstance(mod, ChannelBitsFakeQuant):
+        lo, hi = int(mod.bits.min()), int(mod.bits.max())
+        return (lo if lo == hi else f"{lo}-{hi}"), mod.scale.detach().float()
+    if isinstance(mod, (BinaryWeight, BinaryActivation)):
+        return 1, None
+    if isinstance(mod, DynamicFakeQuant):
+        return int(mod.bits), None
+    return None
+
+
+def _float_linear(mod: DynamicQuantLinear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b = mod.bias.to(x.dtype) if mod.bias is not None else None
+        return F.linear(x, mod.dequantized_weight().to(x.dtype), b)
+    return forward
+
+
+@contextlib.contextmanager
+def quantizers_off(gm: nn.Module):
+    """Within the block every quantizer of ``gm`` is the identity (``DynamicQuantLinear``: a float
+    linear on its dequantized weight); their own forwards are back afterwards."""
+    patched = []
+    try:
+        for m in gm.modules():
+            if isinstance(m, BinaryActivation) and m.float_activation in _DROPPED:
+                m.forward = _DROPPED[m.float_activation]
+                patched.append(m)
+            elif isinstance(m, _QUANTIZERS):
+                m.forward = lambda x, *a, **k: x
+                patched.append(m)
+            elif isinstance(m, DynamicQuantLinear):
+                m.forward = _float_linear(m)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+
+def _outputs(gm: fx.GraphModule, example) -> Dict[str, torch.Tensor]:
+    vals: Dict[str, torch.Tensor] = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, nd):
+            out = super().run_node(nd)
+            if isinstance(out, torch.Tensor):
+                vals[nd.name] = out.detach()
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*as_inputs(example))
+    return vals
+
+
+def _module_of(node: Any, mods: Dict[str, nn.Module]) -> Optional[nn.Module]:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return mods.get(node.target)
+    return None
+
+
+def _fmt_scale(s: Optional[torch.Tensor]) -> str:
+    if s is None or s.numel() == 0:
+        return "-"
+    if s.numel() == 1:
+        return f"{s.item():.3g}"
+    return f"{s.min().item():.3g}..{s.max().item():.3g}"
+
+
+def _weight_kib(numel: int, wq: Any, bits: Any) -> float:
+    if isinstance(wq, ChannelBitsFakeQuant) and numel:
+        per = numel // max(int(wq.bits.numel()), 1)
+        return float(wq.bits.sum()) * per / 8 / 1024
+    return numel * (bits if isinstance(bits, int) else 32) / 8 / 1024
+
+
+def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
+    """One row per weighted layer of ``qgm``: layer, op, w_bits, a_bits, w_scale, a_scale,
+    sqnr_db (output against the quantizers-off graph, on ``example``), size_kib, fp32_kib."""
+    mods = dict(qgm.named_modules())
+    q_vals = _outputs(qgm, example)
+    with quantizers_off(qgm):
+        f_vals = _outputs(qgm, example)
+    rows = []
+    for n in qgm.graph.nodes:
+        cls = classify(n, mods)
+        layer = _module_of(n, mods)
+        if cls in WEIGHTED:
+            v = OpView(n, qgm, cls, mods)
+            w = v.get("weight")
+            wq = _module_of(w, mods)
+            x = v.get("input")
+            aq = _module_of(x, mods)
+            wi, ai = quantizer_bits(wq), quantizer_bits(aq)
+            if wi is not None:
+                src = w.args[0] if w.args else None
+                wt = q_vals.get(src.name) if isinstance(src, fx.Node) else None
+            elif isinstance(w, fx.Node):
+                wt = q_vals.get(w.name)
+            else:
+                wt = w if isinstance(w, torch.Tensor) else None
+            numel = int(wt.numel()) if wt is not None else 0
+            w_bits, w_scale = wi if wi is not None else (32, None)
+            a_bits, a_scale = ai if ai is not None else (32, None)
+        elif isinstance(layer, DynamicQuantLinear):
+            numel = int(layer.weight_q.numel())
+            wq, w_bits, w_scale = None, layer.w_bits, layer.weight_scale.detach().float()
+            a_bits, a_scale = layer.a_bits, None
+            cls = f"linear ({layer.granularity} dynamic)"
+        elif isinstance(layer, PackedBinaryLinear):
+            numel = int(layer.out_features * layer.in_features)
+            wq, w_bits, w_scale = None, 1, layer.alpha.detach().float()
+            aq = _module_of(n.args[0] if n.args else None, mods)
+            ai = quantizer_bits(aq)
+            a_bits, a_scale = ai if ai is not None else (32, None)
+            cls = f"{type(layer).__name__}"
+        else:
+            row = _kernel_row(qgm, n)
+            if row is not None:
+                rows.append(row)
+            continue
+        s = sqnr(f_vals[n.name].float(), q_vals[n.name].float()) if n.name in q_vals else float("nan")
+        rows.append({
+            "layer": n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name), "op": cls,
+            "w_bits": w_bits, "a_bits": a_bits, "w_scale": _fmt_scale(w_scale),
+            "a_scale": "dynamic" if isinstance(aq if cls in WEIGHTED else None, DynamicFakeQuant)
+            or (isinstance(layer, DynamicQuantLinear) and cls not in WEIGHTED) else _fmt_scale(a_scale),
+            "sqnr_db": float(s), "size_kib": _weight_kib(numel, wq, w_bits), "fp32_kib": numel * 4 / 1024,
+        })
+    return rows
+
+
+def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
+    """A row for an integer kernel op (``lower``, integerized ``int_only``), or None.
+
+    Kernel ops have no float mode, so there is no SQNR (NaN); the size is the bytes the packed
+    (padded) weight buffer holds, and "fp32" the same element count at 32 bits.
+    """
+    if n.op != "call_function" or not str(n.target).startswith("qpasses."):
+        return None
+    info = n.meta.get("qpasses.lowered")
+    kernel = str(n.target).split(".")[1]
+    if info is None and not kernel.endswith("_requant"):
+        return None
+    info = info or {}
+    # the packed weight: the first integer 2-/4-d constant argument; its scales: the first float
+    # constant after it; the activation scale: a float constant before it (int8_linear / int8_conv2d)
+    vals = [_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in n.args]
+    is_t = [isinstance(v, torch.Tensor) for v in vals]
+    iw = next((i for i, v in enumerate(vals) if is_t[i] and not v.is_floating_point() and v.dim() in (2, 4)), None)
+    if iw is None:
+        return None
+    packed = vals[iw]
+    w_scale = next((v for i, v in enumerate(vals) if i > iw and is_t[i] and v.is_floating_point()), None)
+    a_scale = next((v for i, v in enumerate(vals) if i < iw and is_t[i] and v.is_floating_point()), None)
+    w_bits = int(info.get("w_bits", 8))
+    a_bits = info.get("a_bits", 32 if kernel == "int4_weight_only_linear" else 8)
+    nbytes = int(packed.numel() * packed.element_size())
+    return {"layer": n.meta.get("qpasses.module", n.meta.get("qpasses.source", n.name)), "op": kernel,
+            "w_bits": w_bits, "a_bits": a_bits, "w_scale": _fmt_scale(w_scale),
+            "a_scale": "dynamic" if kernel == "dynamic_int8_linear" else _fmt_scale(a_scale),
+            "sqnr_db": float("nan"), "size_kib": nbytes / 1024, "fp32_kib": nbytes * 8 / w_bits * 4 / 1024}
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
