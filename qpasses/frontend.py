@@ -10,6 +10,8 @@ on proxies.  Every node that produces a tensor gets ``meta["qpasses.shape"]`` an
 """
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Optional, Tuple
 
 import torch
@@ -18,16 +20,40 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 
-__all__ = ["trace", "as_inputs", "propagate_shapes", "graph_level", "node_shape", "node_dtype"]
+__all__ = ["trace", "as_inputs", "input_arity", "propagate_shapes", "graph_level", "node_shape", "node_dtype"]
 
 
-def as_inputs(example_inputs: Any) -> Tuple[Any, ...]:
-    """Normalise a batch (a tensor, or a tuple/list of positional inputs) to a tuple."""
+def as_inputs(example_inputs: Any, arity: Optional[int] = None) -> Tuple[Any, ...]:
+    """Normalise a batch (a tensor, or a tuple/list of positional inputs) to a tuple.
+
+    ``arity``: how many positional inputs the model takes (:func:`input_arity`).  A batch that
+    carries more -- a ``DataLoader``'s ``(inputs, labels)`` -- gives its leading ``arity``
+    items; the trailing ones (labels) are not model inputs.
+    """
     if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
+        inputs = example_inputs
+    elif isinstance(example_inputs, list):
+        inputs = tuple(example_inputs)
+    else:
+        return (example_inputs,)
+    if arity is not None and 1 <= arity < len(inputs):
+        return inputs[:arity]
+    return inputs
+
+
+def input_arity(module: Any) -> Optional[int]:
+    """The number of positional inputs ``module.forward`` takes (None: ``*args``, or unknown)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    n = 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
 
 
 def _gm_meta(gm: fx.GraphModule) -> dict:

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
-from .frontend import as_inputs
+from .frontend import as_inputs, input_arity
 from .fxfast import copy_graph, delete_unused_submodules
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
@@ -502,7 +502,7 @@ class PassManager:
             return as_inputs(ex)
         if data is not None:
             for batch in data:
-                return as_inputs(batch)
+                return as_inputs(batch, input_arity(gm))
         raise OptionError("verify=True needs sample inputs: pass example_inputs= or data=, or trace with qpasses.trace")
 
     @staticmethod

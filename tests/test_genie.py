@@ -407,3 +407,15 @@ def test_two_process_gloo(tmp_path):
         if k.startswith("act_obs"):
             continue  # calibration leftovers (observers no longer in the graph) are per-rank
         assert torch.allclose(v.float(), r1["state"][k].float(), atol=1e-6), k
+
+
+def test_genie_repeatable_from_its_seed_and_leaves_the_global_generator_alone():
+    gm = _gm(Strided2d(), (1, 8, 8))
+    x = torch.randn(4, 1, 8, 8)
+    state = torch.random.get_rng_state()
+    a = qpasses.PassManager("genie", **FAST).run(gm)
+    assert torch.equal(torch.random.get_rng_state(), state)        # distill and QDrop draw from a forked RNG
+    b = qpasses.PassManager("genie", **FAST).run(gm)
+    c = qpasses.PassManager("genie", **dict(FAST, seed=1)).run(gm)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import qpasses
+from qpasses import zoo
 from qpasses import PassManager, Refuse, RewriteError, Rule, action
 from qpasses.manager import PROVENANCE_KEY
 
@@ -148,3 +149,31 @@ def test_report_counts_a_refused_node_once_across_fixpoint_passes():
     assert (st.candidates, st.matches, st.rewrites, st.n_refused) == (2, 2, 1, 1)
     assert st.refused == [("bn", "interior node conv is also used outside the match (by add)")]
     torch.testing.assert_close(out(x), gm(x))
+
+
+def test_data_may_be_a_loader_of_inputs_and_labels():
+    """A DataLoader's (inputs, labels) batches: the labels are not model inputs; a model that
+    takes two inputs still gets both."""
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    gm = qpasses.trace(zoo.DigitsCNN().eval(), (x[:2],))
+    with_labels = qpasses.PassManager("ptq_int8", verify=True).run(gm, data=DataLoader(TensorDataset(x, y), 16))
+    inputs_only = qpasses.PassManager("ptq_int8").run(gm, data=list(x.split(16)))
+    with torch.no_grad():
+        assert torch.equal(with_labels(x), inputs_only(x))
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, p, q):
+            return self.a(p) + self.b(q)
+
+    p, q = torch.randn(8, 4), torch.randn(8, 4) * 5
+    g2 = qpasses.trace(Two().eval(), (p, q))
+    pm = qpasses.PassManager("ptq_int8")
+    out = pm.run(g2, data=[(p, q, torch.zeros(8))])        # third item: a label
+    ranges = sorted(float(m.scale) for m in out.modules() if type(m).__name__ == "FakeQuantize" and m.axis is None)
+    assert len(ranges) == 2 and ranges[1] > 3 * ranges[0]   # q's (5x wider) range reached its own observer

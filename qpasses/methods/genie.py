@@ -95,10 +95,13 @@ class _Swing:
 
     @classmethod
     def from_conv(cls, conv: nn.Module, jitter: int = 1) -> nn.Module:
-        """A swing convolution holding the very same weight and bias tensors as ``conv``."""
+        """A swing convolution holding the very same weight and bias tensors as ``conv``.
+
+        Built on the meta device, then given ``conv``'s tensors: no initialisation runs (nothing
+        drawn from the global random generator, no time spent)."""
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
+                  device="meta", dtype=conv.weight.dtype)
         new.weight = conv.weight
         if conv.bias is not None:
             new.bias = conv.bias
@@ -111,7 +114,7 @@ class _Swing:
         base = self._base
         new = base(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                    self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                   device=self.weight.device, dtype=self.weight.dtype)
+                   device="meta", dtype=self.weight.dtype)
         new.weight = self.weight
         if self.bias is not None:
             new.bias = self.bias
@@ -362,6 +365,10 @@ def synthesize(gm: fx.GraphModule, shape: Sequence[int], samples: int, batch_siz
     rank, size = world()
     local = int(math.ceil(samples / size))
     g = torch.Generator().manual_seed(int(seed) * 1000 + rank) if seed is not None else None
+    # the generator's initialisation and the swing crops draw from the global generator: seeded
+    # here, and the caller's generator state is given back afterwards
+    rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+    rng.__enter__()
     if seed is not None:
         torch.manual_seed(int(seed) * 1000 + rank)
     nb = int(math.ceil(local / batch_size))
@@ -377,6 +384,7 @@ def synthesize(gm: fx.GraphModule, shape: Sequence[int], samples: int, batch_siz
             losses.append(loss)
             done += n
     finally:
+        rng.__exit__(None, None, None)
         bar.close()
     data = torch.cat(out, 0)
     return data, {"bn_layers": len(bns), "final_loss": float(sum(losses) / max(1, len(losses))),

@@ -7,15 +7,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import StepError
-from ..frontend import as_inputs, set_training
+from ..frontend import as_inputs, input_arity, set_training
 from ..lang.registry import data_step
 from ..numerics import Observer
 
 __all__ = ["calibrate", "iterate_batches"]
 
 
-def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", progress: bool = False):
-    """Yield tuples of positional inputs from ``data`` (an iterable of batches)."""
+def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", progress: bool = False,
+                    arity: Optional[int] = None):
+    """Yield tuples of positional inputs from ``data`` (an iterable of batches).
+
+    ``arity``: the model's number of positional inputs; longer batches (a ``DataLoader``'s
+    ``(inputs, labels)``) give their leading ``arity`` items.
+    """
     if data is None:
         raise StepError(f"{desc or 'this step'} needs data: call run(gm, data=batches) with an iterable of "
                         f"batches (tensors or tuples of inputs)")
@@ -32,7 +37,7 @@ def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", prog
     for i, batch in enumerate(it):
         if limit is not None and i >= limit:
             break
-        yield as_inputs(batch)
+        yield as_inputs(batch, arity)
 
 
 @data_step("calibrate")
@@ -46,7 +51,7 @@ def calibrate(ctx) -> None:
     set_training(gm, False)
     try:
         with torch.no_grad():
-            for inputs in iterate_batches(ctx.data, limit, "calibrate", ctx.progress):
+            for inputs in iterate_batches(ctx.data, limit, "calibrate", ctx.progress, input_arity(gm)):
                 gm(*inputs)
                 n_batches += 1
                 first = inputs[0]

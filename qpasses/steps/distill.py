@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionError, StepError
-from ..frontend import as_inputs
+from ..frontend import as_inputs, input_arity
 from ..lang.registry import data_step
 from .calibrate import calibrate, iterate_batches
 
@@ -122,7 +122,7 @@ def step_data(ctx, source: str = "auto", limit_samples: Optional[int] = None) ->
             raise StepError("this step needs data: call run(gm, data=batches), or distill synthetic data first")
         xs = []
         n = 0
-        for inputs in iterate_batches(ctx.data, None, "data", False):
+        for inputs in iterate_batches(ctx.data, None, "data", False, input_arity(ctx.gm)):
             if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
                 raise StepError("GENIE steps take batches of one input tensor")
             xs.append(inputs[0])

@@ -179,6 +179,11 @@ def reconstruct(ctx) -> None:
     sched = BetaSchedule(start=20.0, end=2.0, warmup=0.2, iters=iters)
     bar = tqdm(total=len(blocks) * iters, desc="reconstruct", disable=not ctx.progress, leave=False)
     losses = []
+    # QDrop draws its masks from the global generator: seeded here (and the caller's state restored
+    # afterwards), so a run is repeatable from its ``seed``
+    rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+    rng.__enter__()
+    torch.manual_seed(int(ctx.arg("seed", 0) or 0) * 7919 + rank + 1)
     try:
         for bi, block in enumerate(blocks):
             q_in = _run(_capture(gm, [block.entry]), x_all, 256)[0]
@@ -223,6 +228,7 @@ def reconstruct(ctx) -> None:
                 m.train(False)
             losses.append(last)
     finally:
+        rng.__exit__(None, None, None)
         bar.close()
         set_training(gm, False)
     n_baked = bake_quantizers(gm)

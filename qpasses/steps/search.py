@@ -18,7 +18,7 @@ from typing import Any, List, Sequence, Tuple
 import torch
 
 from ..errors import OptionError, StepError
-from ..frontend import as_inputs
+from ..frontend import as_inputs, input_arity
 from ..lang.registry import data_step
 from .calibrate import iterate_batches
 
@@ -69,7 +69,8 @@ def search_bits(ctx) -> None:
     cost = haq.make_cost_model(constraint, str(ctx.arg("device", "h100")), ctx.arg("latency_table") or None,
                                int(ctx.arg("latency_batch", 1) or 1))
 
-    batches = list(iterate_batches(ctx.data, ctx.arg("calib_batches"), "search_bits", ctx.progress))
+    batches = list(iterate_batches(ctx.data, ctx.arg("calib_batches"), "search_bits", ctx.progress,
+                                   input_arity(ctx.gm)))
     if not batches:
         raise StepError("search_bits got an empty data iterable")
     val_data = ctx.arg("val_data")
