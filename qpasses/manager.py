@@ -322,7 +322,8 @@ class PassManager:
         Args:
             gm: a GraphModule (from :func:`qpasses.trace`).
             data: calibration / training data: an iterable of batches (a tensor or a tuple
-                of positional inputs), for the data steps that need it.
+                of positional inputs; a ``DataLoader``'s ``(inputs, labels)`` gives the model
+                its leading items), for the data steps that need it.
             example_inputs: inputs for ``verify=True`` (defaults to the example inputs
                 recorded by ``trace``, else the first batch of ``data``).
         """
