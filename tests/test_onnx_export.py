@@ -308,3 +308,93 @@ def test_activations_export(level, opset):
     assert ({"HardSwish", "Mish"} <= ops) == (opset >= 18)        # opset 13: spelled with other ops
     q = qpasses.PassManager("ptq_int8").run(gm, data=[x, x * 0.5])
     _agree(run_onnx(export_onnx(q, x, opset=opset), x)[0], q(x))
+
+
+class _Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.n, self.l = torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.l(self.n(self.e(ids)).mean(1))
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.l = torch.nn.MultiheadAttention(16, 2, batch_first=True), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.l(self.a(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("cls,make", [(_Bag, lambda b: torch.randint(0, 50, (b, 7))),
+                                      (_Attention, lambda b: torch.randn(b, 5, 16))])
+def test_embedding_and_attention_export_with_a_dynamic_batch(level, cls, make):
+    """Gather for embeddings; nn.MultiheadAttention as the aten ops torch.export decomposes it into
+    (unflatten / squeeze / select / views whose symbolic sizes follow the batch)."""
+    torch.manual_seed(0)
+    m = cls().eval()
+    x = make(4)
+    if cls is _Attention and level == "fx":               # a leaf module in fx: the error says how to export it
+        with pytest.raises(ExportError, match="mode='export'"):
+            export_onnx(qpasses.trace(m, (x,), mode="fx"), x)
+        return
+    gm = qpasses.trace(m, (x,), mode=level)
+    fl = export_onnx(gm, x)
+    q = qpasses.PassManager("ptq_int8").run(gm, data=[x])
+    qm = export_onnx(q, x)
+    for b in (4, 3):                                      # the example's batch and another one
+        xb = make(b)
+        np.testing.assert_allclose(run_onnx(fl, xb)[0], m(xb).detach().numpy(), atol=1e-5, rtol=1e-4)
+        _agree(run_onnx(qm, xb)[0], q(xb))
+    assert "Gather" in _ops(fl)
+
+
+def test_tensors_built_from_the_batch_size_fix_the_batch_with_a_warning():
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.l(x) * torch.ones(x.size(0), 1)      # a tensor made from the batch size
+
+    x = torch.randn(4, 8)
+    gm = qpasses.trace(Masked().eval(), (x,))
+    with pytest.warns(UserWarning, match=r"node 'ones' computes a tensor from an input's size.*\(4\) only"):
+        model = export_onnx(gm, x)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    np.testing.assert_allclose(run_onnx(model, x)[0], gm(x).detach().numpy(), atol=1e-6)
+    x2 = torch.randn(4, 8)
+    model = export_onnx(qpasses.trace(torch.nn.Linear(8, 8).eval(), (x2,)), x2)     # nothing baked: N
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "bool_mask", "float_mask"])
+def test_scaled_dot_product_attention_exports(level, kind):
+    F = torch.nn.functional
+
+    class Sdpa(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("bmask", torch.rand(6, 6, generator=g) > 0.3)
+            self.bmask[:, 0] = True                       # no fully masked row
+            self.register_buffer("fmask", torch.randn(6, 6, generator=g))
+
+        def forward(self, x):
+            k, v = self.k(x), self.v(x)
+            if kind == "causal":
+                return F.scaled_dot_product_attention(x, k, v, is_causal=True, scale=0.5)
+            mask = {"bool_mask": self.bmask, "float_mask": self.fmask}.get(kind)
+            return F.scaled_dot_product_attention(x, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    m = Sdpa().eval()
+    x = torch.randn(2, 3, 6, 8)
+    model = export_onnx(qpasses.trace(m, (x,), mode=level), x)
+    for b in (2, 5):
+        xb = torch.randn(b, 3, 6, 8)
+        np.testing.assert_allclose(run_onnx(model, xb)[0], m(xb).detach().numpy(), atol=1e-5, rtol=1e-4)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -479,9 +480,20 @@ def _pool(b: _Builder, node: fx.Node, view: OpView, cls: str) -> str:
 
 
 def _reshape_to(b: _Builder, node: fx.Node, x: Any) -> str:
+    """``Reshape`` to the node's recorded shape.  A ``torch.export`` graph records symbolic sizes
+    (``node.meta["val"]``): a target with one symbolic dimension (``s0``, ``5*s0``, ...) gets
+    ``-1`` there, so the reshape follows the batch wherever it sits; otherwise a target whose
+    first dimension equals the input's keeps it (``0``)."""
     out = b.shape(node)
     xs = b.shape(x)
     shp = list(out)
+    dims = getattr(node.meta.get("val"), "shape", None)
+    if dims is not None and len(dims) == len(shp):
+        sym = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        if len(sym) <= 1:
+            for i in sym:
+                shp[i] = -1
+            return b.add("Reshape", [b.tensor_in(x), b.ints(shp)], node.name)
     if xs and shp and len(xs) >= 1 and shp[0] == xs[0]:
         shp[0] = 0  # keep the (possibly dynamic) batch dimension
     return b.add("Reshape", [b.tensor_in(x), b.ints(shp)], node.name)
@@ -681,6 +693,13 @@ def _convert(b: _Builder, node: fx.Node) -> Any:
         return b.add("Softmax", [b.tensor_in(x)], nm, axis=_dim(int(d if d is not None else -1), rank))
     if cls == "dropout":
         return b.names[view.get("input")]
+    if cls == "embedding":
+        if view.module is not None and view.module.max_norm is not None:
+            raise ExportError(f"cannot export node {node.name!r}: embedding with max_norm renormalises its "
+                              "weight in place at every call")
+        if node.op == "call_function" and view.get("max_norm") is not None:
+            raise ExportError(f"cannot export node {node.name!r}: embedding with max_norm")
+        return b.add("Gather", [_weight(b, node, view.get("weight")), b.tensor_in(view.get("input"))], nm, axis=0)
     if cls == "getitem" and isinstance(b.vals.get(node.args[0]), torch.Tensor):
         return _tensor_getitem(b, node)
     mod = b.modules.get(node.target) if node.op == "call_module" else None
@@ -734,6 +753,16 @@ def _convert(b: _Builder, node: fx.Node) -> Any:
         like = b.vals.get(a) if isinstance(a, fx.Node) else b.vals.get(c)
         like = like if isinstance(like, torch.Tensor) else None
         return b.add(_BINARY[tn], [b.tensor_in(a, like), b.tensor_in(c, like)], nm)
+    if tn == "scaled_dot_product_attention" and node.op == "call_function":
+        return _sdpa(b, node, nm)
+    if tn in ("unflatten", "squeeze", "unsqueeze") and node.op in ("call_method", "call_function"):
+        return _reshape_to(b, node, node.args[0])       # pure reshapes: to the recorded shape
+    if tn == "select" and node.op in ("call_method", "call_function") and len(node.args) == 3:
+        x, dim, index = node.args
+        rank = len(b.shape(x))
+        d = _dim(int(dim), rank)
+        i = int(index) + (b.shape(x)[d] if int(index) < 0 else 0)
+        return b.add("Gather", [b.tensor_in(x), b.const(torch.tensor(i, dtype=torch.int64), nm + "_i")], nm, axis=d)
     if tn == "mean" and node.op in ("call_method", "call_function"):
         x = node.args[0]
         rank = len(b.shape(x))
@@ -746,10 +775,49 @@ def _convert(b: _Builder, node: fx.Node) -> Any:
         return b.add("ReduceMean", [b.tensor_in(x)], nm, axes=axes, keepdims=int(keep))
     target = node.target if node.op != "call_module" else type(b.modules.get(node.target)).__name__
     hint = ""
+    if node.op == "call_module":
+        hint = (" (a module whose inside the fx graph does not show: trace with qpasses.trace(model, inputs, "
+                "mode='export') to export its aten ops)")
     if "qpasses" in str(target):
         hint = (" (an integer kernel op: ONNX export takes fake-quant graphs; export before the 'lower' recipe, "
                 "or run int_only with integerize=false)")
     raise ExportError(f"cannot export node {node.name!r} ({node.op} {target}, op class {cls}) to ONNX{hint}")
+
+
+def _sdpa(b: _Builder, node: fx.Node, nm: str) -> str:
+    """``scaled_dot_product_attention`` spelled out: ``Softmax(Q K^T * scale [+ mask]) V``."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("enable_gqa"):
+        raise ExportError(f"cannot export node {node.name!r}: scaled_dot_product_attention with enable_gqa")
+    if float(a.get("dropout_p") or 0.0) != 0.0:
+        raise ExportError(f"cannot export node {node.name!r}: attention dropout (export an eval-mode model)")
+    q, k, v = a["query"], a["key"], a["value"]
+    qs, ks = b.shape(q), b.shape(k)
+    rank = len(ks)
+    scale = a.get("scale")
+    scale = 1.0 / math.sqrt(qs[-1]) if scale is None else float(scale)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    kt = b.add("Transpose", [b.tensor_in(k)], nm + "_kt", perm=perm)
+    scores = b.add("Mul", [b.add("MatMul", [b.tensor_in(q), kt], nm + "_qk"), b.const(scale, nm + "_sc", torch.float32)],
+                   nm + "_s")
+    mask = a.get("attn_mask")
+    if a.get("is_causal"):
+        L, S = qs[-2], ks[-2]
+        mask = torch.ones(L, S, dtype=torch.bool).tril()
+        scores = b.add("Where", [b.const(mask, nm + "_causal"), scores,
+                                 b.const(float("-inf"), nm + "_ninf", torch.float32)], nm + "_m")
+    elif mask is not None:
+        mv = b.vals.get(mask) if isinstance(mask, fx.Node) else mask
+        if isinstance(mv, torch.Tensor) and mv.dtype == torch.bool:
+            scores = b.add("Where", [b.tensor_in(mask), scores, b.const(float("-inf"), nm + "_ninf", torch.float32)],
+                           nm + "_m")
+        else:
+            scores = b.add("Add", [scores, b.tensor_in(mask)], nm + "_m")
+    p = b.add("Softmax", [scores], nm + "_p", axis=-1)
+    return b.add("MatMul", [p, b.tensor_in(v)], nm)
 
 
 def _activation(b: _Builder, node: fx.Node, tn: str, nm: str) -> Optional[str]:
@@ -796,21 +864,39 @@ def _activation(b: _Builder, node: fx.Node, tn: str, nm: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- driver
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, vals, dynamic):
+    """Runs the graph once: every node's value, whether it depends on a graph input (``dynamic``:
+    else it is folded to a constant) and whether it was computed from an input's size
+    (``sized``: a folded tensor of that kind holds the example's batch size)."""
+
+    def __init__(self, gm, vals, dynamic, sized=None):
         super().__init__(gm)
         self.vals_out = vals
         self.dynamic = dynamic
+        self.sized = {} if sized is None else sized
 
     def run_node(self, n):
         out = super().run_node(n)
         self.vals_out[n] = out
         if n.op == "placeholder":
             self.dynamic[n] = True
+            self.sized[n] = False
         elif _is_shape_query(n):
             self.dynamic[n] = False  # static shapes: x.size(1), x.shape, x.dim() are constants
+            self.sized[n] = any(self.dynamic.get(a, False) for a in n.all_input_nodes)
         else:
             self.dynamic[n] = any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+            self.sized[n] = any(self.sized.get(a, False) for a in n.all_input_nodes)
         return out
+
+
+def _batch_baked(gm: fx.GraphModule, vals, dynamic, sized) -> Optional[fx.Node]:
+    """A tensor folded to a constant although computed from an input's size, and read at run
+    time (e.g. ``torch.ones(x.size(0), n)``): the exported graph would hold the example's batch."""
+    def const_tensor(n):
+        return sized.get(n) and not dynamic.get(n, True) and isinstance(vals.get(n), torch.Tensor)
+    if any(const_tensor(n) and any(dynamic.get(u, False) for u in n.users) for n in gm.graph.nodes):
+        return next(n for n in gm.graph.nodes if const_tensor(n))    # where it starts, e.g. the ones(...)
+    return None
 
 
 def _is_shape_query(n: fx.Node) -> bool:
@@ -838,11 +924,19 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
         raise ExportError(f"opset {opset} is newer than this onnx package supports ({onnx.defs.onnx_opset_version()})")
     inputs = as_inputs(example_inputs)
     b = _Builder(gm, opset, int4, int4_activations)
+    sized: Dict[fx.Node, bool] = {}
     try:
         with torch.no_grad():
-            _Recorder(gm, b.vals, b.dynamic).run(*inputs)
+            _Recorder(gm, b.vals, b.dynamic, sized).run(*inputs)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"the graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+    baked = _batch_baked(gm, b.vals, b.dynamic, sized) if dynamic_batch else None
+    if baked is not None:
+        batch = next((v.shape[0] for v in inputs if isinstance(v, torch.Tensor) and v.dim()), None)
+        warnings.warn(f"export_onnx: node {baked.name!r} computes a tensor from an input's size, which the ONNX "
+                      f"graph holds as a constant; the model is exported for the example's batch size ({batch}) "
+                      f"only (dynamic_batch=False). Export once per batch size you need.", stacklevel=3)
+        dynamic_batch = False
     g_inputs, g_outputs = [], []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = list(input_names or [])
