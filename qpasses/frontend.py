@@ -130,7 +130,11 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
             mutates its input, so the model stays intact.
         example_inputs: one batch: a tensor or a tuple of positional inputs.  Used to
             propagate shapes and to check the traced graph runs.
-        mode: ``"auto"`` (fx, then export on failure), ``"fx"`` or ``"export"``.
+        mode: ``"auto"`` (fx, then export on failure), ``"fx"`` or ``"export"``.  In ``auto``,
+            ``nn.MultiheadAttention`` and the ``nn.Transformer*`` modules are traced into, so a
+            model holding them goes to ``torch.export``, which shows their projections (fx keeps
+            them as opaque calls, so nothing inside would be quantized; that is the last resort,
+            and what ``"fx"`` gives).
         concrete_args: forwarded to ``torch.fx.symbolic_trace``.
         strict: forwarded to ``torch.export.export``.
         dynamic_batch: export with a dynamic leading (batch) dimension on every tensor
@@ -146,31 +150,56 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
         raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
     reasons = []
-    if mode in ("auto", "fx"):
-        try:
-            gm = fx.symbolic_trace(model, concrete_args=concrete_args)
-            stringly = [n for n in gm.graph.nodes if isinstance(n.type, str)]
-            for n in stringly:  # string annotations (PEP 563) would make the module unpicklable
-                n.type = None
-            if stringly:
-                gm.recompile()
-            propagate_shapes(gm, inputs)  # a graph that does not run on the example is a failed trace
-            _gm_meta(gm)["qpasses.level"] = "fx"
-            _gm_meta(gm)["qpasses.example_inputs"] = inputs
-            return gm
-        except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
-            reasons.append(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {_first_line(e)}")
-    if mode in ("auto", "export"):
-        try:
-            ep = _export(model, inputs, strict, dynamic_batch)
-            gm = ep.module()
-            propagate_shapes(gm, inputs)
-            _gm_meta(gm)["qpasses.level"] = "aten"
-            _gm_meta(gm)["qpasses.example_inputs"] = inputs
-            return gm
-        except Exception as e:  # noqa: BLE001
-            reasons.append(f"torch.export.export failed: {type(e).__name__}: {_first_line(e)}")
+    # auto: fx tracing into attention / transformer modules (fails on them, by design), then
+    # torch.export (decomposes them), then fx keeping them as opaque calls (nothing inside quantized)
+    opaque = any(isinstance(m, _TRACE_INTO) for m in model.modules())
+    plan = {"fx": ["fx"], "export": ["export"],
+            "auto": ["fx_into", "export"] + (["fx"] if opaque else [])}[mode]
+    for how in plan:
+        if how in ("fx", "fx_into"):
+            try:
+                tracer = _Tracer() if how == "fx_into" else fx.Tracer()
+                gm = fx.GraphModule(model, tracer.trace(model, concrete_args=concrete_args), type(model).__name__)
+                stringly = [n for n in gm.graph.nodes if isinstance(n.type, str)]
+                for n in stringly:  # string annotations (PEP 563) would make the module unpicklable
+                    n.type = None
+                if stringly:
+                    gm.recompile()
+                propagate_shapes(gm, inputs)  # a graph that does not run on the example is a failed trace
+                _gm_meta(gm)["qpasses.level"] = "fx"
+                _gm_meta(gm)["qpasses.example_inputs"] = inputs
+                return gm
+            except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
+                what = "torch.fx.symbolic_trace" + (" (into attention modules)" if how == "fx_into" and opaque
+                                                    else " (attention modules as opaque calls)" if opaque else "")
+                reasons.append(f"{what} failed: {type(e).__name__}: {_first_line(e)}")
+        else:
+            try:
+                ep = _export(model, inputs, strict, dynamic_batch)
+                gm = ep.module()
+                propagate_shapes(gm, inputs)
+                _gm_meta(gm)["qpasses.level"] = "aten"
+                _gm_meta(gm)["qpasses.example_inputs"] = inputs
+                return gm
+            except Exception as e:  # noqa: BLE001
+                reasons.append(f"torch.export.export failed: {type(e).__name__}: {_first_line(e)}")
     raise TraceError(f"could not trace {type(model).__name__}:\n  " + "\n  ".join(reasons))
+
+
+#: torch.nn modules fx would keep as opaque calls although they hold the weighted ops (projections)
+#: quantization is about: traced into instead.  Their forwards branch on tensor ranks, so fx fails
+#: on them and ``mode="auto"`` goes on to ``torch.export``, which decomposes them into aten ops.
+_TRACE_INTO = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+               torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx.symbolic_trace``'s tracer, except that it traces into :data:`_TRACE_INTO` modules."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _TRACE_INTO):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def _export(model, inputs, strict: bool, dynamic_batch: bool):

@@ -298,3 +298,35 @@ def test_ptq_int8_on_real_data_matches_independent_simulation(digits):
     diff = (ours - sim).abs()
     assert diff.max() < 1e-3 * ours.abs().max(), float(diff.max())
     assert (ours.argmax(1) == sim.argmax(1)).float().mean() == 1.0
+
+
+def test_torch_nn_attention_modules_are_quantized_inside():
+    """nn.TransformerEncoder / nn.MultiheadAttention: fx would keep them opaque (nothing inside
+    quantized); trace(mode="auto") goes to torch.export, whose graph shows their projections."""
+    from qpasses.frontend import graph_level
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.t, self.l = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.l(self.t(x).mean(1))
+
+    torch.manual_seed(0)
+    m = Enc().eval()
+    x = torch.randn(4, 5, 16)
+    gm = qpasses.trace(m, (x,))
+    assert graph_level(gm) == "aten"
+    pm = qpasses.PassManager("ptq_int8")
+    q = pm.run(gm, data=[x, torch.randn(8, 5, 16)])
+    # per layer: in-projection, out-projection, two feed-forward linears; plus the head
+    assert pm.report["weight_fake_quant"].rewrites == 2 * 4 + 1
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    assert 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()) > 30
+    opaque = qpasses.trace(m, (x,), mode="fx")            # asked for: fx, the modules left as calls
+    assert graph_level(opaque) == "fx"
+    assert any(n.op == "call_module" and isinstance(opaque.get_submodule(n.target), torch.nn.TransformerEncoder)
+               for n in opaque.graph.nodes)
