@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import gc
 import math
 import os
@@ -23,6 +24,7 @@ from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
 from .lang.syntax import substitute
 from .matcher import Match, MatchContext, MatchFailure, Matcher
+from .ops import node_paths
 from .report import Report, StageRecord, StepRecord
 
 __all__ = ["PassManager", "Refuse", "StepContext", "Explanation", "copy_graph_module", "PROVENANCE_KEY"]
@@ -337,6 +339,7 @@ class PassManager:
         # the cyclic GC is paused there (not in data steps or verify, which run the model)
         with self._phase("copy"):
             work = copy_graph_module(gm, recompile=False)
+        self._check_skip(gm)
         dirty = True  # the copy's code is generated lazily: before anything runs it
         sample = None
         reference = None
@@ -373,6 +376,18 @@ class PassManager:
             self._recompile(work)
         self.report.seconds = time.perf_counter() - t0
         return work
+
+    def _check_skip(self, gm: fx.GraphModule) -> None:
+        """Warn (in the report) about ``skip`` patterns that name no node of the graph: a typo
+        there would otherwise quantize the layer the user meant to keep in float."""
+        skip = self.params.get("skip")
+        if not skip or not isinstance(skip, (list, tuple)):
+            return
+        names = {name for n in gm.graph.nodes for name in node_paths(n)}
+        for p in skip:
+            if not any(fnmatch.fnmatchcase(name, str(p)) for name in names):
+                self.report.warnings.append(f"skip pattern {str(p)!r} matches no node name or module path "
+                                            f"of the graph (nothing is skipped by it)")
 
     @contextlib.contextmanager
     def _phase(self, name: str):

@@ -10,9 +10,10 @@ Modules are matched by type (``isinstance``), never by attribute name.
 """
 from __future__ import annotations
 
+import fnmatch
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -23,7 +24,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "OpClass", "OP_CLASSES", "ALIASES", "classify", "OpView", "resolve_names",
-    "all_class_names", "register_op_class", "is_inplace", "get_attr_value",
+    "all_class_names", "register_op_class", "is_inplace", "get_attr_value", "node_paths", "matches_any",
 ]
 
 
@@ -491,3 +492,29 @@ class OpView:
 
     def __repr__(self) -> str:
         return f"OpView({self.node.name}: {self.opclass})"
+
+
+# ------------------------------------------------------------------ names a user gives a node
+def node_paths(node: fx.Node) -> Iterable[str]:
+    """Names a user may use for a node: fx name, module path (fx) or source module path (export)."""
+    yield node.name
+    if node.op in ("call_module", "get_attr"):
+        yield str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        for path, _ in list(stack.values())[-1:]:
+            if path:
+                yield str(path)
+                # export prefixes paths with "L['self']." sometimes; offer the plain dotted path too
+                yield str(path).replace("L['self'].", "").replace("L__self___", "")
+
+
+def matches_any(node: fx.Node, patterns: Optional[Iterable[str]]) -> Optional[str]:
+    """The first of ``patterns`` (fnmatch globs) one of the node's names matches, or None."""
+    if not patterns:
+        return None
+    for name in node_paths(node):
+        for p in patterns:
+            if fnmatch.fnmatchcase(name, str(p)):
+                return str(p)
+    return None

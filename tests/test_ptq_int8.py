@@ -330,3 +330,17 @@ def test_torch_nn_attention_modules_are_quantized_inside():
     assert graph_level(opaque) == "fx"
     assert any(n.op == "call_module" and isinstance(opaque.get_submodule(n.target), torch.nn.TransformerEncoder)
                for n in opaque.graph.nodes)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_skip_pattern_that_names_nothing_is_reported(mode):
+    torch.manual_seed(0)
+    m = zoo.ResNetLike().eval()
+    x = zoo.example_input("resnet", 4)
+    gm = qpasses.trace(m, (x,), mode=mode)
+    pm = qpasses.PassManager("ptq_int8", skip=["fc", "stages.0.*", "stgaes.1.*"])
+    pm.run(gm, data=[x])
+    assert pm.report.warnings == ["skip pattern 'stgaes.1.*' matches no node name or module path of the graph "
+                                  "(nothing is skipped by it)"]
+    assert "warning: skip pattern 'stgaes.1.*'" in str(pm.report)
+    assert pm.report["weight_fake_quant"].n_refused == 5            # fc + the four convs of stage 0

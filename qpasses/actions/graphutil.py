@@ -1,7 +1,6 @@
 """Small graph-editing helpers shared by actions: new modules, parameters and attributes."""
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Dict, Iterable, Optional
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
 from ..matcher import MatchContext
-from ..ops import module_attr
+from ..ops import matches_any, module_attr, node_paths  # noqa: F401  (re-exported)
 
 __all__ = ["add_module", "add_param", "node_paths", "erase_if_unused", "copy_meta", "is_shared_module", "retarget",
            "matches_any"]
@@ -102,25 +101,3 @@ def retarget(gm: fx.GraphModule, node: fx.Node, new_target: str) -> None:
     node.target = new_target
 
 
-def node_paths(node: fx.Node) -> Iterable[str]:
-    """Names a user may use for a node: fx name, module path (fx) or source module path (export)."""
-    yield node.name
-    if node.op in ("call_module", "get_attr"):
-        yield str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        for path, _ in list(stack.values())[-1:]:
-            if path:
-                yield str(path)
-                # export prefixes paths with "L['self']." sometimes; offer the plain dotted path too
-                yield str(path).replace("L['self'].", "").replace("L__self___", "")
-
-
-def matches_any(node: fx.Node, patterns: Optional[Iterable[str]]) -> Optional[str]:
-    if not patterns:
-        return None
-    for name in node_paths(node):
-        for p in patterns:
-            if fnmatch.fnmatchcase(name, str(p)):
-                return str(p)
-    return None
