@@ -218,6 +218,38 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else repr(e)
 
 
+def _exported_train(self, mode: bool = True):
+    """``train(mode)`` for a graph quantized from a ``torch.export`` graph (whose own ``train()``
+    raises): switches the module flags -- fake quantizers, observers, LSQ scales -- as
+    :func:`set_training` does.  The graph's aten ops keep the mode they were exported in (a
+    ``batch_norm`` keeps using its running statistics, a ``dropout`` stays off); a warning says
+    so when the graph has such ops."""
+    set_training(self, mode)
+    if mode and not self.__dict__.get("_qpasses_warned_train"):
+        baked = sorted({str(n.target) for n in self.graph.nodes if n.op == "call_function"
+                        and any(k in str(n.target) for k in ("batch_norm", "dropout"))})
+        if baked:
+            import warnings
+            warnings.warn(f"train(): this graph comes from torch.export; its {', '.join(baked)} ops keep their "
+                          f"exported (eval-mode) form, only qpasses' modules switch to training", stacklevel=2)
+            self.__dict__["_qpasses_warned_train"] = True
+    return self
+
+
+def _exported_eval(self):
+    """``eval()``: ``train(False)``."""
+    return _exported_train(self, False)
+
+
+def make_exported_trainable(gm: torch.nn.Module) -> None:
+    """Give a GraphModule from ``torch.export`` working ``train()`` / ``eval()`` methods
+    (``ExportedProgram.module()`` replaces them with ones that raise), see :func:`_exported_train`."""
+    import types
+    if "train" in gm.__dict__ or "eval" in gm.__dict__:
+        gm.__dict__["train"] = types.MethodType(_exported_train, gm)
+        gm.__dict__["eval"] = types.MethodType(_exported_eval, gm)
+
+
 def set_training(gm: torch.nn.Module, mode: bool) -> None:
     """``gm.train(mode)``, in one flat pass, that also works on graphs from ``torch.export``.
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
-from .frontend import as_inputs, input_arity
+from .frontend import as_inputs, input_arity, make_exported_trainable
 from .fxfast import copy_graph, delete_unused_submodules
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
@@ -176,6 +176,7 @@ def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphMod
     new.__dict__["meta"] = meta
     new.__dict__["_create_node_hooks"] = []
     new.__dict__["_erase_node_hooks"] = []
+    make_exported_trainable(new)          # the copy's own train()/eval(), not the original's refusing ones
     if recompile:
         new.recompile()
     return new

@@ -174,3 +174,45 @@ def test_qat_prepare_modules_stay_in_eval_mode_like_the_batchnorm_they_replace()
     with torch.no_grad():  # an eval forward leaves the running statistics alone
         out(torch.randn(4, 1, 6, 6))
     assert all(torch.equal(b, mod.running_mean) for b, mod in zip(before, mods))
+
+
+def test_qat_on_an_exported_graph_trains():
+    """ExportedProgram.module() refuses train()/eval(); the graph qpasses returns switches its
+    modules' flags (the aten ops keep their exported form, and a warning says so when that matters)."""
+    import warnings
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self, bn_after_relu=False):
+            super().__init__()
+            self.c, self.b, self.l = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+            self.bn_after_relu = bn_after_relu
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.c(x))) if self.bn_after_relu else torch.relu(self.b(self.c(x)))
+            return self.l(y.flatten(1))
+
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    gm = qpasses.trace(Net().eval(), (x[:4],), mode="export")
+    q = qpasses.PassManager("qat").run(gm, data=[x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # BN folded: nothing baked to warn about
+        assert q.train() is q
+    assert all(m.training for m in q.modules())
+    scales = {n: p.detach().clone() for n, p in q.named_parameters() if n.endswith("scale")}
+    assert scales
+    opt = torch.optim.SGD(q.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = F.cross_entropy(q(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(scales[n], p) for n, p in q.named_parameters() if n in scales)
+    q.eval()
+    assert not any(m.training for m in q.modules())
+    with pytest.raises(NotImplementedError):
+        gm.train()                                          # the input graph is untouched
+    unfolded = qpasses.PassManager("qat").run(qpasses.trace(Net(True).eval(), (x[:4],), mode="export"), data=[x])
+    with pytest.warns(UserWarning, match="batch_norm.*keep their exported"):
+        unfolded.train()
