@@ -200,7 +200,7 @@ def parse_shape(text: Optional[str]):
         shape = ()
     if not shape or any(d < 1 for d in shape):
         raise click.BadParameter(f"{text!r} is not a shape: give positive sizes separated by commas, e.g. 1,16,64",
-                                 param_hint="--input-shape")
+                                 param_hint="--shape")
     return shape
 
 
@@ -212,7 +212,7 @@ def parse_recipe(text: str):
 
 def _example(batches, model, input_shape=None):
     """The example inputs to trace with: the first batch of ``--data``, else a standard-normal
-    tensor of ``--input-shape``."""
+    tensor of ``--shape``."""
     from .frontend import as_inputs
     if batches:
         return as_inputs(batches[0])
@@ -222,7 +222,7 @@ def _example(batches, model, input_shape=None):
     from .errors import OptionError
     raise OptionError("--data is needed (calibration batches, also used as example inputs): a .pt file or "
                       "'digits'; a recipe that needs no data (dynamic_int8, w4a16, genie) can trace from "
-                      "--input-shape instead, e.g. --input-shape 1,16,64")
+                      "--shape instead, e.g. --shape 1,16,64")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -244,7 +244,7 @@ def main():
                    "(e.g. dynamic_int8,lower).")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable), e.g. -o w_bits=4.")
 @click.option("--data", "-d", metavar="FILE|digits", help="Calibration data: a .pt tensor [N,...] (or list of batches, or (x, y)), or 'digits'.")
-@click.option("--input-shape", "-s", "input_shape", metavar="N,C,...",
+@click.option("--shape", "--input-shape", "-s", "input_shape", metavar="N,C,...",
               help="Without --data: trace from a random input of this shape (for recipes that need no data).")
 @click.option("--out", "-O", "out", type=click.Path(dir_okay=False), help="Output: .pt (GraphModule) or .onnx (QDQ).")
 @click.option("--opset", default=None, type=int, help="ONNX opset for .onnx output (default 21).")
@@ -391,7 +391,8 @@ def rules_check(files):
 @click.argument("node", required=False)
 @click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe or rule family holding RULE.")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
-@click.option("--shape", default="1,1,8,8", show_default=True, help="Example input shape for tracing.")
+@click.option("--shape", "--input-shape", "-s", "shape", default="1,1,8,8", show_default=True,
+              help="Example input shape for tracing.")
 def explain(model, rule, node, recipe, options, shape):
     """Why RULE does (not) match NODE of MODEL (all candidate nodes when NODE is omitted).
 
@@ -411,7 +412,7 @@ def explain(model, rule, node, recipe, options, shape):
         for nm in names:
             click.echo(onnx_explain(g, rule, nm, family=bound))
         return
-    x = torch.randn(*[int(s) for s in shape.split(",")])
+    x = torch.randn(*parse_shape(shape))
     gm = qpasses.trace(m, x)
     pm = qpasses.PassManager(recipe, **parse_options(options))
     nodes = [node] if node else [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
@@ -448,7 +449,7 @@ def format_layers(rows: List[Dict[str, Any]]) -> str:
 @click.option("--recipe", "-r", default="ptq_int8", show_default=True, help="Recipe to apply first (ignored for a quantized .pt GraphModule with --as-is).")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
 @click.option("--data", "-d", metavar="FILE|digits", help="Calibration data (as for quantize).")
-@click.option("--input-shape", "-s", "input_shape", metavar="N,C,...",
+@click.option("--shape", "--input-shape", "-s", "input_shape", metavar="N,C,...",
               help="Without --data: a random input of this shape (as for quantize).")
 @click.option("--as-is", is_flag=True, help="MODEL is already quantized (a .pt GraphModule): report it without running a recipe.")
 @click.option("--train/--no-train", default=None, help="Train on the digits first (as for quantize).")
@@ -495,7 +496,8 @@ def report(model, recipe, options, data, as_is, train, as_json, input_shape=None
 @click.option("--recipe", "-r", default=None, help="Apply this recipe first (needs --data); default: draw the traced graph.")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable).")
 @click.option("--data", "-d", metavar="FILE|digits", help="Calibration data.")
-@click.option("--shape", default="1,1,8,8", show_default=True, help="Example input shape when no --data is given.")
+@click.option("--shape", "--input-shape", "-s", "shape", default="1,1,8,8", show_default=True,
+              help="Example input shape when no --data is given.")
 @click.option("--train/--no-train", default=None, help="Train on the digits first (as for quantize).")
 def draw(model, out, recipe, options, data, shape, train):
     """Draw the graph of MODEL as SVG (or HTML with inline SVG); quantized nodes are coloured."""
@@ -507,7 +509,7 @@ def draw(model, out, recipe, options, data, shape, train):
     m, batches, _ = _prepare(model, data, train, False)
     if isinstance(m, str):
         raise click.UsageError("draw works on PyTorch models (module:factory or .pt)")
-    ex = (batches[0],) if batches else (torch.randn(*[int(s) for s in shape.split(",")]),)
+    ex = (batches[0],) if batches else (torch.randn(*parse_shape(shape)),)
     gm = qpasses.trace(m, ex)
     if recipe:
         gm = qpasses.PassManager(recipe, **parse_options(options)).run(gm, data=batches)

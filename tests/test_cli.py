@@ -177,10 +177,10 @@ def test_input_shape_composed_recipes_and_export_graphs_saved(tmp_path):
     x = torch.randn(3, 16, 64)                             # another batch size
     with torch.no_grad():
         assert torch.equal(loaded(x), want(x))
-    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8", "-s", "2,x")
+    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8", "--input-shape", "2,x")
     assert r.exit_code == EXIT_USAGE and "is not a shape" in r.output
     r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8")
-    assert r.exit_code == EXIT_ERROR and "--input-shape" in r.output
+    assert r.exit_code == EXIT_ERROR and "--shape" in r.output
 
 
 @pytest.mark.parametrize("recipe,bits", [("w4a16", [4, 4, 4]), ("dynamic_int8", [8, 8, 8]), ("bnn", [8, 1, 8]),
