@@ -85,6 +85,23 @@ def module_type_names(mod: Any) -> set:
     return out
 
 
+def source_module_names(node: fx.Node) -> Optional[set]:
+    """For a node of a ``torch.export`` graph: the names of the module class it was traced in
+    (the innermost ``nn_module_stack`` entry: ``"Conv2d"`` and ``"torch.nn.modules.conv.Conv2d"``),
+    or None.  The class is recorded by name only, so base classes are not known here (nothing is
+    imported); a recorded class object gives its whole MRO."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    entry = list(stack.values())[-1]
+    t = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 else None
+    if isinstance(t, type):
+        return {n for c in t.__mro__ for n in (c.__name__, f"{c.__module__}.{c.__qualname__}")}
+    if isinstance(t, str) and t:
+        return {t, t.rsplit(".", 1)[-1]}
+    return None
+
+
 class Matcher:
     """Pattern matching over one GraphModule."""
 
@@ -208,13 +225,18 @@ class Matcher:
         view = self.view(node)
         for key, want in pat.attrs.items():
             if key == "module":
-                if view.module is None:
-                    return MatchFailure(step, node.name, f":module {want} requires a module call, {node.name} is {node.op}")
-                names = module_type_names(view.module)
+                if view.module is not None:
+                    names, shown = module_type_names(view.module), type(view.module).__name__
+                else:
+                    names = source_module_names(node)
+                    if names is None:
+                        return MatchFailure(step, node.name, f":module {want} requires a module call (or, in an "
+                                                             f"exported graph, a recorded source module); "
+                                                             f"{node.name} is {node.op}")
+                    shown = min(names, key=len)
                 options = want if isinstance(want, list) else [want]
                 if not any(str(o) in names for o in options):
-                    return MatchFailure(step, node.name,
-                                        f"module type is {type(view.module).__name__}, not {want}")
+                    return MatchFailure(step, node.name, f"module type is {shown}, not {want}")
                 continue
             actual = view.get(key, _MISSING)
             if actual is _MISSING:

@@ -56,10 +56,17 @@ def test_attribute_and_module_constraints(level):
     assert isinstance(mt.match(parse_pattern("(conv2d $c ?x :groups 1 :padding 1)"), conv), Match)
     f = mt.match(parse_pattern("(conv2d $c ?x :groups 2)"), conv)
     assert isinstance(f, MatchFailure) and ":groups is 1" in f.reason
+    # the same :module constraint at both levels: the module call (fx), or the module class the aten
+    # op was traced in (export); short and qualified names; base classes only where the class is known
+    assert isinstance(mt.match(parse_pattern("(conv2d $c ?x :module Conv2d)"), conv), Match)
+    assert isinstance(mt.match(parse_pattern("(conv2d $c ?x :module torch.nn.modules.conv.Conv2d)"), conv), Match)
+    f = mt.match(parse_pattern("(conv2d $c ?x :module Linear)"), conv)
+    assert "module type is Conv2d" in f.reason
     if level == "fx":
-        assert isinstance(mt.match(parse_pattern("(conv2d $c ?x :module Conv2d)"), conv), Match)
-        f = mt.match(parse_pattern("(conv2d $c ?x :module Linear)"), conv)
-        assert "module type is Conv2d" in f.reason
+        assert isinstance(mt.match(parse_pattern("(conv2d $c ?x :module _ConvNd)"), conv), Match)
+    relu = find(gm, "relu")[0]                       # torch.relu in Residual.forward: no module of its own
+    f = mt.match(parse_pattern("(relu $r ?x :module ReLU)"), relu)
+    assert isinstance(f, MatchFailure)
 
 
 def test_input_count_and_rest():
