@@ -159,3 +159,15 @@ def test_ptq_int8_on_a_100k_node_residual_chain():
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert torch.isfinite(ref).all() and torch.isfinite(out).all() and out.shape == ref.shape
+
+
+def test_is_module_constraint_at_both_levels(level):
+    gm = graph(level)
+    rule = Rule(name="convs", match="(conv2d $c ?x ...)", where=["is_module($c, Conv2d)"], rewrite="bypass($c, ?x)")
+    pm = PassManager(rule)
+    pm.run(gm)
+    assert pm.report["convs"].matches == 1 and pm.report["convs"].n_refused == 0
+    rule = Rule(name="lin", match="(conv2d $c ?x ...)", where=["is_module($c, Linear)"], rewrite="bypass($c, ?x)")
+    pm = PassManager(rule)
+    pm.run(gm)
+    assert pm.report["lin"].rewrites == 0 and "Conv2d" in pm.report["lin"].refused[0][1]

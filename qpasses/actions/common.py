@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from ..lang.registry import action, constraint
 from ..manager import Refuse
-from ..matcher import MatchContext, module_type_names
+from ..matcher import MatchContext, module_type_names, source_module_names
 from .graphutil import matches_any
 
 
@@ -39,10 +39,15 @@ def has_users(ctx: MatchContext, node: fx.Node, count: int = 1):
 
 @constraint("is_module")
 def is_module(ctx: MatchContext, node: fx.Node, type_name: str):
-    """The node calls a module whose class (or a base class) is named ``type_name``."""
+    """The node calls a module whose class (or a base class) is named ``type_name``; in a
+    ``torch.export`` graph, the op was traced in a module of that class (as ``:module``)."""
     mod = ctx.view(node).module
-    ok = mod is not None and str(type_name) in module_type_names(mod)
-    return (ok, f"{node.name} is {type(mod).__name__ if mod is not None else node.op}")
+    if mod is not None:
+        return str(type_name) in module_type_names(mod), f"{node.name} is {type(mod).__name__}"
+    names = source_module_names(node)
+    if names is None:
+        return False, f"{node.name} is {node.op}, not a module call"
+    return str(type_name) in names, f"{node.name} was traced in {min(names, key=len)}"
 
 
 @constraint("has_bias")
