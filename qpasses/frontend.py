@@ -42,7 +42,13 @@ def as_inputs(example_inputs: Any, arity: Optional[int] = None) -> Tuple[Any, ..
 
 
 def input_arity(module: Any) -> Optional[int]:
-    """The number of positional inputs ``module.forward`` takes (None: ``*args``, or unknown)."""
+    """How many positional inputs a batch gives ``module``: as many as the example inputs it was
+    traced with (``qpasses.trace`` records them), else the positional parameters of its
+    ``forward`` (None: ``*args``, or unknown)."""
+    meta = getattr(module, "meta", None)
+    ex = meta.get("qpasses.example_inputs") if isinstance(meta, dict) else None
+    if isinstance(ex, tuple) and ex:
+        return len(ex)
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError, AttributeError):
@@ -153,6 +159,8 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
     # auto: fx tracing into attention / transformer modules (fails on them, by design), then
     # torch.export (decomposes them), then fx keeping them as opaque calls (nothing inside quantized)
     opaque = any(isinstance(m, _TRACE_INTO) for m in model.modules())
+    if concrete_args is None:
+        concrete_args = _defaults_beyond(model, len(inputs))
     plan = {"fx": ["fx"], "export": ["export"],
             "auto": ["fx_into", "export"] + (["fx"] if opaque else [])}[mode]
     for how in plan:
@@ -191,6 +199,24 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
 #: on them and ``mode="auto"`` goes on to ``torch.export``, which decomposes them into aten ops.
 _TRACE_INTO = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
                torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
+def _defaults_beyond(model: torch.nn.Module, n_given: int) -> Optional[dict]:
+    """``forward``'s parameters after the ``n_given`` example inputs that have defaults, at their
+    defaults (``forward(x, mask=None)`` traced with ``(x,)``: ``{"mask": None}``), so fx
+    specialises on them as a call with those inputs would, instead of making them proxies."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    out = {}
+    for p in params[n_given:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            return None                  # a required input was not given: let the tracer say so
+        out[p.name] = p.default
+    return out or None
 
 
 class _Tracer(fx.Tracer):

@@ -177,3 +177,30 @@ def test_data_may_be_a_loader_of_inputs_and_labels():
     out = pm.run(g2, data=[(p, q, torch.zeros(8))])        # third item: a label
     ranges = sorted(float(m.scale) for m in out.modules() if type(m).__name__ == "FakeQuantize" and m.axis is None)
     assert len(ranges) == 2 and ranges[1] > 3 * ranges[0]   # q's (5x wider) range reached its own observer
+
+
+def test_trace_specialises_optional_inputs_not_given():
+    """forward(x, mask=None) traced with (x,): fx specialises on mask=None (it would otherwise be
+    a proxy, and `mask is None` false); batches shaped like the example give one input."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale: float = 2.0):
+            y = self.l(x) * scale
+            return y if mask is None else y * mask
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x, y = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    for mode in ("fx", "export"):
+        gm = qpasses.trace(m, (x[:2],), mode=mode)
+        torch.testing.assert_close(gm(x), m(x))
+        q = qpasses.PassManager("ptq_int8").run(gm, data=DataLoader(TensorDataset(x, y), 8))  # labels unused
+        assert torch.isfinite(q(x)).all()
+    mask = torch.rand(2, 4)
+    gm = qpasses.trace(m, (x[:2], mask), mode="fx")               # given: traced as an input
+    torch.testing.assert_close(gm(x[:2], mask), m(x[:2], mask))
