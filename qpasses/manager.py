@@ -344,9 +344,10 @@ class PassManager:
         dirty = True  # the copy's code is generated lazily: before anything runs it
         sample = None
         reference = None
+        before = None  # the outputs before the current unit: what an "exact" stage must keep
         if self.verify:
             sample = self._sample(gm, data, example_inputs)
-            reference = self._forward(gm, sample)
+            reference = before = self._forward(gm, sample)
         for unit in self.units:
             if unit.kind == "stage":
                 t = time.perf_counter()
@@ -364,14 +365,14 @@ class PassManager:
                     if dirty:
                         self._recompile(work)
                         dirty = False
-                    self._check(work, sample, reference, label, unit.stage.verify)
+                    before = self._check(work, sample, reference, before, label, unit.stage.verify)
             else:
                 if dirty:
                     self._recompile(work)
                     dirty = False
                 work = self._run_step(work, unit.step, data)
                 if self.verify:
-                    self._check(work, sample, reference, f"step:{unit.step.name}", "sqnr")
+                    before = self._check(work, sample, reference, before, f"step:{unit.step.name}", "sqnr")
         self._prune(work)
         if dirty:
             self._recompile(work)
@@ -529,20 +530,25 @@ class PassManager:
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [o.detach().float() for o in flat if isinstance(o, torch.Tensor)]
 
-    def _check(self, gm: fx.GraphModule, sample, reference, label: str, mode: str) -> None:
-        if mode == "none":
-            return
+    def _check(self, gm: fx.GraphModule, sample, reference, before, label: str, mode: str):
+        """Check the outputs after a unit and return them.
+
+        ``exact``: against ``before`` (the outputs before this unit: a stage that must keep the
+        numerics is judged on what *it* changed, also after stages that quantized); ``sqnr``:
+        the signal-to-noise ratio against the original ``reference``; ``none``: no check."""
         got = self._forward(gm, sample)
+        if mode == "none":
+            return got
         if len(got) != len(reference):
             raise VerifyError(f"after {label}: the graph returns {len(got)} tensors, the original {len(reference)}")
         worst_err, worst_sqnr = 0.0, math.inf
-        for r, g in zip(reference, got):
+        for r, p, g in zip(reference, before, got):
             if r.shape != g.shape:
                 raise VerifyError(f"after {label}: output shape {tuple(g.shape)} != original {tuple(r.shape)}")
             if not torch.isfinite(g).all():
                 raise VerifyError(f"after {label}: outputs contain NaN/inf")
-            err = (r - g).abs().max().item() if r.numel() else 0.0
-            scale = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
+            err = (p - g).abs().max().item() if p.numel() else 0.0
+            scale = max(p.abs().max().item() if p.numel() else 0.0, 1.0)
             worst_err = max(worst_err, err / scale)
             noise = (r - g).pow(2).sum().item()
             sig = r.pow(2).sum().item()
@@ -550,10 +556,11 @@ class PassManager:
         if mode == "exact":
             self.report.verify.append({"after": label, "metric": "max_rel_err", "value": worst_err})
             if worst_err > self.verify_tol:
-                raise VerifyError(f"after {label}: outputs changed by {worst_err:.3g} (relative), "
-                                  f"more than verify_tol={self.verify_tol}")
+                raise VerifyError(f"after {label}: outputs changed by {worst_err:.3g} (relative to the outputs "
+                                  f"before it), more than verify_tol={self.verify_tol}")
         else:
             self.report.verify.append({"after": label, "metric": "sqnr_db", "value": worst_sqnr})
+        return got
 
     # ------------------------------------------------------------------ explain
     def explain(self, rule: Union[str, Rule], node: Union[str, fx.Node], gm: Optional[fx.GraphModule] = None

@@ -145,3 +145,30 @@ def test_verify_mode_reports(level):
     pm.run(gm)
     assert pm.report.verify and pm.report.verify[0]["metric"] == "max_rel_err"
     assert pm.report.verify[0]["value"] < 1e-4
+
+
+def test_exact_stage_is_judged_on_its_own_change_after_a_quantizing_stage(level, tmp_path):
+    """verify: an `exact` stage (canonicalize) that runs after a stage that changed the numerics
+    (qat's fused, fake-quantized conv-BN) compares with the outputs just before it, not the float
+    original -- and a stage that does change them is still caught."""
+    model = randomize_bn(ConvBN()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = qpasses.trace(model, x, mode=level)
+    pm = PassManager("qat", verify=True)
+    pm.run(gm, data=[x])
+    rows = {r["after"]: r for r in pm.report.verify}
+    assert rows["canonicalize.canonicalize"]["value"] < 1e-6
+    assert rows["convert.convert"]["metric"] == "sqnr_db" and rows["convert.convert"]["value"] < 80
+
+    @qpasses.action("scale_relu_input_test")
+    def scale_relu_input(ctx, relu):
+        with ctx.graph.inserting_before(relu):
+            y = ctx.graph.call_function(torch.mul, (relu.args[0], 2.0))
+        relu.replace_input_with(relu.args[0], y)
+
+    f = tmp_path / "badfam.yaml"
+    f.write_text("version: 1\nfamily: badfam\nstages:\n  - name: bad\n    verify: exact\nrules:\n"
+                 "  - name: bad\n    match: (relu $r ?x)\n    rewrite: scale_relu_input_test($r)\n")
+    from qpasses.errors import VerifyError
+    with pytest.raises(VerifyError, match="badfam.bad: outputs changed by .*relative to the outputs before it"):
+        PassManager(["ptq_int8", str(f)], verify=True).run(gm, data=[x])
