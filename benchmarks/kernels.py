@@ -153,6 +153,8 @@ def _prewarm_shard(job):
             bench_int8(t, m_values, shapes)
         if "conv" in which:
             bench_conv(t, batches, convs)
+        if "dynamic" in which:
+            bench_dynamic(t, m_values, shapes)
         if "int4" in which:
             bench_int4(t, m_values, shapes)
         if "binary" in which:
@@ -233,6 +235,35 @@ def bench_int8(timer: Timer, m_values, shapes) -> Dict:
     md = _table(["shape (N x K)", "M", "bf16 us", "_int_mm us", "_int_mm+deq us", "int8_linear us",
                  "int8_linear_requant us", "x bf16", "x _int_mm", "x _int_mm+deq", "int8_linear eager us",
                  "host us/call"], rows)
+    return dict(markdown=md, records=records)
+
+
+def bench_dynamic(timer: Timer, m_values, shapes) -> Dict:
+    """``dynamic_int8_linear`` (per-token activation quantization in torch + the Triton int8 GEMM
+    with per-row zero points) against a bf16 ``torch.matmul`` and against the ``DynamicQuantLinear``
+    module it replaces (same quantization, ``torch._int_mm`` where cuBLASLt takes the shape, else
+    an exact fp32 GEMM), bf16 activations in and out."""
+    from qpasses.kernels import packing
+    from qpasses.methods.dynamic import DynamicQuantLinear
+    rows, records = [], []
+    for name, (N, K) in shapes.items():
+        w = torch.randn(N, K, device="cuda") * 0.05
+        mod = DynamicQuantLinear(w, torch.randn(N, device="cuda"), granularity="per_token").cuda()
+        wp = packing.pack_int8_weight(mod.weight_q)
+        w_bf = w.to(torch.bfloat16)
+        for M in m_values:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_bf = timer(lambda: torch.matmul(x, w_bf.t()))
+            ours = lambda: torch.ops.qpasses.dynamic_int8_linear(x, wp, mod.weight_scale, mod.bias, 8, False, True)  # noqa: E731
+            t_ours, e_ours = timer(ours), timer.eager(ours)
+            t_mod = timer(lambda: mod(x))
+            rec = dict(shape=name, M=M, bf16_us=t_bf, module_us=t_mod, ours_us=t_ours, ours_eager_us=e_ours,
+                       vs_bf16=t_bf / t_ours, vs_module=t_mod / t_ours)
+            records.append(rec)
+            rows.append([name, str(M), _fmt(t_bf, 1), _fmt(t_mod, 1), _fmt(t_ours, 1), _fmt(rec["vs_bf16"]),
+                         _fmt(rec["vs_module"]), _fmt(e_ours, 1)])
+    md = _table(["shape (N x K)", "M", "bf16 us", "DynamicQuantLinear us", "dynamic_int8_linear us", "x bf16",
+                 "x module", "dynamic_int8_linear eager us"], rows)
     return dict(markdown=md, records=records)
 
 
@@ -580,7 +611,8 @@ def compile_check(arch: int = 90, jobs: int = 2, quick: bool = False) -> List[Di
 # ================================================================================ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="int8,int4,binary,conv,e2e", help="comma list of int8,int4,binary,conv,e2e")
+    ap.add_argument("--only", default="int8,dynamic,int4,binary,conv,e2e",
+                    help="comma list of int8,dynamic,int4,binary,conv,e2e")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (compile check: one "
                     "variant per kernel)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -646,6 +678,8 @@ def main(argv=None) -> int:
             done("int8", bench_int8(timer, m_values, shapes))
         if "conv" in which:
             done("conv", bench_conv(timer, conv_batches, convs))
+        if "dynamic" in which:
+            done("dynamic", bench_dynamic(timer, m_values, shapes))
         if "int4" in which:
             done("int4", bench_int4(timer, m_values, shapes))
         if "binary" in which:
