@@ -531,3 +531,68 @@ def conv2d(x_q: torch.Tensor, x_scale, w_q: torch.Tensor, w_scale, bias, stride,
           HAS_BIAS=bias is not None, ACTIVATION=act, REQUANT=requant is not None,
           HAS_XZP=int(x_zp) != 0, FLAT_K=bool(cin_g < FLAT_K_MAX_CIN if flat_k is None else flat_k))
     return out
+
+
+# ============================================================================ dynamic per-row quantization
+@triton.jit
+def _rint(v):
+    """Round half to even for |v| < 2**22, in plain fp32 adds (no libdevice, so the interpreter runs it)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q, qmax_u, qmax_s, eps,
+                       SYM: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: its min/max (range holding 0), then codes clamp(rint(x / s) + z) - SHIFT."""
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    lo = tl.full((), float("inf"), tl.float32)
+    hi = tl.full((), float("-inf"), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        m = offs < K
+        v = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(m, v, float("inf")), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(m, v, float("-inf")), axis=0))
+    lo = tl.minimum(lo, 0.0)
+    hi = tl.maximum(hi, 0.0)
+    if SYM:
+        scale = tl.maximum(tl.maximum(-lo, hi) / qmax_s, eps)
+        zp = scale * 0.0
+        qlo = -qmax_s
+        qhi = qmax_s
+    else:
+        scale = tl.maximum((hi - lo) / qmax_u, eps)
+        zp = tl.minimum(tl.maximum(_rint(0.0 - lo / scale), 0.0), qmax_u)
+        qlo = qmax_u * 0.0
+        qhi = qmax_u
+    qr = q_ptr + row * stride_q
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        m = offs < K
+        v = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
+        c = tl.minimum(tl.maximum(_rint(v / scale) + zp, qlo), qhi) - SHIFT
+        tl.store(qr + offs, c.to(tl.int8), mask=m)
+    tl.store(s_ptr + row, scale)
+    tl.store(z_ptr + row, (zp - SHIFT).to(tl.int32))
+
+
+def quantize_rows(x2: torch.Tensor, bits: int, symmetric: bool):
+    """Per-row dynamic quantization of ``x2 [M, K]`` in one kernel (two reads of each row, one
+    int8 write): the same ``(x8, scale [M], x_zp [M])`` as
+    :func:`qpasses.kernels.reference.dynamic_quantize_int8` with ``per_token=True``."""
+    M, K = x2.shape
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    dev = x2.device
+    q = torch.empty((M, K), dtype=torch.int8, device=dev)
+    s = torch.empty((M,), dtype=torch.float32, device=dev)
+    z = torch.empty((M,), dtype=torch.int32, device=dev)
+    if M == 0:
+        return q, s, z
+    qmax_u, qmax_s = float(2 ** bits - 1), float(2 ** (bits - 1) - 1)
+    shift = 128 if (not symmetric and bits == 8) else 0
+    block = 64 if INTERPRET else min(max(triton.next_power_of_2(max(K, 1)), 128), 2048)
+    _quant_rows_kernel[(M,)](x2, q, s, z, K, x2.stride(0), q.stride(0), qmax_u, qmax_s,
+                             float(torch.finfo(torch.float32).eps), SYM=bool(symmetric), SHIFT=shift, BLOCK_K=block)
+    return q, s, z

@@ -190,6 +190,21 @@ def test_gpu_dynamic_int8_linear_matches_cpu_reference(M, N, K, per_token, symme
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_quantize_rows_bit_exact(bits, symmetric, dtype):
+    """The fused per-row quantization kernel compiled for the GPU: range, scale, zero point and
+    codes equal the CPU reference's bit for bit (IEEE fp32 division, round half to even)."""
+    g = gen(bits + symmetric)
+    x = (torch.randn(333, 4096, generator=g) * torch.rand(333, 1, generator=g) * 5 + torch.randn(333, 1, generator=g))
+    x[0] = 0.0
+    x = x.to(dtype)
+    got = ops._kmod("triton_int8").quantize_rows(x.to(CUDA), bits, symmetric)
+    want = R.dynamic_quantize_int8(x, bits, symmetric, True)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
 def test_gpu_lowered_network_matches_cpu_lowering():
     """ptq_int8 + lower on the CPU, then the same GraphModule on the GPU: the Triton kernels and
     the CPU reference kernels compute the same integer accumulators, so outputs agree to fp32

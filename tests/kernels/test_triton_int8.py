@@ -318,3 +318,26 @@ def test_dynamic_int8_linear_exact_per_row_zero_points(M, N, K, per_token, symme
                                           x_zp_rows=xzp)
     want = (x8.to(torch.int64) - xzp.to(torch.int64)[:, None]) @ w.to(torch.int64).t()
     assert torch.equal(acc, want.to(torch.float32))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False), (6, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_kernel_matches_the_reference_bit_for_bit(bits, symmetric, dtype):
+    """The fused per-row quantization kernel: range, scale, zero point and codes equal the torch
+    reference's, including exact .5 ties (rounded half to even), all-zero rows and one-element rows."""
+    g = torch.Generator().manual_seed(bits * 10 + symmetric)
+    x = torch.randn(37, 300, generator=g) * torch.rand(37, 1, generator=g) * 5 + torch.randn(37, 1, generator=g)
+    x[0] = 0.0
+    qmax = 2 ** bits - 1 if not symmetric else 2 ** (bits - 1) - 1
+    x[1, :4] = torch.tensor([0.0, float(qmax), 2.5, 3.5])       # scale 1 (affine) / codes on .5 ties
+    x[1, 4:] = 1.0
+    x[2, :4] = torch.tensor([-float(qmax), float(qmax), -1.5, 0.5])
+    x[2, 4:] = 0.0
+    x = x.to(dtype)
+    got = ops._kmod("triton_int8").quantize_rows(x, bits, symmetric)
+    want = R.dynamic_quantize_int8(x, bits, symmetric, True)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    one = ops._kmod("triton_int8").quantize_rows(x[:, :1], bits, symmetric)
+    for a, b in zip(one, R.dynamic_quantize_int8(x[:, :1], bits, symmetric, True)):
+        assert torch.equal(a, b)
