@@ -543,7 +543,9 @@ def _rint(v):
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q, qmax_u, qmax_s, eps,
                        SYM: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per row: its min/max (range holding 0), then codes clamp(rint(x / s) + z) - SHIFT."""
+    """One program per row: its min/max (range holding 0), then codes clamp(rint(x / s) + z) - SHIFT.
+    Divisions are IEEE round-to-nearest (``div_rn``; a plain ``/`` is approximate on the GPU), so
+    scales and codes equal torch's bit for bit."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     lo = tl.full((), float("inf"), tl.float32)
@@ -557,13 +559,13 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q, qmax_u
     lo = tl.minimum(lo, 0.0)
     hi = tl.maximum(hi, 0.0)
     if SYM:
-        scale = tl.maximum(tl.maximum(-lo, hi) / qmax_s, eps)
+        scale = tl.maximum(tl.math.div_rn(tl.maximum(-lo, hi), qmax_s), eps)
         zp = scale * 0.0
         qlo = -qmax_s
         qhi = qmax_s
     else:
-        scale = tl.maximum((hi - lo) / qmax_u, eps)
-        zp = tl.minimum(tl.maximum(_rint(0.0 - lo / scale), 0.0), qmax_u)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax_u), eps)
+        zp = tl.minimum(tl.maximum(_rint(0.0 - tl.math.div_rn(lo, scale)), 0.0), qmax_u)
         qlo = qmax_u * 0.0
         qhi = qmax_u
     qr = q_ptr + row * stride_q
@@ -571,7 +573,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q, qmax_u
         offs = k0 + tl.arange(0, BLOCK_K)
         m = offs < K
         v = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
-        c = tl.minimum(tl.maximum(_rint(v / scale) + zp, qlo), qhi) - SHIFT
+        c = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, scale)) + zp, qlo), qhi) - SHIFT
         tl.store(qr + offs, c.to(tl.int8), mask=m)
     tl.store(s_ptr + row, scale)
     tl.store(z_ptr + row, (zp - SHIFT).to(tl.int32))
