@@ -415,7 +415,18 @@ def explain(model, rule, node, recipe, options, shape):
     x = torch.randn(*parse_shape(shape))
     gm = qpasses.trace(m, x)
     pm = qpasses.PassManager(recipe, **parse_options(options))
-    nodes = [node] if node else [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    if node:
+        nodes = [node]
+    else:                                   # the rule's candidate anchors: nodes of its root op classes
+        from .matcher import Matcher
+        bound = [r for r in pm.rules if r.name == rule]
+        anchors = bound[0].anchor_classes() if bound else None
+        mt = Matcher(gm)
+        nodes = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+                 and (anchors is None or mt.classify(n) in anchors)]
+        if bound and not nodes:
+            click.echo(f"rule {rule!r} anchors on {'|'.join(anchors)}; the traced graph has no such node")
+            return
     for nm in nodes:
         click.echo(str(pm.explain(rule, nm, gm)))
 

@@ -192,3 +192,11 @@ def test_report_every_quantizer_kind(recipe, bits):
     rows = json.loads(r.output)
     assert [x["w_bits"] for x in rows] == bits
     assert rows[0]["size_kib"] == pytest.approx(128 * 64 * bits[0] / 8 / 1024)
+
+
+def test_explain_without_a_node_lists_the_rule_candidates():
+    r = _run("explain", "qpasses.zoo:ResNetLike", "fold_bn", "-r", "canonicalize")
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("rule 'fold_bn'")]
+    assert r.exit_code == 0 and lines and all("matches node" in ln for ln in lines)   # only batch_norm anchors
+    r = _run("explain", "qpasses.zoo:MLP", "fold_bn", "-r", "canonicalize")
+    assert r.exit_code == 0 and "anchors on batch_norm; the traced graph has no such node" in r.output
