@@ -491,11 +491,7 @@ def report(model, recipe, options, data, as_is, train, as_json, input_shape=None
     rows = layer_table(qgm, ex)
     if not rows:
         from .errors import OptionError
-        kernels = sorted({str(n.target).split(".")[1] for n in qgm.graph.nodes
-                          if n.op == "call_function" and str(n.target).startswith("qpasses.")})
-        hint = (f"; the graph runs integer kernel ops ({', '.join(kernels)}): report the fake-quant graph instead "
-                f"(for int_only: -o integerize=false; or before the 'lower' recipe)") if kernels else ""
-        raise OptionError(f"no weighted layer (conv / linear) found in the graph{hint}")
+        raise OptionError("no weighted layer (conv / linear, or an integer kernel op) found in the graph")
     click.echo(json.dumps(rows, indent=1) if as_json else format_layers(rows))
 
 

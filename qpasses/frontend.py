@@ -178,9 +178,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
                 _gm_meta(gm)["qpasses.example_inputs"] = inputs
                 return gm
             except Exception as e:  # noqa: BLE001 - any tracer failure means: try the next tracer
-                what = "torch.fx.symbolic_trace" + (" (into attention modules)" if how == "fx_into" and opaque
-                                                    else " (attention modules as opaque calls)" if opaque else "")
-                reasons.append(f"{what} failed: {type(e).__name__}: {_first_line(e)}")
+                label = "" if not opaque else " (into attention modules)" if how == "fx_into" else \
+                    " (attention modules as opaque calls)"
+                reasons.append(f"torch.fx.symbolic_trace{label} failed: {type(e).__name__}: {_first_line(e)}")
         else:
             try:
                 ep = _export(model, inputs, strict, dynamic_batch)

@@ -40,11 +40,11 @@ from .methods.aciq import ChannelBitsFakeQuant
 from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
 from .numerics import FakeQuantize, sqnr
-from .ops import OpView, classify
+from .ops import ALIASES, OpView, classify, get_attr_value
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
 
-WEIGHTED = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
+WEIGHTED = ALIASES["weighted"]
 _QUANTIZERS = (FakeQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation,
                DynamicFakeQuant)
 _DROPPED = {"relu": F.relu, "relu6": F.relu6}     # activations a sign() made redundant (drop_relu)
@@ -160,18 +160,19 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             numel = int(wt.numel()) if wt is not None else 0
             w_bits, w_scale = wi if wi is not None else (32, None)
             a_bits, a_scale = ai if ai is not None else (32, None)
+            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) else _fmt_scale(a_scale)
         elif isinstance(layer, DynamicQuantLinear):
             numel = int(layer.weight_q.numel())
             wq, w_bits, w_scale = None, layer.w_bits, layer.weight_scale.detach().float()
-            a_bits, a_scale = layer.a_bits, None
+            a_bits, a_text = layer.a_bits, "dynamic"
             cls = f"linear ({layer.granularity} dynamic)"
         elif isinstance(layer, PackedBinaryLinear):
             numel = int(layer.out_features * layer.in_features)
             wq, w_bits, w_scale = None, 1, layer.alpha.detach().float()
-            aq = _module_of(n.args[0] if n.args else None, mods)
-            ai = quantizer_bits(aq)
+            ai = quantizer_bits(_module_of(n.args[0] if n.args else None, mods))
             a_bits, a_scale = ai if ai is not None else (32, None)
-            cls = f"{type(layer).__name__}"
+            a_text = _fmt_scale(a_scale)
+            cls = type(layer).__name__
         else:
             row = _kernel_row(qgm, n)
             if row is not None:
@@ -180,9 +181,7 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
         s = sqnr(f_vals[n.name].float(), q_vals[n.name].float()) if n.name in q_vals else float("nan")
         rows.append({
             "layer": n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name), "op": cls,
-            "w_bits": w_bits, "a_bits": a_bits, "w_scale": _fmt_scale(w_scale),
-            "a_scale": "dynamic" if isinstance(aq if cls in WEIGHTED else None, DynamicFakeQuant)
-            or (isinstance(layer, DynamicQuantLinear) and cls not in WEIGHTED) else _fmt_scale(a_scale),
+            "w_bits": w_bits, "a_bits": a_bits, "w_scale": _fmt_scale(w_scale), "a_scale": a_text,
             "sqnr_db": float(s), "size_kib": _weight_kib(numel, wq, w_bits), "fp32_kib": numel * 4 / 1024,
         })
     return rows
@@ -203,7 +202,7 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
     info = info or {}
     # the packed weight: the first integer 2-/4-d constant argument; its scales: the first float
     # constant after it; the activation scale: a float constant before it (int8_linear / int8_conv2d)
-    vals = [_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in n.args]
+    vals = [get_attr_value(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in n.args]
     is_t = [isinstance(v, torch.Tensor) for v in vals]
     iw = next((i for i, v in enumerate(vals) if is_t[i] and not v.is_floating_point() and v.dim() in (2, 4)), None)
     if iw is None:
@@ -219,11 +218,3 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
             "a_scale": "dynamic" if kernel == "dynamic_int8_linear" else _fmt_scale(a_scale),
             "sqnr_db": float("nan"), "size_kib": nbytes / 1024, "fp32_kib": nbytes * 8 / w_bits * 4 / 1024}
 
-
-def _attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in str(target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj

@@ -77,12 +77,13 @@ def _eq(actual: Any, wanted: Any) -> bool:
         return False
 
 
+def class_names(cls: type) -> set:
+    """Short and qualified names of ``cls`` and of its base classes."""
+    return {n for c in cls.__mro__ for n in (c.__name__, f"{c.__module__}.{c.__qualname__}")}
+
+
 def module_type_names(mod: Any) -> set:
-    out = set()
-    for c in type(mod).__mro__:
-        out.add(c.__name__)
-        out.add(f"{c.__module__}.{c.__qualname__}")
-    return out
+    return class_names(type(mod))
 
 
 def source_module_names(node: fx.Node) -> Optional[set]:
@@ -96,7 +97,7 @@ def source_module_names(node: fx.Node) -> Optional[set]:
     entry = list(stack.values())[-1]
     t = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 else None
     if isinstance(t, type):
-        return {n for c in t.__mro__ for n in (c.__name__, f"{c.__module__}.{c.__qualname__}")}
+        return class_names(t)
     if isinstance(t, str) and t:
         return {t, t.rsplit(".", 1)[-1]}
     return None

@@ -214,14 +214,19 @@ _OUT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def _out_dtype(out_dtype: str) -> torch.dtype:
+    if str(out_dtype) not in _OUT_DTYPES:
+        from ..errors import OptionError
+        raise OptionError(f"lower: out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    return _OUT_DTYPES[str(out_dtype)]
+
+
 @action("lower_to_kernel")
 def lower_to_kernel(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
     """Replace a fake-quantized linear / conv2d by its integer kernel op (see module doc)."""
     if matches_any(op, skip):
         raise Refuse(f"{op.name} is in skip: left in fake-quant form")
-    if str(out_dtype) not in _OUT_DTYPES:
-        from ..errors import OptionError
-        raise OptionError(f"lower: out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    od = _out_dtype(out_dtype)
     wnode, mod, wsrc, w = _weight_quantizer(ctx, op)
     if mod is None:
         raise Refuse(f"{op.name}: float weight, nothing to lower")
@@ -234,7 +239,7 @@ def lower_to_kernel(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", 
         else:
             if int(mod.bits) > 8:
                 raise Refuse(f"no kernel for {op.name}: {mod.bits}-bit weights (int8 kernels take <= 8 bits)")
-            _lower_int8(ctx, op, mod, wsrc, w, _OUT_DTYPES[str(out_dtype)])
+            _lower_int8(ctx, op, mod, wsrc, w, od)
     finally:
         ctx.state.pop("lower.wnode", None)
 
@@ -280,9 +285,7 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
     """
     if matches_any(op, skip):
         raise Refuse(f"{op.name} is in skip: left as a DynamicQuantLinear module")
-    if str(out_dtype) not in _OUT_DTYPES:
-        from ..errors import OptionError
-        raise OptionError(f"lower: out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    od = _out_dtype(out_dtype)
     mod = _module(ctx, op)
     if not isinstance(mod, DynamicQuantLinear):
         raise Refuse(f"{op.name} is not a DynamicQuantLinear call")
@@ -291,7 +294,6 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
     from ..kernels.ops import MAX_K_INT8_ZP
     if mod.in_features > MAX_K_INT8_ZP:
         raise Refuse(f"no kernel for {op.name}: K={mod.in_features} could overflow the int32 accumulator")
-    od = _OUT_DTYPES[str(out_dtype)]
     wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(mod.weight_q), op)
     ws = add_param(ctx, "lowered_ws", mod.weight_scale, op, requires_grad=False)
     bn = add_param(ctx, "lowered_b", mod.bias, op, requires_grad=False) if mod.bias is not None else None

@@ -310,15 +310,14 @@ def dynamic_int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[
         if bias is not None:
             y = y + bias.reshape(-1).to(torch.float32)
         return y.to(od).reshape(*lead, N)
-    if use_triton(x.device):
-        kmod = _kmod("triton_int8")
-        if per_token:                    # one fused pass: row range, scale, zero point, codes
-            x8, xs, xzp = kmod.quantize_rows(x.reshape(M, K), int(a_bits), bool(symmetric))
-        else:
-            x8, xs, xzp = ref.dynamic_quantize_int8(x.reshape(M, K), a_bits, symmetric, per_token)
-        y = kmod.linear(x8, xs, w_q, w_scale, bias, "none", od, x_zp_rows=xzp)
+    kmod = _kmod("triton_int8") if use_triton(x.device) else None
+    if kmod is not None and per_token:   # one fused pass: row range, scale, zero point, codes
+        x8, xs, xzp = kmod.quantize_rows(x.reshape(M, K), int(a_bits), bool(symmetric))
     else:
         x8, xs, xzp = ref.dynamic_quantize_int8(x.reshape(M, K), a_bits, symmetric, per_token)
+    if kmod is not None:
+        y = kmod.linear(x8, xs, w_q, w_scale, bias, "none", od, x_zp_rows=xzp)
+    else:
         y = ref.int8_linear_rows_zp(x8, xs, w_q, w_scale, bias, "none", od, xzp)
     return y.reshape(*lead, N)
 

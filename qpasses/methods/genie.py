@@ -23,6 +23,7 @@ shard of samples; parameters shared by the ranks (the generator, the quantizers)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -73,6 +74,17 @@ def broadcast_module(mod: nn.Module, src: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- swing convolution
+@contextlib.contextmanager
+def seeded_global_rng(seed: Optional[int]):
+    """Within the block the global generators (the CPU's and the current CUDA device's) are
+    seeded with ``seed`` (None: left as they are); the caller's generator state comes back
+    afterwards.  For code that draws from them (module initialisation, ``rand_like`` masks)."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        yield
+
+
 class _Swing:
     """Mixin: random reflection-padded crop of the input before the convolution."""
 
@@ -365,26 +377,21 @@ def synthesize(gm: fx.GraphModule, shape: Sequence[int], samples: int, batch_siz
     rank, size = world()
     local = int(math.ceil(samples / size))
     g = torch.Generator().manual_seed(int(seed) * 1000 + rank) if seed is not None else None
-    # the generator's initialisation and the swing crops draw from the global generator: seeded
-    # here, and the caller's generator state is given back afterwards
-    rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
-    rng.__enter__()
-    if seed is not None:
-        torch.manual_seed(int(seed) * 1000 + rank)
     nb = int(math.ceil(local / batch_size))
     out, losses = [], []
     bar = tqdm(total=nb * int(iters), desc="distill", disable=not progress, leave=False)
+    # the generator's initialisation and the swing crops draw from the global generator
     try:
-        done = 0
-        for b in range(nb):
-            n = min(batch_size, local - done)
-            x, loss = distill_batch(cap, targets, shape, n, iters=iters, mode=mode, generator=g,
-                                    on_step=lambda _l: bar.update(1), **kw)
-            out.append(x)
-            losses.append(loss)
-            done += n
+        with seeded_global_rng(None if seed is None else int(seed) * 1000 + rank):
+            done = 0
+            for b in range(nb):
+                n = min(batch_size, local - done)
+                x, loss = distill_batch(cap, targets, shape, n, iters=iters, mode=mode, generator=g,
+                                        on_step=lambda _l: bar.update(1), **kw)
+                out.append(x)
+                losses.append(loss)
+                done += n
     finally:
-        rng.__exit__(None, None, None)
         bar.close()
     data = torch.cat(out, 0)
     return data, {"bn_layers": len(bns), "final_loss": float(sum(losses) / max(1, len(losses))),

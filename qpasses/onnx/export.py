@@ -845,8 +845,7 @@ def _activation(b: _Builder, node: fx.Node, tn: str, nm: str) -> Optional[str]:
     if tn == "leaky_relu":
         return b.add("LeakyRelu", [x], nm, alpha=arg(1, "negative_slope", "negative_slope", 0.01))
     if tn == "elu":
-        if mod is None and (float(node.args[2] if len(node.args) > 2 else node.kwargs.get("scale", 1.0)) != 1.0 or
-                            float(node.args[3] if len(node.args) > 3 else node.kwargs.get("input_scale", 1.0)) != 1.0):
+        if mod is None and (arg(2, "scale", "", 1.0) != 1.0 or arg(3, "input_scale", "", 1.0) != 1.0):
             raise ExportError(f"cannot export node {node.name!r}: elu with scale / input_scale other than 1")
         return b.add("Elu", [x], nm, alpha=arg(1, "alpha", "alpha", 1.0))
     if tn == "softplus":

@@ -140,7 +140,8 @@ def _run(mod: nn.Module, x: torch.Tensor, bs: int) -> List[torch.Tensor]:
 def reconstruct(ctx) -> None:
     """Block-wise reconstruction (BRECQ + QDrop) of the converted graph with GENIE-M quantizers."""
     from ..methods.blocks import extract_block, find_blocks
-    from ..methods.genie import GenieActQuantizer, GenieWeightQuantizer, average_grads, broadcast_module, world
+    from ..methods.genie import (GenieActQuantizer, GenieWeightQuantizer, average_grads, broadcast_module,
+                                 seeded_global_rng, world)
     from ..frontend import set_training
     from tqdm.auto import tqdm
 
@@ -181,54 +182,51 @@ def reconstruct(ctx) -> None:
     losses = []
     # QDrop draws its masks from the global generator: seeded here (and the caller's state restored
     # afterwards), so a run is repeatable from its ``seed``
-    rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
-    rng.__enter__()
-    torch.manual_seed(int(ctx.arg("seed", 0) or 0) * 7919 + rank + 1)
     try:
-        for bi, block in enumerate(blocks):
-            q_in = _run(_capture(gm, [block.entry]), x_all, 256)[0]
-            sub = extract_block(gm, block)
-            ws = [m for m in sub.modules() if isinstance(m, GenieWeightQuantizer)]
-            as_ = [m for m in sub.modules() if isinstance(m, GenieActQuantizer)]
-            if not ws:
-                continue
-            round_params = [m.q.alpha for m in ws]
-            scale_params = ([m.q.scale for m in ws] if learn_w_scale else []) + \
-                           ([m.fq.scale for m in as_] if learn_a_scale else [])
-            groups = [{"params": round_params, "lr": lr_round}]
-            if scale_params:
-                groups.append({"params": scale_params, "lr": lr_scale})
-            opt = torch.optim.Adam(groups)
-            for m in as_:
-                m.drop_prob = qdrop
-            for m in as_:
-                m.train(True)  # QDrop only; everything else (e.g. an unfolded BatchNorm) stays in eval mode
-            target = fp_out[bi]
-            n = q_in.shape[0]
-            last = float("nan")
-            for it in range(iters):
-                idx = torch.randint(0, n, (min(bs, n),), generator=g)
-                out = sub(q_in[idx])
-                rec = (out - target[idx]).pow(2).reshape(out.shape[0], -1).sum(1).mean()
-                loss = rec
-                if sched.active(it):
-                    beta = sched(it)
-                    loss = loss + lam * sum(m.regularizer(beta) for m in ws)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_grads([p for grp in groups for p in grp["params"]])
-                opt.step()
-                last = float(rec.detach())
-                bar.update(1)
-            for m in ws:
-                m.q.hard = True
-            for m in as_:
-                m.drop_prob = 0.0
-            for m in as_:
-                m.train(False)
-            losses.append(last)
+        with seeded_global_rng(int(ctx.arg("seed", 0) or 0) * 7919 + rank + 1):
+            for bi, block in enumerate(blocks):
+                q_in = _run(_capture(gm, [block.entry]), x_all, 256)[0]
+                sub = extract_block(gm, block)
+                ws = [m for m in sub.modules() if isinstance(m, GenieWeightQuantizer)]
+                as_ = [m for m in sub.modules() if isinstance(m, GenieActQuantizer)]
+                if not ws:
+                    continue
+                round_params = [m.q.alpha for m in ws]
+                scale_params = ([m.q.scale for m in ws] if learn_w_scale else []) + \
+                               ([m.fq.scale for m in as_] if learn_a_scale else [])
+                groups = [{"params": round_params, "lr": lr_round}]
+                if scale_params:
+                    groups.append({"params": scale_params, "lr": lr_scale})
+                opt = torch.optim.Adam(groups)
+                for m in as_:
+                    m.drop_prob = qdrop
+                for m in as_:
+                    m.train(True)  # QDrop only; everything else (e.g. an unfolded BatchNorm) stays in eval mode
+                target = fp_out[bi]
+                n = q_in.shape[0]
+                last = float("nan")
+                for it in range(iters):
+                    idx = torch.randint(0, n, (min(bs, n),), generator=g)
+                    out = sub(q_in[idx])
+                    rec = (out - target[idx]).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+                    loss = rec
+                    if sched.active(it):
+                        beta = sched(it)
+                        loss = loss + lam * sum(m.regularizer(beta) for m in ws)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    average_grads([p for grp in groups for p in grp["params"]])
+                    opt.step()
+                    last = float(rec.detach())
+                    bar.update(1)
+                for m in ws:
+                    m.q.hard = True
+                for m in as_:
+                    m.drop_prob = 0.0
+                for m in as_:
+                    m.train(False)
+                losses.append(last)
     finally:
-        rng.__exit__(None, None, None)
         bar.close()
         set_training(gm, False)
     n_baked = bake_quantizers(gm)
