@@ -157,6 +157,10 @@ def _prepare(model_spec: str, data: Optional[str], train: Optional[bool], progre
     return model.eval(), batches, test
 
 
+#: graph-module meta entries that are per-run caches (holding the graph object), never saved
+_CACHES = ("qpasses.module_calls",)
+
+
 def picklable(gm):
     """A copy of ``gm`` that ``torch.save`` can pickle, computing the same function.
 
@@ -180,7 +184,7 @@ def picklable(gm):
             graph.erase_node(n)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "meta"):
-        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.")})
+        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.") and k not in _CACHES})
     return out.train(gm.training)
 
 

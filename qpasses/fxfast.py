@@ -9,6 +9,9 @@
 * :func:`copy_graph` is ``copy.deepcopy(graph)`` (``Graph.__deepcopy__``) with its nodes
   made by :func:`new_node`.
 * :func:`module_table` is ``dict(root.named_modules())`` without a generator frame per module.
+* :func:`graph_shape` / :func:`same_shape` tell whether a graph's generated code would
+  change (nodes, names, ops, targets, arguments, annotations), so a stage that only swapped
+  modules skips ``recompile()`` and ``lint()``.
 * :func:`delete_unused_submodules` is ``GraphModule.delete_all_unused_submodules()`` in
   linear time.
 
@@ -26,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules"]
+__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)
@@ -203,3 +206,29 @@ def delete_unused_submodules(gm: fx.GraphModule) -> int:
                 continue
             stack.append((p, child))
     return removed
+
+
+def graph_shape(graph: fx.Graph) -> list:
+    """What ``graph.python_code()`` reads of each node, by reference (cheap: no copies).
+
+    Node arguments are immutable (fx replaces the tuple on every change), so holding the
+    objects is a snapshot."""
+    return [(n, n.name, n.op, n.target, n._args, n._kwargs, n.type) for n in graph.nodes]
+
+
+def same_shape(before: list, after: list) -> bool:
+    """Whether two :func:`graph_shape` snapshots generate the same code."""
+    if len(before) != len(after) or len(before) == 0:
+        return len(before) == len(after)
+    for a, b in zip(before, after):
+        if a is b:
+            continue
+        for x, y in zip(a, b):
+            if x is y:
+                continue
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:  # noqa: BLE001 - e.g. a tensor argument: count it as changed
+                return False
+    return True

@@ -18,7 +18,8 @@ import torch.fx as fx
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
 from .frontend import as_inputs, input_arity, make_exported_trainable
-from .fxfast import copy_graph, delete_unused_submodules
+from .compact import expand_weight_quantizers, has_compact
+from .fxfast import copy_graph, delete_unused_submodules, graph_shape, same_shape
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -348,13 +349,23 @@ class PassManager:
         if self.verify:
             sample = self._sample(gm, data, example_inputs)
             reference = before = self._forward(gm, sample)
+        compact = has_compact(work)  # e.g. the result of an earlier run that ended in convert
         for unit in self.units:
+            if compact or _state(work).pop("compact", False):
+                # compact fake-quantized-weight modules, from an earlier stage: the decomposed
+                # form is what every later rule reads (actions/compact.py)
+                with self._phase("expand"):
+                    if expand_weight_quantizers(work):
+                        work.graph.lint()
+                        dirty = True
+                compact = False
             if unit.kind == "stage":
                 t = time.perf_counter()
                 with _no_gc():
+                    shape = graph_shape(work.graph)
                     iters, rewrites, converged = self._run_stage(work, unit)
-                    if rewrites:
-                        work.graph.lint()  # an unchanged graph needs no re-check
+                    if rewrites and not same_shape(shape, graph_shape(work.graph)):
+                        work.graph.lint()  # an unchanged graph (e.g. only modules swapped) needs no re-check
                         # the generated code is refreshed lazily: before a step, verify or the
                         # return -- i.e. before anything can run or read it
                         dirty = True
@@ -630,6 +641,11 @@ def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
 def _is_named_file(name: str) -> bool:
     from .lang.rules import available_names
     return available_names().get(name) in ("recipe", "rules")
+
+
+def _state(gm: fx.GraphModule) -> Dict[str, Any]:
+    """The per-run scratch state actions share (``gm.meta["qpasses.state"]``)."""
+    return gm.meta.setdefault("qpasses.state", {}) if hasattr(gm, "meta") else {}
 
 
 @contextlib.contextmanager

@@ -25,13 +25,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def _is_act_fake_quant(gm, n) -> bool:
+    from qpasses.numerics import FakeQuantize
+    src = n.args[0] if n.args else None
+    return isinstance(gm.get_submodule(n.target), FakeQuantize) and not (
+        isinstance(src, torch.fx.Node) and src.op == "get_attr")
+
+
 def duplicate_act_fake_quants(gm: torch.fx.GraphModule) -> int:
     """Put a copy of every activation FakeQuantize right after it (a redundant Q/DQ pair for the
     clean-up rules to remove); recompiles ``gm`` and returns how many were duplicated."""
     import copy
     count = 0
     for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target.startswith("act_fq"):
+        if n.op == "call_module" and _is_act_fake_quant(gm, n):
             gm.add_submodule(n.target + "_dup", copy.deepcopy(gm.get_submodule(n.target)))
             with gm.graph.inserting_after(n):
                 d = gm.graph.call_module(n.target + "_dup", (n,))

@@ -5,11 +5,13 @@ Representation (shared by every later rule, the integer back-ends and ONNX expor
 * prepare: ``call_module`` :class:`~qpasses.numerics.Observer` nodes between an
   activation and the weighted ops that read it (one observer per value and config,
   shared by every weighted consumer; other consumers keep reading the float value);
-* convert: each observer becomes a :class:`~qpasses.numerics.FakeQuantize`
-  (per-tensor affine by default) and each weighted op reads its weight through a
-  per-channel symmetric ``FakeQuantize``: module calls are first rewritten to their
-  functional form, ``F.conv2d(x_fq, fq(weight), bias, ...)``, so both graph levels look
-  alike after convert.
+* convert: each observer module is replaced (at its name) by a
+  :class:`~qpasses.numerics.FakeQuantize` (per-tensor affine by default) and each weighted op
+  reads its weight through a per-channel symmetric ``FakeQuantize``: a plain conv / linear
+  module call keeps its node and its module becomes the compact ``FakeQuantConv2d`` & co.
+  (:mod:`qpasses.compact`); other weighted ops get the decomposed form
+  ``F.conv2d(x_fq, weight_fq_N(get_attr weight), bias, ...)``, which the compact form is
+  expanded to before any later stage, so later rules see one representation.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from ..fxfast import new_node
 from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
-from .graphutil import add_module, copy_meta
+from ..compact import compact_class, compact_module, is_compact, set_module
+from .graphutil import add_module, copy_meta, is_shared_module
 
 register_module_class(Observer, "observer")
 register_module_class(FakeQuantize, "fake_quant")
@@ -77,6 +80,8 @@ def weight_quantized(ctx: MatchContext, node: fx.Node):
     if node.meta.get(QUANT_KEY, {}).get("weight"):
         return True, f"{node.name} already has a quantized weight"
     v = ctx.view(node)
+    if is_compact(v.module):
+        return True, f"{node.name} already has a quantized weight"
     w = v.get("weight")
     return (_is_quant_module(ctx, w, (FakeQuantize,)), f"{node.name} already has a quantized weight")
 
@@ -131,7 +136,7 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
             if isinstance(m, Observer) and getattr(m, "qpasses_config", None) == cfg:
                 op.replace_input_with(x, u)
                 return
-    target = add_module(ctx, "act_obs", new_observer(cfg))
+    target = add_module(ctx, "act_q", new_observer(cfg))
     with ctx.graph.inserting_after(x):
         obs = new_node(ctx.graph, "call_module", target, (x,))
     copy_meta(x, obs)
@@ -147,7 +152,7 @@ def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: i
             raise Refuse(f"{op.name} is already observed by {u.name}")
     bits = bits_for(ctx, op, "a_bits", bits)
     cfg = _observer_config(kind, bits, symmetric, signed, **extra)
-    target = add_module(ctx, "out_obs", new_observer(cfg))
+    target = add_module(ctx, "out_q", new_observer(cfg))
     users = list(op.users)
     with ctx.graph.inserting_after(op):
         obs = ctx.graph.call_module(target, (op,))
@@ -206,12 +211,10 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
         raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
                         f"{float(hi.max())}]: the float model overflows on the calibration data there") from None
     fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
-    target = add_module(ctx, "act_fq", fq)
-    with ctx.graph.inserting_before(obs):
-        new = new_node(ctx.graph, "call_module", target, obs.args)
-    copy_meta(obs, new)
-    obs.replace_all_uses_with(new)
-    ctx.graph.erase_node(obs)
+    # the observer's call now calls the fake quant: the graph (and its code) stay as they are
+    set_module(ctx.gm, obs.target, fq)
+    ctx.matcher.modules[obs.target] = fq
+    ctx.matcher.forget(obs)
 
 
 def weight_axis(opclass: str, groups: int) -> Optional[int]:
@@ -367,4 +370,18 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
         axis = weight_axis(view.opclass, groups) if per_channel else None
         qp = _weight_qparams(ctx, w, axis, bits, bool(per_channel), default_bits)
     fq = weight_fake_quant(w, view.opclass, groups, bits, bool(per_channel), str(observer), bool(learnable), qp)
-    attach_weight_quantizer(ctx, op, fq, "weight_fq", {"bits": bits, "axis": fq.axis})
+    info = {"bits": bits, "axis": fq.axis}
+    if op.op == "call_module" and len(op.args) == 1 and not op.kwargs and compact_class(view.module) is not None \
+            and not is_shared_module(ctx.gm, op):
+        # the compact form: the same call, its module now reading the weight through fq
+        # (expanded to the decomposed form before any later stage: see actions/compact.py)
+        new = compact_module(view.module, fq)
+        set_module(ctx.gm, op.target, new)
+        ctx.matcher.modules[op.target] = new
+        ctx.matcher.forget(op)
+        quant = dict(op.meta.get(QUANT_KEY) or {})
+        quant["weight"] = info
+        op.meta[QUANT_KEY] = quant
+        ctx.state["compact"] = True
+        return
+    attach_weight_quantizer(ctx, op, fq, "weight_fq", info)

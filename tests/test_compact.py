@@ -1,0 +1,163 @@
+"""The compact fake-quantized-weight modules convert leaves in module-level graphs, and their
+expansion to the decomposed form every later rule reads."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qpasses
+from qpasses import zoo
+from qpasses.compact import (FakeQuantConv2d, compact_module, expand_weight_quantizers, has_compact, is_compact,
+                             plain_module)
+from qpasses.fxfast import graph_shape, same_shape
+from qpasses.numerics import FakeQuantize
+
+torch.manual_seed(0)
+
+_MODULES = [
+    (lambda: nn.Linear(6, 5), (3, 6)),
+    (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=1), (2, 4, 11)),
+    (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2), (2, 4, 9, 9)),
+    (lambda: nn.Conv3d(2, 4, 3, padding=1, bias=False), (1, 2, 5, 5, 5)),
+    (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), (2, 4, 7)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose3d(2, 4, 2, stride=2), (1, 2, 3, 3, 3)),
+]
+
+
+def _fq(mod: nn.Module) -> FakeQuantize:
+    axis = 1 if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1 else 0
+    w = mod.weight.detach()
+    amax = w.abs().amax(dim=[d for d in range(w.dim()) if d != axis]) if axis is not None else w.abs().max()
+    return FakeQuantize(amax / 7, torch.zeros_like(amax, dtype=torch.int32), -7, 7, axis=axis)
+
+
+@pytest.mark.parametrize("make, shape", _MODULES)
+def test_compact_module_computes_the_functional_form(make, shape):
+    mod = make().eval()
+    x = torch.randn(*shape)
+    fq = _fq(mod)
+    c = compact_module(mod, fq)
+    assert is_compact(c) and isinstance(c, type(mod)) and c.weight is mod.weight and c.weight_fq is fq
+    # the reference: the module's own forward with the fake-quantized weight put in its place
+    ref = make().eval()
+    ref.load_state_dict(mod.state_dict())
+    with torch.no_grad():
+        ref.weight.copy_(fq(mod.weight))
+        assert torch.equal(c(x), ref(x))
+    back = plain_module(c)
+    assert type(back) is type(mod) and "weight_fq" not in back._modules and back.weight is mod.weight
+    assert not is_compact(mod)  # the source module is untouched
+    # pickles by its module-level class
+    c2 = pickle.loads(pickle.dumps(c))
+    assert type(c2) is type(c)
+    with torch.no_grad():
+        assert torch.equal(c2(x), c(x))
+
+
+def test_only_plain_zero_padded_classes_have_a_compact_form():
+    class MyConv(nn.Conv2d):
+        pass
+    with pytest.raises(TypeError, match="MyConv"):
+        compact_module(MyConv(1, 1, 1), FakeQuantize(1.0, 0, -7, 7))
+    with pytest.raises(TypeError, match="Conv2d"):
+        compact_module(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), FakeQuantize(1.0, 0, -7, 7))
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    m = zoo.ResNetLike().eval()
+    x = zoo.example_input("resnet", 4)
+    return m, qpasses.trace(m, (x,), mode="fx"), x
+
+
+def test_ptq_int8_returns_compact_modules_that_expand_to_the_same_numbers(resnet):
+    m, gm, x = resnet
+    pm = qpasses.PassManager("ptq_int8")
+    q = pm.run(gm, data=[x])
+    n_weight = pm.report["weight_fake_quant"].rewrites
+    compact = [n for n in q.graph.nodes if n.op == "call_module" and is_compact(q.get_submodule(n.target))]
+    assert len(compact) == n_weight > 0
+    assert not has_compact(gm)                          # the input graph module is untouched
+    d = qpasses.decomposed(q)
+    assert not has_compact(d) and has_compact(q)         # decomposed() copies
+    assert len(d.graph.nodes) == len(q.graph.nodes) + 3 * n_weight - sum(
+        1 for n in compact if q.get_submodule(n.target).bias is None)
+    with torch.no_grad():
+        assert torch.equal(q(x), d(x))
+    wfq = [n for n in d.graph.nodes if n.op == "call_module" and n.target.startswith("weight_fq")]
+    assert len(wfq) == n_weight and all(n.args[0].op == "get_attr" for n in wfq)
+    assert qpasses.decomposed(d) is d                     # nothing to expand: the same object
+
+
+def test_a_later_stage_sees_the_decomposed_form(resnet):
+    m, gm, x = resnet
+    q = qpasses.PassManager("ptq_int8").run(gm, data=[x])
+    pm = qpasses.PassManager("int_bias")                 # reads fq(get_attr weight) -> conv2d
+    out = pm.run(q)
+    assert pm.report["int32_bias_grid"].rewrites > 0
+    assert not has_compact(out) and has_compact(q)
+    # in one run too: convert, then another family
+    pm = qpasses.PassManager(["ptq_int8", "int_bias"])
+    out2 = pm.run(gm, data=[x])
+    assert pm.report["int32_bias_grid"].rewrites == pm.report["weight_fake_quant"].rewrites
+    with torch.no_grad():
+        assert torch.allclose(out(x), out2(x))
+
+
+def test_convert_swaps_modules_only_so_the_code_is_not_regenerated(resnet, monkeypatch):
+    m, gm, x = resnet
+    prepared = qpasses.PassManager(["canonicalize", "observe"]).run(gm)
+    with torch.no_grad():
+        prepared(x)
+    pm = qpasses.PassManager("convert")
+    q = pm.run(prepared)
+    assert pm.report["weight_fake_quant"].rewrites > 0 and pm.report["activation_fake_quant"].rewrites > 0
+    assert q.code == prepared.code                       # same nodes, names and targets
+    # ptq_int8 generates code once: for calibration (convert then changes no node)
+    calls = []
+    real = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: calls.append(1) or real(self))
+    pm = qpasses.PassManager("ptq_int8")
+    q = pm.run(gm, data=[x])
+    assert len(calls) == 1 and pm.report["weight_fake_quant"].rewrites > 0
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+
+
+def test_a_shared_module_gets_the_decomposed_form():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+    torch.manual_seed(0)
+    m = Twice().eval()
+    x = torch.randn(8, 4)
+    q = qpasses.PassManager("ptq_int8").run(qpasses.trace(m, (x,)), data=[x])
+    assert not has_compact(q)
+    assert sum(1 for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("weight_fq")) == 2
+
+
+def test_expand_in_place_and_graph_shape():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    q = qpasses.PassManager("ptq_int8").run(qpasses.trace(m, (x,)), data=[x])
+    before = graph_shape(q.graph)
+    assert same_shape(before, graph_shape(q.graph))
+    with torch.no_grad():
+        ref = q(x)
+    assert expand_weight_quantizers(q) == 1
+    assert not same_shape(before, graph_shape(q.graph))
+    q.recompile()
+    assert isinstance(q.get_submodule("0"), nn.Conv2d) and not isinstance(q.get_submodule("0"), FakeQuantConv2d)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref)
+    assert expand_weight_quantizers(q) == 0
