@@ -139,10 +139,13 @@ def plain_module(mod: nn.Module) -> nn.Module:
     return _rebuild(mod, type(mod)._plain, children)
 
 
-def set_module(root: nn.Module, path: str, mod: nn.Module) -> None:
-    """Put ``mod`` at dotted ``path`` under ``root`` (the parent must exist)."""
+def set_module(root: nn.Module, path: str, mod: nn.Module, table: Optional[Dict[str, nn.Module]] = None) -> None:
+    """Put ``mod`` at dotted ``path`` under ``root`` (the parent must exist); ``table``, if given,
+    is ``dict(root.named_modules())`` to find the parent in (the caller keeps it up to date)."""
     parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
+    parent = (table.get(parent_path) if table is not None else None) if parent_path else root
+    if parent is None:
+        parent = root.get_submodule(parent_path)
     parent._modules[name] = mod
 
 

@@ -357,3 +357,37 @@ def test_set_training_matches_train():
     assert g.training is True and g.obs.training is True
     set_training(g, False)
     assert g.training is False and g.obs.training is False
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, True), (True, False)])
+def test_fold_bn_params_many_is_bit_identical(kind, bias, affine):
+    from qpasses.actions.fold import fold_bn_params, fold_bn_params_many
+    torch.manual_seed(0)
+    shape = {"conv2d": (6, 3, 3, 3), "conv1d": (6, 3, 5), "linear": (6, 7)}[kind]
+    items = []
+    for i in range(5):
+        w = torch.randn(shape) * 3
+        b = torch.randn(6) if bias else None
+        mean, var = torch.randn(6), torch.rand(6) * 2 + 1e-3
+        gamma, beta = (torch.randn(6), torch.randn(6)) if affine else (None, None)
+        items.append((w, b, mean, var, gamma, beta, 1e-5 * (i + 1)))
+    many = fold_bn_params_many(items, kind)
+    for it, (w_new, b_new) in zip(items, many):
+        w1, b1 = fold_bn_params(*it, kind)
+        assert torch.equal(w_new, w1) and torch.equal(b_new, b1)
+        assert w_new.untyped_storage().nbytes() == w_new.numel() * 4  # its own tensor, not a view of the batch
+
+
+def test_fake_quantize_from_checked_equals_the_constructor():
+    s, z = torch.rand(2, 5) + 0.01, torch.randint(-3, 3, (2, 5), dtype=torch.int32)
+    for axis, (scale, zp) in ((0, (s[0], z[0])), (None, (s[1, 0], z[1, 0]))):
+        a = FakeQuantize(scale, zp, -8, 7, axis=axis, bits=4, symmetric=True)
+        b = FakeQuantize.from_checked(scale, zp, -8, 7, axis=axis, bits=4, symmetric=True)
+        assert a.__dict__.keys() == b.__dict__.keys()
+        assert {k: v for k, v in a.__dict__.items() if not k.startswith("_")} == \
+               {k: v for k, v in b.__dict__.items() if not k.startswith("_")}
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+        assert b.scale.data_ptr() != scale.data_ptr()  # own copies
+        x = torch.randn(5, 3) * 4
+        assert torch.equal(a(x), b(x))

@@ -194,7 +194,21 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     mod = ctx.modules.get(obs.target)
     if not isinstance(mod, Observer):
         raise Refuse(f"{obs.name} is not an observer")
-    qp = _batched_observer_qparams(ctx, mod)  # found there: the observer has data
+    qp = _batched_observer_qparams(ctx, mod)  # found there: the observer has data, a finite range
+    if qp is not None and not learnable:
+        fq = FakeQuantize.from_checked(qp[0], qp[1], mod.qmin, mod.qmax, axis=mod.axis, bits=mod.bits,
+                                       symmetric=mod.symmetric)
+    else:
+        fq = _observer_fake_quant(obs, mod, qp, learnable)
+    fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
+    # the observer's call now calls the fake quant: the graph (and its code) stay as they are
+    set_module(ctx.gm, obs.target, fq, ctx.modules)
+    ctx.matcher.modules[obs.target] = fq
+    ctx.matcher.forget(obs)
+
+
+def _observer_fake_quant(obs: fx.Node, mod: Observer, qp, learnable: bool) -> FakeQuantize:
+    """The FakeQuantize for observer ``mod`` (node ``obs``) with the constructor's checks."""
     if qp is None:
         if not getattr(mod, "has_data", True):
             raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
@@ -210,11 +224,7 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
         lo, hi = mod.calculate_range()
         raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
                         f"{float(hi.max())}]: the float model overflows on the calibration data there") from None
-    fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
-    # the observer's call now calls the fake quant: the graph (and its code) stay as they are
-    set_module(ctx.gm, obs.target, fq)
-    ctx.matcher.modules[obs.target] = fq
-    ctx.matcher.forget(obs)
+    return fq
 
 
 def weight_axis(opclass: str, groups: int) -> Optional[int]:
@@ -228,13 +238,17 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
     """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``.
 
     ``qparams``: ``(scale, zero_point)`` of the min-max rule, when already computed (e.g. by
-    :func:`~qpasses.numerics.absmax_qparams_many` for many weights at once).
+    :func:`~qpasses.numerics.absmax_qparams_many` for many weights at once), or
+    ``(scale, zero_point, checked)`` where ``checked`` says they are float32 / int32 of the
+    right shape with a positive, finite scale (no validation needed).
     """
     axis = weight_axis(opclass, groups) if per_channel else None
     if observer == "minmax" and not learnable:
         # fast path (the common case, thousands of layers): max |w| per channel, no observer module
         qmin, qmax = qrange(bits, signed=True, narrow=True)
-        scale, zp = qparams if qparams is not None else absmax_qparams(weight, axis, qmin, qmax)
+        if qparams is not None and len(qparams) == 3 and qparams[2]:  # from _weight_qparams, checked there
+            return FakeQuantize.from_checked(qparams[0], qparams[1], qmin, qmax, axis=axis, bits=bits, symmetric=True)
+        scale, zp = qparams[:2] if qparams is not None else absmax_qparams(weight, axis, qmin, qmax)
         return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
@@ -272,12 +286,15 @@ def _weight_qparams(ctx: MatchContext, weight: torch.Tensor, axis: Optional[int]
         batch = {}
         for (ax, b, *_), ws in groups.items():
             qmin, qmax = qrange(b, signed=True, narrow=True)
-            for w, qp in zip(ws.values(), absmax_qparams_many(list(ws.values()), ax, qmin, qmax)):
-                batch[(id(w), ax, b)] = (w, w._version) + qp
+            qps = absmax_qparams_many(list(ws.values()), ax, qmin, qmax)
+            # positive (clamped to eps) and, unless a weight holds inf / NaN, finite: checked at once
+            finite = torch.isfinite(torch.stack([s for s, _ in qps]).reshape(len(qps), -1)).all(1).tolist()
+            for w, qp, ok in zip(ws.values(), qps, finite):
+                batch[(id(w), ax, b)] = (w, w._version) + qp + (ok,)
         ctx.matcher.scratch[key] = batch
     hit = batch.get((id(weight), axis, bits))
     if hit is not None and hit[0] is weight and hit[1] == weight._version:
-        return hit[2], hit[3]
+        return hit[2], hit[3], hit[4]
     return None
 
 
@@ -376,7 +393,7 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
         # the compact form: the same call, its module now reading the weight through fq
         # (expanded to the decomposed form before any later stage: see actions/compact.py)
         new = compact_module(view.module, fq)
-        set_module(ctx.gm, op.target, new)
+        set_module(ctx.gm, op.target, new, ctx.modules)
         ctx.matcher.modules[op.target] = new
         ctx.matcher.forget(op)
         quant = dict(op.meta.get(QUANT_KEY) or {})

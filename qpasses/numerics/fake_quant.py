@@ -107,6 +107,27 @@ class FakeQuantize(nn.Module):
             add_buffers(self, scale=s, zero_point=z)
 
     @classmethod
+    def from_checked(cls, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                     axis: Optional[int] = None, bits: Optional[int] = None,
+                     symmetric: bool = False) -> "FakeQuantize":
+        """A fixed (not learnable) FakeQuantize from qparams the caller has already checked.
+
+        For converters building thousands of these from one vectorised qparams pass: ``scale``
+        must be float32, positive and finite, ``zero_point`` int32, both of shape ``[]``
+        (``axis=None``) or ``[C]``, and ``qmin < qmax``.  Nothing is validated here (the
+        constructor's checks cost more than the rest); each tensor is cloned, so views of a
+        batch tensor are fine.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        qmin, qmax = int(qmin), int(qmax)
+        self.__dict__.update(qmin=qmin, qmax=qmax, axis=None if axis is None else int(axis), learnable=False,
+                             bits=int(bits) if bits is not None else bits_of_range(qmin, qmax),
+                             symmetric=bool(symmetric), enabled=True)
+        add_buffers(self, scale=scale.clone(), zero_point=zero_point.clone())
+        return self
+
+    @classmethod
     def from_observer(cls, obs, learnable: bool = False) -> "FakeQuantize":
         """A FakeQuantize with the observer's qparams, range, axis, bits and symmetry."""
         scale, zero_point = obs.calculate_qparams()
