@@ -167,6 +167,11 @@ def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphMod
     With ``recompile=False`` the copy must be ``recompile()``-d before it is called.
     """
     meta = dict(getattr(gm, "meta", {}))
+    meta.pop("qpasses.module_calls", None)  # a cache of gm's own graph
+    state = meta.get("qpasses.state")
+    if isinstance(state, dict):  # the actions' per-run scratch (name counters, flags): the copy's own
+        meta["qpasses.state"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()
+                                 if k != "compact"}
     # node meta is copied one level deep, as Graph.__deepcopy__ does: values (fake tensors
     # from torch.export among them, which do not deep-copy) are kept by reference
     graph = copy_graph(gm.graph)
@@ -342,7 +347,6 @@ class PassManager:
         with self._phase("copy"):
             work = copy_graph_module(gm, recompile=False)
         self._check_skip(gm)
-        dirty = True  # the copy's code is generated lazily: before anything runs it
         sample = None
         reference = None
         before = None  # the outputs before the current unit: what an "exact" stage must keep
@@ -350,14 +354,19 @@ class PassManager:
             sample = self._sample(gm, data, example_inputs)
             reference = before = self._forward(gm, sample)
         compact = has_compact(work)  # e.g. the result of an earlier run that ended in convert
+        # units that changed the graph since its code was last generated: the copy's code is
+        # generated lazily, and lint + code generation run once before anything can run or read
+        # the graph (a data step, verify, the return), not after every stage
+        changed: List[str] = ["copy"]
         for unit in self.units:
+            label = (f"{unit.family}.{unit.stage.name}" if unit.family else unit.stage.name) \
+                if unit.kind == "stage" else f"step:{unit.step.name}"
             if compact or _state(work).pop("compact", False):
                 # compact fake-quantized-weight modules, from an earlier stage: the decomposed
-                # form is what every later rule reads (actions/compact.py)
+                # form is what every later rule reads (qpasses/compact.py)
                 with self._phase("expand"):
                     if expand_weight_quantizers(work):
-                        work.graph.lint()
-                        dirty = True
+                        changed.append(f"expand before {label}")
                 compact = False
             if unit.kind == "stage":
                 t = time.perf_counter()
@@ -365,28 +374,19 @@ class PassManager:
                     shape = graph_shape(work.graph)
                     iters, rewrites, converged = self._run_stage(work, unit)
                     if rewrites and not same_shape(shape, graph_shape(work.graph)):
-                        work.graph.lint()  # an unchanged graph (e.g. only modules swapped) needs no re-check
-                        # the generated code is refreshed lazily: before a step, verify or the
-                        # return -- i.e. before anything can run or read it
-                        dirty = True
-                label = f"{unit.family}.{unit.stage.name}" if unit.family else unit.stage.name
+                        changed.append(label)  # (a stage that only swapped modules keeps the code)
                 self.report.stages.append(StageRecord(
                     unit.family, unit.stage.name, time.perf_counter() - t, iters, rewrites, converged))
                 if self.verify:
-                    if dirty:
-                        self._recompile(work)
-                        dirty = False
+                    self._refresh(work, changed)
                     before = self._check(work, sample, reference, before, label, unit.stage.verify)
             else:
-                if dirty:
-                    self._recompile(work)
-                    dirty = False
+                self._refresh(work, changed)
                 work = self._run_step(work, unit.step, data)
                 if self.verify:
-                    before = self._check(work, sample, reference, before, f"step:{unit.step.name}", "sqnr")
+                    before = self._check(work, sample, reference, before, label, "sqnr")
         self._prune(work)
-        if dirty:
-            self._recompile(work)
+        self._refresh(work, changed)
         self.report.seconds = time.perf_counter() - t0
         return work
 
@@ -420,7 +420,19 @@ class PassManager:
         with self._phase("prune"):
             delete_unused_submodules(gm)
 
-    def _recompile(self, gm: fx.GraphModule) -> None:
+    def _refresh(self, gm: fx.GraphModule, changed: List[str]) -> None:
+        """Lint the graph and generate its code if ``changed`` names units that changed it
+        (then empties the list)."""
+        if not changed:
+            return
+        if changed != ["copy"]:  # (the copy of a linted graph needs no second check)
+            with self._phase("lint"):
+                try:
+                    gm.graph.lint()
+                except Exception as e:  # noqa: BLE001 - a malformed graph is a rewrite bug: say where
+                    raise RewriteError(f"the graph is malformed after {', '.join(changed)}: "
+                                       f"{type(e).__name__}: {e}") from e
+        changed.clear()
         with self._phase("codegen"):
             gm.recompile()
 

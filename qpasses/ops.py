@@ -264,6 +264,28 @@ def register_module_class(module_type: type, name: str) -> None:
     if name not in OP_CLASSES:
         register_op_class(OpClass(name, ("input",)))
     _BY_MODULE.insert(0, (module_type, name))
+    _BY_MODULE_TYPE.clear()
+
+
+#: module type -> op class name (or None): the first ``isinstance`` match in ``_BY_MODULE``,
+#: memoised per type (graphs call thousands of modules of a handful of types)
+_BY_MODULE_TYPE: Dict[type, Optional[str]] = {}
+
+
+def _module_class(mod: nn.Module) -> Optional[str]:
+    t = type(mod)
+    try:
+        return _BY_MODULE_TYPE[t]
+    except KeyError:
+        pass
+    name = None
+    for mt, n in _BY_MODULE:
+        if isinstance(mod, mt):
+            name = n
+            break
+    if all(type(mt) is type for mt, _ in _BY_MODULE):  # no metaclass with its own isinstance rule
+        _BY_MODULE_TYPE[t] = name
+    return name
 
 
 def all_class_names() -> List[str]:
@@ -303,10 +325,7 @@ def classify(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> O
     elif op == "call_module":
         mod = _module_of(node, modules)
         if mod is not None:
-            for t, n in _BY_MODULE:
-                if isinstance(mod, t):
-                    name = n
-                    break
+            name = _module_class(mod)
     elif op in ("placeholder", "get_attr", "output"):
         return op
     if name is not None and name in _REFINE:

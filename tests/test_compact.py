@@ -161,3 +161,15 @@ def test_expand_in_place_and_graph_shape():
     with torch.no_grad():
         assert torch.equal(q(x), ref)
     assert expand_weight_quantizers(q) == 0
+
+
+def test_runs_leave_the_input_meta_alone(resnet):
+    m, gm, x = resnet
+    prepared = qpasses.PassManager(["canonicalize", "observe"]).run(gm)
+    with torch.no_grad():
+        prepared(x)
+    before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in prepared.meta.items()}
+    q = qpasses.PassManager("convert").run(prepared)
+    assert prepared.meta.keys() == before.keys()
+    assert prepared.meta["qpasses.state"] == before["qpasses.state"] and "compact" not in prepared.meta["qpasses.state"]
+    assert q.meta["qpasses.state"] is not prepared.meta["qpasses.state"]

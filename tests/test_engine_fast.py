@@ -391,3 +391,22 @@ def test_fake_quantize_from_checked_equals_the_constructor():
         assert b.scale.data_ptr() != scale.data_ptr()  # own copies
         x = torch.randn(5, 3) * 4
         assert torch.equal(a(x), b(x))
+
+
+def test_module_classification_memo_follows_registration():
+    import torch.nn as nn
+    from qpasses import ops
+
+    class MyAct(nn.ReLU):
+        pass
+    g = fx.Graph()
+    n = g.call_module("a", (g.placeholder("x"),))
+    assert ops.classify(n, {"a": MyAct()}) == "relu"          # memoised for MyAct
+    ops.register_module_class(MyAct, "my_act_for_memo_test")   # registration clears the memo
+    try:
+        assert ops.classify(n, {"a": MyAct()}) == "my_act_for_memo_test"
+        assert ops.classify(n, {"a": nn.ReLU()}) == "relu"
+    finally:
+        ops._BY_MODULE.remove((MyAct, "my_act_for_memo_test"))
+        ops._BY_MODULE_TYPE.clear()
+        ops.OP_CLASSES.pop("my_act_for_memo_test", None)

@@ -4,18 +4,13 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from ..compact import set_module
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
 from ..methods.genie import SwingConv1d, SwingConv2d, _Swing, to_swing
 
 __all__ = ["strided", "swing_conv", "unswing_conv"]
-
-
-def _set_module(gm: nn.Module, target: str, mod: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    setattr(owner, name, mod)
 
 
 @constraint("strided")
@@ -47,7 +42,7 @@ def swing_conv(ctx: MatchContext, op: fx.Node, jitter: int = 1):
     if sum(1 for n in ctx.graph.nodes if n.op == "call_module" and n.target == op.target) > 1:
         raise Refuse(f"{op.target} is called more than once")
     new = to_swing(mod, int(jitter))
-    _set_module(ctx.gm, str(op.target), new)
+    set_module(ctx.gm, str(op.target), new, ctx.modules)
     ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)
 
@@ -59,6 +54,6 @@ def unswing_conv(ctx: MatchContext, op: fx.Node):
     if not isinstance(mod, (SwingConv1d, SwingConv2d)):
         raise Refuse(f"{op.name} is not a swing convolution")
     new = mod.to_conv()
-    _set_module(ctx.gm, str(op.target), new)
+    set_module(ctx.gm, str(op.target), new, ctx.modules)
     ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)
