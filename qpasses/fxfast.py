@@ -12,6 +12,7 @@
 * :func:`graph_shape` / :func:`same_shape` tell whether a graph's generated code would
   change (nodes, names, ops, targets, arguments, annotations), so a stage that only swapped
   modules skips ``recompile()`` and ``lint()``.
+* :func:`lint` is ``Graph.lint()`` with each module path resolved once.
 * :func:`delete_unused_submodules` is ``GraphModule.delete_all_unused_submodules()`` in
   linear time.
 
@@ -29,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape"]
+__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape",
+           "lint"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)
@@ -232,3 +234,63 @@ def same_shape(before: list, after: list) -> bool:
             except Exception:  # noqa: BLE001 - e.g. a tensor argument: count it as changed
                 return False
     return True
+
+
+def lint(graph: fx.Graph) -> None:
+    """``graph.lint()``: the same checks and errors, with each module path resolved once.
+
+    torch.fx walks every ``call_module`` / ``get_attr`` target from the root with one
+    ``getattr`` per atom (``blocks.0.conv1``: three), through ``nn.Module.__getattr__``; here
+    a target's parent path is looked up in a table of the paths already resolved, so a graph
+    of thousands of module calls costs one attribute lookup per node.  Graphs not owned by
+    a module, or with private attributes this relies on missing, get ``graph.lint()``.
+    """
+    if not _fast_ok(graph) or graph.owning_module is None:
+        return graph.lint()
+    legal = fx.graph._legal_ops
+    side = graph._find_nodes_lookup_table
+    seen_names = set()
+    seen_values = set()
+    for node in graph.nodes:
+        if node.op not in legal:
+            raise RuntimeError(f"Node {node} had unknown opcode {node.op}!")
+        if node.graph is not graph:
+            raise RuntimeError(f"Node '{node}' does not belong to this Graph!")
+        if node not in side:
+            raise RuntimeError(f"Node '{node}' is not added to the side table")
+        for arg in node._input_nodes:
+            if arg.graph is not graph or arg not in seen_values:
+                return graph.lint()  # the error, worded by torch.fx
+        seen_values.add(node)
+        if node.name in seen_names:
+            raise RuntimeError(f"Node redefined name {node.name}!")
+        seen_names.add(node.name)
+    root = graph.owning_module
+    resolved: Dict[str, Any] = {"": root}
+    for node in graph.nodes:
+        op, target = node.op, node.target
+        if op == "call_function":
+            if not callable(target):
+                return graph.lint()
+            continue
+        if not isinstance(target, str):
+            return graph.lint()
+        if op != "get_attr" and op != "call_module":
+            continue
+        parent, _, atom = target.rpartition(".")
+        owner = resolved.get(parent)
+        if owner is None:
+            owner = root
+            path = ""
+            for part in parent.split(".") if parent else ():
+                path = f"{path}.{part}" if path else part
+                nxt = resolved.get(path)
+                if nxt is None:
+                    nxt = getattr(owner, part, None)
+                    if nxt is None or not isinstance(nxt, torch.nn.Module):
+                        return graph.lint()  # a missing attribute / a non-module on the way: torch.fx says which
+                    resolved[path] = nxt
+                owner = nxt
+        value = getattr(owner, atom, None)
+        if value is None or (op == "call_module" and not isinstance(value, torch.nn.Module)):
+            return graph.lint()

@@ -19,7 +19,7 @@ from .errors import (Location, OptionError, QPassesError, RewriteError, RuleErro
                      VerifyError, nearest)
 from .frontend import as_inputs, input_arity, make_exported_trainable
 from .compact import expand_weight_quantizers, has_compact
-from .fxfast import copy_graph, delete_unused_submodules, graph_shape, same_shape
+from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, same_shape
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -90,11 +90,18 @@ class Explanation:
 
 
 def _is_plain_module(mod: torch.nn.Module) -> bool:
-    mod_name = type(mod).__module__
-    if isinstance(mod, fx.GraphModule):
-        return False  # nested graph modules own a graph and a per-instance class: deep copy them
-    return (mod_name.startswith("torch.nn.") or mod_name.startswith("qpasses.") or type(mod) is torch.nn.Module) \
-        and not hasattr(type(mod), "__deepcopy__")
+    t = type(mod)
+    hit = _PLAIN.get(t)
+    if hit is None:
+        mod_name = t.__module__
+        # nested graph modules own a graph and a per-instance class: deep copy them
+        hit = _PLAIN[t] = not issubclass(t, fx.GraphModule) and (
+            mod_name.startswith("torch.nn.") or mod_name.startswith("qpasses.") or t is torch.nn.Module) \
+            and not hasattr(t, "__deepcopy__")
+    return hit
+
+
+_PLAIN: Dict[type, bool] = {}  # _is_plain_module per class
 
 
 @torch.no_grad()
@@ -108,6 +115,7 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
     """
     memo: Dict[int, Any] = {}
     Parameter = torch.nn.Parameter
+    make_subclass = torch.Tensor._make_subclass
     set_dict = object.__setattr__  # nn.Module.__setattr__ is slow, even for "__dict__"
 
     def clone_tensor(t):
@@ -116,7 +124,8 @@ def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
         hit = memo.get(id(t))
         if hit is None:
             c = t.clone()  # under no_grad (below): as detach().clone(), one op less
-            hit = Parameter(c, requires_grad=t.requires_grad) if isinstance(t, Parameter) else c
+            # what Parameter(c, requires_grad) does for a plain tensor, without its Python __new__
+            hit = make_subclass(Parameter, c, t.requires_grad) if isinstance(t, Parameter) else c
             memo[id(t)] = hit
         return hit
 
@@ -428,7 +437,7 @@ class PassManager:
         if changed != ["copy"]:  # (the copy of a linted graph needs no second check)
             with self._phase("lint"):
                 try:
-                    gm.graph.lint()
+                    lint(gm.graph)
                 except Exception as e:  # noqa: BLE001 - a malformed graph is a rewrite bug: say where
                     raise RewriteError(f"the graph is malformed after {', '.join(changed)}: "
                                        f"{type(e).__name__}: {e}") from e

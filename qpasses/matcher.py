@@ -327,6 +327,12 @@ class MatchContext:
         return value
 
     def call(self, fn, call: Call):
-        args = [self.resolve(a) for a in call.args]
-        kwargs = {k: self.resolve(v) for k, v in call.kwargs.items()}
+        # resolve() inlined for the common argument kinds (constraints and actions are called
+        # for every match: thousands of times on large graphs)
+        b = self.match.bindings
+        resolve = self.resolve
+        args = [b[a.name] if isinstance(a, BindingRef) else (resolve(a) if isinstance(a, list) else a)
+                for a in call.args]
+        kwargs = {k: (b[v.name] if isinstance(v, BindingRef) else (resolve(v) if isinstance(v, list) else v))
+                  for k, v in call.kwargs.items()} if call.kwargs else {}
         return fn(self, *args, **kwargs)

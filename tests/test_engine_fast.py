@@ -410,3 +410,34 @@ def test_module_classification_memo_follows_registration():
         ops._BY_MODULE.remove((MyAct, "my_act_for_memo_test"))
         ops._BY_MODULE_TYPE.clear()
         ops.OP_CLASSES.pop("my_act_for_memo_test", None)
+
+
+def test_fast_lint_agrees_with_fx_lint():
+    from qpasses.fxfast import lint
+    gm = fx.symbolic_trace(conv_bn_chain(3, 4))
+    assert lint(gm.graph) is None and gm.graph.lint() is None
+    g = gm.graph
+
+    def same_error(mutate, undo):
+        mutate()
+        with pytest.raises(Exception) as fx_err:
+            g.lint()
+        with pytest.raises(Exception) as ours:
+            lint(g)
+        assert type(ours.value) is type(fx_err.value) and str(ours.value) == str(fx_err.value)
+        undo()
+        lint(g)
+
+    conv = next(n for n in g.nodes if n.op == "call_module" and n.target.endswith("conv2"))
+    old = conv.target
+    same_error(lambda: setattr(conv, "target", "blocks.0.nope"), lambda: setattr(conv, "target", old))
+    same_error(lambda: setattr(conv, "target", "blocks.9.conv1"), lambda: setattr(conv, "target", old))
+    same_error(lambda: setattr(conv, "target", "blocks.0.conv1.weight"), lambda: setattr(conv, "target", old))
+    first = next(n for n in g.nodes if n.op == "call_module")
+    last = next(n for n in reversed(g.nodes) if n.op == "call_module")
+    args = first.args
+    same_error(lambda: setattr(first, "args", (last,)), lambda: setattr(first, "args", args))
+    relu = next(n for n in g.nodes if n.op == "call_module" and "relu" in n.target)
+    rt = relu.target
+    same_error(lambda: setattr(relu, "op", "bogus_op"), lambda: setattr(relu, "op", "call_module"))
+    assert relu.target == rt
