@@ -13,6 +13,8 @@
   change (nodes, names, ops, targets, arguments, annotations), so a stage that only swapped
   modules skips ``recompile()`` and ``lint()``.
 * :func:`lint` is ``Graph.lint()`` with each module path resolved once.
+* :func:`recompile` is ``GraphModule.recompile()`` without fx re-filing every node in the
+  graph's ``find_nodes`` table twice.
 * :func:`delete_unused_submodules` is ``GraphModule.delete_all_unused_submodules()`` in
   linear time.
 
@@ -31,7 +33,7 @@ import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 __all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape",
-           "lint"]
+           "lint", "recompile"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)
@@ -294,3 +296,23 @@ def lint(graph: fx.Graph) -> None:
         value = getattr(owner, atom, None)
         if value is None or (op == "call_module" and not isinstance(value, torch.nn.Module)):
             return graph.lint()
+
+
+def recompile(gm: fx.GraphModule):
+    """``gm.recompile()``, without re-filing every node in the graph's find-nodes table twice.
+
+    torch.fx's code generation sets ``node._repr_fn`` on every node, then back, and
+    ``Node.__setattr__`` takes the node out of the graph's ``find_nodes`` side table and puts
+    it back on every assignment, although ``_repr_fn`` is not part of that table's key: a
+    third of ``python_code()`` on large graphs.  The table is set aside while the code is
+    generated (nothing there looks nodes up in it) and put back unchanged.
+    """
+    graph = gm.graph
+    table = graph.__dict__.get("_find_nodes_lookup_table")
+    if table is None or not _fast_ok(graph):
+        return gm.recompile()
+    del graph.__dict__["_find_nodes_lookup_table"]
+    try:
+        return gm.recompile()
+    finally:
+        graph.__dict__["_find_nodes_lookup_table"] = table

@@ -19,7 +19,7 @@ from .errors import (Location, OptionError, QPassesError, RewriteError, RuleErro
                      VerifyError, nearest)
 from .frontend import as_inputs, input_arity, make_exported_trainable
 from .compact import expand_weight_quantizers, has_compact
-from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, same_shape
+from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, recompile, same_shape
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -443,7 +443,7 @@ class PassManager:
                                        f"{type(e).__name__}: {e}") from e
         changed.clear()
         with self._phase("codegen"):
-            gm.recompile()
+            recompile(gm)
 
     def _run_stage(self, gm: fx.GraphModule, unit: _Unit) -> Tuple[int, int, bool]:
         stage = unit.stage

@@ -441,3 +441,20 @@ def test_fast_lint_agrees_with_fx_lint():
     rt = relu.target
     same_error(lambda: setattr(relu, "op", "bogus_op"), lambda: setattr(relu, "op", "call_module"))
     assert relu.target == rt
+
+
+def test_recompile_keeps_the_find_nodes_table():
+    from qpasses.fxfast import recompile
+    m = conv_bn_chain(3, 4).eval()
+    gm, ref = fx.symbolic_trace(m), fx.symbolic_trace(m)
+    ref.recompile()
+    table = gm.graph._find_nodes_lookup_table
+    recompile(gm)
+    assert gm.code == ref.code
+    assert gm.graph._find_nodes_lookup_table is table
+    assert [n.name for n in gm.graph.find_nodes(op="call_module")] == \
+           [n.name for n in ref.graph.find_nodes(op="call_module")]
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder")] == ["x"]
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(gm(x), ref(x))
+    assert all(n._repr_fn is None for n in gm.graph.nodes)  # restored, as recompile() leaves them
