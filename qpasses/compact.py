@@ -139,16 +139,6 @@ def plain_module(mod: nn.Module) -> nn.Module:
     return _rebuild(mod, type(mod)._plain, children)
 
 
-def set_module(root: nn.Module, path: str, mod: nn.Module, table: Optional[Dict[str, nn.Module]] = None) -> None:
-    """Put ``mod`` at dotted ``path`` under ``root`` (the parent must exist); ``table``, if given,
-    is ``dict(root.named_modules())`` to find the parent in (the caller keeps it up to date)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = (table.get(parent_path) if table is not None else None) if parent_path else root
-    if parent is None:
-        parent = root.get_submodule(parent_path)
-    parent._modules[name] = mod
-
-
 def has_compact(gm: nn.Module) -> bool:
     """Whether any submodule of ``gm`` is in the compact form."""
     return any(isinstance(m, _WeightFakeQuant) for m in gm.modules())
@@ -162,7 +152,7 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
     Returns the number of calls expanded (0: the graph is untouched).  The caller recompiles.
     """
     from .actions.quant import attach_weight_quantizer
-    from .fxfast import module_table
+    from .fxfast import module_table, set_submodule
     from .matcher import Matcher, MatchContext
 
     modules = module_table(gm)
@@ -176,7 +166,7 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
     for n in nodes:
         mod = matcher.modules[n.target]
         plain = plain_module(mod)
-        set_module(gm, n.target, plain)
+        set_submodule(gm, n.target, plain, matcher.modules)
         matcher.modules[n.target] = plain
         matcher.forget(n)
         info = dict((n.meta.get("qpasses.quant") or {}).get("weight") or {})

@@ -15,6 +15,8 @@
 * :func:`lint` is ``Graph.lint()`` with each module path resolved once.
 * :func:`recompile` is ``GraphModule.recompile()`` without fx re-filing every node in the
   graph's ``find_nodes`` table twice.
+* :func:`set_submodule` is ``root.set_submodule(path, module)`` for an existing submodule name,
+  finding the parent in a module table when one is given.
 * :func:`delete_unused_submodules` is ``GraphModule.delete_all_unused_submodules()`` in
   linear time.
 
@@ -31,9 +33,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
+from torch.nn.modules import module as _nn_module
 
 __all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape",
-           "lint", "recompile"]
+           "lint", "recompile", "set_submodule"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
 # are not subclasses of these, and a subclass of one of them goes the slow way)
@@ -316,3 +319,22 @@ def recompile(gm: fx.GraphModule):
         return gm.recompile()
     finally:
         graph.__dict__["_find_nodes_lookup_table"] = table
+
+
+def set_submodule(root: torch.nn.Module, path: str, mod: torch.nn.Module,
+                  table: Optional[Dict[str, torch.nn.Module]] = None) -> None:
+    """``root.set_submodule(path, mod)``: put ``mod`` at dotted ``path`` (its parent must exist).
+
+    ``table``, if given, is ``dict(root.named_modules())`` to find the parent in (the caller
+    keeps it up to date).  Replacing an existing submodule without global module-registration
+    hooks is one dict update, which is what ``nn.Module.__setattr__`` ends in; otherwise it
+    goes through ``setattr``.
+    """
+    parent_path, _, name = path.rpartition(".")
+    parent = (table.get(parent_path) if table is not None else None) if parent_path else root
+    if parent is None:
+        parent = root.get_submodule(parent_path)
+    if name in parent._modules and not getattr(_nn_module, "_global_module_registration_hooks", True):
+        parent._modules[name] = mod
+    else:
+        setattr(parent, name, mod)

@@ -63,7 +63,7 @@ def fold_bn_params_many(items, opclass: str):
     bit-identical to :func:`fold_bn_params` on each; each is its own tensor (cloned).
     """
     with torch.no_grad():
-        w0, b0, m0, _, g0, bt0, _ = items[0]
+        _, b0, m0, _, g0, bt0, _ = items[0]
         n, cout = len(items), m0.numel()
         w = torch.stack([it[0].detach() for it in items])
         mean = torch.stack([it[2] for it in items])

@@ -26,11 +26,11 @@ from ..errors import StepError
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
-from ..fxfast import new_node
+from ..fxfast import new_node, set_submodule
 from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
-from ..compact import compact_class, compact_module, is_compact, set_module
+from ..compact import compact_class, compact_module, is_compact
 from .graphutil import add_module, copy_meta, is_shared_module
 
 register_module_class(Observer, "observer")
@@ -202,7 +202,7 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
         fq = _observer_fake_quant(obs, mod, qp, learnable)
     fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
     # the observer's call now calls the fake quant: the graph (and its code) stay as they are
-    set_module(ctx.gm, obs.target, fq, ctx.modules)
+    set_submodule(ctx.gm, obs.target, fq, ctx.modules)
     ctx.matcher.modules[obs.target] = fq
     ctx.matcher.forget(obs)
 
@@ -237,18 +237,17 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
                       observer: str = "minmax", learnable: bool = False, qparams=None) -> FakeQuantize:
     """A symmetric, narrow-range (e.g. [-127, 127]) FakeQuantize fitted to ``weight``.
 
-    ``qparams``: ``(scale, zero_point)`` of the min-max rule, when already computed (e.g. by
-    :func:`~qpasses.numerics.absmax_qparams_many` for many weights at once), or
-    ``(scale, zero_point, checked)`` where ``checked`` says they are float32 / int32 of the
-    right shape with a positive, finite scale (no validation needed).
+    ``qparams``: ``(scale, zero_point)`` of the min-max rule, when already computed and checked
+    (float32 / int32 of the right shape, the scale positive and finite), as
+    :func:`_weight_qparams` gives them for many weights at once.
     """
     axis = weight_axis(opclass, groups) if per_channel else None
     if observer == "minmax" and not learnable:
         # fast path (the common case, thousands of layers): max |w| per channel, no observer module
         qmin, qmax = qrange(bits, signed=True, narrow=True)
-        if qparams is not None and len(qparams) == 3 and qparams[2]:  # from _weight_qparams, checked there
+        if qparams is not None:
             return FakeQuantize.from_checked(qparams[0], qparams[1], qmin, qmax, axis=axis, bits=bits, symmetric=True)
-        scale, zp = qparams[:2] if qparams is not None else absmax_qparams(weight, axis, qmin, qmax)
+        scale, zp = absmax_qparams(weight, axis, qmin, qmax)
         return FakeQuantize(scale, zp, qmin, qmax, axis=axis, bits=bits, symmetric=True)
     obs = new_observer(_observer_config(observer, bits, True, True, axis=axis, narrow=True))
     with torch.no_grad():
@@ -258,7 +257,8 @@ def weight_fake_quant(weight: torch.Tensor, opclass: str, groups: int, bits: int
 
 def _weight_qparams(ctx: MatchContext, weight: torch.Tensor, axis: Optional[int], bits: int,
                     per_channel: bool, default_bits: int):
-    """Min-max qparams of a weighted op's constant ``weight``, or None.
+    """Checked min-max qparams of a weighted op's constant ``weight``, or None (not in the
+    batch, changed since, or non-finite).
 
     The stage's first call computes them for the weights of every candidate node of the
     rule (:func:`~qpasses.numerics.absmax_qparams_many`, one pass per shape); later calls
@@ -287,14 +287,16 @@ def _weight_qparams(ctx: MatchContext, weight: torch.Tensor, axis: Optional[int]
         for (ax, b, *_), ws in groups.items():
             qmin, qmax = qrange(b, signed=True, narrow=True)
             qps = absmax_qparams_many(list(ws.values()), ax, qmin, qmax)
-            # positive (clamped to eps) and, unless a weight holds inf / NaN, finite: checked at once
+            # positive (clamped to eps) and, unless a weight holds inf / NaN, finite: checked at once;
+            # a non-finite one is left to the per-weight path (whose constructor refuses it)
             finite = torch.isfinite(torch.stack([s for s, _ in qps]).reshape(len(qps), -1)).all(1).tolist()
             for w, qp, ok in zip(ws.values(), qps, finite):
-                batch[(id(w), ax, b)] = (w, w._version) + qp + (ok,)
+                if ok:
+                    batch[(id(w), ax, b)] = (w, w._version) + qp
         ctx.matcher.scratch[key] = batch
     hit = batch.get((id(weight), axis, bits))
     if hit is not None and hit[0] is weight and hit[1] == weight._version:
-        return hit[2], hit[3], hit[4]
+        return hit[2], hit[3]
     return None
 
 
@@ -393,7 +395,7 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
         # the compact form: the same call, its module now reading the weight through fq
         # (expanded to the decomposed form before any later stage: see actions/compact.py)
         new = compact_module(view.module, fq)
-        set_module(ctx.gm, op.target, new, ctx.modules)
+        set_submodule(ctx.gm, op.target, new, ctx.modules)
         ctx.matcher.modules[op.target] = new
         ctx.matcher.forget(op)
         quant = dict(op.meta.get(QUANT_KEY) or {})

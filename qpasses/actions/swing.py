@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from ..compact import set_module
+from ..fxfast import set_submodule
 from ..lang.registry import action, constraint
 from ..manager import Refuse
 from ..matcher import MatchContext
@@ -42,7 +42,7 @@ def swing_conv(ctx: MatchContext, op: fx.Node, jitter: int = 1):
     if sum(1 for n in ctx.graph.nodes if n.op == "call_module" and n.target == op.target) > 1:
         raise Refuse(f"{op.target} is called more than once")
     new = to_swing(mod, int(jitter))
-    set_module(ctx.gm, str(op.target), new, ctx.modules)
+    set_submodule(ctx.gm, str(op.target), new, ctx.modules)
     ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)
 
@@ -54,6 +54,6 @@ def unswing_conv(ctx: MatchContext, op: fx.Node):
     if not isinstance(mod, (SwingConv1d, SwingConv2d)):
         raise Refuse(f"{op.name} is not a swing convolution")
     new = mod.to_conv()
-    set_module(ctx.gm, str(op.target), new, ctx.modules)
+    set_submodule(ctx.gm, str(op.target), new, ctx.modules)
     ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)

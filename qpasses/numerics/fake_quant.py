@@ -94,6 +94,11 @@ class FakeQuantize(nn.Module):
             lo = hi = 1.0
         if not (lo > 0 and math.isfinite(hi)):
             raise ValueError("scales must be positive and finite")
+        self._fill(s, z, qmin, qmax, axis, learnable, bits, symmetric)
+
+    def _fill(self, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, axis: Optional[int], learnable: bool,
+              bits: Optional[int], symmetric: bool) -> None:
+        """Set the attributes and tensors of a fresh module (``s`` / ``z`` already its own)."""
         # plain attributes go straight into __dict__: on a fresh module that is exactly what
         # nn.Module.__setattr__ does, at a fraction of its cost (models hold thousands of these)
         self.__dict__.update(qmin=qmin, qmax=qmax, axis=None if axis is None else int(axis),
@@ -120,11 +125,7 @@ class FakeQuantize(nn.Module):
         """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        qmin, qmax = int(qmin), int(qmax)
-        self.__dict__.update(qmin=qmin, qmax=qmax, axis=None if axis is None else int(axis), learnable=False,
-                             bits=int(bits) if bits is not None else bits_of_range(qmin, qmax),
-                             symmetric=bool(symmetric), enabled=True)
-        add_buffers(self, scale=scale.clone(), zero_point=zero_point.clone())
+        self._fill(scale.clone(), zero_point.clone(), int(qmin), int(qmax), axis, False, bits, symmetric)
         return self
 
     @classmethod

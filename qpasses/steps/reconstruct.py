@@ -30,18 +30,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import OptionError, StepError
+from ..fxfast import set_submodule
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from ..numerics.rounding import BetaSchedule
 from .distill import _pos_int, step_data
 
 __all__ = ["reconstruct", "install_quantizers", "bake_quantizers"]
-
-
-def _set_module(gm: nn.Module, target: str, mod: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    setattr(owner, name, mod)
 
 
 def _const_tensor(gm: fx.GraphModule, node: fx.Node):
@@ -78,7 +73,7 @@ def install_quantizers(gm: fx.GraphModule, learn_w_scale: bool = True) -> Tuple[
         else:
             q = GenieActQuantizer(mod)
             acts[target] = q
-        _set_module(gm, target, q)
+        set_submodule(gm, target, q)
     return weights, acts
 
 
@@ -95,10 +90,10 @@ def bake_quantizers(gm: fx.GraphModule) -> int:
             t = _const_tensor(gm, n.args[0])
             with torch.no_grad():
                 t.copy_(w.to(t.dtype))
-            _set_module(gm, str(n.target), fq)
+            set_submodule(gm, str(n.target), fq)
             n_baked += 1
         elif isinstance(mod, GenieActQuantizer):
-            _set_module(gm, str(n.target), mod.bake())
+            set_submodule(gm, str(n.target), mod.bake())
             n_baked += 1
     return n_baked
 
