@@ -25,12 +25,15 @@ from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
 from .lang.syntax import substitute
 from .matcher import Match, MatchContext, MatchFailure, Matcher
+from .modcopy import copy_module_tree
 from .ops import node_paths
 from .report import Report, StageRecord, StepRecord
 
 __all__ = ["PassManager", "Refuse", "StepContext", "Explanation", "copy_graph_module", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "qpasses.rule"
+#: GraphModule attributes copy_graph_module replaces after copying the module tree
+_GM_REPLACED = frozenset({"_graph", "meta", "_create_node_hooks", "_erase_node_hooks"})
 
 
 class Refuse(Exception):
@@ -89,87 +92,6 @@ class Explanation:
     __repr__ = __str__
 
 
-def _is_plain_module(mod: torch.nn.Module) -> bool:
-    t = type(mod)
-    hit = _PLAIN.get(t)
-    if hit is None:
-        mod_name = t.__module__
-        # nested graph modules own a graph and a per-instance class: deep copy them
-        hit = _PLAIN[t] = not issubclass(t, fx.GraphModule) and (
-            mod_name.startswith("torch.nn.") or mod_name.startswith("qpasses.") or t is torch.nn.Module) \
-            and not hasattr(t, "__deepcopy__")
-    return hit
-
-
-_PLAIN: Dict[type, bool] = {}  # _is_plain_module per class
-
-
-@torch.no_grad()
-def _copy_module_tree(root: torch.nn.Module) -> torch.nn.Module:
-    """Copy a module tree: new module objects, cloned parameters and buffers.
-
-    torch.nn / qpasses modules (what a traced graph module holds) are copied shallowly with
-    their tensors cloned, which is several times faster than ``copy.deepcopy`` on graphs with
-    thousands of modules; any other module class goes through ``copy.deepcopy``.
-    Iterative, so arbitrarily deep module trees are fine.
-    """
-    memo: Dict[int, Any] = {}
-    Parameter = torch.nn.Parameter
-    make_subclass = torch.Tensor._make_subclass
-    set_dict = object.__setattr__  # nn.Module.__setattr__ is slow, even for "__dict__"
-
-    def clone_tensor(t):
-        if t is None:
-            return None
-        hit = memo.get(id(t))
-        if hit is None:
-            c = t.clone()  # under no_grad (below): as detach().clone(), one op less
-            # what Parameter(c, requires_grad) does for a plain tensor, without its Python __new__
-            hit = make_subclass(Parameter, c, t.requires_grad) if isinstance(t, Parameter) else c
-            memo[id(t)] = hit
-        return hit
-
-    def shallow(mod):
-        if id(mod) in memo:
-            return memo[id(mod)], False
-        if not _is_plain_module(mod):
-            new = copy.deepcopy(mod, memo)
-            memo[id(mod)] = new
-            return new, False
-        new = object.__new__(type(mod))
-        d = mod.__dict__.copy()  # written straight into __dict__: nn.Module.__setattr__ is slow
-        d["_parameters"] = {k: clone_tensor(v) for k, v in mod._parameters.items()}
-        d["_buffers"] = {k: clone_tensor(v) for k, v in mod._buffers.items()}
-        d["_modules"] = dict(mod._modules)
-        set_dict(new, "__dict__", d)
-        memo[id(mod)] = new
-        return new, True
-
-    if isinstance(root, fx.GraphModule):
-        # a fresh per-instance class, so recompile() on the copy never touches the original's forward
-        new_root = fx.GraphModule.__new__(type(root))
-        d = root.__dict__.copy()
-        d["_parameters"] = {k: clone_tensor(v) for k, v in root._parameters.items()}
-        d["_buffers"] = {k: clone_tensor(v) for k, v in root._buffers.items()}
-        d["_modules"] = dict(root._modules)
-        set_dict(new_root, "__dict__", d)
-        memo[id(root)] = new_root
-        expand = True
-    else:
-        new_root, expand = shallow(root)
-    stack = [new_root] if expand else []
-    while stack:
-        mod = stack.pop()
-        for k, child in mod._modules.items():
-            if child is None:
-                continue
-            new_child, expand = shallow(child)
-            mod._modules[k] = new_child
-            if expand:
-                stack.append(new_child)
-    return new_root
-
-
 def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphModule:
     """A copy of ``gm`` that shares nothing mutable with it (graph, modules, parameters).
 
@@ -184,7 +106,7 @@ def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphMod
     # node meta is copied one level deep, as Graph.__deepcopy__ does: values (fake tensors
     # from torch.export among them, which do not deep-copy) are kept by reference
     graph = copy_graph(gm.graph)
-    new = _copy_module_tree(gm)
+    new = copy_module_tree(gm, skip=_GM_REPLACED)
     # the copied object still points at the old graph; give it its own
     new.__dict__["_graph"] = graph
     graph.owning_module = new

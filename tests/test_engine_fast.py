@@ -458,3 +458,79 @@ def test_recompile_keeps_the_find_nodes_table():
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(gm(x), ref(x))
     assert all(n._repr_fn is None for n in gm.graph.nodes)  # restored, as recompile() leaves them
+
+
+class _Custom(torch.nn.Module):
+    """A class the fast copy does not know: copied through copy.deepcopy."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.table = {"a": [1, 2]}
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _copy_fixture():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(64, 4), _Custom())
+    m[4].weight_alias = m[4].weight          # a tensor kept as a plain attribute as well
+    m[2].notes = ["kept", "per module"]      # a user attribute that is a list
+    m[2].register_forward_hook(_hook)
+    outer = torch.nn.Module()
+    outer.body, outer.shared = m, m[4]        # one module reachable under two names
+    return outer
+
+
+def _hook(mod, args, out):
+    return out
+
+
+def _structure(m):
+    out = []
+    for name, mod in m.named_modules(remove_duplicate=False):
+        attrs = {k: v for k, v in mod.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+        out.append((name, type(mod), sorted(attrs), {k: (v.dtype, tuple(v.shape)) for k, v in mod.state_dict().items()},
+                    {k: type(v) for k, v in attrs.items()}))
+    return out
+
+
+def test_copy_module_tree_equals_deepcopy_and_shares_nothing_mutable():
+    from qpasses.modcopy import copy_module_tree
+    m = _copy_fixture()
+    ref, new = copy.deepcopy(m), copy_module_tree(m)
+    assert _structure(new) == _structure(ref)
+    for (k, a), (_, b) in zip(m.state_dict(keep_vars=True).items(), new.state_dict(keep_vars=True).items()):
+        assert torch.equal(a, b) and a is not b and a.data_ptr() != b.data_ptr(), k
+        assert type(a) is type(b) and a.requires_grad == b.requires_grad, k
+    assert new.shared is new.body[4] and new.body[4].weight_alias is new.body[4].weight  # identities kept
+    olds = {id(v) for mod in m.modules() for v in mod.__dict__.values()}
+    for mod in new.modules():
+        assert mod not in set(m.modules())
+        for k, v in mod.__dict__.items():
+            if isinstance(v, (dict, list, set, torch.Tensor, torch.nn.Module)):
+                assert id(v) not in olds, f"{type(mod).__name__}.{k} is shared with the original"
+    body, nb = m.body, new.body
+    assert nb[2].notes == ["kept", "per module"] and list(nb[2]._forward_hooks.values()) == [_hook]
+    assert nb[5].table == {"a": [1, 2]} and nb[5].table["a"] is not body[5].table["a"]
+    x = torch.randn(2, 3, 4, 4)
+    body.eval(), nb.eval()
+    assert torch.equal(body(x), nb(x))
+
+
+def test_hooks_registered_on_a_result_never_reach_the_input():
+    import qpasses
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = qpasses.trace(m, (x,))
+    q = qpasses.PassManager("canonicalize").run(gm)
+    fired = []
+    q.get_submodule("2").register_forward_hook(lambda *a: fired.append("copy"))
+    q.register_forward_pre_hook(lambda *a: fired.append("copy root"))
+    gm(x)
+    assert fired == []
+    q(x)
+    assert fired == ["copy root", "copy"]
+    assert gm._replace_hooks is not q._replace_hooks and gm._deepcopy_hooks is not q._deepcopy_hooks

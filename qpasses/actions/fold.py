@@ -11,8 +11,6 @@ is shared with another call site stays correct for that other site.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -21,6 +19,7 @@ from ..frontend import node_shape
 from ..lang.registry import action
 from ..manager import Refuse
 from ..matcher import MatchContext
+from ..modcopy import copy_module_tree
 from ..numerics._module import replace_parameters
 from .graphutil import add_module, add_param, erase_if_unused, is_shared_module, retarget
 
@@ -175,16 +174,6 @@ def _out_channels(w: torch.Tensor, opclass: str, groups: int) -> int:
     return w.shape[0]
 
 
-def _copy_leaf_module(mod: nn.Module) -> nn.Module:
-    """A copy of a leaf module (conv / linear) with its own parameter and buffer tables."""
-    new = copy.copy(mod)
-    new.__dict__["_parameters"] = {k: (None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad))
-                                   for k, v in mod._parameters.items()}
-    new.__dict__["_buffers"] = {k: (None if v is None else v.clone()) for k, v in mod._buffers.items()}
-    new.__dict__["_modules"] = {k: copy.deepcopy(v) for k, v in mod._modules.items()}
-    return new
-
-
 @action("fold_bn", replaces=True)
 def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
     """Fold an eval-mode BatchNorm that directly consumes ``conv``'s output into its weights."""
@@ -215,7 +204,7 @@ def fold_bn(ctx: MatchContext, conv: fx.Node, bn: fx.Node):
         requires_grad = p.module.weight.requires_grad
         if is_shared_module(ctx.gm, conv):
             # another call site keeps the unfolded module: this one gets its own copy
-            mod = _copy_leaf_module(p.module)
+            mod = copy_module_tree(p.module)
             retarget(ctx.gm, conv, add_module(ctx, str(conv.target).replace(".", "_") + "_folded", mod))
         else:
             mod = p.module  # owned by the working copy PassManager.run made: update in place
