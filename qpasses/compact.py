@@ -139,9 +139,9 @@ def plain_module(mod: nn.Module) -> nn.Module:
     return _rebuild(mod, type(mod)._plain, children)
 
 
-def has_compact(gm: nn.Module) -> bool:
-    """Whether any submodule of ``gm`` is in the compact form."""
-    return any(isinstance(m, _WeightFakeQuant) for m in gm.modules())
+def has_compact(gm: nn.Module, modules: Optional[Dict[str, nn.Module]] = None) -> bool:
+    """Whether any submodule of ``gm`` is in the compact form (``modules``: its module table, if known)."""
+    return any(isinstance(m, _WeightFakeQuant) for m in (gm.modules() if modules is None else modules.values()))
 
 
 def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]] = None) -> int:
@@ -167,7 +167,6 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
         mod = matcher.modules[n.target]
         plain = plain_module(mod)
         set_submodule(gm, n.target, plain, matcher.modules)
-        matcher.modules[n.target] = plain
         matcher.forget(n)
         info = dict((n.meta.get("qpasses.quant") or {}).get("weight") or {})
         attach_weight_quantizer(ctx, n, mod._modules["weight_fq"], "weight_fq", info)

@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.nn.modules import module as _nn_module
 
-__all__ = ["new_node", "copy_graph", "module_table", "delete_unused_submodules", "graph_shape", "same_shape",
+__all__ = ["new_node", "copy_graph", "module_table", "note_module", "delete_unused_submodules", "graph_shape", "same_shape",
            "lint", "recompile", "set_submodule"]
 
 # argument types create_node's check can never warn about (exact types: SymInt and friends
@@ -325,10 +325,10 @@ def set_submodule(root: torch.nn.Module, path: str, mod: torch.nn.Module,
                   table: Optional[Dict[str, torch.nn.Module]] = None) -> None:
     """``root.set_submodule(path, mod)``: put ``mod`` at dotted ``path`` (its parent must exist).
 
-    ``table``, if given, is ``dict(root.named_modules())`` to find the parent in (the caller
-    keeps it up to date).  Replacing an existing submodule without global module-registration
-    hooks is one dict update, which is what ``nn.Module.__setattr__`` ends in; otherwise it
-    goes through ``setattr``.
+    ``table``, if given, is ``dict(root.named_modules())`` to find the parent in; it is
+    updated (:func:`note_module`).  Replacing an existing submodule without global
+    module-registration hooks is one dict update, which is what ``nn.Module.__setattr__``
+    ends in; otherwise it goes through ``setattr``.
     """
     parent_path, _, name = path.rpartition(".")
     parent = (table.get(parent_path) if table is not None else None) if parent_path else root
@@ -338,3 +338,20 @@ def set_submodule(root: torch.nn.Module, path: str, mod: torch.nn.Module,
         parent._modules[name] = mod
     else:
         setattr(parent, name, mod)
+    if table is not None:
+        note_module(table, path, mod)
+
+
+def note_module(table: Dict[str, torch.nn.Module], path: str, mod: torch.nn.Module) -> None:
+    """Record in a module table (:func:`module_table`) that ``mod`` is now at ``path``: its
+    entry and its descendants' are added, and those of the module it replaced dropped."""
+    old = table.get(path)
+    if old is not None and old is not mod and old._modules:
+        for k, m in module_table(old).items():
+            if k and table.get(f"{path}.{k}") is m:
+                del table[f"{path}.{k}"]
+    table[path] = mod
+    if mod._modules:
+        for k, m in module_table(mod).items():
+            if k:
+                table[f"{path}.{k}"] = m

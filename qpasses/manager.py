@@ -19,7 +19,7 @@ from .errors import (Location, OptionError, QPassesError, RewriteError, RuleErro
                      VerifyError, nearest)
 from .frontend import as_inputs, input_arity, make_exported_trainable
 from .compact import expand_weight_quantizers, has_compact
-from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, recompile, same_shape
+from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, module_table, recompile, same_shape
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
@@ -277,6 +277,9 @@ class PassManager:
         # the cyclic GC is paused there (not in data steps or verify, which run the model)
         with self._phase("copy"):
             work = copy_graph_module(gm, recompile=False)
+            # the module table the stages match against: built once here and handed from stage
+            # to stage while only qpasses' own actions (which keep it current) have run
+            modules: Optional[Dict[str, torch.nn.Module]] = module_table(work)
         self._check_skip(gm)
         sample = None
         reference = None
@@ -284,7 +287,7 @@ class PassManager:
         if self.verify:
             sample = self._sample(gm, data, example_inputs)
             reference = before = self._forward(gm, sample)
-        compact = has_compact(work)  # e.g. the result of an earlier run that ended in convert
+        compact = has_compact(work, modules)  # e.g. the result of an earlier run that ended in convert
         # units that changed the graph since its code was last generated: the copy's code is
         # generated lazily, and lint + code generation run once before anything can run or read
         # the graph (a data step, verify, the return), not after every stage
@@ -299,11 +302,12 @@ class PassManager:
                     if expand_weight_quantizers(work):
                         changed.append(f"expand before {label}")
                 compact = False
+                modules = None
             if unit.kind == "stage":
                 t = time.perf_counter()
                 with _no_gc():
                     shape = graph_shape(work.graph)
-                    iters, rewrites, converged = self._run_stage(work, unit)
+                    iters, rewrites, converged, modules = self._run_stage(work, unit, modules)
                     if rewrites and not same_shape(shape, graph_shape(work.graph)):
                         changed.append(label)  # (a stage that only swapped modules keeps the code)
                 self.report.stages.append(StageRecord(
@@ -314,6 +318,7 @@ class PassManager:
             else:
                 self._refresh(work, changed)
                 work = self._run_step(work, unit.step, data)
+                modules = None  # a data step may change anything
                 if self.verify:
                     before = self._check(work, sample, reference, before, label, "sqnr")
         self._prune(work)
@@ -367,9 +372,14 @@ class PassManager:
         with self._phase("codegen"):
             recompile(gm)
 
-    def _run_stage(self, gm: fx.GraphModule, unit: _Unit) -> Tuple[int, int, bool]:
+    def _run_stage(self, gm: fx.GraphModule, unit: _Unit, modules: Optional[Dict[str, torch.nn.Module]] = None
+                   ) -> Tuple[int, int, bool, Optional[Dict[str, torch.nn.Module]]]:
+        """Run one stage: (iterations, rewrites, converged, the module table for the next stage
+        or None when an action from outside qpasses ran and may have changed the tree unseen)."""
         stage = unit.stage
-        matcher = Matcher(gm)
+        matcher = Matcher(gm, modules)
+        own = all(ACTIONS[r.rewrite.name].fn.__module__.startswith("qpasses.") for r in unit.rules
+                  if r.rewrite.name in ACTIONS)
         state: Dict[str, Any] = gm.meta.setdefault("qpasses.state", {}) if hasattr(gm, "meta") else {}
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
@@ -379,12 +389,12 @@ class PassManager:
                 changed += self._apply_rule(gm, matcher, rule, unit.family, stage.name, state)
             total += changed
             if changed == 0:
-                return it, total, True
+                return it, total, True, matcher.modules if own else None
         converged = stage.mode == "once"
         if not converged:
             self.report.warnings.append(
                 f"stage {stage.name!r} did not reach a fixpoint in {limit} iterations; stopped there")
-        return limit, total, converged
+        return limit, total, converged, matcher.modules if own else None
 
     def _apply_rule(self, gm: fx.GraphModule, matcher: Matcher, rule: Rule, family: Optional[str], stage: str,
                     state: Dict[str, Any]) -> int:

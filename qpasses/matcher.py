@@ -106,9 +106,11 @@ def source_module_names(node: fx.Node) -> Optional[set]:
 class Matcher:
     """Pattern matching over one GraphModule."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, modules: Optional[Dict[str, nn.Module]] = None):
+        """``modules``: ``dict(gm.named_modules())`` when the caller has it, current (it becomes
+        this matcher's table and is kept up to date by the actions)."""
         self.gm = gm
-        self.modules: Dict[str, nn.Module] = module_table(gm)
+        self.modules: Dict[str, nn.Module] = module_table(gm) if modules is None else modules
         self._cls: Dict[fx.Node, Optional[str]] = {}
         self._mutators: Optional[Dict[fx.Node, List[fx.Node]]] = None
         #: scratch space for actions that lives as long as this matcher, i.e. one stage

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from qpasses.fxfast import copy_graph, new_node
+from qpasses.lang.registry import action
 from qpasses.numerics import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver,
                               calc_qparams, calc_symmetric_qparams, qrange)
 from qpasses.numerics.observers import calculate_qparams_many
@@ -534,3 +535,62 @@ def test_hooks_registered_on_a_result_never_reach_the_input():
     q(x)
     assert fired == ["copy root", "copy"]
     assert gm._replace_hooks is not q._replace_hooks and gm._deepcopy_hooks is not q._deepcopy_hooks
+
+
+def test_module_table_handed_from_stage_to_stage_is_exact(monkeypatch):
+    """The PassManager hands one module table from stage to stage while only qpasses' own
+    actions ran; at every hand-over it must be exactly what the module tree holds."""
+    import qpasses
+    from qpasses import manager
+    from qpasses.fxfast import module_table
+    from qpasses.zoo import MODELS, example_input
+    handed, bad = [], []
+
+    class Checking(manager.Matcher):
+        def __init__(self, gm, modules=None):
+            if modules is not None:
+                handed.append(gm)
+                real = module_table(gm)
+                bad.extend(("missing or stale", k) for k, m in real.items() if modules.get(k) is not m)
+                for k, m in modules.items():
+                    try:
+                        if gm.get_submodule(k) is not m:
+                            bad.append(("not the module there", k))
+                    except AttributeError:
+                        bad.append(("no longer in the tree", k))
+            super().__init__(gm, modules)
+
+    monkeypatch.setattr(manager, "Matcher", Checking)
+    for name in ("resnet", "mobilenetv2"):
+        x = example_input(name, batch=4)
+        gm = qpasses.trace(MODELS[name]().eval(), (x,))
+        for recipe in ("ptq_int8", "int_only", "bnn", "dynamic_int8", "aciq4", "w4a16", "mixed_ptq", "qat", "lower"):
+            qpasses.PassManager(recipe).run(gm, data=[x, x])
+            assert bad == [], (name, recipe, bad[:5])
+    assert len(handed) > 30
+
+
+@action("test_swap_linear_behind_the_table")
+def _swap_linear(ctx, node):
+    setattr(ctx.gm, node.target, torch.nn.Linear(4, 4))  # not through qpasses' helpers
+
+
+@action("test_record_linear_module")
+def _record_linear(ctx, node):
+    _SEEN.append(ctx.view(node).module is ctx.gm.get_submodule(node.target))
+
+
+_SEEN = []
+
+
+def test_a_user_action_makes_the_next_stage_rebuild_its_module_table():
+    import qpasses
+    from qpasses import PassManager, Rule
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    gm = qpasses.trace(m, (torch.randn(2, 4),), mode="fx")
+    _SEEN.clear()
+    PassManager([Rule(name="swap", match="(linear $l ...)", rewrite="test_swap_linear_behind_the_table($l)",
+                      stage="s1"),
+                 Rule(name="look", match="(linear $l ...)", rewrite="test_record_linear_module($l)", stage="s2")]
+                ).run(gm)
+    assert _SEEN == [True]

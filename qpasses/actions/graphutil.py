@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
+from ..fxfast import note_module
 from ..matcher import MatchContext
 from ..ops import matches_any, module_attr, node_paths  # noqa: F401  (re-exported)
 
@@ -38,7 +39,7 @@ def add_module(ctx: MatchContext, prefix: str, module: nn.Module) -> str:
         gm._modules[name] = module  # what add_module does for a valid, unused name (_unique checked it)
     else:
         gm.add_module(name, module)
-    ctx.matcher.modules[name] = module
+    note_module(ctx.matcher.modules, name, module)
     return name
 
 

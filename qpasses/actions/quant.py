@@ -203,7 +203,6 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
     # the observer's call now calls the fake quant: the graph (and its code) stay as they are
     set_submodule(ctx.gm, obs.target, fq, ctx.modules)
-    ctx.matcher.modules[obs.target] = fq
     ctx.matcher.forget(obs)
 
 
@@ -396,7 +395,6 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
         # (expanded to the decomposed form before any later stage: see actions/compact.py)
         new = compact_module(view.module, fq)
         set_submodule(ctx.gm, op.target, new, ctx.modules)
-        ctx.matcher.modules[op.target] = new
         ctx.matcher.forget(op)
         quant = dict(op.meta.get(QUANT_KEY) or {})
         quant["weight"] = info

@@ -43,7 +43,6 @@ def swing_conv(ctx: MatchContext, op: fx.Node, jitter: int = 1):
         raise Refuse(f"{op.target} is called more than once")
     new = to_swing(mod, int(jitter))
     set_submodule(ctx.gm, str(op.target), new, ctx.modules)
-    ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)
 
 
@@ -55,5 +54,4 @@ def unswing_conv(ctx: MatchContext, op: fx.Node):
         raise Refuse(f"{op.name} is not a swing convolution")
     new = mod.to_conv()
     set_submodule(ctx.gm, str(op.target), new, ctx.modules)
-    ctx.matcher.modules[str(op.target)] = new
     ctx.matcher.forget(op)
