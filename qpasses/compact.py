@@ -25,6 +25,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modcopy import own_containers
+
 __all__ = ["FakeQuantLinear", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d",
            "FakeQuantConvTranspose1d", "FakeQuantConvTranspose2d", "FakeQuantConvTranspose3d",
            "is_compact", "compact_module", "plain_module", "has_compact", "expand_weight_quantizers", "decomposed"]
@@ -112,9 +114,10 @@ def compact_class(mod: Any) -> Optional[type]:
 
 def _rebuild(mod: nn.Module, cls: type, modules: Dict[str, nn.Module]) -> nn.Module:
     """A module of class ``cls`` with ``mod``'s attributes, parameters and buffers (shared) and
-    ``modules`` as its children; built through ``__dict__`` (nn.Module.__setattr__ is slow)."""
+    ``modules`` as its children; built through ``__dict__`` (nn.Module.__setattr__ is slow).
+    Its hook tables are its own (copies of ``mod``'s)."""
     new = object.__new__(cls)
-    d = mod.__dict__.copy()
+    d = own_containers(mod, mod.__dict__.copy())
     d["_parameters"] = dict(mod._parameters)
     d["_buffers"] = dict(mod._buffers)
     d["_modules"] = modules

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["copy_module_tree"]
+__all__ = ["copy_module_tree", "own_containers"]
 
 #: attribute values that are immutable: shared by the copy (as ``copy.deepcopy`` shares them)
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device,
@@ -93,6 +93,32 @@ def _fresh(v: Any, memo: Dict[int, Any]) -> Any:
     return copy.deepcopy(v, memo)
 
 
+def _layout(mod: torch.nn.Module, d: Dict[str, Any], keep: frozenset = frozenset()) -> _Layout:
+    """The layout of ``d`` (``mod``'s attributes): the attributes that need a copy of their own
+    (hook tables, lists, tensors, ...) are found once per class and attribute layout."""
+    kinds = tuple(map(type, d.values()))
+    lay = _LAYOUT.get(type(mod))
+    if lay is None or lay.kinds != kinds or lay.keys != tuple(d) or keep:
+        lay = _Layout(d, kinds, keep)
+        if _is_plain_module(mod) and not keep:
+            _LAYOUT[type(mod)] = lay
+    return lay
+
+
+def own_containers(mod: torch.nn.Module, d: Dict[str, Any]) -> Dict[str, Any]:
+    """Give ``d``, a copy of ``mod.__dict__`` for a module built from ``mod``, containers of its
+    own: the hook tables, the non-persistent-buffer set and any other dict / list / set
+    attribute become shallow copies (same hooks, same items), so registering a hook on one
+    module never reaches the other.  Returns ``d``."""
+    lay = _layout(mod, d)
+    if lay.containers:
+        if any(map(len, lay.get_containers(d))):
+            d.update(zip(lay.containers, (type(v)(v) for v in lay.get_containers(d))))
+        else:
+            d.update(zip(lay.containers, map(type.__call__, lay.container_types)))
+    return d
+
+
 @torch.no_grad()
 def copy_module_tree(root: torch.nn.Module, skip: frozenset = frozenset(),
                      memo: Optional[Dict[int, Any]] = None) -> torch.nn.Module:
@@ -124,15 +150,7 @@ def copy_module_tree(root: torch.nn.Module, skip: frozenset = frozenset(),
 
     def new_dict(mod, keep):
         d = mod.__dict__.copy()
-        # the attributes that need a copy of their own (hook tables, lists, tensors, ...) are
-        # found once per class and attribute layout; then the usual case, all of them empty
-        # containers, is a few C-level calls
-        kinds = tuple(map(type, d.values()))
-        lay = _LAYOUT.get(type(mod))
-        if lay is None or lay.kinds != kinds or lay.keys != tuple(d) or keep:
-            lay = _Layout(d, kinds, keep)
-            if _is_plain_module(mod) and not keep:
-                _LAYOUT[type(mod)] = lay
+        lay = _layout(mod, d, keep)
         if lay.containers:
             if any(map(len, lay.get_containers(d))):
                 for k in lay.containers:

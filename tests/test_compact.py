@@ -173,3 +173,17 @@ def test_runs_leave_the_input_meta_alone(resnet):
     assert prepared.meta.keys() == before.keys()
     assert prepared.meta["qpasses.state"] == before["qpasses.state"] and "compact" not in prepared.meta["qpasses.state"]
     assert q.meta["qpasses.state"] is not prepared.meta["qpasses.state"]
+
+
+def test_compact_and_plain_forms_have_hook_tables_of_their_own():
+    conv = nn.Conv2d(3, 4, 3)
+    hook = conv.register_forward_hook(lambda *a: None)
+    fq = FakeQuantize(torch.full((4,), 0.1), torch.zeros(4, dtype=torch.int32), -127, 127, axis=0)
+    comp = compact_module(conv, fq)
+    assert list(comp._forward_hooks) == [hook.id]                  # the hooks come along ...
+    assert comp._forward_hooks is not conv._forward_hooks          # ... in a table of its own
+    comp.register_forward_pre_hook(lambda *a: None)
+    assert not conv._forward_pre_hooks
+    back = plain_module(comp)
+    assert type(back) is nn.Conv2d and back._forward_pre_hooks is not comp._forward_pre_hooks
+    assert back.weight is conv.weight                              # parameters stay shared
