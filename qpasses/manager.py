@@ -375,11 +375,13 @@ class PassManager:
     def _run_stage(self, gm: fx.GraphModule, unit: _Unit, modules: Optional[Dict[str, torch.nn.Module]] = None
                    ) -> Tuple[int, int, bool, Optional[Dict[str, torch.nn.Module]]]:
         """Run one stage: (iterations, rewrites, converged, the module table for the next stage
-        or None when an action from outside qpasses ran and may have changed the tree unseen)."""
+        or None when an action or constraint from outside qpasses ran and may have changed the
+        module tree without the table)."""
         stage = unit.stage
         matcher = Matcher(gm, modules)
-        own = all(ACTIONS[r.rewrite.name].fn.__module__.startswith("qpasses.") for r in unit.rules
-                  if r.rewrite.name in ACTIONS)
+        own = all(reg.fn.__module__.startswith("qpasses.") for r in unit.rules
+                  for reg in [ACTIONS.get(r.rewrite.name)] + [CONSTRAINTS.get(c.name) for c in r.where + r.unless]
+                  if reg is not None)
         state: Dict[str, Any] = gm.meta.setdefault("qpasses.state", {}) if hasattr(gm, "meta") else {}
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
