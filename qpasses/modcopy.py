@@ -110,13 +110,19 @@ def own_containers(mod: torch.nn.Module, d: Dict[str, Any]) -> Dict[str, Any]:
     own: the hook tables, the non-persistent-buffer set and any other dict / list / set
     attribute become shallow copies (same hooks, same items), so registering a hook on one
     module never reaches the other.  Returns ``d``."""
-    lay = _layout(mod, d)
-    if lay.containers:
-        if any(map(len, lay.get_containers(d))):
-            d.update(zip(lay.containers, (type(v)(v) for v in lay.get_containers(d))))
-        else:
-            d.update(zip(lay.containers, map(type.__call__, lay.container_types)))
+    _renew_containers(d, _layout(mod, d), lambda v: type(v)(v))
     return d
+
+
+def _renew_containers(d: Dict[str, Any], lay: _Layout, copy_one) -> None:
+    """Put new containers in ``d`` for its container attributes: ``copy_one(old)`` each, or,
+    in the usual case where all are empty, new empty ones made in a few C-level calls."""
+    if not lay.containers:
+        return
+    if any(map(len, lay.get_containers(d))):
+        d.update(zip(lay.containers, map(copy_one, lay.get_containers(d))))
+    else:
+        d.update(zip(lay.containers, map(type.__call__, lay.container_types)))
 
 
 @torch.no_grad()
@@ -130,7 +136,9 @@ def copy_module_tree(root: torch.nn.Module, skip: frozenset = frozenset(),
     """
     memo = {} if memo is None else memo
     atomic = _ATOMIC
-    containers = _CONTAINERS
+
+    def fresh(v):
+        return _fresh(v, memo)
     Parameter = torch.nn.Parameter
     make_subclass = torch.Tensor._make_subclass
     set_dict = object.__setattr__  # nn.Module.__setattr__ is slow, even for "__dict__"
@@ -151,18 +159,12 @@ def copy_module_tree(root: torch.nn.Module, skip: frozenset = frozenset(),
     def new_dict(mod, keep):
         d = mod.__dict__.copy()
         lay = _layout(mod, d, keep)
-        if lay.containers:
-            if any(map(len, lay.get_containers(d))):
-                for k in lay.containers:
-                    v = d[k]
-                    d[k] = _fresh(v, memo) if v else type(v)()
-            else:
-                d.update(zip(lay.containers, map(type.__call__, lay.container_types)))
+        _renew_containers(d, lay, fresh)
         if lay.tuples and not all(map(atomic.__contains__, map(type, chain(*lay.get_tuples(d))))):
             for k in lay.tuples:
-                d[k] = _fresh(d[k], memo)
+                d[k] = fresh(d[k])
         for k in lay.others:
-            d[k] = _fresh(d[k], memo)
+            d[k] = fresh(d[k])
         d["_parameters"] = {k: clone_tensor(v) for k, v in mod._parameters.items()}
         d["_buffers"] = {k: clone_tensor(v) for k, v in mod._buffers.items()}
         d["_modules"] = dict(mod._modules)
