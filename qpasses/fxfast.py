@@ -347,11 +347,29 @@ def note_module(table: Dict[str, torch.nn.Module], path: str, mod: torch.nn.Modu
     entry and its descendants' are added, and those of the module it replaced dropped."""
     old = table.get(path)
     if old is not None and old is not mod and old._modules:
-        for k, m in module_table(old).items():
-            if k and table.get(f"{path}.{k}") is m:
+        for k, m in _descendants(old):
+            if table.get(f"{path}.{k}") is m:
                 del table[f"{path}.{k}"]
     table[path] = mod
     if mod._modules:
-        for k, m in module_table(mod).items():
-            if k:
-                table[f"{path}.{k}"] = m
+        for k, m in _descendants(mod):
+            table[f"{path}.{k}"] = m
+
+
+_NAMED_MODULES = torch.nn.Module.named_modules
+
+
+def _descendants(mod: torch.nn.Module):
+    """``module_table(mod)`` without its root entry, as (relative path, module) pairs; directly
+    from ``_modules`` when the children are leaves (a compact module's weight quantizer)."""
+    kids = mod._modules
+    if type(mod).named_modules is _NAMED_MODULES and all(
+            c is None or (not c._modules and type(c).named_modules is _NAMED_MODULES) for c in kids.values()):
+        seen = {id(mod)}
+        out = []
+        for k, c in kids.items():
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                out.append((k, c))
+        return out
+    return [(k, m) for k, m in module_table(mod).items() if k]

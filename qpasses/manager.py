@@ -317,8 +317,10 @@ class PassManager:
                     before = self._check(work, sample, reference, before, label, unit.stage.verify)
             else:
                 self._refresh(work, changed)
-                work = self._run_step(work, unit.step, data)
-                modules = None  # a data step may change anything
+                stepped = self._run_step(work, unit.step, data)
+                if not (stepped is work and modules is not None and _keeps_modules(unit.step.name, modules)):
+                    modules = None  # a data step may change anything
+                work = stepped
                 if self.verify:
                     before = self._check(work, sample, reference, before, label, "sqnr")
         self._prune(work)
@@ -591,6 +593,30 @@ def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
         raise MatchError(f"constraint {call} of rule {ctx.rule.name!r} failed: {type(e).__name__}: {e}"
                          f" (at {getattr(call, 'loc', '?')})") from e
     return constraint_result(res)
+
+
+def _keeps_modules(step: str, modules: Dict[str, torch.nn.Module]) -> bool:
+    """Whether the module table ``modules`` is still exact after data step ``step``: a step of
+    qpasses' own declared to only run the model, on a model whose modules are all torch.nn /
+    qpasses classes (whose forward passes change no module tree)."""
+    reg = DATA_STEPS.get(step)
+    return bool(reg is not None and reg.keeps_modules and reg.fn.__module__.startswith("qpasses.")
+                and all(map(_runs_plainly, modules.values())))
+
+
+_PLAIN_RUN: Dict[type, bool] = {}
+
+
+def _runs_plainly(mod: torch.nn.Module) -> bool:
+    """A torch.nn / qpasses module or a GraphModule (generated code): running it adds,
+    removes or replaces no submodule."""
+    t = type(mod)
+    hit = _PLAIN_RUN.get(t)
+    if hit is None:
+        name = t.__module__
+        hit = _PLAIN_RUN[t] = issubclass(t, fx.GraphModule) or name.startswith("torch.nn.") or \
+            name.startswith("qpasses.") or t is torch.nn.Module
+    return hit
 
 
 def _is_named_file(name: str) -> bool:

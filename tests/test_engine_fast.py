@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from qpasses.fxfast import copy_graph, new_node
-from qpasses.lang.registry import action
+from qpasses.lang.registry import action, data_step
 from qpasses.numerics import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver,
                               calc_qparams, calc_symmetric_qparams, qrange)
 from qpasses.numerics.observers import calculate_qparams_many
@@ -594,3 +594,35 @@ def test_a_user_action_makes_the_next_stage_rebuild_its_module_table():
                  Rule(name="look", match="(linear $l ...)", rewrite="test_record_linear_module($l)", stage="s2")]
                 ).run(gm)
     assert _SEEN == [True]
+
+
+@data_step("test_swap_linear_in_step", keeps_modules=True)
+def _swap_in_step(ctx):
+    for n in ctx.gm.graph.nodes:
+        if n.op == "call_module" and isinstance(ctx.gm.get_submodule(n.target), torch.nn.Linear):
+            setattr(ctx.gm, n.target, torch.nn.Linear(4, 4))  # behind the module table's back
+
+
+def test_only_qpasses_own_model_running_steps_keep_the_module_table():
+    """calibrate (declared to only run the model) keeps the table on a model of torch.nn
+    modules; a step from outside qpasses, even one declaring the same, makes the next stage
+    rebuild it, and so does a module class whose forward qpasses cannot vouch for."""
+    import qpasses
+    from qpasses import PassManager, Rule
+    from qpasses.fxfast import module_table
+    from qpasses.manager import _keeps_modules
+    x = torch.randn(2, 4)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    gm = qpasses.trace(m, (x,), mode="fx")
+    _SEEN.clear()
+    PassManager(["test_swap_linear_in_step",
+                 Rule(name="look", match="(linear $l ...)", rewrite="test_record_linear_module($l)", stage="s2")]
+                ).run(gm, data=[x])
+    assert _SEEN == [True]
+    assert _keeps_modules("calibrate", module_table(gm))
+    assert not _keeps_modules("test_swap_linear_in_step", module_table(gm))
+
+    class Mine(torch.nn.Module):
+        def forward(self, v):
+            return v
+    assert not _keeps_modules("calibrate", {"": gm, "mine": Mine()})

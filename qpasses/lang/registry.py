@@ -19,6 +19,9 @@ class Registered:
     replaces: bool = False
     #: for actions: names of bindings whose node may keep outside users
     keeps: tuple = ()
+    #: for data steps: True when the step only runs the model (each module path keeps its
+    #: module), so a module table built before it is still exact after it
+    keeps_modules: bool = False
 
 
 CONSTRAINTS: Dict[str, Registered] = {}
@@ -69,6 +72,10 @@ def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()
     return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps))
 
 
-def data_step(name: Optional[str] = None):
-    """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes."""
-    return _register(DATA_STEPS, name)
+def data_step(name: Optional[str] = None, keeps_modules: bool = False):
+    """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes.
+
+    ``keeps_modules=True`` declares that the step only runs the model (it adds, removes and
+    replaces no submodule), so the engine may keep its module table across the step.
+    """
+    return _register(DATA_STEPS, name, keeps_modules=keeps_modules)
