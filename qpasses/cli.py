@@ -173,9 +173,9 @@ def picklable(gm):
       keeps the pytree input/output handling of the generated code, but no longer re-checks
       those guards.
     """
-    import copy
     import torch.fx as fx
-    graph = copy.deepcopy(gm.graph)
+    from .fxfast import copy_graph
+    graph = copy_graph(gm.graph)  # copy.deepcopy(gm.graph), without torch's warning on pytree specs
     graph._tracer_cls, graph._tracer_extras = None, {}   # torch.load re-traces with fx's own tracer
     for n in list(graph.nodes):
         if isinstance(n.type, str):

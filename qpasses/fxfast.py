@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.nn.modules import module as _nn_module
+from torch.utils._pytree import TreeSpec as _TreeSpec
 
 __all__ = ["new_node", "copy_graph", "module_table", "note_module", "delete_unused_submodules", "graph_shape", "same_shape",
            "lint", "recompile", "set_submodule"]
@@ -147,11 +148,24 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         meta = node.meta
         _set(n, "meta", meta.copy() if type(meta) is dict else copy.copy(meta))
         env[node] = n
-    g._codegen = copy.deepcopy(graph._codegen)
+    g._codegen = copy_codegen(graph._codegen)
     if out is not None:
         new_out = g.output(map_arg(out.args[0], remap), type_expr=getattr(out, "type", None))
         new_out.meta = copy.copy(out.meta)
     return g
+
+
+def copy_codegen(codegen: Any) -> Any:
+    """``copy.deepcopy(codegen)`` that shares the pytree specs of an exported graph's code
+    generator (immutable: frozen dataclasses).  Deep-copying them rebuilds their leaf specs
+    through the deprecated ``LeafSpec`` class, which makes torch warn (a FutureWarning) on
+    every copy of an exported graph."""
+    memo: Dict[int, Any] = {}
+    info = getattr(codegen, "pytree_info", None)
+    for spec in (getattr(info, "in_spec", None), getattr(info, "out_spec", None)):
+        if isinstance(spec, _TreeSpec):
+            memo[id(spec)] = spec
+    return copy.deepcopy(codegen, memo)
 
 
 def module_table(root: torch.nn.Module) -> Dict[str, torch.nn.Module]:

@@ -26,12 +26,16 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as _pytree
 
 __all__ = ["copy_module_tree", "own_containers"]
 
-#: attribute values that are immutable: shared by the copy (as ``copy.deepcopy`` shares them)
+#: attribute values that are immutable: shared by the copy (as ``copy.deepcopy`` shares them).
+#: Pytree specs (an exported module's ``_in_spec`` / ``_out_spec``) are frozen dataclasses;
+#: deep-copying one rebuilds its leaves through the deprecated ``LeafSpec``, and torch warns.
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device,
-                     torch.layout, torch.memory_format, types.FunctionType, types.BuiltinFunctionType})
+                     torch.layout, torch.memory_format, types.FunctionType, types.BuiltinFunctionType,
+                     *{_pytree.TreeSpec, getattr(_pytree, "LeafSpec", _pytree.TreeSpec)}})
 #: containers copied as new containers when their keys and items are atomic (hook tables,
 #: empty or holding plain functions; anything else in them goes through copy.deepcopy)
 _CONTAINERS = frozenset({dict, OrderedDict, list, set})

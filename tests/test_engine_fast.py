@@ -626,3 +626,24 @@ def test_only_qpasses_own_model_running_steps_keep_the_module_table():
         def forward(self, v):
             return v
     assert not _keeps_modules("calibrate", {"": gm, "mine": Mine()})
+
+
+def test_runs_on_an_exported_graph_give_no_pytree_deprecation_warning():
+    """An exported graph's code generator and root hold pytree specs; deep-copying them made
+    torch warn (FutureWarning, deprecated LeafSpec) on every run.  The copies share the specs
+    (frozen dataclasses) and keep the same calling convention."""
+    import qpasses
+    from qpasses.fxfast import copy_graph
+    from qpasses.zoo import MODELS, example_input
+    m = MODELS["mlp"]().eval()
+    x = example_input("mlp", batch=2)
+    gm = qpasses.trace(m, (x,), mode="export")
+    assert getattr(gm.graph._codegen, "pytree_info", None) is not None  # the case this is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        g = copy_graph(gm.graph)
+        q = qpasses.PassManager("ptq_int8").run(gm, data=[x])
+    assert g._codegen is not gm.graph._codegen
+    assert g._codegen.pytree_info == gm.graph._codegen.pytree_info
+    assert q.graph._codegen.pytree_info.in_spec is gm.graph._codegen.pytree_info.in_spec
+    assert torch.allclose(q(x), m(x), atol=0.05 * float(m(x).abs().max()))
