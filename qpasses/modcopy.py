@@ -35,7 +35,7 @@ __all__ = ["copy_module_tree", "own_containers"]
 #: deep-copying one rebuilds its leaves through the deprecated ``LeafSpec``, and torch warns.
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device,
                      torch.layout, torch.memory_format, types.FunctionType, types.BuiltinFunctionType,
-                     *{_pytree.TreeSpec, getattr(_pytree, "LeafSpec", _pytree.TreeSpec)}})
+                     _pytree.TreeSpec, getattr(_pytree, "LeafSpec", _pytree.TreeSpec)})
 #: containers copied as new containers when their keys and items are atomic (hook tables,
 #: empty or holding plain functions; anything else in them goes through copy.deepcopy)
 _CONTAINERS = frozenset({dict, OrderedDict, list, set})
