@@ -157,10 +157,6 @@ def _prepare(model_spec: str, data: Optional[str], train: Optional[bool], progre
     return model.eval(), batches, test
 
 
-#: graph-module meta entries that are per-run caches (holding the graph object), never saved
-_CACHES = ("qpasses.module_calls",)
-
-
 def picklable(gm):
     """A copy of ``gm`` that ``torch.save`` can pickle, computing the same function.
 
@@ -175,6 +171,7 @@ def picklable(gm):
     """
     import torch.fx as fx
     from .fxfast import copy_graph
+    from .manager import MODULE_CALLS_KEY
     graph = copy_graph(gm.graph)  # copy.deepcopy(gm.graph), without torch's warning on pytree specs
     graph._tracer_cls, graph._tracer_extras = None, {}   # torch.load re-traces with fx's own tracer
     for n in list(graph.nodes):
@@ -184,7 +181,7 @@ def picklable(gm):
             graph.erase_node(n)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "meta"):
-        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.") and k not in _CACHES})
+        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.") and k != MODULE_CALLS_KEY})
     return out.train(gm.training)
 
 

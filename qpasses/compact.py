@@ -154,8 +154,9 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
     writes for a module it does not compact; the quantizer is registered as ``weight_fq_N``.
     Returns the number of calls expanded (0: the graph is untouched).  The caller recompiles.
     """
-    from .actions.quant import attach_weight_quantizer
+    from .actions.quant import QUANT_KEY, attach_weight_quantizer
     from .fxfast import module_table, set_submodule
+    from .manager import _state
     from .matcher import Matcher, MatchContext
 
     modules = module_table(gm)
@@ -163,15 +164,15 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
     if not nodes:
         return 0
     if state is None:
-        state = gm.meta.setdefault("qpasses.state", {}) if hasattr(gm, "meta") else {}
-    matcher = Matcher(gm)
+        state = _state(gm)
+    matcher = Matcher(gm, modules)
     ctx = MatchContext(gm, matcher, None, None, {}, state)
     for n in nodes:
         mod = matcher.modules[n.target]
         plain = plain_module(mod)
         set_submodule(gm, n.target, plain, matcher.modules)
         matcher.forget(n)
-        info = dict((n.meta.get("qpasses.quant") or {}).get("weight") or {})
+        info = dict((n.meta.get(QUANT_KEY) or {}).get("weight") or {})
         attach_weight_quantizer(ctx, n, mod._modules["weight_fq"], "weight_fq", info)
     return len(nodes)
 

@@ -25,13 +25,16 @@ from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
 from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, find_named, load_file
 from .lang.syntax import substitute
 from .matcher import Match, MatchContext, MatchFailure, Matcher
-from .modcopy import copy_module_tree
+from .modcopy import copy_module_tree, library_class
 from .ops import node_paths
 from .report import Report, StageRecord, StepRecord
 
 __all__ = ["PassManager", "Refuse", "StepContext", "Explanation", "copy_graph_module", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "qpasses.rule"
+#: graph-module meta entry caching the call count of each module (actions.graphutil): it
+#: holds the graph it counted, so copies and saved files drop it
+MODULE_CALLS_KEY = "qpasses.module_calls"
 #: GraphModule attributes copy_graph_module replaces after copying the module tree
 _GM_REPLACED = frozenset({"_graph", "meta", "_create_node_hooks", "_erase_node_hooks"})
 
@@ -98,7 +101,7 @@ def copy_graph_module(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphMod
     With ``recompile=False`` the copy must be ``recompile()``-d before it is called.
     """
     meta = dict(getattr(gm, "meta", {}))
-    meta.pop("qpasses.module_calls", None)  # a cache of gm's own graph
+    meta.pop(MODULE_CALLS_KEY, None)  # a cache of gm's own graph
     state = meta.get("qpasses.state")
     if isinstance(state, dict):  # the actions' per-run scratch (name counters, flags): the copy's own
         meta["qpasses.state"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()
@@ -381,10 +384,10 @@ class PassManager:
         module tree without the table)."""
         stage = unit.stage
         matcher = Matcher(gm, modules)
-        own = all(reg.fn.__module__.startswith("qpasses.") for r in unit.rules
+        own = all(_is_own(reg) for r in unit.rules
                   for reg in [ACTIONS.get(r.rewrite.name)] + [CONSTRAINTS.get(c.name) for c in r.where + r.unless]
                   if reg is not None)
-        state: Dict[str, Any] = gm.meta.setdefault("qpasses.state", {}) if hasattr(gm, "meta") else {}
+        state = _state(gm)
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
         for it in range(1, limit + 1):
@@ -600,8 +603,12 @@ def _keeps_modules(step: str, modules: Dict[str, torch.nn.Module]) -> bool:
     qpasses' own declared to only run the model, on a model whose modules are all torch.nn /
     qpasses classes (whose forward passes change no module tree)."""
     reg = DATA_STEPS.get(step)
-    return bool(reg is not None and reg.keeps_modules and reg.fn.__module__.startswith("qpasses.")
-                and all(map(_runs_plainly, modules.values())))
+    return bool(reg is not None and reg.keeps_modules and _is_own(reg) and all(map(_runs_plainly, modules.values())))
+
+
+def _is_own(reg) -> bool:
+    """Whether a registered constraint / action / data step is qpasses' own."""
+    return reg.fn.__module__.startswith("qpasses.")
 
 
 _PLAIN_RUN: Dict[type, bool] = {}
@@ -613,9 +620,7 @@ def _runs_plainly(mod: torch.nn.Module) -> bool:
     t = type(mod)
     hit = _PLAIN_RUN.get(t)
     if hit is None:
-        name = t.__module__
-        hit = _PLAIN_RUN[t] = issubclass(t, fx.GraphModule) or name.startswith("torch.nn.") or \
-            name.startswith("qpasses.") or t is torch.nn.Module
+        hit = _PLAIN_RUN[t] = issubclass(t, fx.GraphModule) or library_class(t)
     return hit
 
 

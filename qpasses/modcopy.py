@@ -71,15 +71,19 @@ def _getter(keys: tuple):
 _LAYOUT: Dict[type, _Layout] = {}
 
 
+def library_class(t: type) -> bool:
+    """A module class of torch.nn or qpasses (or ``nn.Module`` itself): one whose state and
+    behaviour qpasses knows."""
+    name = t.__module__
+    return name.startswith("torch.nn.") or name.startswith("qpasses.") or t is torch.nn.Module
+
+
 def _is_plain_module(mod: torch.nn.Module) -> bool:
     t = type(mod)
     hit = _PLAIN.get(t)
     if hit is None:
-        mod_name = t.__module__
         # nested graph modules own a graph and a per-instance class: deep copy them
-        hit = _PLAIN[t] = not issubclass(t, fx.GraphModule) and (
-            mod_name.startswith("torch.nn.") or mod_name.startswith("qpasses.") or t is torch.nn.Module) \
-            and not hasattr(t, "__deepcopy__")
+        hit = _PLAIN[t] = not issubclass(t, fx.GraphModule) and library_class(t) and not hasattr(t, "__deepcopy__")
     return hit
 
 

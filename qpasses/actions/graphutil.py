@@ -1,7 +1,7 @@
 """Small graph-editing helpers shared by actions: new modules, parameters and attributes."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict
 
 import torch
 import torch.fx as fx
@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
 from ..fxfast import note_module
+from ..manager import MODULE_CALLS_KEY
 from ..matcher import MatchContext
 from ..ops import matches_any, module_attr, node_paths  # noqa: F401  (re-exported)
 
@@ -82,7 +83,7 @@ def is_shared_module(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _call_counts(gm: fx.GraphModule) -> Dict[str, int]:
     meta = gm.meta if hasattr(gm, "meta") else {}
-    key = "qpasses.module_calls"
+    key = MODULE_CALLS_KEY
     cached = meta.get(key)
     if cached is None or cached[0] is not gm.graph:
         counts: Dict[str, int] = {}

@@ -392,7 +392,7 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
     if op.op == "call_module" and len(op.args) == 1 and not op.kwargs and compact_class(view.module) is not None \
             and not is_shared_module(ctx.gm, op):
         # the compact form: the same call, its module now reading the weight through fq
-        # (expanded to the decomposed form before any later stage: see actions/compact.py)
+        # (expanded to the decomposed form before any later stage: see qpasses/compact.py)
         new = compact_module(view.module, fq)
         set_submodule(ctx.gm, op.target, new, ctx.modules)
         ctx.matcher.forget(op)
