@@ -1,21 +1,27 @@
-"""Weighted modules that read their weight through a fake quantizer, and their expansion.
+"""Weighted modules that quantize their input and/or weight themselves, and their expansion.
 
-``convert`` has two ways to make a weighted op read a fake-quantized weight:
+``observe`` and ``convert`` have two ways to put a quantizer on a weighted op:
 
 * the **decomposed** form every later rule, the integer back-ends and ONNX export read:
-  ``F.conv2d(x, weight_fq_N(get_attr weight), get_attr bias, ...)`` (four nodes);
-* the **compact** form: the ``call_module`` node stays as it is and its module becomes a
-  :class:`FakeQuantConv2d` (a subclass of ``nn.Conv2d`` holding the quantizer as
-  ``weight_fq``), like torch.ao's QAT modules.  Its forward computes exactly what the
-  decomposed form computes, so it runs the same numbers with one node instead of four,
-  and a stage that only swaps modules leaves the generated code as it was.
+  an observer / fake-quant ``call_module`` node between the activation and the op
+  (``act_q_N``), and ``F.conv2d(x, weight_fq_N(get_attr weight), get_attr bias, ...)``
+  for the weight (four nodes);
+* the **compact** form: the op's ``call_module`` node stays as it is and its module becomes
+  a :class:`FakeQuantConv2d` (a subclass of ``nn.Conv2d``, like torch.ao's QAT modules)
+  holding its quantizers as children: ``input_q`` (the observer of its activation input,
+  then the fake quant it becomes) and ``weight_fq`` (its weight's fake quant).  Its forward
+  computes exactly what the decomposed form computes, so it runs the same numbers with one
+  node instead of up to five, and a stage that only swaps modules leaves the generated code
+  as it was.
 
-The compact form is what a run that *ends* in ``convert`` returns.  Before any later
-stage or data step (and before ONNX export or a layer report) :func:`expand_weight_quantizers`
-turns it into the decomposed form, so the rules that read quantized weights see one
-representation.  A module called from more than one node, a module with a non-zero
-``padding_mode`` and module classes other than the seven below always take the
-decomposed form.
+``observe`` writes ``input_q`` when the op is the only weighted reader of its input (so no
+observer needs sharing); ``convert`` turns it into a fake quant and adds ``weight_fq``.
+``calibrate`` and ``convert`` read the compact form (their actions and constraints are
+registered with ``compact=True``); before any other stage or data step, and before ONNX
+export or a layer report, :func:`expand_compact` turns it into the decomposed form, so
+those rules see one representation.  A module called from more than one node, a module
+with a non-zero ``padding_mode`` and module classes other than the seven below always take
+the decomposed form.
 """
 from __future__ import annotations
 
@@ -29,24 +35,39 @@ from .modcopy import own_containers
 
 __all__ = ["FakeQuantLinear", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d",
            "FakeQuantConvTranspose1d", "FakeQuantConvTranspose2d", "FakeQuantConvTranspose3d",
-           "is_compact", "compact_module", "plain_module", "has_compact", "expand_weight_quantizers", "decomposed"]
+           "is_compact", "compact_module", "with_input_quantizer", "input_quantizer", "weight_quantizer",
+           "plain_module", "has_compact", "expand_compact", "decomposed"]
 
 
 class _WeightFakeQuant:
-    """Mixin: ``forward`` reads ``self.weight_fq(self.weight)`` instead of ``self.weight``."""
+    """Mixin: ``forward`` passes its input through the child ``input_q`` and reads
+    ``self.weight_fq(self.weight)`` instead of ``self.weight``, for each child it has."""
 
     _plain: type  # the torch.nn class this one extends
 
-    def extra_repr(self) -> str:  # noqa: D401 - as the plain module, the quantizer is a child
-        return super().extra_repr() + ", weight read through weight_fq"  # type: ignore[misc]
+    def _quantized(self, x):
+        """(the input as the op reads it, the weight as the op reads it)"""
+        m = self._modules
+        q = m.get("input_q")
+        if q is not None:
+            x = q(x)
+        wq = m.get("weight_fq")
+        return x, (self.weight if wq is None else wq(self.weight))
+
+    def extra_repr(self) -> str:  # noqa: D401 - as the plain module, the quantizers are children
+        m = self._modules  # type: ignore[attr-defined]
+        read = [f"{what} through {name}" for name, what in (("input_q", "input"), ("weight_fq", "weight"))
+                if name in m]
+        return super().extra_repr() + ("".join(", " + r for r in read))  # type: ignore[misc]
 
 
 class FakeQuantLinear(_WeightFakeQuant, nn.Linear):
-    """``nn.Linear`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.Linear`` whose input / weight pass through ``self.input_q`` / ``self.weight_fq`` (those it has)."""
     _plain = nn.Linear
 
     def forward(self, x):
-        return F.linear(x, self.weight_fq(self.weight), self.bias)
+        x, w = self._quantized(x)
+        return F.linear(x, w, self.bias)
 
 
 def _conv(plain: type, fn):
@@ -54,8 +75,8 @@ def _conv(plain: type, fn):
         _plain = plain
 
         def forward(self, x):
-            return fn(x, self.weight_fq(self.weight), self.bias, self.stride, self.padding, self.dilation,
-                      self.groups)
+            x, w = self._quantized(x)
+            return fn(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
     return _C
 
 
@@ -64,34 +85,34 @@ def _conv_transpose(plain: type, fn):
         _plain = plain
 
         def forward(self, x):
-            return fn(x, self.weight_fq(self.weight), self.bias, self.stride, self.padding, self.output_padding,
-                      self.groups, self.dilation)
+            x, w = self._quantized(x)
+            return fn(x, w, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
     return _C
 
 
 # module-level names (so the classes pickle) with their own docstrings
 class FakeQuantConv1d(_conv(nn.Conv1d, F.conv1d)):
-    """``nn.Conv1d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.Conv1d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 class FakeQuantConv2d(_conv(nn.Conv2d, F.conv2d)):
-    """``nn.Conv2d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.Conv2d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 class FakeQuantConv3d(_conv(nn.Conv3d, F.conv3d)):
-    """``nn.Conv3d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.Conv3d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 class FakeQuantConvTranspose1d(_conv_transpose(nn.ConvTranspose1d, F.conv_transpose1d)):
-    """``nn.ConvTranspose1d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.ConvTranspose1d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 class FakeQuantConvTranspose2d(_conv_transpose(nn.ConvTranspose2d, F.conv_transpose2d)):
-    """``nn.ConvTranspose2d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.ConvTranspose2d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 class FakeQuantConvTranspose3d(_conv_transpose(nn.ConvTranspose3d, F.conv_transpose3d)):
-    """``nn.ConvTranspose3d`` whose weight passes through ``self.weight_fq`` on every call."""
+    """``nn.ConvTranspose3d`` whose input / weight pass through ``input_q`` / ``weight_fq`` (those it has)."""
 
 
 _COMPACT: Dict[type, type] = {c._plain: c for c in (
@@ -104,8 +125,21 @@ def is_compact(mod: Any) -> bool:
     return isinstance(mod, _WeightFakeQuant)
 
 
+def input_quantizer(mod: Any) -> Optional[nn.Module]:
+    """The compact module's ``input_q`` child (an observer or a fake quant), else None."""
+    return mod._modules.get("input_q") if isinstance(mod, _WeightFakeQuant) else None
+
+
+def weight_quantizer(mod: Any) -> Optional[nn.Module]:
+    """The compact module's ``weight_fq`` child, else None."""
+    return mod._modules.get("weight_fq") if isinstance(mod, _WeightFakeQuant) else None
+
+
 def compact_class(mod: Any) -> Optional[type]:
-    """The compact class for ``mod``'s exact class, when it has one and zero padding."""
+    """The compact class for ``mod``: its ``FakeQuant*`` class for a plain module of one of the
+    seven classes with zero padding, its own class for a compact module, else None."""
+    if isinstance(mod, _WeightFakeQuant):
+        return type(mod)
     cls = _COMPACT.get(type(mod))
     if cls is None or getattr(mod, "padding_mode", "zeros") != "zeros":
         return None
@@ -125,20 +159,30 @@ def _rebuild(mod: nn.Module, cls: type, modules: Dict[str, nn.Module]) -> nn.Mod
     return new
 
 
-def compact_module(mod: nn.Module, fq: nn.Module) -> nn.Module:
-    """``mod`` (a plain Linear / Conv / ConvTranspose) as its ``FakeQuant*`` class reading its
-    weight through ``fq``; it shares ``mod``'s parameters."""
+def _with_child(mod: nn.Module, name: str, q: nn.Module) -> nn.Module:
     cls = compact_class(mod)
     if cls is None:
-        raise TypeError(f"{type(mod).__name__} has no fake-quantized-weight form")
+        raise TypeError(f"{type(mod).__name__} has no compact fake-quantized form")
     children = dict(mod._modules)
-    children["weight_fq"] = fq
+    children[name] = q
     return _rebuild(mod, cls, children)
 
 
+def compact_module(mod: nn.Module, fq: nn.Module) -> nn.Module:
+    """``mod`` (a plain Linear / Conv / ConvTranspose, or a compact one) as its ``FakeQuant*``
+    class reading its weight through ``fq``; it shares ``mod``'s parameters and its ``input_q``."""
+    return _with_child(mod, "weight_fq", fq)
+
+
+def with_input_quantizer(mod: nn.Module, q: nn.Module) -> nn.Module:
+    """``mod`` (plain or compact) as its ``FakeQuant*`` class passing its input through ``q``
+    (an observer or a fake quant); it shares ``mod``'s parameters and its ``weight_fq``."""
+    return _with_child(mod, "input_q", q)
+
+
 def plain_module(mod: nn.Module) -> nn.Module:
-    """A compact module back as its torch.nn class (sharing its parameters), without ``weight_fq``."""
-    children = {k: v for k, v in mod._modules.items() if k != "weight_fq"}
+    """A compact module back as its torch.nn class (sharing its parameters), without its quantizers."""
+    children = {k: v for k, v in mod._modules.items() if k not in ("weight_fq", "input_q")}
     return _rebuild(mod, type(mod)._plain, children)
 
 
@@ -147,16 +191,19 @@ def has_compact(gm: nn.Module, modules: Optional[Dict[str, nn.Module]] = None) -
     return any(isinstance(m, _WeightFakeQuant) for m in (gm.modules() if modules is None else modules.values()))
 
 
-def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]] = None) -> int:
+def expand_compact(gm: fx.GraphModule, state: Optional[Dict[str, Any]] = None) -> int:
     """Rewrite every compact module call of ``gm`` (in place) to the decomposed form.
 
-    ``F.convNd(x, weight_fq_N(get_attr weight), get_attr bias, ...)``, exactly what convert
-    writes for a module it does not compact; the quantizer is registered as ``weight_fq_N``.
-    Returns the number of calls expanded (0: the graph is untouched).  The caller recompiles.
+    ``input_q`` becomes a ``call_module`` node ``act_q_N`` between the input and the call
+    (what observe writes for an observer it does not put inside the op; its value keeps the
+    input's meta); ``weight_fq`` gives ``F.convNd(x, weight_fq_N(get_attr weight), get_attr
+    bias, ...)``, exactly what convert writes for a module it does not compact.  Returns the
+    number of calls expanded (0: the graph is untouched).  The caller recompiles.
     """
+    from .actions.graphutil import add_module, copy_meta
     from .actions.quant import QUANT_KEY, attach_weight_quantizer
-    from .fxfast import module_table, set_submodule
-    from .manager import _state
+    from .fxfast import module_table, new_node, set_submodule
+    from .manager import PROVENANCE_KEY, _state
     from .matcher import Matcher, MatchContext
 
     modules = module_table(gm)
@@ -172,8 +219,21 @@ def expand_weight_quantizers(gm: fx.GraphModule, state: Optional[Dict[str, Any]]
         plain = plain_module(mod)
         set_submodule(gm, n.target, plain, matcher.modules)
         matcher.forget(n)
-        info = dict((n.meta.get(QUANT_KEY) or {}).get("weight") or {})
-        attach_weight_quantizer(ctx, n, mod._modules["weight_fq"], "weight_fq", info)
+        q = mod._modules.get("input_q")
+        if q is not None:
+            x = n.args[0]
+            target = add_module(ctx, "act_q", q)
+            with gm.graph.inserting_after(x):
+                qn = new_node(gm.graph, "call_module", target, (x,))
+            copy_meta(x, qn)
+            rule = ((n.meta.get(QUANT_KEY) or {}).get("input") or {}).get("rule")
+            if rule is not None:
+                qn.meta[PROVENANCE_KEY] = rule  # the rule that observed the input, as if it had made the node
+            n.replace_input_with(x, qn)
+        fq = mod._modules.get("weight_fq")
+        if fq is not None:
+            info = dict((n.meta.get(QUANT_KEY) or {}).get("weight") or {})
+            attach_weight_quantizer(ctx, n, fq, "weight_fq", info)
     return len(nodes)
 
 
@@ -188,6 +248,6 @@ def decomposed(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     from .manager import copy_graph_module
     work = copy_graph_module(gm, recompile=False)
-    expand_weight_quantizers(work)
+    expand_compact(work)
     work.recompile()
     return work

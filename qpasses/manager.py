@@ -18,7 +18,7 @@ import torch.fx as fx
 from .errors import (Location, OptionError, QPassesError, RewriteError, RuleError, StepError, UnknownNameError,
                      VerifyError, nearest)
 from .frontend import as_inputs, input_arity, make_exported_trainable
-from .compact import expand_weight_quantizers, has_compact
+from .compact import expand_compact, has_compact
 from .fxfast import copy_graph, delete_unused_submodules, graph_shape, lint, module_table, recompile, same_shape
 from .guards import check_guards
 from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, constraint_result
@@ -290,7 +290,10 @@ class PassManager:
         if self.verify:
             sample = self._sample(gm, data, example_inputs)
             reference = before = self._forward(gm, sample)
-        compact = has_compact(work, modules)  # e.g. the result of an earlier run that ended in convert
+        # compact quantized modules (qpasses/compact.py), e.g. from an earlier run that ended in
+        # convert or from this run's observe / convert: expanded before the first unit that does
+        # not read that form
+        compact = has_compact(work, modules)
         # units that changed the graph since its code was last generated: the copy's code is
         # generated lazily, and lint + code generation run once before anything can run or read
         # the graph (a data step, verify, the return), not after every stage
@@ -298,11 +301,10 @@ class PassManager:
         for unit in self.units:
             label = (f"{unit.family}.{unit.stage.name}" if unit.family else unit.stage.name) \
                 if unit.kind == "stage" else f"step:{unit.step.name}"
-            if compact or _state(work).pop("compact", False):
-                # compact fake-quantized-weight modules, from an earlier stage: the decomposed
-                # form is what every later rule reads (qpasses/compact.py)
+            compact = _state(work).pop("compact", False) or compact
+            if compact and not _reads_compact(unit):
                 with self._phase("expand"):
-                    if expand_weight_quantizers(work):
+                    if expand_compact(work):
                         changed.append(f"expand before {label}")
                 compact = False
                 modules = None
@@ -326,6 +328,7 @@ class PassManager:
                 work = stepped
                 if self.verify:
                     before = self._check(work, sample, reference, before, label, "sqnr")
+        _state(work).pop("compact", None)  # (a later run sees the compact modules themselves)
         self._prune(work)
         self._refresh(work, changed)
         self.report.seconds = time.perf_counter() - t0
@@ -604,6 +607,18 @@ def _keeps_modules(step: str, modules: Dict[str, torch.nn.Module]) -> bool:
     qpasses classes (whose forward passes change no module tree)."""
     reg = DATA_STEPS.get(step)
     return bool(reg is not None and reg.keeps_modules and _is_own(reg) and all(map(_runs_plainly, modules.values())))
+
+
+def _reads_compact(unit: _Unit) -> bool:
+    """Whether ``unit`` runs on the compact form of quantized modules: a data step of qpasses'
+    own that only runs the model (``calibrate``), or a stage whose actions and constraints
+    were all registered with ``compact=True`` (``convert``)."""
+    if unit.kind != "stage":
+        reg = DATA_STEPS.get(unit.step.name)
+        return bool(reg is not None and reg.keeps_modules and _is_own(reg))
+    regs = [ACTIONS.get(r.rewrite.name) for r in unit.rules]
+    regs += [CONSTRAINTS.get(c.name) for r in unit.rules for c in r.where + r.unless]
+    return all(reg is not None and reg.compact for reg in regs)
 
 
 def _is_own(reg) -> bool:

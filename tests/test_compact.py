@@ -1,4 +1,4 @@
-"""The compact fake-quantized-weight modules convert leaves in module-level graphs, and their
+"""The compact quantized modules observe and convert leave in module-level graphs, and their
 expansion to the decomposed form every later rule reads."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import qpasses
 from qpasses import zoo
-from qpasses.compact import (FakeQuantConv2d, compact_module, expand_weight_quantizers, has_compact, is_compact,
+from qpasses.compact import (FakeQuantConv2d, compact_module, expand_compact, has_compact, input_quantizer, is_compact,
                              plain_module)
 from qpasses.fxfast import graph_shape, same_shape
 from qpasses.numerics import FakeQuantize
@@ -85,8 +85,15 @@ def test_ptq_int8_returns_compact_modules_that_expand_to_the_same_numbers(resnet
     assert not has_compact(gm)                          # the input graph module is untouched
     d = qpasses.decomposed(q)
     assert not has_compact(d) and has_compact(q)         # decomposed() copies
-    assert len(d.graph.nodes) == len(q.graph.nodes) + 3 * n_weight - sum(
+    inside = [n for n in compact if input_quantizer(q.get_submodule(n.target)) is not None]
+    assert len(inside) == pm.report["input_fake_quant"].rewrites > 0   # observed inside, then converted
+    assert all(isinstance(input_quantizer(q.get_submodule(n.target)), FakeQuantize) for n in inside)
+    assert len(d.graph.nodes) == len(q.graph.nodes) + 3 * n_weight + len(inside) - sum(
         1 for n in compact if q.get_submodule(n.target).bias is None)
+    def act_fq(g):                                       # activation fake quant nodes
+        return [n for n in g.graph.nodes if n.op == "call_module" and n.target.startswith("act_q")
+                and isinstance(g.get_submodule(n.target), FakeQuantize)]
+    assert len(act_fq(d)) == len(act_fq(q)) + len(inside)  # each input_q became an act_q_N node
     with torch.no_grad():
         assert torch.equal(q(x), d(x))
     wfq = [n for n in d.graph.nodes if n.op == "call_module" and n.target.startswith("weight_fq")]
@@ -154,13 +161,13 @@ def test_expand_in_place_and_graph_shape():
     assert same_shape(before, graph_shape(q.graph))
     with torch.no_grad():
         ref = q(x)
-    assert expand_weight_quantizers(q) == 1
+    assert expand_compact(q) == 1
     assert not same_shape(before, graph_shape(q.graph))
     q.recompile()
     assert isinstance(q.get_submodule("0"), nn.Conv2d) and not isinstance(q.get_submodule("0"), FakeQuantConv2d)
     with torch.no_grad():
         assert torch.equal(q(x), ref)
-    assert expand_weight_quantizers(q) == 0
+    assert expand_compact(q) == 0
 
 
 def test_runs_leave_the_input_meta_alone(resnet):

@@ -84,8 +84,8 @@ def test_qdq_cleanup_same_rule_file_on_fx_and_onnx():
     torch.manual_seed(0)
     x = zoo.example_input("mlp", 8)
     q = qpasses.PassManager("ptq_int8").run(qpasses.trace(zoo.MLP().eval(), x), data=[x])
-    n_act = sum(1 for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), FakeQuantize))
-    duplicate_act_fake_quants(q)
+    n_act = duplicate_act_fake_quants(q)  # (expands the compact modules first: one node per activation fq)
+    assert n_act == sum(1 for n in q.graph.nodes if n.op == "call_module" and n.target.endswith("_dup"))
     # fx
     pm = qpasses.PassManager("qdq_cleanup")
     q2 = pm.run(q)

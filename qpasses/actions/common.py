@@ -64,7 +64,7 @@ def arg_equals(ctx: MatchContext, node: fx.Node, name: str, value: Any):
     return (_eq(actual, value), f"{name} is {actual!r}")
 
 
-@constraint("skipped")
+@constraint("skipped", compact=True)
 def skipped(ctx: MatchContext, node: fx.Node, patterns: Any = None):
     """The node is named by one of the glob ``patterns`` (fx name, module path or export module path)."""
     if patterns is None:

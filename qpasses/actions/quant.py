@@ -30,7 +30,8 @@ from ..fxfast import new_node, set_submodule
 from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
-from ..compact import compact_class, compact_module, is_compact
+from ..compact import compact_class, compact_module, input_quantizer, weight_quantizer, with_input_quantizer
+from ..ops import resolve_names
 from .graphutil import add_module, copy_meta, is_shared_module
 
 register_module_class(Observer, "observer")
@@ -65,22 +66,25 @@ def bits_for(ctx: MatchContext, node: fx.Node, kind: str, default: int) -> int:
     return int(default)
 
 
-@constraint("input_quantized")
+@constraint("input_quantized", compact=True)
 def input_quantized(ctx: MatchContext, node: fx.Node, index: int = 0):
     """The op's activation input ``index`` already passes through an observer or fake quant."""
-    ins = ctx.view(node).inputs()
+    v = ctx.view(node)
+    if index == 0 and input_quantizer(v.module) is not None:
+        return True, f"input {index} of {node.name} is already observed/quantized (inside its module)"
+    ins = v.inputs()
     if index >= len(ins):
         return False
     return (_is_quant_module(ctx, ins[index]), f"input {index} of {node.name} is already observed/quantized")
 
 
-@constraint("weight_quantized")
+@constraint("weight_quantized", compact=True)
 def weight_quantized(ctx: MatchContext, node: fx.Node):
     """The op already reads its weight through a fake quant (or was marked quantized)."""
     if node.meta.get(QUANT_KEY, {}).get("weight"):
         return True, f"{node.name} already has a quantized weight"
     v = ctx.view(node)
-    if is_compact(v.module):
+    if weight_quantizer(v.module) is not None:
         return True, f"{node.name} already has a quantized weight"
     w = v.get("weight")
     return (_is_quant_module(ctx, w, (FakeQuantize,)), f"{node.name} already has a quantized weight")
@@ -136,11 +140,36 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
             if isinstance(m, Observer) and getattr(m, "qpasses_config", None) == cfg:
                 op.replace_input_with(x, u)
                 return
+    if index == 0 and _observes_inside(ctx, op, x):
+        # the compact form: the op's module observes its own input (qpasses/compact.py)
+        set_submodule(ctx.gm, op.target, with_input_quantizer(ctx.modules[op.target], new_observer(cfg)),
+                      ctx.modules)
+        ctx.matcher.forget(op)
+        quant = dict(op.meta.get(QUANT_KEY) or {})
+        quant["input"] = {"rule": getattr(ctx.rule, "name", None)}
+        op.meta[QUANT_KEY] = quant
+        ctx.state["compact"] = True
+        return
     target = add_module(ctx, "act_q", new_observer(cfg))
     with ctx.graph.inserting_after(x):
         obs = new_node(ctx.graph, "call_module", target, (x,))
     copy_meta(x, obs)
     op.replace_input_with(x, obs)
+
+
+def _observes_inside(ctx: MatchContext, op: fx.Node, x: fx.Node) -> bool:
+    """Whether ``op``'s module can observe its input ``x`` itself: a plain call (one argument,
+    ``x``) of a module with a compact form that no other node calls and that has no input
+    quantizer yet, and no other weighted op reads ``x`` (that one would share the observer)."""
+    if op.op != "call_module" or op.args != (x,) or op.kwargs:
+        return False
+    mod = ctx.modules.get(op.target)
+    if compact_class(mod) is None or input_quantizer(mod) is not None or is_shared_module(ctx.gm, op):
+        return False
+    return not any(u is not op and ctx.classify(u) in _WEIGHTED for u in x.users)
+
+
+_WEIGHTED = frozenset(resolve_names("weighted"))
 
 
 @action("observe_output")
@@ -150,6 +179,8 @@ def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: i
     for u in op.users:
         if u.op == "call_module" and isinstance(ctx.modules.get(u.target), (Observer, FakeQuantize)):
             raise Refuse(f"{op.name} is already observed by {u.name}")
+        if u.op == "call_module" and u.args[:1] == (op,) and input_quantizer(ctx.modules.get(u.target)) is not None:
+            raise Refuse(f"{op.name} is already observed (inside {u.name}'s module)")
     bits = bits_for(ctx, op, "a_bits", bits)
     cfg = _observer_config(kind, bits, symmetric, signed, **extra)
     target = add_module(ctx, "out_q", new_observer(cfg))
@@ -188,29 +219,55 @@ def _batched_observer_qparams(ctx: MatchContext, mod: Observer):
     return None
 
 
-@action("to_fake_quant")
+@action("to_fake_quant", compact=True)
 def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
     """Replace a calibrated observer by a FakeQuantize carrying its qparams."""
     mod = ctx.modules.get(obs.target)
     if not isinstance(mod, Observer):
         raise Refuse(f"{obs.name} is not an observer")
-    qp = _batched_observer_qparams(ctx, mod)  # found there: the observer has data, a finite range
-    if qp is not None and not learnable:
-        fq = FakeQuantize.from_checked(qp[0], qp[1], mod.qmin, mod.qmax, axis=mod.axis, bits=mod.bits,
-                                       symmetric=mod.symmetric)
-    else:
-        fq = _observer_fake_quant(obs, mod, qp, learnable)
-    fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
+    fq = _fake_quant_of(ctx, mod, f"{obs.target} ({obs.name})", learnable)
     # the observer's call now calls the fake quant: the graph (and its code) stay as they are
     set_submodule(ctx.gm, obs.target, fq, ctx.modules)
     ctx.matcher.forget(obs)
 
 
-def _observer_fake_quant(obs: fx.Node, mod: Observer, qp, learnable: bool) -> FakeQuantize:
-    """The FakeQuantize for observer ``mod`` (node ``obs``) with the constructor's checks."""
+@constraint("observed_inside", compact=True)
+def observed_inside(ctx: MatchContext, op: fx.Node):
+    """The op's (compact) module observes its own input (qpasses/compact.py)."""
+    q = input_quantizer(ctx.view(op).module)
+    return isinstance(q, Observer), f"{op.name}'s module holds no input observer"
+
+
+@action("input_to_fake_quant", compact=True)
+def input_to_fake_quant(ctx: MatchContext, op: fx.Node, learnable: bool = False):
+    """Replace the calibrated input observer inside a compact module by a FakeQuantize."""
+    mod = ctx.modules.get(op.target)
+    q = input_quantizer(mod)
+    if not isinstance(q, Observer):
+        raise Refuse(f"{op.name}'s module holds no input observer")
+    # the module is the run's own (compact modules are never shared): its child is replaced in place
+    set_submodule(ctx.gm, f"{op.target}.input_q", _fake_quant_of(ctx, q, f"{op.target}.input_q ({op.name})",
+                                                                 learnable), ctx.modules)
+    ctx.matcher.forget(op)
+
+
+def _fake_quant_of(ctx: MatchContext, mod: Observer, where: str, learnable: bool) -> FakeQuantize:
+    """The FakeQuantize that calibrated observer ``mod`` (named ``where`` in errors) becomes."""
+    qp = _batched_observer_qparams(ctx, mod)  # found there: the observer has data, a finite range
+    if qp is not None and not learnable:
+        fq = FakeQuantize.from_checked(qp[0], qp[1], mod.qmin, mod.qmax, axis=mod.axis, bits=mod.bits,
+                                       symmetric=mod.symmetric)
+    else:
+        fq = _observer_fake_quant(where, mod, qp, learnable)
+    fq.__dict__["qpasses_config"] = getattr(mod, "qpasses_config", None)  # plain attribute, set cheaply
+    return fq
+
+
+def _observer_fake_quant(where: str, mod: Observer, qp, learnable: bool) -> FakeQuantize:
+    """The FakeQuantize for observer ``mod`` (named ``where``) with the constructor's checks."""
     if qp is None:
         if not getattr(mod, "has_data", True):
-            raise StepError(f"observer {obs.target} ({obs.name}) has seen no data: run calibration first "
+            raise StepError(f"observer {where} has seen no data: run calibration first "
                             f"(PassManager(...).run(gm, data=batches))")
         qp = mod.calculate_qparams()
     scale, zero_point = qp
@@ -221,7 +278,7 @@ def _observer_fake_quant(obs: fx.Node, mod: Observer, qp, learnable: bool) -> Fa
         if bool(torch.isfinite(scale).all()):
             raise
         lo, hi = mod.calculate_range()
-        raise StepError(f"observer {obs.target} ({obs.name}) saw a non-finite range [{float(lo.min())}, "
+        raise StepError(f"observer {where} saw a non-finite range [{float(lo.min())}, "
                         f"{float(hi.max())}]: the float model overflows on the calibration data there") from None
     return fq
 
@@ -372,7 +429,7 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     return new
 
 
-@action("quantize_weight")
+@action("quantize_weight", compact=True)
 def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: bool = True,
                     observer: str = "minmax", learnable: bool = False):
     """Make ``op`` read its weight through a per-channel symmetric FakeQuantize."""

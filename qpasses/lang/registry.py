@@ -22,6 +22,10 @@ class Registered:
     #: for data steps: True when the step only runs the model (each module path keeps its
     #: module), so a module table built before it is still exact after it
     keeps_modules: bool = False
+    #: for actions and constraints: True when it reads (and keeps correct) the compact form
+    #: of quantized weighted modules (qpasses/compact.py); a stage whose actions and
+    #: constraints all say so runs on that form, others on the decomposed form
+    compact: bool = False
 
 
 CONSTRAINTS: Dict[str, Registered] = {}
@@ -54,22 +58,26 @@ def constraint_result(res) -> Tuple[bool, str]:
     return bool(res), ""
 
 
-def constraint(name: Optional[str] = None):
+def constraint(name: Optional[str] = None, compact: bool = False):
     """Register ``fn(ctx, *args, **kwargs) -> bool | (bool, reason)`` as a constraint.
 
     ``ctx`` is the :class:`qpasses.matcher.MatchContext` of the match being checked.
+    ``compact=True`` declares that it also judges compact quantized modules
+    (:mod:`qpasses.compact`) correctly.
     """
-    return _register(CONSTRAINTS, name)
+    return _register(CONSTRAINTS, name, compact=compact)
 
 
-def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()):
+def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = (), compact: bool = False):
     """Register ``fn(ctx, *args, **kwargs)`` as a rewrite action.
 
     ``replaces=True`` declares that the action replaces the matched nodes by new ones,
     so the soundness guard "interior nodes have no users outside the match" applies.
+    ``compact=True`` declares that it handles compact quantized modules
+    (:mod:`qpasses.compact`) correctly, so a stage of such actions needs no expansion first.
     The action may raise :class:`qpasses.actions.Refuse` to decline a match with a reason.
     """
-    return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps))
+    return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps), compact=compact)
 
 
 def data_step(name: Optional[str] = None, keeps_modules: bool = False):
