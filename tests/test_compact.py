@@ -194,3 +194,62 @@ def test_compact_and_plain_forms_have_hook_tables_of_their_own():
     back = plain_module(comp)
     assert type(back) is nn.Conv2d and back._forward_pre_hooks is not comp._forward_pre_hooks
     assert back.weight is conv.weight                              # parameters stay shared
+
+
+def _observer_nodes(g):
+    from qpasses.numerics import Observer
+    return [n for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), Observer)]
+
+
+def test_observe_puts_the_observer_inside_unless_another_weighted_op_reads_the_value(resnet):
+    m, gm, x = resnet
+    pm = qpasses.PassManager("observe")
+    obs = pm.run(gm)
+    inside = [n for n in obs.graph.nodes if n.op == "call_module" and input_quantizer(obs.get_submodule(n.target))]
+    shared = _observer_nodes(obs)
+    # the residual stage's conv1 and its 1x1 downsample read one value: one shared observer node
+    assert len(shared) == 1 and sorted(u.name for u in shared[0].users) == ["stages_1_0_conv1",
+                                                                            "stages_1_0_downsample_0"]
+    assert len(inside) + 2 == pm.report["observe_weighted_inputs"].rewrites
+    assert len(obs.graph.nodes) == len(gm.graph.nodes) + 1   # only the shared observer is a node
+    with torch.no_grad():
+        assert torch.equal(obs(x), gm(x))                      # observers are identities
+    d = qpasses.decomposed(obs)                               # the form without compact modules
+    assert len(_observer_nodes(d)) == 1 + len(inside) and not has_compact(d)
+    # calibrating either form gives the same qparams, and convert turns both into the same numbers
+    with torch.no_grad():
+        obs(x), d(x)
+    q1, q2 = qpasses.PassManager("convert").run(obs), qpasses.PassManager("convert").run(d)
+    with torch.no_grad():
+        assert torch.equal(q1(x), q2(x))
+
+
+def test_observe_outputs_do_not_observe_a_value_twice(resnet):
+    m, gm, x = resnet
+    d = qpasses.decomposed(qpasses.PassManager("observe", observe_outputs=True).run(gm))
+    nodes = _observer_nodes(d)
+    assert nodes and not any(n.args[0] in nodes for n in nodes)  # no observer reads an observer
+
+
+def test_units_that_do_not_read_the_compact_form_get_it_expanded(resnet):
+    m, gm, x = resnet
+    from qpasses.manager import _reads_compact
+    pm = qpasses.PassManager(["observe", "observe"])       # observe_input is not registered compact
+    out = pm.run(gm)
+    first, second = pm.report.stages
+    assert first.rewrites > 0 and second.rewrites == 0     # the second saw every observer (expanded)
+    assert not has_compact(out) and len(_observer_nodes(out)) == first.rewrites - 1
+    units = {(u.kind, u.family or getattr(u.step, "name", None)): _reads_compact(u)
+             for u in qpasses.PassManager("ptq_int8").units}
+    assert units == {("stage", "canonicalize"): False, ("stage", "observe"): False,
+                     ("step", "calibrate"): True, ("stage", "convert"): True}
+
+
+def test_convert_twice_converts_nothing_more(resnet):
+    m, gm, x = resnet
+    q = qpasses.PassManager("ptq_int8").run(gm, data=[x])
+    pm = qpasses.PassManager("convert")
+    q2 = pm.run(q)
+    assert sum(pm.report[r].rewrites for r in ("activation_fake_quant", "input_fake_quant", "weight_fake_quant")) == 0
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
