@@ -220,6 +220,12 @@ def test_observe_puts_the_observer_inside_unless_another_weighted_op_reads_the_v
     with torch.no_grad():
         obs(x), d(x)
     q1, q2 = qpasses.PassManager("convert").run(obs), qpasses.PassManager("convert").run(d)
+    from qpasses.compact import weight_quantizer
+    from qpasses.numerics import Observer
+    for n in inside:                                           # the input of the run is untouched
+        mod = obs.get_submodule(n.target)
+        assert weight_quantizer(mod) is None and isinstance(input_quantizer(mod), Observer)
+        assert weight_quantizer(q1.get_submodule(n.target)) is not None
     with torch.no_grad():
         assert torch.equal(q1(x), q2(x))
 

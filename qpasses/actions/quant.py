@@ -30,7 +30,7 @@ from ..fxfast import new_node, set_submodule
 from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
 from ..ops import register_module_class
-from ..compact import compact_class, compact_module, input_quantizer, weight_quantizer, with_input_quantizer
+from ..compact import compact_class, compact_module, input_quantizer, is_compact, weight_quantizer, with_input_quantizer
 from ..ops import resolve_names
 from .graphutil import add_module, copy_meta, is_shared_module
 
@@ -450,8 +450,10 @@ def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: 
             and not is_shared_module(ctx.gm, op):
         # the compact form: the same call, its module now reading the weight through fq
         # (expanded to the decomposed form before any later stage: see qpasses/compact.py)
-        new = compact_module(view.module, fq)
-        set_submodule(ctx.gm, op.target, new, ctx.modules)
+        if is_compact(view.module):  # the run's own module (observe made it, or the run's copy): a new child
+            set_submodule(ctx.gm, f"{op.target}.weight_fq", fq, ctx.modules)
+        else:
+            set_submodule(ctx.gm, op.target, compact_module(view.module, fq), ctx.modules)
         ctx.matcher.forget(op)
         quant = dict(op.meta.get(QUANT_KEY) or {})
         quant["weight"] = info
