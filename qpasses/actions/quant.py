@@ -4,8 +4,10 @@ Representation (shared by every later rule, the integer back-ends and ONNX expor
 
 * prepare: ``call_module`` :class:`~qpasses.numerics.Observer` nodes between an
   activation and the weighted ops that read it (one observer per value and config,
-  shared by every weighted consumer; other consumers keep reading the float value);
-* convert: each observer module is replaced (at its name) by a
+  shared by every weighted consumer; other consumers keep reading the float value), or,
+  where a plain conv / linear module call is the value's only weighted reader, the observer
+  held by that module as ``input_q`` (its compact form, :mod:`qpasses.compact`);
+* convert: each observer module is replaced (at its name, or as ``input_q``) by a
   :class:`~qpasses.numerics.FakeQuantize` (per-tensor affine by default) and each weighted op
   reads its weight through a per-channel symmetric ``FakeQuantize``: a plain conv / linear
   module call keeps its node and its module becomes the compact ``FakeQuantConv2d`` & co.
@@ -29,9 +31,8 @@ from ..matcher import MatchContext
 from ..fxfast import new_node, set_submodule
 from ..numerics import FakeQuantize, Observer, absmax_qparams, absmax_qparams_many, make_observer, qrange
 from ..numerics.observers import calculate_qparams_many
-from ..ops import register_module_class
+from ..ops import register_module_class, resolve_names
 from ..compact import compact_class, compact_module, input_quantizer, is_compact, weight_quantizer, with_input_quantizer
-from ..ops import resolve_names
 from .graphutil import add_module, copy_meta, is_shared_module
 
 register_module_class(Observer, "observer")
@@ -157,6 +158,9 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
     op.replace_input_with(x, obs)
 
 
+_WEIGHTED = frozenset(resolve_names("weighted"))  # the op classes observe_weighted_inputs matches
+
+
 def _observes_inside(ctx: MatchContext, op: fx.Node, x: fx.Node) -> bool:
     """Whether ``op``'s module can observe its input ``x`` itself: a plain call (one argument,
     ``x``) of a module with a compact form that no other node calls and that has no input
@@ -167,9 +171,6 @@ def _observes_inside(ctx: MatchContext, op: fx.Node, x: fx.Node) -> bool:
     if compact_class(mod) is None or input_quantizer(mod) is not None or is_shared_module(ctx.gm, op):
         return False
     return not any(u is not op and ctx.classify(u) in _WEIGHTED for u in x.users)
-
-
-_WEIGHTED = frozenset(resolve_names("weighted"))
 
 
 @action("observe_output")
