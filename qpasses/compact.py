@@ -200,9 +200,8 @@ def expand_compact(gm: fx.GraphModule, state: Optional[Dict[str, Any]] = None) -
     bias, ...)``, exactly what convert writes for a module it does not compact.  Returns the
     number of calls expanded (0: the graph is untouched).  The caller recompiles.
     """
-    from .actions.graphutil import add_module, copy_meta
-    from .actions.quant import QUANT_KEY, attach_weight_quantizer
-    from .fxfast import module_table, new_node, set_submodule
+    from .actions.quant import QUANT_KEY, attach_weight_quantizer, insert_input_quantizer
+    from .fxfast import module_table, set_submodule
     from .manager import PROVENANCE_KEY, _state
     from .matcher import Matcher, MatchContext
 
@@ -221,15 +220,10 @@ def expand_compact(gm: fx.GraphModule, state: Optional[Dict[str, Any]] = None) -
         matcher.forget(n)
         q = mod._modules.get("input_q")
         if q is not None:
-            x = n.args[0]
-            target = add_module(ctx, "act_q", q)
-            with gm.graph.inserting_after(x):
-                qn = new_node(gm.graph, "call_module", target, (x,))
-            copy_meta(x, qn)
+            qn = insert_input_quantizer(ctx, n, n.args[0], q)
             rule = ((n.meta.get(QUANT_KEY) or {}).get("input") or {}).get("rule")
             if rule is not None:
                 qn.meta[PROVENANCE_KEY] = rule  # the rule that observed the input, as if it had made the node
-            n.replace_input_with(x, qn)
         fq = mod._modules.get("weight_fq")
         if fq is not None:
             info = dict((n.meta.get(QUANT_KEY) or {}).get("weight") or {})

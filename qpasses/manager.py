@@ -387,9 +387,7 @@ class PassManager:
         module tree without the table)."""
         stage = unit.stage
         matcher = Matcher(gm, modules)
-        own = all(_is_own(reg) for r in unit.rules
-                  for reg in [ACTIONS.get(r.rewrite.name)] + [CONSTRAINTS.get(c.name) for c in r.where + r.unless]
-                  if reg is not None)
+        own = all(_is_own(reg) for reg in _registrations(unit) if reg is not None)
         state = _state(gm)
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
@@ -616,9 +614,13 @@ def _reads_compact(unit: _Unit) -> bool:
     if unit.kind != "stage":
         reg = DATA_STEPS.get(unit.step.name)
         return bool(reg is not None and reg.keeps_modules and _is_own(reg))
-    regs = [ACTIONS.get(r.rewrite.name) for r in unit.rules]
-    regs += [CONSTRAINTS.get(c.name) for r in unit.rules for c in r.where + r.unless]
-    return all(reg is not None and reg.compact for reg in regs)
+    return all(reg is not None and reg.compact for reg in _registrations(unit))
+
+
+def _registrations(unit: _Unit) -> list:
+    """The registrations (None for an unknown name) of a stage's actions and constraints."""
+    return [reg for r in unit.rules
+            for reg in [ACTIONS.get(r.rewrite.name)] + [CONSTRAINTS.get(c.name) for c in r.where + r.unless]]
 
 
 def _is_own(reg) -> bool:

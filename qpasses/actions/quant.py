@@ -151,11 +151,18 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
         op.meta[QUANT_KEY] = quant
         ctx.state["compact"] = True
         return
-    target = add_module(ctx, "act_q", new_observer(cfg))
+    insert_input_quantizer(ctx, op, x, new_observer(cfg))
+
+
+def insert_input_quantizer(ctx: MatchContext, op: fx.Node, x: fx.Node, module: nn.Module) -> fx.Node:
+    """Register ``module`` as ``act_q_N`` and make ``op`` read ``x`` through its call (a new
+    node right after ``x``, with ``x``'s meta); returns that node."""
+    target = add_module(ctx, "act_q", module)
     with ctx.graph.inserting_after(x):
-        obs = new_node(ctx.graph, "call_module", target, (x,))
-    copy_meta(x, obs)
-    op.replace_input_with(x, obs)
+        q = new_node(ctx.graph, "call_module", target, (x,))
+    copy_meta(x, q)
+    op.replace_input_with(x, q)
+    return q
 
 
 _WEIGHTED = frozenset(resolve_names("weighted"))  # the op classes observe_weighted_inputs matches
