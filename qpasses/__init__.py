@@ -13,8 +13,8 @@ from .errors import (MatchError, MissingParameterError, OptionError, QPassesErro
 from .frontend import trace
 from .lang import Recipe, Rule, RuleFamily, action, constraint, data_step, load_file
 from .lang.rules import available_names
-from .manager import PassManager, Refuse
-from .compact import decomposed
+from .context import Refuse
+from .manager import PassManager
 from . import actions  # noqa: F401  registers actions and constraints
 from . import steps  # noqa: F401  registers data steps
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "PassManager", "Rule", "RuleFamily", "Recipe", "load_file", "available_names", "action",
-    "constraint", "data_step", "Refuse", "export_onnx", "decomposed", "QPassesError", "TraceError", "RuleError",
+    "constraint", "data_step", "Refuse", "export_onnx", "QPassesError", "TraceError", "RuleError",
     "RuleSyntaxError", "UnknownNameError", "MissingParameterError", "OptionError", "RewriteError",
     "StepError", "VerifyError", "MatchError", "__version__",
 ]

@@ -169,10 +169,13 @@ def picklable(gm):
       keeps the pytree input/output handling of the generated code, but no longer re-checks
       those guards.
     """
+    import copy
+    import warnings
+
     import torch.fx as fx
-    from .fxfast import copy_graph
-    from .manager import MODULE_CALLS_KEY
-    graph = copy_graph(gm.graph)  # copy.deepcopy(gm.graph), without torch's warning on pytree specs
+    with warnings.catch_warnings():  # (torch warns about a pytree spec class it builds itself)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+        graph = copy.deepcopy(gm.graph)
     graph._tracer_cls, graph._tracer_extras = None, {}   # torch.load re-traces with fx's own tracer
     for n in list(graph.nodes):
         if isinstance(n.type, str):
@@ -181,7 +184,7 @@ def picklable(gm):
             graph.erase_node(n)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "meta"):
-        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.") and k != MODULE_CALLS_KEY})
+        out.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qpasses.")})
     return out.train(gm.training)
 
 

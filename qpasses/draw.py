@@ -2,9 +2,8 @@
 
 Nodes are placed in layers by longest path from the inputs (constants just above their
 first consumer), one row per layer, in graph order; quantized nodes are coloured: fake quantization /
-observers orange, weighted ops reading quantized weights green, other ops grey.  A graph
-with compact quantized modules (:mod:`qpasses.compact`) is drawn in its decomposed form, so
-every quantizer is a node of the picture.
+observers orange, weighted ops reading quantized weights green, other ops grey.  Every
+quantizer is a node of the graph, so it is a node of the picture.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from typing import Dict, Optional
 import networkx as nx
 import torch.fx as fx
 
-from .compact import decomposed
 from .ops import classify
 
 __all__ = ["to_networkx", "draw_graph", "svg_of"]
@@ -24,9 +22,7 @@ COLOURS = {"fake_quant": "#f6a04d", "observer": "#f9d38a", "quant_op": "#6cc070"
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    """A DiGraph of the nodes of ``gm`` (decomposed: :func:`qpasses.decomposed`) with ``label``,
-    ``opclass`` and ``kind`` (colour key) attributes."""
-    gm = decomposed(gm)
+    """A DiGraph of the nodes of ``gm`` with ``label``, ``opclass`` and ``kind`` (colour key) attributes."""
     mods = dict(gm.named_modules())
     g = nx.DiGraph()
     for n in gm.graph.nodes:

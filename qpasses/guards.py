@@ -53,7 +53,7 @@ def check_guards(ctx: MatchContext, replaces: bool, keeps=()) -> Optional[str]:
         for inp in n.all_input_nodes:
             if inp in matched:
                 continue
-            for u in ctx.matcher.mutators(inp):
+            for u in ctx.rewrite.mutators(inp):
                 if u not in matched:
                     return f"input {inp.name} of the match is mutated in place by {u.name}"
     return None

@@ -34,7 +34,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compact import decomposed
 from .frontend import as_inputs
 from .kernels.lowering import Int4GroupFakeQuantize
 from .methods.aciq import ChannelBitsFakeQuant
@@ -136,7 +135,6 @@ def _weight_kib(numel: int, wq: Any, bits: Any) -> float:
 def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
     """One row per weighted layer of ``qgm``: layer, op, w_bits, a_bits, w_scale, a_scale,
     sqnr_db (output against the quantizers-off graph, on ``example``), size_kib, fp32_kib."""
-    qgm = decomposed(qgm)  # compact fake-quantized-weight modules: one weight_fq node per layer
     mods = dict(qgm.named_modules())
     q_vals = _outputs(qgm, example)
     with quantizers_off(qgm):

@@ -12,11 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
-from .fxfast import module_table
-from .ops import OP_CLASSES, OpView, classify, is_inplace
+from .context import RewriteContext
+from .ops import OP_CLASSES, OpView
 
 __all__ = ["Match", "MatchFailure", "Matcher", "MatchContext"]
 
@@ -104,68 +103,27 @@ def source_module_names(node: fx.Node) -> Optional[set]:
 
 
 class Matcher:
-    """Pattern matching over one GraphModule."""
+    """Pattern matching over one GraphModule, reading it through a :class:`RewriteContext`
+    (its op-class memo and module lookups; made here when none is given)."""
 
-    def __init__(self, gm: fx.GraphModule, modules: Optional[Dict[str, nn.Module]] = None):
-        """``modules``: ``dict(gm.named_modules())`` when the caller has it, current (it becomes
-        this matcher's table and is kept up to date by the actions)."""
+    def __init__(self, gm: fx.GraphModule, rewrite: Optional[RewriteContext] = None):
         self.gm = gm
-        self.modules: Dict[str, nn.Module] = module_table(gm) if modules is None else modules
-        self._cls: Dict[fx.Node, Optional[str]] = {}
-        self._mutators: Optional[Dict[fx.Node, List[fx.Node]]] = None
-        #: scratch space for actions that lives as long as this matcher, i.e. one stage
-        #: (e.g. qparams computed for many nodes at once on the first rewrite)
-        self.scratch: Dict[str, Any] = {}
+        self.rewrite = rewrite if rewrite is not None else RewriteContext(gm)
         self._steps: Dict[int, Tuple[Pattern, str]] = {}
 
-    def mutators(self, value: fx.Node) -> List[fx.Node]:
-        """In-place ops that take ``value`` as an input (candidates for mutating it).
-
-        Built with one scan of the graph the first time it is asked, then kept up to date
-        through :meth:`note_created`, so the soundness guard costs O(match size), not
-        O(users of each input) (a value read by thousands of ops would make that quadratic).
-        """
-        if self._mutators is None:
-            self._mutators = {}
-            for n in self.gm.graph.nodes:
-                self.note_created(n)
-        return [u for u in self._mutators.get(value, ()) if not getattr(u, "_erased", False) and u in value.users]
-
-    def note_created(self, node: fx.Node) -> None:
-        """Record a node created during the stage (called by the PassManager's create hook)."""
-        if self._mutators is None:
-            return
-        if node.op in ("call_function", "call_method", "call_module") and is_inplace(node, self.modules):
-            for inp in node.all_input_nodes:
-                self._mutators.setdefault(inp, []).append(node)
-
-    def refresh_modules(self) -> None:
-        self.modules = module_table(self.gm)
-        self._cls.clear()
+    @property
+    def modules(self):
+        return self.rewrite.modules
 
     def classify(self, node: fx.Node) -> Optional[str]:
-        c = self._cls.get(node, _MISSING)
-        if c is _MISSING:
-            if node.op == "call_module" and node.target not in self.modules:
-                self.modules = module_table(self.gm)
-            c = classify(node, self.modules)
-            self._cls[node] = c
-        return c  # type: ignore[return-value]
-
-    def forget(self, node: fx.Node) -> None:
-        self._cls.pop(node, None)
+        return self.rewrite.classify(node)
 
     def view(self, node: fx.Node) -> OpView:
-        if node.op == "call_module" and node.target not in self.modules:
-            self.modules = module_table(self.gm)
-        return OpView(node, self.gm, self.classify(node), self.modules)
+        return self.rewrite.view(node)
 
     def index(self, classes: Optional[Sequence[str]]) -> List[fx.Node]:
         """Candidate anchors, in graph order: one linear pass."""
-        if classes is None:
-            return [n for n in self.gm.graph.nodes]
-        wanted = set(classes)
-        return [n for n in self.gm.graph.nodes if self.classify(n) in wanted]
+        return self.rewrite.index(classes)
 
     # ------------------------------------------------------------------ matching
     def match(self, pattern: NodePat, node: fx.Node, alternative: int = 0):
@@ -297,28 +255,38 @@ class Matcher:
 
 
 class MatchContext:
-    """What constraints and actions see: the graph module, the match, the rule and its params."""
+    """What constraints and actions see: the match, the rule and its params, and the
+    :class:`RewriteContext` whose verbs change the graph (``ctx.rewrite``; its common
+    verbs are also methods of this object)."""
 
-    def __init__(self, gm: fx.GraphModule, matcher: Matcher, match: Match, rule: Any,
-                 params: Dict[str, Any], state: Optional[Dict[str, Any]] = None):
-        self.gm = gm
-        self.graph = gm.graph
-        self.matcher = matcher
+    def __init__(self, rewrite: RewriteContext, match: Optional[Match], rule: Any, params: Dict[str, Any]):
+        self.rewrite = rewrite
+        self.gm = rewrite.gm
+        self.graph = rewrite.gm.graph
         self.match = match
         self.rule = rule
         self.params = params
-        #: per-run scratch space shared by all actions (e.g. observer sharing tables)
-        self.state = state if state is not None else {}
 
     @property
-    def modules(self) -> Dict[str, nn.Module]:
-        return self.matcher.modules
+    def state(self) -> Dict[str, Any]:
+        """The run's scratch space shared by all actions (e.g. observer sharing tables)."""
+        return self.rewrite.state
+
+    @property
+    def modules(self):
+        return self.rewrite.modules
 
     def view(self, node: fx.Node) -> OpView:
-        return self.matcher.view(node)
+        return self.rewrite.view(node)
 
     def classify(self, node: fx.Node) -> Optional[str]:
-        return self.matcher.classify(node)
+        return self.rewrite.classify(node)
+
+    def __getattr__(self, name: str):
+        # the rewrite context's verbs (add_module, replace_module, insert, erase, ...)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["rewrite"], name)
 
     def resolve(self, value: Any) -> Any:
         """Turn ``$x`` / ``?x`` references (and lists of them) into bound values."""
@@ -329,12 +297,6 @@ class MatchContext:
         return value
 
     def call(self, fn, call: Call):
-        # resolve() inlined for the common argument kinds (constraints and actions are called
-        # for every match: thousands of times on large graphs)
-        b = self.match.bindings
-        resolve = self.resolve
-        args = [b[a.name] if isinstance(a, BindingRef) else (resolve(a) if isinstance(a, list) else a)
-                for a in call.args]
-        kwargs = {k: (b[v.name] if isinstance(v, BindingRef) else (resolve(v) if isinstance(v, list) else v))
-                  for k, v in call.kwargs.items()} if call.kwargs else {}
+        args = [self.resolve(a) for a in call.args]
+        kwargs = {k: self.resolve(v) for k, v in call.kwargs.items()} if call.kwargs else {}
         return fn(self, *args, **kwargs)

@@ -34,11 +34,8 @@ def _is_act_fake_quant(gm, n) -> bool:
 
 def duplicate_act_fake_quants(gm: torch.fx.GraphModule) -> int:
     """Put a copy of every activation FakeQuantize right after it (a redundant Q/DQ pair for the
-    clean-up rules to remove); recompiles ``gm`` and returns how many were duplicated.  Compact
-    modules are expanded first (in place), so each activation fake quant is a node."""
+    clean-up rules to remove); recompiles ``gm`` and returns how many were duplicated."""
     import copy
-    from qpasses.compact import expand_compact
-    expand_compact(gm)
     count = 0
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and _is_act_fake_quant(gm, n):

@@ -24,7 +24,6 @@ def _setup(level="fx"):
 def _weight_bits(q):
     """layer name -> (weight bits, input activation bits) read from the converted graph."""
     out = {}
-    q = qpasses.decomposed(q)
     for n in q.graph.nodes:
         if n.op != "call_function" or "weight" not in n.meta.get("qpasses.quant", {}):
             continue

@@ -15,7 +15,6 @@ from qpasses.methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynami
 
 
 def _mods(gm, kind):
-    gm = qpasses.decomposed(gm)  # compact conv modules: their weight quantizers as nodes
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
 
 

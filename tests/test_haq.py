@@ -31,7 +31,6 @@ def _canon(gm):
 
 def _fq_bits(q):
     """weight bits of the converted weighted ops, in graph order."""
-    q = qpasses.decomposed(q)
     return [q.get_submodule(n.args[1].target).bits for n in q.graph.nodes
             if n.op == "call_function" and "weight" in n.meta.get("qpasses.quant", {})]
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import qpasses
 from qpasses import zoo
 from qpasses.errors import OptionError, QPassesError, StepError
-from qpasses.compact import is_compact
 from qpasses.numerics import FakeQuantize, Observer, sqnr
 from qpasses.ops import classify
 
@@ -34,7 +33,6 @@ def _trace(model, x, level):
 
 
 def _quant_modules(gm, kind):
-    gm = qpasses.decomposed(gm)  # compact weighted modules: their weight quantizers as nodes
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
 
 
@@ -91,7 +89,7 @@ def test_every_observer_kind_runs_end_to_end(kind):
     x = zoo.example_input("digits_cnn", batch=32)
     gm = _trace(m, x, "fx")
     q = qpasses.PassManager("ptq_int8", observer=kind).run(gm, data=[x[:16], x[16:]])
-    d = qpasses.decomposed(q)  # weight quantizers as nodes
+    d = q  # weight quantizers as nodes
     fqs = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize)]
     assert fqs and all(torch.isfinite(f.scale).all() and (f.scale > 0).all() for f in fqs)
     assert sqnr(m(x), q(x)) > 20.0  # dB; 8-bit on random inputs
@@ -114,10 +112,7 @@ def test_convert_fake_quantizes_weights_per_channel(level):
     gm = _trace(m, x, level)
     pm = qpasses.PassManager("ptq_int8")
     q = pm.run(gm, data=[x])
-    if level == "fx":  # module calls stay module calls, their modules reading fake-quantized weights
-        weighted = [n for n in q.graph.nodes if "weight" in n.meta.get("qpasses.quant", {})]
-        assert weighted and all(n.op == "call_module" and is_compact(q.get_submodule(n.target)) for n in weighted)
-    d = qpasses.decomposed(q)
+    d = q
     wq = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize) if n.args[0].op == "get_attr"]
     n_weighted = pm.report["weight_fake_quant"].rewrites
     assert len(wq) == n_weighted > 0
@@ -211,7 +206,7 @@ def test_bits_option_changes_the_grid():
     errs = {}
     for bits in (8, 4):
         q = qpasses.PassManager("ptq_int8", w_bits=bits, a_bits=bits).run(gm, data=[x])
-        d = qpasses.decomposed(q)  # weight quantizers as nodes
+        d = q  # weight quantizers as nodes
         fq = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize)]
         assert all(f.qmax - f.qmin + 1 <= 2 ** bits for f in fq)
         errs[bits] = sqnr(m(x), q(x))

@@ -6,7 +6,7 @@ new family of actions only needs a new file here (``@action`` / ``@constraint``)
 import importlib
 import pkgutil
 
-from ..manager import Refuse
+from ..context import Refuse
 
 for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if not _m.name.startswith("_"):

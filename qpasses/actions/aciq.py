@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from ..errors import OptionError
 from ..lang.registry import action
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.aciq import ChannelBitsFakeQuant, aciq_weight_quantizer
 from ..ops import register_module_class

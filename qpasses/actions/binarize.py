@@ -20,7 +20,7 @@ from typing import List, Optional, Set
 import torch.fx as fx
 
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.binary import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear)
 from ..ops import register_module_class
@@ -184,7 +184,6 @@ def drop_relu(ctx: MatchContext, relu: fx.Node, value: fx.Node):
                 mod.float_activation = kind
     relu.replace_all_uses_with(value)
     ctx.graph.erase_node(relu)
-    ctx.matcher.forget(relu)
 
 
 @action("pack_binary_layer")
@@ -227,7 +226,6 @@ def pack_binary_layer(ctx: MatchContext, op: fx.Node):
     new.meta["qpasses.bits"] = {"w_bits": 1, "a_bits": 1}
     op.replace_all_uses_with(new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     for n in (wnode, src, bnode):
         if isinstance(n, fx.Node) and not n.users:
             ctx.graph.erase_node(n)

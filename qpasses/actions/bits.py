@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from ..errors import OptionError
 from ..lang.registry import action
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from .graphutil import node_paths
 

@@ -6,7 +6,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext, module_type_names, source_module_names
 from .graphutil import matches_any
 
@@ -64,7 +64,7 @@ def arg_equals(ctx: MatchContext, node: fx.Node, name: str, value: Any):
     return (_eq(actual, value), f"{name} is {actual!r}")
 
 
-@constraint("skipped", compact=True)
+@constraint("skipped")
 def skipped(ctx: MatchContext, node: fx.Node, patterns: Any = None):
     """The node is named by one of the glob ``patterns`` (fx name, module path or export module path)."""
     if patterns is None:

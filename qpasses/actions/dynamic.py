@@ -20,7 +20,7 @@ from typing import Optional
 import torch.fx as fx
 
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
 from ..ops import register_module_class
@@ -96,9 +96,8 @@ def dynamic_linear(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int 
         new.meta["qpasses.module"] = str(op.target)
     op.replace_all_uses_with(new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     for n in old:
-        erase_if_unused(ctx.graph, n)
+        erase_if_unused(ctx, n)
 
 
 def _dynamic_fq_on(ctx: MatchContext, op: fx.Node, x: fx.Node, bits: int, symmetric: bool,

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..errors import StepError
 from ..lang.registry import action, constraint, data_step
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from .. import kernels as _kernels  # noqa: F401  registers the int8 kernel ops
 from ..methods import int_only as io
@@ -102,14 +102,12 @@ def _int_qp(node: fx.Node, scale: float, zp: int) -> Dict[str, Any]:
 def _replace(ctx: MatchContext, old: fx.Node, new: fx.Node) -> None:
     old.replace_all_uses_with(new)
     ctx.graph.erase_node(old)
-    ctx.matcher.forget(old)
 
 
 def _drop(ctx: MatchContext, *nodes) -> None:
     for n in nodes:
         if isinstance(n, fx.Node) and not n.users and n.graph is ctx.graph:
-            erase_if_unused(ctx.graph, n)
-            ctx.matcher.forget(n)
+            erase_if_unused(ctx, n)
 
 
 # ================================================================================= prepare
@@ -240,7 +238,6 @@ def hoist_quantize(ctx: MatchContext, q: fx.Node):
             new = _new(ctx, q, io.INT_OPS["int_clamp"], (new_q, lo, hi), like=q, qp=nqp)
         _replace(ctx, q, new)
         ctx.graph.erase_node(op)
-        ctx.matcher.forget(op)
         q = new_q
         moved += 1
     if moved == 0:
@@ -342,7 +339,6 @@ def fuse_weighted(ctx: MatchContext, q: fx.Node, op: fx.Node, dq: fx.Node, round
     new.meta["qpasses.source"] = op.name
     _replace(ctx, q, new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     _drop(ctx, *leftovers)
 
 
@@ -364,7 +360,6 @@ def fuse_add(ctx: MatchContext, q: fx.Node, op: fx.Node, a: fx.Node, b: fx.Node)
     new = _new(ctx, q, io.INT_OPS["int_add"], args, like=q, qp=q.meta.get(INT_KEY, oq))
     _replace(ctx, q, new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     _drop(ctx, a, b)
 
 
@@ -394,7 +389,6 @@ def fuse_cat(ctx: MatchContext, q: fx.Node, op: fx.Node):
                like=q, qp=q.meta.get(INT_KEY, oq))
     _replace(ctx, q, new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     _drop(ctx, *ins)
 
 
@@ -432,7 +426,6 @@ def fuse_avg_pool(ctx: MatchContext, q: fx.Node, op: fx.Node, dq: fx.Node):
                like=q, qp=q.meta.get(INT_KEY, oq))
     _replace(ctx, q, new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     _drop(ctx, dq)
 
 

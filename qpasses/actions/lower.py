@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..kernels import lowering as L
 from ..kernels import packing
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.dynamic import DynamicQuantLinear
 from ..numerics import FakeQuantize
@@ -96,7 +96,6 @@ def _finish(ctx: MatchContext, op: fx.Node, new: fx.Node, info: dict, dead) -> N
     new.meta[LOWERED_KEY] = info
     op.replace_all_uses_with(new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
     _drop_dead(ctx, dead)
 
 
@@ -184,7 +183,6 @@ def _drop_dead(ctx: MatchContext, nodes) -> None:
     for n in nodes:
         if isinstance(n, fx.Node) and n.graph is ctx.graph and not n.users and n.op in ("get_attr", "call_module"):
             ctx.graph.erase_node(n)
-            ctx.matcher.forget(n)
 
 
 def _lower_int4(ctx: MatchContext, op: fx.Node, wq: L.Int4GroupFakeQuantize, wsrc, w) -> None:

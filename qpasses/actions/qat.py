@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.qat import QATConvBn2d, fold_qat_conv_bn, frozen_fake_quant
 from ..numerics import FakeQuantize
@@ -31,7 +31,7 @@ def bn_module_pair(ctx: MatchContext, bn: fx.Node, conv: fx.Node):
     cm, bm = ctx.view(conv).module, ctx.view(bn).module
     if not isinstance(cm, nn.Conv2d) or not isinstance(bm, nn.BatchNorm2d):
         return False, "only nn.Conv2d -> nn.BatchNorm2d module calls are fused for QAT"
-    if is_shared_module(ctx.gm, conv) or is_shared_module(ctx.gm, bn):
+    if is_shared_module(ctx, conv) or is_shared_module(ctx, bn):
         return False, f"{conv.name} or {bn.name} calls a module used elsewhere"
     return True, ""
 
@@ -60,8 +60,6 @@ def qat_fuse_conv_bn(ctx: MatchContext, bn: fx.Node, conv: fx.Node, w_bits: int 
     bn.replace_all_uses_with(new)
     ctx.graph.erase_node(bn)
     ctx.graph.erase_node(conv)
-    ctx.matcher.forget(bn)
-    ctx.matcher.forget(conv)
 
 
 @action("qat_fold_conv_bn", replaces=True)
@@ -85,7 +83,6 @@ def qat_fold_conv_bn(ctx: MatchContext, op: fx.Node):
         new.meta["qpasses.bits"] = op.meta["qpasses.bits"]
     op.replace_all_uses_with(new)
     ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
 
 
 @constraint("learnable_fake_quant")
@@ -106,4 +103,3 @@ def freeze_fake_quant(ctx: MatchContext, fq: fx.Node):
     copy_meta(fq, new)
     fq.replace_all_uses_with(new)
     ctx.graph.erase_node(fq)
-    ctx.matcher.forget(fq)

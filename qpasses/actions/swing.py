@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from ..fxfast import set_submodule
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.genie import SwingConv1d, SwingConv2d, _Swing, to_swing
 
@@ -39,11 +38,9 @@ def swing_conv(ctx: MatchContext, op: fx.Node, jitter: int = 1):
         raise Refuse(f"{op.name} already swings")
     if type(mod) not in (nn.Conv1d, nn.Conv2d):
         raise Refuse(f"{op.name} calls {type(mod).__name__}, not a plain Conv1d/Conv2d")
-    if sum(1 for n in ctx.graph.nodes if n.op == "call_module" and n.target == op.target) > 1:
+    if ctx.is_shared_module(op):
         raise Refuse(f"{op.target} is called more than once")
-    new = to_swing(mod, int(jitter))
-    set_submodule(ctx.gm, str(op.target), new, ctx.modules)
-    ctx.matcher.forget(op)
+    ctx.replace_module(op.target, to_swing(mod, int(jitter)))
 
 
 @action("unswing_conv")
@@ -52,6 +49,4 @@ def unswing_conv(ctx: MatchContext, op: fx.Node):
     mod = ctx.view(op).module
     if not isinstance(mod, (SwingConv1d, SwingConv2d)):
         raise Refuse(f"{op.name} is not a swing convolution")
-    new = mod.to_conv()
-    set_submodule(ctx.gm, str(op.target), new, ctx.modules)
-    ctx.matcher.forget(op)
+    ctx.replace_module(op.target, mod.to_conv())

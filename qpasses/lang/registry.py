@@ -19,13 +19,6 @@ class Registered:
     replaces: bool = False
     #: for actions: names of bindings whose node may keep outside users
     keeps: tuple = ()
-    #: for data steps: True when the step only runs the model (each module path keeps its
-    #: module), so a module table built before it is still exact after it
-    keeps_modules: bool = False
-    #: for actions and constraints: True when it reads (and keeps correct) the compact form
-    #: of quantized weighted modules (qpasses/compact.py); a stage whose actions and
-    #: constraints all say so runs on that form, others on the decomposed form
-    compact: bool = False
 
 
 CONSTRAINTS: Dict[str, Registered] = {}
@@ -58,32 +51,25 @@ def constraint_result(res) -> Tuple[bool, str]:
     return bool(res), ""
 
 
-def constraint(name: Optional[str] = None, compact: bool = False):
+def constraint(name: Optional[str] = None):
     """Register ``fn(ctx, *args, **kwargs) -> bool | (bool, reason)`` as a constraint.
 
     ``ctx`` is the :class:`qpasses.matcher.MatchContext` of the match being checked.
-    ``compact=True`` declares that it also judges compact quantized modules
-    (:mod:`qpasses.compact`) correctly.
     """
-    return _register(CONSTRAINTS, name, compact=compact)
+    return _register(CONSTRAINTS, name)
 
 
-def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = (), compact: bool = False):
+def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()):
     """Register ``fn(ctx, *args, **kwargs)`` as a rewrite action.
 
     ``replaces=True`` declares that the action replaces the matched nodes by new ones,
     so the soundness guard "interior nodes have no users outside the match" applies.
-    ``compact=True`` declares that it handles compact quantized modules
-    (:mod:`qpasses.compact`) correctly, so a stage of such actions needs no expansion first.
+    The action changes the graph through ``ctx``'s verbs (:class:`qpasses.context.RewriteContext`).
     The action may raise :class:`qpasses.actions.Refuse` to decline a match with a reason.
     """
-    return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps), compact=compact)
+    return _register(ACTIONS, name, replaces=replaces, keeps=tuple(keeps))
 
 
-def data_step(name: Optional[str] = None, keeps_modules: bool = False):
-    """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes.
-
-    ``keeps_modules=True`` declares that the step only runs the model (it adds, removes and
-    replaces no submodule), so the engine may keep its module table across the step.
-    """
-    return _register(DATA_STEPS, name, keeps_modules=keeps_modules)
+def data_step(name: Optional[str] = None):
+    """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes."""
+    return _register(DATA_STEPS, name)

@@ -235,11 +235,11 @@ def bn_capture_module(gm: fx.GraphModule, bn_nodes: Sequence[fx.Node]) -> fx.Gra
     """A copy of ``gm`` whose output is the tuple ``(input of bn_0, input of bn_1, ...)``.
 
     Works on the graph, so it serves fx and aten graphs alike; the copy's modules are the copies
-    made by :func:`qpasses.manager.copy_graph_module` (the caller's graph is not touched).
+    made by :func:`qpasses.context.copy_graph_module` (the caller's graph is not touched).
     """
-    from ..manager import copy_graph_module
+    from ..context import copy_graph_module
     from ..matcher import Matcher
-    cap = copy_graph_module(gm, recompile=False)
+    cap = copy_graph_module(gm)
     by_name = {n.name: n for n in cap.graph.nodes}
     m = Matcher(cap)
     ins = []

@@ -301,7 +301,7 @@ class QuantSim:
                  per_channel: bool = True):
         from ..actions.quant import _observer_config, new_observer, weight_fake_quant
         from ..frontend import set_training
-        from ..manager import copy_graph_module
+        from ..context import copy_graph_module
         from ..ops import OpView, classify
         self.gm = copy_graph_module(gm)
         set_training(self.gm, False)
@@ -563,7 +563,7 @@ def hutchinson_traces(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
     """Per-layer Hessian trace of the cross-entropy w.r.t. each layer's weight (Hutchinson:
     ``E_v[v^T H v]`` with Rademacher ``v``; Avron & Toledo 2011, HAWQ-v2)."""
     from ..frontend import set_training
-    from ..manager import copy_graph_module
+    from ..context import copy_graph_module
     from ..ops import OpView, classify
     g = copy_graph_module(gm)
     set_training(g, False)

@@ -31,7 +31,6 @@ import torch.fx as fx
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from ..compact import decomposed
 from ..errors import QPassesError
 from ..frontend import as_inputs
 from ..numerics import FakeQuantize
@@ -918,7 +917,6 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
     if not isinstance(gm, fx.GraphModule):
         raise ExportError(f"export_onnx expects a torch.fx.GraphModule (qpasses.trace / PassManager.run) "
                           f"or an nn.Module, got {type(gm).__name__}")
-    gm = decomposed(gm)  # compact fake-quantized-weight modules: read as weight_fq -> functional op
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: per-axis QDQ needs opset >= {MIN_OPSET}")
     if opset > onnx.defs.onnx_opset_version():

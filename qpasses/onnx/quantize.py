@@ -9,8 +9,7 @@ same files, same parameter validation), and its units run on an onnx-graphsurgeo
   ``qpasses_observer_*``, its configuration kept aside), ``to_fake_quant`` (observer ->
   ``QuantizeLinear``/``DequantizeLinear`` pair), ``quantize_weight`` (per-channel symmetric
   integer weight + ``DequantizeLinear``), ``float_input``, ``input_quantized``,
-  ``weight_quantized``, ``skipped`` (and ``observed_inside`` / ``input_to_fake_quant``, for the
-  compact modules of PyTorch graphs, which never match here);
+  ``weight_quantized``, ``skipped``;
 * the ``calibrate`` data step runs in onnxruntime: every observer's output becomes an extra
   graph output, the batches run, and the qpasses observer of that configuration (minmax,
   percentile, mse, entropy, aciq, ...) sees each tensor.
@@ -94,16 +93,6 @@ def _weight_quantized(ctx, node):
     p = producer(node.inputs[1]) if len(node.inputs) > 1 else None
     ok = p is not None and p.op == "DequantizeLinear"
     return ok, f"{node.name} already has a quantized weight"
-
-
-@onnx_constraint("observed_inside")
-def _observed_inside(ctx, node):
-    return False, "an ONNX graph has no module that observes its own input (qpasses/compact.py)"
-
-
-@onnx_action("input_to_fake_quant")
-def _input_to_fake_quant(ctx, op, learnable: bool = False):
-    raise OnnxRefuse(f"{op.name}: an ONNX graph has no module that observes its own input")
 
 
 @onnx_constraint("skipped")

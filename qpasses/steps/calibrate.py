@@ -40,7 +40,7 @@ def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", prog
         yield as_inputs(batch, arity)
 
 
-@data_step("calibrate", keeps_modules=True)
+@data_step("calibrate")
 def calibrate(ctx) -> None:
     """Run up to ``calib_batches`` batches of ``data`` through the graph in eval mode, no grad."""
     gm = ctx.gm

@@ -30,7 +30,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import OptionError, StepError
-from ..fxfast import set_submodule
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from ..numerics.rounding import BetaSchedule
@@ -73,7 +72,7 @@ def install_quantizers(gm: fx.GraphModule, learn_w_scale: bool = True) -> Tuple[
         else:
             q = GenieActQuantizer(mod)
             acts[target] = q
-        set_submodule(gm, target, q)
+        gm.set_submodule(target, q)
     return weights, acts
 
 
@@ -90,10 +89,10 @@ def bake_quantizers(gm: fx.GraphModule) -> int:
             t = _const_tensor(gm, n.args[0])
             with torch.no_grad():
                 t.copy_(w.to(t.dtype))
-            set_submodule(gm, str(n.target), fq)
+            gm.set_submodule(str(n.target), fq)
             n_baked += 1
         elif isinstance(mod, GenieActQuantizer):
-            set_submodule(gm, str(n.target), mod.bake())
+            gm.set_submodule(str(n.target), mod.bake())
             n_baked += 1
     return n_baked
 
