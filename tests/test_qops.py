@@ -304,3 +304,44 @@ def test_disabled_fake_quantize_is_the_identity():
     fq.enabled = False
     x = _x(3, 3)
     assert fq(x) is x
+
+
+# ------------------------------------------------------------------------- dynamic quantization
+def _old_dynamic_fq(x, bits, symmetric, reduce_dim):
+    scale, zp, qmin, qmax = dynamic_qparams(x, bits, symmetric, reduce_dim)
+    q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize("reduce_dim", [None, -1, -2, 2, 0])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dynamic_fake_quant_is_the_per_token_op(reduce_dim, symmetric):
+    from qpasses.methods.dynamic import DynamicFakeQuant
+    x = _x(2, 7, 9, seed=9)
+    x[1, :, 3] += 4.0
+    mod = DynamicFakeQuant(8, symmetric, reduce_dim)
+    assert torch.equal(mod(x), _old_dynamic_fq(x, 8, symmetric, reduce_dim))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes")   # the module's weight cache, refilled during export
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dynamic_quant_linear_quantizes_its_input_with_the_per_token_op(granularity, symmetric, monkeypatch):
+    from qpasses.methods import dynamic as dyn
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(12, 32, generator=g), torch.randn(12, generator=g)
+    x = torch.randn(3, 4, 32, generator=g) * 2 + 0.5
+    mod = dyn.DynamicQuantLinear(w, b, granularity=granularity, symmetric=symmetric)
+    reduce_dim = -1 if granularity == "per_token" else None
+    scale, zp, qmin, qmax = dynamic_qparams(x, 8, symmetric, reduce_dim)
+    xq, s, z = mod.quantize_input(x)
+    assert torch.equal(xq, torch.clamp(torch.round(x / scale) + zp, qmin, qmax))
+    assert torch.equal(s, scale) and torch.equal(z, zp)
+    # the float route against the arithmetic it had before the op
+    monkeypatch.setattr(dyn.DynamicQuantLinear, "_use_int_mm", lambda self, rows: False)
+    centred = torch.clamp(torch.round(x / scale), qmin - zp, qmax - zp)
+    want = torch.matmul(centred, mod.weight_q.t().float()) * (scale * mod.weight_scale) + b
+    assert torch.equal(mod(x), want)
+    # and it is one op node in an exported graph
+    ep = torch.export.export(mod, (x,))
+    assert [str(n.target) for n in _qnodes(ep)] == ["qpasses.quantize_per_token.default"]
