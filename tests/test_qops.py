@@ -345,3 +345,32 @@ def test_dynamic_quant_linear_quantizes_its_input_with_the_per_token_op(granular
     # and it is one op node in an exported graph
     ep = torch.export.export(mod, (x,))
     assert [str(n.target) for n in _qnodes(ep)] == ["qpasses.quantize_per_token.default"]
+
+
+# ----------------------------------------------------------------------------------------- ONNX
+@pytest.mark.parametrize("learnable", [False, True])
+def test_onnx_export_of_a_graph_traced_through_fake_quantize(learnable):
+    """qpasses.trace traces through FakeQuantize: its op call becomes a QuantizeLinear/DequantizeLinear pair."""
+    pytest.importorskip("onnxruntime")
+    from qpasses.onnx import export_onnx, run_onnx
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(6, 4)
+            self.a = FakeQuantize(0.02, 128, 0, 255, learnable=learnable)
+            self.w = FakeQuantize(self.fc.weight.detach().abs().amax(1) / 127, 0, -127, 127, axis=0,
+                                  learnable=learnable)
+
+        def forward(self, x):
+            return nn.functional.linear(self.a(x), self.w(self.fc.weight), self.fc.bias)
+
+    m = M().eval()
+    x = torch.rand(3, 6) * 4 - 2
+    gm = qpasses.trace(m, (x,))
+    assert sum(str(n.target).startswith("qpasses.") for n in gm.graph.nodes) == 2
+    model = export_onnx(gm, x)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    torch.testing.assert_close(torch.from_numpy(run_onnx(model, x)[0]), m(x).detach(), rtol=1e-5, atol=1e-5)

@@ -77,10 +77,20 @@ def _check_float(x: Tensor, name: str) -> None:
         raise TypeError(f"qpasses::{name} needs a floating-point input, got {x.dtype}")
 
 
-def _zp32(zero_point: Tensor) -> Tensor:
-    if zero_point.is_floating_point() or zero_point.is_complex():
-        raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}")
-    return zero_point if zero_point.dtype == torch.int32 else zero_point.to(torch.int32)
+def _zp32(zero_point: Tensor, shape) -> Tensor:
+    """``zero_point`` as an int32 tensor of ``shape`` (``()`` or ``(-1,)``), without copies when it is one."""
+    if zero_point.dtype != torch.int32:
+        if zero_point.is_floating_point() or zero_point.is_complex():
+            raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}")
+        zero_point = zero_point.to(torch.int32)
+    return zero_point if zero_point.dim() == len(shape) else zero_point.reshape(shape)
+
+
+def _f32(scale: Tensor, shape) -> Tensor:
+    """``scale`` as a float32 tensor of ``shape`` (``()`` or ``(-1,)``), without copies when it is one."""
+    if scale.dtype != torch.float32:
+        scale = scale.to(torch.float32)
+    return scale if scale.dim() == len(shape) else scale.reshape(shape)
 
 
 def _axis(axis: int, x: Tensor) -> int:
@@ -125,8 +135,7 @@ def _ste_mask(x: Tensor, inv_scale: Tensor, zero_point: Tensor, quant_min: int, 
 @torch.library.custom_op("qpasses::fake_quant_per_tensor", mutates_args=())
 def fake_quant_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int) -> Tensor:
     """``torch.fake_quantize_per_tensor_affine`` as one node; ``scale`` / ``zero_point`` one-element tensors."""
-    return torch.fake_quantize_per_tensor_affine(x, scale.to(torch.float32).reshape(()),
-                                                 _zp32(zero_point).reshape(()), quant_min, quant_max)
+    return torch.fake_quantize_per_tensor_affine(x, _f32(scale, ()), _zp32(zero_point, ()), quant_min, quant_max)
 
 
 @fake_quant_per_tensor.register_fake
@@ -156,9 +165,8 @@ fake_quant_per_tensor.register_autograd(_per_tensor_backward, setup_context=_per
 def fake_quant_per_channel(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int,
                            quant_max: int) -> Tensor:
     """``torch.fake_quantize_per_channel_affine`` as one node (``axis`` may be negative)."""
-    return torch.fake_quantize_per_channel_affine(x, scale.to(torch.float32).reshape(-1),
-                                                  _zp32(zero_point).reshape(-1), _axis(axis, x), quant_min,
-                                                  quant_max)
+    return torch.fake_quantize_per_channel_affine(x, _f32(scale, (-1,)), _zp32(zero_point, (-1,)), _axis(axis, x),
+                                                  quant_min, quant_max)
 
 
 @fake_quant_per_channel.register_fake
