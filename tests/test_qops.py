@@ -374,3 +374,24 @@ def test_onnx_export_of_a_graph_traced_through_fake_quantize(learnable):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
     torch.testing.assert_close(torch.from_numpy(run_onnx(model, x)[0]), m(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_sees_each_quantizer_as_one_op():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = _Net(True).eval()
+    x = torch.rand(2, 3, 8, 8)
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(y, m(x))
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sorted(t for t in targets if t.startswith("qpasses.")) == sorted([
+        "qpasses.fake_quant_per_tensor.default", "qpasses.fake_quant_per_channel.default",
+        "qpasses.fake_quant_lsq_per_tensor.default"])

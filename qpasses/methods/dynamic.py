@@ -7,6 +7,8 @@
   the activation is quantized to ``a_bits`` (affine with a zero-point by default), and the
   product is accumulated exactly on integers:
   ``y[m, n] = s_x[m] * s_w[n] * sum_k (x_q[m, k] - z[m]) * w_q[n, k] + b[n]``.
+  The activation is quantized by one ``torch.ops.qpasses.quantize_per_token`` call (per tensor:
+  on the input flattened to one row), the op :mod:`qpasses.numerics.qops` defines.
 * :class:`DynamicFakeQuant` -- quantize-dequantize on the fly, with qparams taken from the
   current tensor; ``reduce_dim=None`` is per tensor, ``reduce_dim=-1`` one range per row,
   ``reduce_dim=-2`` one range per column (the right operand of a matmul).  Used on both inputs

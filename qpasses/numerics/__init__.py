@@ -12,10 +12,11 @@
 Nothing here imports the rest of qpasses.
 """
 from .aciq import aciq_alpha, aciq_mse, allocate_bits, bias_correct_weight, fit_gauss_sigma, fit_laplace_b
-from . import qops  # noqa: F401  registers torch.ops.qpasses.fake_quant_* / quantize_per_token
 from .fake_quant import FakeQuantize, bits_of_range
 from .fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier, quantize_multiplier_tensor,
                           requantize, rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
+from .qops import (fake_quant_lsq_per_channel, fake_quant_lsq_per_tensor, fake_quant_per_channel,
+                   fake_quant_per_group, fake_quant_per_tensor, fake_quant_per_token, quantize_per_token)
 from .observers import (OBSERVERS, ACIQObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
                         MSEObserver, Observer, PercentileObserver, make_observer)
 from .qparams import (absmax_qparams, absmax_qparams_many, calc_qparams, calc_symmetric_qparams, dequantize,
@@ -27,7 +28,9 @@ __all__ = [
     "dequantize", "fake_quantize", "sqnr", "dynamic_qparams", "dynamic_range_qparams",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
     "HistogramObserver", "ACIQObserver", "OBSERVERS", "make_observer",
-    "FakeQuantize", "bits_of_range",
+    "FakeQuantize", "bits_of_range", "qops",
+    "fake_quant_per_tensor", "fake_quant_per_channel", "fake_quant_per_group", "fake_quant_lsq_per_tensor",
+    "fake_quant_lsq_per_channel", "fake_quant_per_token", "quantize_per_token",
     "aciq_alpha", "aciq_mse", "fit_laplace_b", "fit_gauss_sigma", "allocate_bits", "bias_correct_weight",
     "AdaRoundQuantizer", "BetaSchedule", "rectified_sigmoid",
     "quantize_multiplier", "quantize_multiplier_tensor", "saturating_rounding_doubling_high_mul",
