@@ -556,7 +556,8 @@ _IDENTITY = {"contiguous", "clone", "detach", "dropout", "alias", "identity"}
 
 
 # the quantizer custom ops (qpasses.numerics.qops) with torch's fake_quantize_per_*_affine arguments
-_QOPS_FQ = ("fake_quant_per_tensor", "fake_quant_per_channel", "fake_quant_lsq_per_tensor", "fake_quant_lsq_per_channel")
+_QOPS_FQ = ("fake_quant_per_tensor", "fake_quant_per_channel",
+            "fake_quant_lsq_per_tensor", "fake_quant_lsq_per_channel")
 
 
 def _target_name(node: fx.Node) -> str:
