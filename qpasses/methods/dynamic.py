@@ -44,6 +44,7 @@ __all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantiz
 
 GRANULARITIES = ("per_tensor", "per_token")
 _FP32_EXACT = float(2 ** 24)
+_INT_MM_EXACT = {}
 _QOPS = torch.ops.qpasses
 
 
@@ -68,7 +69,6 @@ def quantize_dynamic(x: torch.Tensor, bits: int, symmetric: bool, per_token: boo
         return codes, scale, zp.float(), qmin, qmax
     codes, scale, zp = _QOPS.quantize_per_token.default(x.reshape(1, -1), qmin, qmax, symmetric)
     return codes.reshape(x.shape), scale.reshape(()), zp.float().reshape(()), qmin, qmax
-_INT_MM_EXACT = {}
 
 
 def int_mm_is_exact(device: str = "cpu") -> bool:
