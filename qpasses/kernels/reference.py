@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..numerics.qparams import dynamic_qparams
 from . import packing
 
 INT32_MIN = -(2 ** 31)
@@ -169,7 +170,6 @@ def dynamic_quantize_int8(x2: torch.Tensor, a_bits: int, symmetric: bool, per_to
     -128 into int8), fp32 scales ``[M]`` and int32 zero points ``[M]`` in the int8 domain, so
     that ``x ~= (x8 - x_zp) * x_scale`` row by row (per tensor: the same value in every row).
     """
-    from ..methods.dynamic import dynamic_qparams
     xf = x2.float()
     scale, zp, qmin, qmax = dynamic_qparams(xf, int(a_bits), bool(symmetric), -1 if per_token else None)
     shift = 128 if qmax > 127 else 0

@@ -7,6 +7,8 @@
   the activation is quantized to ``a_bits`` (affine with a zero-point by default), and the
   product is accumulated exactly on integers:
   ``y[m, n] = s_x[m] * s_w[n] * sum_k (x_q[m, k] - z[m]) * w_q[n, k] + b[n]``.
+  The activation is quantized by one ``torch.ops.qpasses.quantize_per_token`` call (per tensor:
+  on the input flattened to one row), the op :mod:`qpasses.numerics.qops` defines.
 * :class:`DynamicFakeQuant` -- quantize-dequantize on the fly, with qparams taken from the
   current tensor; ``reduce_dim=None`` is per tensor, ``reduce_dim=-1`` one range per row,
   ``reduce_dim=-2`` one range per column (the right operand of a matmul).  Used on both inputs
@@ -35,12 +37,38 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantize_weight_per_channel",
-           "GRANULARITIES", "int_mm_is_exact"]
+from ..numerics.qparams import dynamic_qparams  # noqa: F401  re-exported here (its home is numerics)
+
+__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantize_dynamic", "dynamic_range",
+           "quantize_weight_per_channel", "GRANULARITIES", "int_mm_is_exact"]
 
 GRANULARITIES = ("per_tensor", "per_token")
 _FP32_EXACT = float(2 ** 24)
 _INT_MM_EXACT = {}
+_QOPS = torch.ops.qpasses
+
+
+def dynamic_range(bits: int, symmetric: bool):
+    """``(qmin, qmax)`` of dynamic activations: signed narrow when symmetric, else unsigned."""
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def quantize_dynamic(x: torch.Tensor, bits: int, symmetric: bool, per_token: bool):
+    """``(codes, scale, zero_point, qmin, qmax)`` of ``x`` quantized with qparams measured on itself.
+
+    One ``torch.ops.qpasses.quantize_per_token`` call: per token (one range per row of the last
+    dim; scale and zero point ``[..., 1]``), or per tensor (the whole tensor as one row; 0-d
+    scale and zero point).  Codes are int32, the qparams float32 -- the numbers of
+    :func:`~qpasses.numerics.qparams.dynamic_qparams` and ``clamp(round(x / scale) + zp, qmin, qmax)``.
+    """
+    qmin, qmax = dynamic_range(bits, symmetric)
+    if per_token:
+        codes, scale, zp = _QOPS.quantize_per_token.default(x, qmin, qmax, symmetric)
+        return codes, scale, zp.float(), qmin, qmax
+    codes, scale, zp = _QOPS.quantize_per_token.default(x.reshape(1, -1), qmin, qmax, symmetric)
+    return codes.reshape(x.shape), scale.reshape(()), zp.float().reshape(()), qmin, qmax
 
 
 def int_mm_is_exact(device: str = "cpu") -> bool:
@@ -69,34 +97,6 @@ def int_mm_is_exact(device: str = "cpu") -> bool:
             hit = False
         _INT_MM_EXACT[device] = hit
     return hit
-
-
-def dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool, reduce_dim: Optional[int]):
-    """Scale / zero-point / integer range from the current tensor's min/max.
-
-    ``reduce_dim=None``: one pair per tensor; otherwise one pair per slice along every other
-    dimension, reduced over ``reduce_dim`` (kept as a size-1 dim, so the result broadcasts).
-    Affine: unsigned ``[0, 2**bits - 1]`` with an integer zero-point, the range always holding 0.
-    Symmetric: signed narrow ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, zero-point 0.
-    """
-    xf = x.detach()
-    if reduce_dim is None:
-        lo, hi = xf.amin(), xf.amax()
-    else:
-        lo, hi = xf.amin(dim=reduce_dim, keepdim=True), xf.amax(dim=reduce_dim, keepdim=True)
-    lo = torch.clamp(lo, max=0.0)
-    hi = torch.clamp(hi, min=0.0)
-    eps = torch.finfo(torch.float32).eps
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        qmin = -qmax
-        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=eps)
-        zp = torch.zeros_like(scale)
-    else:
-        qmin, qmax = 0, 2 ** bits - 1
-        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    return scale.float(), zp.float(), qmin, qmax
 
 
 def quantize_weight_per_channel(w: torch.Tensor, bits: int = 8):
@@ -144,10 +144,9 @@ class DynamicQuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor):
         """(x_q as integer-valued float, scale, zero_point) with this module's granularity."""
-        reduce_dim = -1 if self.granularity == "per_token" else None
-        scale, zp, qmin, qmax = dynamic_qparams(x, self.a_bits, self.symmetric, reduce_dim)
-        xq = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
-        return xq, scale, zp
+        codes, scale, zp, _, _ = quantize_dynamic(x.float(), self.a_bits, self.symmetric,
+                                                  self.granularity == "per_token")
+        return codes.float(), scale, zp
 
     def _weight_t(self) -> torch.Tensor:
         """The integer weight, transposed, as fp32 (cached; exact: |w_q| <= 127)."""
@@ -175,15 +174,14 @@ class DynamicQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        reduce_dim = -1 if self.granularity == "per_token" else None
-        scale, zp, qmin, qmax = dynamic_qparams(xf, self.a_bits, self.symmetric, reduce_dim)
+        codes, scale, zp, qmin, qmax = quantize_dynamic(xf, self.a_bits, self.symmetric,
+                                                        self.granularity == "per_token")
         bound = self.in_features * float(2 ** self.a_bits) * float(2 ** (self.w_bits - 1))
         lead = xf.shape[:-1]
         rows = xf.numel() // max(self.in_features, 1)
         if self.in_features > 0 and self._use_int_mm(rows):
             # codes in [qmin, qmax]; shifted into int8 when they are unsigned 8-bit
             shift = 128 if qmax > 127 else 0
-            codes = torch.clamp(torch.round(xf / scale) + zp, qmin, qmax)
             x8 = (codes - shift).to(torch.int8).reshape(rows, self.in_features)
             w8t, colsum = self._int8_operands()
             acc = torch._int_mm(x8, w8t)                                # int32 [rows, N], exact
@@ -201,8 +199,8 @@ class DynamicQuantLinear(nn.Module):
             if self.bias is not None:
                 y += self.bias
             return y.to(x.dtype)
-        # x_q - z directly: clamp(round(x / s), qmin - z, qmax - z), integers in [-(2^a - 1), 2^a - 1]
-        centred = torch.clamp(torch.round(xf / scale), qmin - zp, qmax - zp)
+        # x_q - z: integers in [-(2^a - 1), 2^a - 1], exact in fp32
+        centred = codes.float() - zp
         if bound < _FP32_EXACT:
             acc = torch.matmul(centred, self._weight_t())            # exact integer sums in fp32
             y = acc * (scale * self.weight_scale)
@@ -225,7 +223,11 @@ class DynamicQuantLinear(nn.Module):
 
 
 class DynamicFakeQuant(nn.Module):
-    """Quantize-dequantize with qparams measured on the current tensor (no state, no calibration)."""
+    """Quantize-dequantize with qparams measured on the current tensor (no state, no calibration).
+
+    One ``torch.ops.qpasses.fake_quant_per_token`` call (on the tensor moved so that ``reduce_dim``
+    is last, or flattened to one row per tensor): the numbers of :func:`dynamic_qparams`, computed
+    in float32, with a straight-through gradient for the input."""
 
     def __init__(self, bits: int = 8, symmetric: bool = False, reduce_dim: Optional[int] = None):
         super().__init__()
@@ -234,9 +236,13 @@ class DynamicFakeQuant(nn.Module):
         self.bits, self.symmetric, self.reduce_dim = int(bits), bool(symmetric), reduce_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zp, qmin, qmax = dynamic_qparams(x, self.bits, self.symmetric, self.reduce_dim)
-        q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
-        return ((q - zp) * scale).to(x.dtype)
+        qmin, qmax = dynamic_range(self.bits, self.symmetric)
+        fq = _QOPS.fake_quant_per_token.default
+        if self.reduce_dim is None:
+            return fq(x.reshape(1, -1), qmin, qmax, self.symmetric).reshape(x.shape)
+        if self.reduce_dim in (-1, x.dim() - 1):
+            return fq(x, qmin, qmax, self.symmetric)
+        return fq(x.movedim(self.reduce_dim, -1), qmin, qmax, self.symmetric).movedim(-1, self.reduce_dim)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, reduce_dim={self.reduce_dim}"

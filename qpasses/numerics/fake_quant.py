@@ -1,12 +1,13 @@
 """``FakeQuantize``: quantize-dequantize in floating point, with straight-through gradients or LSQ.
 
 The module carries fixed quantization parameters (usually produced by an observer through
-:meth:`FakeQuantize.from_observer`). Its forward is plain aten ops only --
-``aten.fake_quantize_per_tensor_affine`` / ``aten.fake_quantize_per_channel_affine`` or, for a
-learnable scale, elementwise arithmetic -- so a graph containing it can be traced by ``torch.fx``
-(as a leaf ``call_module`` or traced through), exported by ``torch.export`` and lowered to ONNX
-``QuantizeLinear``/``DequantizeLinear`` pairs. The only Python branches in ``forward`` test plain
-attributes (``enabled``, ``learnable``, ``axis``).
+:meth:`FakeQuantize.from_observer`). Its forward is one call of a ``torch.library`` custom op
+(:mod:`.qops`): ``torch.ops.qpasses.fake_quant_per_tensor`` / ``fake_quant_per_channel`` (bit-exact
+with ``torch.fake_quantize_per_*_affine``), or ``fake_quant_lsq_per_tensor`` /
+``fake_quant_lsq_per_channel`` for a learnable scale -- so ``torch.fx`` tracing through it,
+``torch.export`` and ``torch.compile`` all see the quantizer as a single node, with its scale and
+zero point as inputs. The only Python branches in ``forward`` test plain attributes (``enabled``,
+``learnable``, ``axis``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import qops  # noqa: F401  registers the torch.ops.qpasses quantizer ops
 from ._module import add_buffers
 from .qparams import dequantize as _dequantize
 from .qparams import quantize as _quantize
@@ -23,6 +25,7 @@ from .qparams import quantize as _quantize
 __all__ = ["FakeQuantize", "bits_of_range"]
 
 _F32_EPS = torch.finfo(torch.float32).eps
+_QOPS = torch.ops.qpasses
 
 
 def bits_of_range(qmin: int, qmax: int) -> int:
@@ -50,9 +53,10 @@ class FakeQuantize(nn.Module):
         symmetric: recorded for back-ends and reports.
 
     Attribute ``enabled`` (default True): when False, ``forward`` is the identity.
-    Without ``learnable`` the forward calls ``torch.fake_quantize_per_tensor_affine`` /
-    ``torch.fake_quantize_per_channel_affine`` (straight-through gradient for ``x``, masked
-    outside the range; no gradient for the parameters).
+    Without ``learnable`` the forward calls ``torch.ops.qpasses.fake_quant_per_tensor`` /
+    ``fake_quant_per_channel`` (the numerics of ``torch.fake_quantize_per_*_affine``:
+    straight-through gradient for ``x``, masked outside the range; no gradient for the
+    parameters); with it, ``fake_quant_lsq_per_tensor`` / ``fake_quant_lsq_per_channel``.
     """
 
     def __init__(self, scale: Union[float, torch.Tensor], zero_point: Union[int, torch.Tensor], qmin: int,
@@ -137,37 +141,14 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` (identity when ``enabled`` is False)."""
+        """Fake-quantize ``x`` (identity when ``enabled`` is False): one ``torch.ops.qpasses`` op call."""
         if not self.enabled:
             return x
-        if self.learnable:
-            return self._lsq(x)
         if self.axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
-        ax = self.axis if self.axis >= 0 else self.axis + x.dim()
-        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, ax, self.qmin, self.qmax)
-
-    def _lsq(self, x: torch.Tensor) -> torch.Tensor:
-        qpos = max(self.qmax, 1)
-        if self.axis is None:
-            xm = x
-            n = x.numel()
-        else:
-            xm = x.movedim(self.axis, -1)  # per-channel parameters broadcast along the last dim
-            n = x.numel() // x.shape[self.axis]
-        g = (n * qpos) ** -0.5
-        s = self.scale
-        s = (s - s * g).detach() + s * g          # value s, gradient scaled by g
-        # |s|: an optimizer step can push a small learned scale below zero; with a clamp its
-        # gradient would then vanish for good, with abs() training carries on
-        s = torch.clamp(s.abs(), min=_F32_EPS)
-        z = self.zero_point.to(s.dtype)
-        v = torch.clamp(xm / s + z, self.qmin, self.qmax)
-        v = v + (torch.round(v) - v).detach()     # round with a straight-through estimator
-        y = (v - z) * s
-        if self.axis is not None:
-            y = y.movedim(-1, self.axis)
-        return y.to(x.dtype)
+            op = _QOPS.fake_quant_lsq_per_tensor if self.learnable else _QOPS.fake_quant_per_tensor
+            return op.default(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        op = _QOPS.fake_quant_lsq_per_channel if self.learnable else _QOPS.fake_quant_per_channel
+        return op.default(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
     # ------------------------------------------------------------------ helpers
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:

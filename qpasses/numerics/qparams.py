@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 __all__ = ["qrange", "calc_qparams", "calc_symmetric_qparams", "absmax_qparams", "absmax_qparams_many", "quantize",
-           "dequantize", "fake_quantize", "sqnr"]
+           "dequantize", "fake_quantize", "sqnr", "dynamic_qparams", "dynamic_range_qparams"]
 
 Number = Union[int, float]
 TensorLike = Union[torch.Tensor, Number]
@@ -221,6 +221,53 @@ def fake_quantize(x: torch.Tensor, scale: TensorLike, zero_point: TensorLike, qm
     if z1.numel() == 1:
         z1 = z1.expand(x.shape[ax]).contiguous()
     return torch.fake_quantize_per_channel_affine(x, s1, z1, ax, qmin, qmax)
+
+
+def dynamic_range_qparams(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, reduce_dim: Optional[int]
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``x`` from its own min / max (dynamic quantization), in ``x``'s dtype.
+
+    ``reduce_dim=None``: one pair for the whole tensor (0-d); otherwise one pair per slice along
+    every other dimension, reduced over ``reduce_dim`` (kept as a size-1 dim, so the result
+    broadcasts; ``-1`` is per token).  The range is widened to hold 0.
+
+    * symmetric (signed range): ``scale = max(|min|, max) / qmax``, zero point 0;
+    * affine: ``scale = (max - min) / (qmax - qmin)``, ``zero_point = clamp(round(qmin - min / scale),
+      qmin, qmax)`` (an integer value, returned as a float tensor).
+
+    ``scale`` is clamped to ``>= eps`` (float32); ``x`` is read detached (the qparams get no gradient).
+    """
+    xf = x.detach()
+    if reduce_dim is None:
+        lo, hi = xf.amin(), xf.amax()
+    else:
+        lo, hi = xf.amin(dim=reduce_dim, keepdim=True), xf.amax(dim=reduce_dim, keepdim=True)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=_F32_EPS)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=_F32_EPS)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def dynamic_qparams(x: torch.Tensor, bits: int, symmetric: bool, reduce_dim: Optional[int]):
+    """``(scale, zero_point, qmin, qmax)`` of ``x`` for dynamic ``bits``-wide quantization.
+
+    Affine: unsigned ``[0, 2**bits - 1]``; symmetric: signed narrow ``[-(2**(bits-1) - 1),
+    2**(bits-1) - 1]`` with zero point 0.  ``scale`` / ``zero_point`` are float32 tensors from
+    :func:`dynamic_range_qparams` (``reduce_dim`` as there), the range plain ints.  The per-token
+    ops ``torch.ops.qpasses.quantize_per_token`` / ``fake_quant_per_token`` use the same qparams.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+    scale, zp = dynamic_range_qparams(x, qmin, qmax, symmetric, reduce_dim)
+    return scale.float(), zp.float(), qmin, qmax
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:

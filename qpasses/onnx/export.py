@@ -163,7 +163,8 @@ class _Builder:
 
     # ---------------------------------------------------------------- quantization
     def fq_module(self, node: fx.Node) -> Optional[FakeQuantize]:
-        """The FakeQuantize of a module call, or one rebuilt from a ``fake_quantize_per_*_affine`` call."""
+        """The FakeQuantize of a module call, or one rebuilt from a ``fake_quantize_per_*_affine`` call
+        or a ``torch.ops.qpasses.fake_quant_*`` quantizer op (same arguments)."""
         if node.op == "call_module":
             m = self.modules.get(node.target)
             if isinstance(m, FakeQuantize):
@@ -175,7 +176,7 @@ class _Builder:
             return self._fq_cache[node]
         tn = _target_name(node)
         fq = None
-        if tn.startswith("fake_quantize_per_tensor_affine") or tn.startswith("fake_quantize_per_channel_affine"):
+        if tn.startswith(("fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine")) or tn in _QOPS_FQ:
             per_channel = "channel" in tn
             names = (("input", "scale", "zero_point", "axis", "quant_min", "quant_max") if per_channel
                      else ("input", "scale", "zero_point", "quant_min", "quant_max"))
@@ -189,6 +190,9 @@ class _Builder:
                         raise ExportError(f"{node.name}: quantization parameter {k} is computed at run time")
                     v = self.vals[v]
                 res[k] = v
+            if "lsq" in tn:  # the value LSQ quantizes with: max(|scale|, eps)
+                res["scale"] = torch.clamp(torch.as_tensor(res["scale"]).detach().abs(),
+                                           min=torch.finfo(torch.float32).eps)
             fq = FakeQuantize(res["scale"], res["zero_point"], int(res["quant_min"]), int(res["quant_max"]),
                               axis=int(res["axis"]) if per_channel else None)
         self._fq_cache[node] = fq
@@ -548,6 +552,11 @@ _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "truediv": "D
 _ACT_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.LeakyReLU: "leaky_relu",
                 nn.ELU: "elu", nn.Softplus: "softplus", nn.Mish: "mish"}
 _IDENTITY = {"contiguous", "clone", "detach", "dropout", "alias", "identity"}
+
+
+# the quantizer custom ops (qpasses.numerics.qops) with torch's fake_quantize_per_*_affine arguments
+_QOPS_FQ = ("fake_quant_per_tensor", "fake_quant_per_channel",
+            "fake_quant_lsq_per_tensor", "fake_quant_lsq_per_channel")
 
 
 def _target_name(node: fx.Node) -> str:
