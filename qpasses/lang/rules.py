@@ -37,9 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from ..errors import Location, RuleError, RuleSyntaxError, UnknownNameError, nearest
-from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS
-from .syntax import (BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
+from ..errors import (ArgumentError, Location, RuleError, RuleLimitError, RuleSchemaError, RuleSyntaxError,
+                      UnknownNameError, nearest)
+from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS, Registered, check_arguments
+from .syntax import (MAX_NESTING, MAX_TEXT, BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
                      ValuePat, find_refs, param_refs, parse_call, parse_pattern, parse_value, substitute)
 
 # ----------------------------------------------------------------------------- located YAML
@@ -70,28 +71,119 @@ def _mark(file: Optional[str], node: yaml.Node, quoted_shift: bool = True) -> Lo
     return Location(file, node.start_mark.line + 1, col)
 
 
-def _construct(node: yaml.Node, file: Optional[str], loader: yaml.SafeLoader) -> Any:
-    # iterative-enough: rule files are small and shallow; recursion depth = YAML nesting
-    if isinstance(node, yaml.MappingNode):
-        out = LDict()
-        out.loc = _mark(file, node)
-        out.key_locs, out.val_locs = {}, {}
-        for k, v in node.value:
-            key = _construct(k, file, loader)
-            if isinstance(key, (dict, list)):
-                raise RuleSyntaxError("mapping keys must be plain names", _mark(file, k))
-            if key in out:
-                raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
-            out[key] = _construct(v, file, loader)
-            out.key_locs[key] = _mark(file, k)
-            out.val_locs[key] = _mark(file, v)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        out = LList(_construct(v, file, loader) for v in node.value)
-        out.loc = _mark(file, node)
-        out.item_locs = [_mark(file, v) for v in node.value]
-        return out
-    value = loader.construct_object(node, deep=True)
+# ----------------------------------------------------------------------------- limits
+
+#: the limits a rule file is read under; anything beyond them is a located RuleLimitError
+LIMITS = {
+    "file_bytes": 256 * 1024,       # size of one rule / recipe file
+    "yaml_depth": 32,               # nesting of YAML mappings and lists (after alias expansion)
+    "yaml_nodes": 20000,            # YAML values in one file, aliases counted at every use
+    "pattern_chars": MAX_TEXT,      # one pattern, call or ${...} value text
+    "pattern_depth": MAX_NESTING,   # nesting of (patterns) and [lists] inside one text
+}
+
+_STD = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_STD + "str", _STD + "int", _STD + "float", _STD + "bool", _STD + "null"}
+
+try:  # libyaml when present (fast); the pure-Python parser otherwise: same events either way
+    _EventLoader = yaml.CSafeLoader  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - depends on the PyYAML build
+    _EventLoader = yaml.SafeLoader
+
+
+def _event_loc(file: Optional[str], ev: Any) -> Location:
+    m = getattr(ev, "start_mark", None)
+    return Location(file, m.line + 1, m.column + 1) if m is not None else Location(file, 1, 1)
+
+
+def _compose(loader: Any, file: Optional[str]) -> Optional[yaml.Node]:
+    """Build the YAML node tree from parser events without recursion.
+
+    Nesting is limited to ``LIMITS['yaml_depth']``; an alias may only refer to an anchor whose
+    node is complete (so a node cannot contain itself); one document per file.
+    """
+    max_depth = LIMITS["yaml_depth"]
+    anchors: Dict[str, yaml.Node] = {}
+    stack: List[list] = []   # [node, anchor, pending mapping key]
+    root: Optional[yaml.Node] = None
+    docs = 0
+
+    def add(node: yaml.Node) -> None:
+        nonlocal root
+        if not stack:
+            root = node
+            return
+        frame = stack[-1]
+        parent = frame[0]
+        if isinstance(parent, yaml.SequenceNode):
+            parent.value.append(node)
+        elif frame[2] is None:
+            frame[2] = node
+        else:
+            parent.value.append((frame[2], node))
+            frame[2] = None
+
+    while True:
+        ev = loader.get_event()
+        if isinstance(ev, yaml.StreamEndEvent):
+            break
+        if isinstance(ev, yaml.DocumentStartEvent):
+            docs += 1
+            if docs > 1:
+                raise RuleSchemaError("a rule file holds one YAML document (found a second '---')", _event_loc(file, ev))
+            continue
+        if isinstance(ev, (yaml.StreamStartEvent, yaml.DocumentEndEvent)):
+            continue
+        if isinstance(ev, yaml.AliasEvent):
+            node = anchors.get(ev.anchor)
+            if node is None:
+                raise RuleSchemaError(f"alias *{ev.anchor} refers to no complete anchor &{ev.anchor} before it "
+                                      f"(an anchor cannot be used inside its own value)", _event_loc(file, ev))
+            add(node)
+            continue
+        if isinstance(ev, yaml.ScalarEvent):
+            tag = ev.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
+            node = yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, style=ev.style)
+            if ev.anchor is not None:
+                anchors[ev.anchor] = node
+            add(node)
+            continue
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            seq = isinstance(ev, yaml.SequenceStartEvent)
+            kind = yaml.SequenceNode if seq else yaml.MappingNode
+            tag = ev.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(kind, None, ev.implicit)
+            if len(stack) >= max_depth:
+                raise RuleLimitError(f"YAML nests more than {max_depth} levels deep", _event_loc(file, ev))
+            stack.append([kind(tag, [], ev.start_mark, None, flow_style=ev.flow_style), ev.anchor, None])
+            continue
+        if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            node, anchor, _ = stack.pop()
+            node.end_mark = ev.end_mark
+            if anchor is not None:
+                anchors[anchor] = node
+            add(node)
+            continue
+    return root
+
+
+def _scalar(node: yaml.ScalarNode, file: Optional[str], loader: Any) -> Any:
+    tag = node.tag
+    if tag == _STD + "timestamp" and node.style is None:
+        tag = _STD + "str"  # a plain 2024-01-01 reads as text, not as a date
+    if tag not in _SCALAR_TAGS:
+        raise RuleSchemaError(f"YAML tag {_tag_text(tag)} is not allowed in rule files (only plain values: "
+                              f"strings, numbers, true/false, null, lists and mappings)", _mark(file, node))
+    try:
+        value = {"str": loader.construct_yaml_str, "int": loader.construct_yaml_int,
+                 "float": loader.construct_yaml_float, "bool": loader.construct_yaml_bool,
+                 "null": loader.construct_yaml_null}[tag[len(_STD):]](node)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, yaml.YAMLError):
+        raise RuleSchemaError(f"{_tag_text(tag)} {node.value!r} is not a valid {tag[len(_STD):]}",
+                              _mark(file, node)) from None
     if isinstance(value, str):
         s = LStr(value)
         s.loc = _mark(file, node)
@@ -99,23 +191,110 @@ def _construct(node: yaml.Node, file: Optional[str], loader: yaml.SafeLoader) ->
     return value
 
 
+def _tag_text(tag: str) -> str:
+    return "!!" + tag[len(_STD):] if tag.startswith(_STD) else tag if tag.startswith("!") else f"!<{tag}>"
+
+
+def _construct(node: yaml.Node, file: Optional[str], loader: Any) -> Any:
+    """Located Python values (LStr / LDict / LList) from a node tree.
+
+    Aliases are expanded, each use counted against ``LIMITS['yaml_nodes']`` and the depth
+    against ``LIMITS['yaml_depth']`` (so an alias bomb stops after a bounded amount of work).
+    """
+    budget = [LIMITS["yaml_nodes"]]
+    max_depth = LIMITS["yaml_depth"]
+
+    def build(n: yaml.Node, depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RuleLimitError(f"the file expands to more than {LIMITS['yaml_nodes']} YAML values "
+                                 f"(aliases are counted at every use)", _mark(file, n))
+        if depth > max_depth:
+            raise RuleLimitError(f"YAML nests more than {max_depth} levels deep (after expanding aliases)",
+                                 _mark(file, n))
+        if isinstance(n, yaml.MappingNode):
+            if n.tag != _STD + "map":
+                raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a mapping in rule files",
+                                      _mark(file, n))
+            out = LDict()
+            out.loc = _mark(file, n)
+            out.key_locs, out.val_locs = {}, {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag == _STD + "merge":
+                    raise RuleSchemaError("merge keys '<<' are not supported in rule files; write the keys out",
+                                          _mark(file, k))
+                if not isinstance(k, yaml.ScalarNode):
+                    raise RuleSchemaError("mapping keys must be plain names", _mark(file, k))
+                key = build(k, depth + 1)
+                if key in out:
+                    raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
+                out[key] = build(v, depth + 1)
+                out.key_locs[key] = _mark(file, k)
+                out.val_locs[key] = _mark(file, v)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            if n.tag != _STD + "seq":
+                raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a list in rule files",
+                                      _mark(file, n))
+            out = LList(build(v, depth + 1) for v in n.value)
+            out.loc = _mark(file, n)
+            out.item_locs = [_mark(file, v) for v in n.value]
+            return out
+        return _scalar(n, file, loader)
+
+    return build(node, 1)
+
+
 def load_yaml(text: str, file: Optional[str] = None) -> Any:
-    """Parse YAML with ``yaml.SafeLoader`` keeping locations (LStr / LDict / LList)."""
+    """Parse YAML under the rule-file policy, keeping locations (LStr / LDict / LList).
+
+    Safe: plain values only (strings, numbers, booleans, null, lists, mappings); any other tag,
+    on a scalar, a list or a mapping, is a located :class:`RuleSchemaError`.  Nesting, size and
+    alias expansion are bounded by :data:`LIMITS`.
+    """
+    if len(text) > LIMITS["file_bytes"]:
+        raise RuleLimitError(f"the file is {len(text)} characters long; the limit is {LIMITS['file_bytes']}",
+                             Location(file, 1, 1))
+    loader = None
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-            if root is None:
-                return None
-            return _construct(root, file, loader)
-        finally:
-            loader.dispose()
+        loader = _EventLoader(text)
+        root = _compose(loader, file)
+        if root is None:
+            return None
+        return _construct(root, file, loader)
     except yaml.MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
-        loc = Location(file, m.line + 1, m.column + 1) if m else Location(file)
+        loc = Location(file, m.line + 1, m.column + 1) if m else Location(file, 1, 1)
         raise RuleSyntaxError(f"YAML: {e.problem or e.context}", loc) from None
+    except yaml.reader.ReaderError as e:
+        line, col = _line_col(text, e.position)
+        raise RuleSyntaxError(f"YAML: {e.reason} (character {e.character!r})", Location(file, line, col)) from None
     except yaml.YAMLError as e:
-        raise RuleSyntaxError(f"YAML: {e}", Location(file)) from None
+        raise RuleSyntaxError(f"YAML: {e}", Location(file, 1, 1)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _line_col(text: str, offset: int) -> Tuple[int, int]:
+    offset = max(0, min(int(offset or 0), len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def decode_text(data: bytes, file: Optional[str] = None) -> str:
+    """The UTF-8 text of a rule file (a BOM is dropped); a located RuleSyntaxError otherwise."""
+    if len(data) > LIMITS["file_bytes"]:
+        raise RuleLimitError(f"the file is {len(data)} bytes long; the limit is {LIMITS['file_bytes']}",
+                             Location(file, 1, 1))
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start
+        good = data[:start].decode("utf-8", errors="replace")
+        line, col = _line_col(good, len(good))
+        raise RuleSyntaxError(f"the file is not UTF-8 text: byte 0x{data[start]:02x} cannot be decoded",
+                              Location(file, line, col)) from None
 
 
 def _loc(obj: Any, default: Location) -> Location:
@@ -556,10 +735,14 @@ def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
     """Load a rule-family or recipe file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        size = p.stat().st_size
+        if size > LIMITS["file_bytes"]:
+            raise RuleLimitError(f"the file is {size} bytes long; the limit is {LIMITS['file_bytes']}",
+                                 Location(str(p), 1, 1))
+        data = p.read_bytes()
     except OSError as e:
         raise RuleError(f"cannot read rule file: {e.strerror}", Location(str(p))) from None
-    return parse_text(text, str(p))
+    return parse_text(decode_text(data, str(p)), str(p))
 
 
 # ----------------------------------------------------------------------------- shipped files

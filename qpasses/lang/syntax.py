@@ -54,6 +54,12 @@ class Tok:
     loc: Location
 
 
+#: the longest pattern / call / value text the parser reads (characters); longer text is refused
+MAX_TEXT = 65536
+#: how deeply patterns and ``[lists]`` may nest inside one pattern or call
+MAX_NESTING = 64
+
+
 def _pos(base: Location, text: str, offset: int) -> Location:
     line_no = text.count("\n", 0, offset)
     if line_no == 0:
@@ -63,19 +69,67 @@ def _pos(base: Location, text: str, offset: int) -> Location:
     return Location(base.file, (base.line or 1) + line_no, col)
 
 
+def snippet(text: str, limit: int = 60) -> str:
+    """``text`` stripped and shortened for an error message."""
+    t = " ".join(str(text).split()) if len(text) <= 4 * limit else " ".join(str(text)[:4 * limit].split())
+    return t if len(t) <= limit else t[:limit - 3] + "..."
+
+
 def tokenize(text: str, base: Location) -> List[Tok]:
+    """Split ``text`` into tokens in one pass (linear time; positions tracked incrementally)."""
+    from ..errors import RuleLimitError
+    if len(text) > MAX_TEXT:
+        raise RuleLimitError(f"text of {len(text)} characters is longer than the limit of {MAX_TEXT} "
+                             f"for one pattern or call", base)
     out: List[Tok] = []
     i = 0
-    while i < len(text):
-        m = _TOKEN_RE.match(text, i)
+    line = base.line or 1
+    line_start = -(base.col or 1) + 1  # offset of column 1 of the current line (first line: shifted)
+    n = len(text)
+    match = _TOKEN_RE.match
+    while i < n:
+        m = match(text, i)
         if not m:
-            raise RuleSyntaxError(f"unexpected character {text[i]!r} in {text.strip()!r}", _pos(base, text, i))
+            raise RuleSyntaxError(f"unexpected character {text[i]!r} in {snippet(text)!r}",
+                                  Location(base.file, line, i - line_start + 1))
         kind = m.lastgroup
+        end = m.end()
         if kind != "ws":
-            out.append(Tok(kind, m.group(), _pos(base, text, i)))
-        i = m.end()
-    out.append(Tok("eof", "", _pos(base, text, len(text))))
+            out.append(Tok(kind, m.group(), Location(base.file, line, i - line_start + 1)))
+        nl = text.count("\n", i, end)
+        if nl:
+            line += nl
+            line_start = text.rfind("\n", i, end) + 1
+        i = end
+    out.append(Tok("eof", "", Location(base.file, line, n - line_start + 1)))
     return out
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[xuU]|.)", re.S)
+
+
+def unescape(body: str, loc: Location) -> str:
+    """Decode the backslash escapes of a quoted string (``\\n``, ``\\t``, ``\\xHH``, ``\\uHHHH``, ...).
+
+    Unknown escapes such as ``\\d`` keep their backslash (regular expressions read as written);
+    a malformed ``\\x`` / ``\\u`` escape is a :class:`RuleSyntaxError` at ``loc``.
+    """
+    if "\\" not in body:
+        return body
+
+    def rep(m: "re.Match") -> str:
+        e = m.group(1)
+        if e in ("x", "u", "U"):
+            raise RuleSyntaxError(f"malformed escape '\\{e}' in string {snippet(body)!r}: "
+                                  f"\\x takes 2, \\u 4 and \\U 8 hex digits", loc)
+        if e[0] in "xuU" and len(e) > 1:
+            code = int(e[1:], 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise RuleSyntaxError(f"escape '\\{e}' is not a valid character", loc)
+            return chr(code)
+        return _ESCAPES.get(e, "\\" + e)
+    return _ESCAPE_RE.sub(rep, body)
 
 
 # ----------------------------------------------------------------------------- AST
@@ -193,6 +247,13 @@ class _Parser:
         self.text = text
         self.toks = tokenize(text, loc)
         self.i = 0
+        self.depth = 0
+
+    def enter(self, t: Tok) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            from ..errors import RuleLimitError
+            raise RuleLimitError(f"patterns and lists nest more than {MAX_NESTING} levels deep", t.loc)
 
     def peek(self) -> Tok:
         return self.toks[self.i]
@@ -205,13 +266,13 @@ class _Parser:
     def expect(self, text: str) -> Tok:
         t = self.next()
         if t.text != text:
-            raise RuleSyntaxError(f"expected {text!r} but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+            raise RuleSyntaxError(f"expected {text!r} but found {t.text or 'end of text'!r} in {snippet(self.text)!r}", t.loc)
         return t
 
     def end(self) -> None:
         t = self.peek()
         if t.kind != "eof":
-            raise RuleSyntaxError(f"unexpected {t.text!r} after the end of {self.text.strip()!r}", t.loc)
+            raise RuleSyntaxError(f"unexpected {t.text!r} after the end of {snippet(self.text)!r}", t.loc)
 
     # values ----------------------------------------------------------------
     def value(self) -> Any:
@@ -220,7 +281,7 @@ class _Parser:
         if k == "number":
             return float(t.text) if any(c in t.text for c in ".eE") else int(t.text)
         if k == "string":
-            return bytes(t.text[1:-1], "utf-8").decode("unicode_escape")
+            return unescape(t.text[1:-1], t.loc)
         if k == "param":
             return ParamRef(t.text[2:-1].strip(), t.loc)
         if k == "bind":
@@ -230,16 +291,18 @@ class _Parser:
         if k == "ident":
             return _WORDS.get(t.text, t.text)
         if t.text == "[":
+            self.enter(t)
             items = []
             while self.peek().text != "]":
                 if self.peek().kind == "eof":
-                    raise RuleSyntaxError(f"unclosed '[' in {self.text.strip()!r}", t.loc)
+                    raise RuleSyntaxError(f"unclosed '[' in {snippet(self.text)!r}", t.loc)
                 items.append(self.value())
                 if self.peek().text == ",":
                     self.next()
             self.next()
+            self.depth -= 1
             return items
-        raise RuleSyntaxError(f"expected a value but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+        raise RuleSyntaxError(f"expected a value but found {t.text or 'end of text'!r} in {snippet(self.text)!r}", t.loc)
 
     # calls -----------------------------------------------------------------
     def call(self) -> Call:
@@ -289,6 +352,7 @@ class _Parser:
     def node_pattern(self) -> NodePat:
         from ..ops import resolve_names, all_class_names  # late: ops registry may grow
         open_tok = self.expect("(")
+        self.enter(open_tok)
         names: List[str] = []
         spelled: List[str] = []
         while True:
@@ -319,7 +383,7 @@ class _Parser:
         while self.peek().text != ")":
             t = self.peek()
             if t.kind == "eof":
-                raise RuleSyntaxError(f"unclosed '(' in pattern {self.text.strip()!r}", open_tok.loc)
+                raise RuleSyntaxError(f"unclosed '(' in pattern {snippet(self.text)!r}", open_tok.loc)
             if t.kind == "ellipsis":
                 self.next()
                 rest = True
@@ -337,6 +401,7 @@ class _Parser:
                 raise RuleSyntaxError("inputs must come before ':arg' constraints", t.loc)
             children.append(self.pattern())
         self.expect(")")
+        self.depth -= 1
         return NodePat(tuple(dict.fromkeys(names)) if names is not None else None, binding, children, rest,
                        attrs, open_tok.loc, tuple(spelled))
 
