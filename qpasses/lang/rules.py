@@ -313,6 +313,206 @@ def _check_keys(d: Dict, allowed: Sequence[str], what: str, loc: Location) -> No
             raise RuleSyntaxError(f"unknown key {k!r} in {what}", kl, nearest(k, allowed))
 
 
+# ----------------------------------------------------------------------------- schema
+#
+# The declared form of rule-family and recipe files.  Every value is checked against it
+# before anything is parsed further, so a wrong type anywhere is a located RuleSchemaError.
+
+
+def _what(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {'true' if v else 'false'}"
+    if isinstance(v, int):
+        return f"the integer {v}"
+    if isinstance(v, float):
+        return f"the number {v}"
+    if isinstance(v, str):
+        return f"the string {v[:40] + '...' if len(v) > 40 else v!r}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+class _S:
+    """One schema node: ``check(value, loc, where)`` raises a located RuleSchemaError."""
+    text = "a value"
+
+    def ok(self, v: Any) -> bool:
+        return True
+
+    def check(self, v: Any, loc: Location, where: str) -> None:
+        if not self.ok(v):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+
+
+class _Str(_S):
+    text = "a string"
+
+    def ok(self, v):
+        return isinstance(v, str)
+
+
+class _Int(_S):
+    text = "an integer"
+
+    def ok(self, v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Num(_S):
+    text = "a number"
+
+    def ok(self, v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Bool(_S):
+    text = "true or false"
+
+    def ok(self, v):
+        return isinstance(v, bool)
+
+
+class _Null(_S):
+    text = "null"
+
+    def ok(self, v):
+        return v is None
+
+
+class _Data(_S):
+    """Plain data: scalars, lists, mappings with string keys."""
+    text = "plain data"
+
+    def check(self, v, loc, where):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise RuleSchemaError(f"keys in {where} must be strings, got {_what(k)}",
+                                          getattr(v, "key_locs", {}).get(k, _loc(v, loc)))
+                self.check(x, _vloc(v, k, loc), f"{where}.{k}")
+        elif isinstance(v, list):
+            locs = getattr(v, "item_locs", None)
+            for i, x in enumerate(v):
+                self.check(x, locs[i] if locs else loc, f"{where}[{i}]")
+
+
+class _Scalar(_S):
+    text = "a string, number, true/false or null"
+
+    def ok(self, v):
+        return not isinstance(v, (list, dict))
+
+
+class _List(_S):
+    def __init__(self, item: _S, nonempty: bool = False):
+        self.item, self.nonempty = item, nonempty
+        self.text = f"a {'non-empty ' if nonempty else ''}list"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, list) or (self.nonempty and not v):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v) if v != [] else 'an empty list'}",
+                                  _loc(v, loc))
+        locs = getattr(v, "item_locs", None)
+        for i, x in enumerate(v):
+            self.item.check(x, locs[i] if locs else loc, f"{where}[{i}]")
+
+
+class _OneOf(_S):
+    def __init__(self, *alts: _S, text: str = ""):
+        self.alts = alts
+        self.text = text or " or ".join(a.text for a in alts)
+
+    def check(self, v, loc, where):
+        for a in self.alts:
+            if _applies(a, v):
+                return a.check(v, loc, where)
+        raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+
+
+def _applies(a: _S, v: Any) -> bool:
+    """Whether alternative ``a`` of a _OneOf is the one meant for ``v`` (by its shape)."""
+    if isinstance(a, (_Record, _MapOf)):
+        return isinstance(v, dict)
+    if isinstance(a, _List):
+        return isinstance(v, list)
+    if isinstance(a, (_Data, _OneOf)):
+        return True
+    return a.ok(v)
+
+
+class _Record(_S):
+    """A mapping with known keys (unknown keys are an error naming the nearest one)."""
+
+    def __init__(self, what: str, fields: Dict[str, _S], required: Sequence[str] = ()):
+        self.what, self.fields, self.required = what, fields, tuple(required)
+        self.text = f"a mapping ({what})"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, dict):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+        dloc = _loc(v, loc)
+        for k, x in v.items():
+            kloc = getattr(v, "key_locs", {}).get(k, dloc)
+            if not isinstance(k, str):
+                raise RuleSchemaError(f"keys of {self.what} must be names, got {_what(k)}", kloc)
+            if k not in self.fields:
+                raise RuleSyntaxError(f"unknown key {k!r} in {self.what}", kloc, nearest(k, self.fields))
+            self.fields[k].check(x, _vloc(v, k, dloc), f"{where}.{k}" if where else k)
+        for k in self.required:
+            if k not in v:
+                raise RuleSchemaError(f"{self.what} is missing {k!r}", dloc)
+
+
+class _MapOf(_S):
+    """A mapping from names to values of one schema."""
+
+    def __init__(self, value: _S, what: str):
+        self.value, self.what = value, what
+        self.text = f"a mapping of {what}"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, dict):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+        dloc = _loc(v, loc)
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise RuleSchemaError(f"names in {where} must be strings, got {_what(k)}",
+                                      getattr(v, "key_locs", {}).get(k, dloc))
+            self.value.check(x, _vloc(v, k, dloc), f"{where}.{k}")
+
+
+_STRS = _OneOf(_Str(), _List(_Str()), _Null(), text="a string or a list of strings")
+_PARAM = _OneOf(
+    _Record("parameter", {"default": _Data(), "type": _Str(), "min": _OneOf(_Num(), _Null()),
+                          "max": _OneOf(_Num(), _Null()), "choices": _OneOf(_List(_Scalar()), _Null()),
+                          "doc": _Str()}),
+    _Scalar(), _List(_Data()), text="a default value or a mapping {default, type, min, max, choices, doc}")
+_STAGE = _OneOf(_Str(), _Record("stage", {"name": _Str(), "mode": _Str(), "max_iterations": _Int(),
+                                          "verify": _Str()}, required=("name",)),
+                text="a stage name or a mapping {name, mode, max_iterations, verify}")
+_RULE = _Record("rule", {"name": _Str(), "stage": _Str(), "match": _OneOf(_Str(), _List(_Str(), nonempty=True),
+                                                                          text="a pattern or a list of patterns"),
+                         "where": _STRS, "unless": _STRS, "rewrite": _Str(),
+                         "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}"),
+                         "doc": _OneOf(_Str(), _Null()), "keeps": _STRS})
+_STEP = _Record("step", {"rules": _Str(), "step": _Str(), "recipe": _Str(),
+                         "with": _OneOf(_MapOf(_Data(), "argument: value"), _Null(), text="a mapping of argument: value"),
+                         "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}")})
+_COMMON = {"version": _S(), "params": _OneOf(_MapOf(_PARAM, "name: default"), _Null(),
+                                            text="a mapping of name: default or name: {default: ...}"),
+           "doc": _OneOf(_Str(), _Null())}
+#: the declared schema of a rule-family file
+FAMILY_SCHEMA = _Record("rule file", dict(_COMMON, family=_Str(), stages=_OneOf(_List(_STAGE), _Null(), text="a list"),
+                                          rules=_List(_RULE, nonempty=True)))
+#: the declared schema of a recipe file
+RECIPE_SCHEMA = _Record("recipe", dict(_COMMON, recipe=_Str(), steps=_List(_STEP, nonempty=True)))
+
+
 # ----------------------------------------------------------------------------- params
 
 
@@ -441,18 +641,47 @@ def _refs(v: Any, out: List[BindingRef]) -> None:
 RULE_KEYS = ("name", "stage", "match", "where", "unless", "rewrite", "when", "doc", "keeps")
 
 
-def _check_signature(fn, call: "Call", what: str, rule: str) -> None:
-    """The call's arguments fit the registered function (checked once, at load time)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind(None, *call.args, **call.kwargs)
-    except TypeError as e:
-        params = [p for p in list(sig.parameters)[1:]]
-        raise RuleSyntaxError(f"{what} {call.name}() in rule {rule!r}: {e} (it takes: {', '.join(params)})",
-                              call.loc) from None
+def _unknown_params(v: Any) -> Tuple[bool, Any, str]:
+    """Load time: a ``${param}`` value is not known yet (checked when the rule is bound)."""
+    return (not isinstance(v, ParamRef) and not param_refs(v)), v, ""
+
+
+def _check_call(reg: Registered, call: Call, what: str, rule: str, resolve=_unknown_params) -> None:
+    """The call's arguments fit the registration's declared arguments (raises ArgumentError at the call)."""
+    why = check_arguments(reg, call.args, call.kwargs, resolve)
+    if why:
+        raise ArgumentError(f"{what} {call.name}() in rule {rule!r}: {why}", call.loc)
+
+
+def _named_args(reg: Registered, call: Call) -> Dict[str, Any]:
+    """argument name -> value of a call that passed :func:`_check_call`."""
+    out = dict(zip(reg.args, call.args))
+    out.update(call.kwargs)
+    return out
+
+
+def _rule_calls(rule: "Rule") -> List[Tuple[str, Registered, Call]]:
+    out = [("action", ACTIONS[rule.rewrite.name], rule.rewrite)]
+    out += [("constraint", CONSTRAINTS[c.name], c) for c in rule.where + rule.unless]
+    return out
+
+
+def _check_param_args(rule: "Rule", params: Dict[str, "ParamSpec"]) -> None:
+    """Load time: an argument given as ``${p}``, where ``p`` is declared in the same file, must
+    accept ``p``'s default and each of its choices."""
+    for what, reg, call in _rule_calls(rule):
+        for name, v in _named_args(reg, call).items():
+            spec = reg.args.get(name)
+            if not isinstance(v, ParamRef) or spec is None or v.name not in params:
+                continue
+            ps = params[v.name]
+            cands = ([("the default", ps.default)] if ps.default is not None else []) + \
+                [("the choice", c) for c in (ps.choices or [])]
+            for label, c in cands:
+                why = spec.check(c)
+                if why:
+                    raise ArgumentError(f"{what} {call.name}() in rule {rule.name!r}: {why} ({label} of "
+                                        f"${{{v.name}}}, declared at line {ps.loc.line})", call.loc)
 
 
 class Rule:
@@ -500,8 +729,8 @@ class Rule:
             if c.name not in CONSTRAINTS:
                 raise UnknownNameError(f"unknown constraint {c.name!r} in rule {self.name!r}", c.loc,
                                        nearest(c.name, CONSTRAINTS))
-            _check_signature(CONSTRAINTS[c.name].fn, c, "constraint", self.name)
-        _check_signature(ACTIONS[self.rewrite.name].fn, self.rewrite, "action", self.name)
+            _check_call(CONSTRAINTS[c.name], c, "constraint", self.name)
+        _check_call(ACTIONS[self.rewrite.name], self.rewrite, "action", self.name)
         # every alternative must bind every name that the constraints / action use
         for alt in self.match:
             bound: Dict[str, str] = {}
@@ -553,6 +782,15 @@ class Rule:
         r.where = [substitute(c, params, where) for c in self.where]
         r.unless = [substitute(c, params, where) for c in self.unless]
         r.when = substitute(self.when, params, where)
+
+        def resolve(v: Any) -> Tuple[bool, Any, str]:
+            refs = param_refs(v)
+            if not refs:
+                return True, v, ""
+            names = ", ".join("${" + p.name + "}" for p in refs)
+            return True, substitute(v, params, where), f" (from {names})"
+        for what, reg, call in _rule_calls(self):
+            _check_call(reg, call, what, self.name, resolve)
         return r
 
     def anchor_classes(self) -> Optional[Tuple[str, ...]]:
@@ -597,6 +835,15 @@ class Step:
     when: Any = True
     loc: Location = field(default_factory=Location)
 
+    def __post_init__(self) -> None:
+        # a data step that declares its arguments checks them whenever a Step is built: from a
+        # recipe file (literal values) and when a PassManager binds parameters (every value)
+        reg = DATA_STEPS.get(self.name) if self.kind == "step" else None
+        if reg is not None and reg.declared:
+            why = check_arguments(reg, [], self.args, _unknown_params)
+            if why:
+                raise ArgumentError(f"data step {self.name}: {why}", self.loc)
+
 
 @dataclass
 class Recipe:
@@ -635,10 +882,12 @@ def _parse_stages(raw: Any, file: Optional[str], loc: Location) -> List[StageSpe
         return []
     if not isinstance(raw, list):
         raise RuleSyntaxError("'stages' must be a list", _loc(raw, loc))
-    out = []
+    out: List[StageSpec] = []
+    seen: Dict[str, StageSpec] = {}
     for s in raw:
         if isinstance(s, str):
             out.append(StageSpec(str(s), loc=_loc(s, loc)))
+            _unique_stage(out[-1], seen)
             continue
         if not isinstance(s, dict) or "name" not in s:
             raise RuleSyntaxError("a stage is a name or {name, mode, max_iterations, verify}", _loc(s, loc))
@@ -652,13 +901,22 @@ def _parse_stages(raw: Any, file: Optional[str], loc: Location) -> List[StageSpe
         if verify not in ("exact", "sqnr", "none"):
             raise RuleSyntaxError(f"stage verify must be exact, sqnr or none, got {verify!r}", _vloc(s, "verify", sl))
         mi = s.get("max_iterations", 10)
-        if not isinstance(mi, int) or mi < 1 or mi > 1000:
-            raise RuleSyntaxError("max_iterations must be an integer in [1, 1000]", _vloc(s, "max_iterations", sl))
+        if type(mi) is not int or mi < 1 or mi > 1000:
+            raise RuleSchemaError(f"max_iterations must be an integer in [1, 1000], got {_what(mi)}",
+                                  _vloc(s, "max_iterations", sl))
         out.append(StageSpec(str(s["name"]), mode, mi, verify, sl))
+        _unique_stage(out[-1], seen)
     return out
 
 
-def _parse_steps(raw: Any, file: Optional[str], loc: Location) -> List[Step]:
+def _unique_stage(st: StageSpec, seen: Dict[str, StageSpec]) -> None:
+    if st.name in seen:
+        raise RuleSchemaError(f"stage {st.name!r} is declared twice (first at line {seen[st.name].loc.line})", st.loc)
+    seen[st.name] = st
+
+
+def _parse_steps(raw: Any, file: Optional[str], loc: Location,
+                 params: Optional[Dict[str, "ParamSpec"]] = None) -> List[Step]:
     if not isinstance(raw, list) or not raw:
         raise RuleSyntaxError("a recipe needs a non-empty 'steps' list", _loc(raw, loc))
     steps = []
@@ -687,6 +945,18 @@ def _parse_steps(raw: Any, file: Optional[str], loc: Location) -> List[Step]:
         if isinstance(when, str):
             when = parse_value(when, _vloc(s, "when", sl))
         steps.append(Step(kind, str(name), parsed, when, nloc))
+        reg = DATA_STEPS.get(str(name)) if kind == "step" else None
+        for k, v in parsed.items():
+            spec = reg.args.get(k) if reg is not None and reg.declared else None
+            if spec is None or not isinstance(v, ParamRef) or v.name not in (params or {}):
+                continue
+            ps = params[v.name]
+            for label, c in ([("the default", ps.default)] if ps.default is not None else []) + \
+                    [("the choice", c) for c in (ps.choices or [])]:
+                why = spec.check(c)
+                if why:
+                    raise ArgumentError(f"data step {name}: {why} ({label} of ${{{v.name}}}, declared at line "
+                                        f"{ps.loc.line})", _vloc(args, k, sl))
     return steps
 
 
@@ -698,15 +968,17 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
         raise RuleSyntaxError("a rule file must be a YAML mapping with 'version' and 'rules' or 'steps'", top)
     dloc = _loc(data, top)
     version = data.get("version")
-    if version != 1:
-        raise RuleSyntaxError(f"unsupported or missing 'version' {version!r}; this qpasses reads version: 1",
+    if type(version) is not int or version != 1:  # not 1.0, not true
+        raise RuleSchemaError(f"unsupported or missing 'version' {version!r}; this qpasses reads version: 1",
                               _vloc(data, "version", dloc))
+    recipe = "steps" in data or "recipe" in data
+    (RECIPE_SCHEMA if recipe else FAMILY_SCHEMA).check(data, dloc, "")
     params = _parse_params(data.get("params"), file, _vloc(data, "params", dloc))
-    if "steps" in data or "recipe" in data:
+    if recipe:
         _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
         name = str(data.get("recipe") or Path(file or "recipe").stem)
-        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc)), params, file,
-                      str(data.get("doc", "")))
+        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params), params, file,
+                      str(data.get("doc") or ""))
     _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
     name = str(data.get("family") or Path(file or "rules").stem)
     stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
@@ -728,7 +1000,9 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
             declared.add(r.stage)
     # every ${param} a rule uses must be declared by this file or left to a recipe:
     # checked when a PassManager binds parameters (MissingParameterError with location).
-    return RuleFamily(name, rules, stages, params, file, str(data.get("doc", "")))
+    for r in rules:
+        _check_param_args(r, params)
+    return RuleFamily(name, rules, stages, params, file, str(data.get("doc") or ""))
 
 
 def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
