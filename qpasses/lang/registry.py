@@ -229,7 +229,7 @@ def _spec(name: str, base: ArgSpec, decl: Mapping[str, Any], who: str) -> ArgSpe
         if decl["default"] is None:
             kw["optional"] = True
     spec = replace(base, **kw)
-    if not spec.required and spec.default is not None and spec.type != "any":
+    if not spec.required and spec.default is not None:
         why = spec.check(spec.default)
         if why:
             raise ValueError(f"{who}: the default of {why}")

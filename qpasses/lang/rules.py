@@ -103,17 +103,29 @@ def _compose(loader: Any, file: Optional[str]) -> Optional[yaml.Node]:
     node is complete (so a node cannot contain itself); one document per file.
     """
     max_depth = LIMITS["yaml_depth"]
+    max_nodes = LIMITS["yaml_nodes"]
     anchors: Dict[str, yaml.Node] = {}
-    stack: List[list] = []   # [node, anchor, pending mapping key]
+    sizes: Dict[int, Tuple[int, int]] = {}  # id(anchored node) -> (values once expanded, depth)
+    stack: List[list] = []   # [node, anchor, pending mapping key, values inside, depth inside]
     root: Optional[yaml.Node] = None
     docs = 0
 
-    def add(node: yaml.Node) -> None:
+    def add(node: yaml.Node, size: int, depth: int, ev: Any) -> None:
         nonlocal root
+        # budgets: an alias counts as the whole value it stands for, so a "billion laughs"
+        # file is refused as soon as its expanded size passes the budget (no expansion happens)
+        if len(stack) + depth > max_depth:
+            raise RuleLimitError(f"YAML nests more than {max_depth} levels deep (after expanding aliases)",
+                                 _event_loc(file, ev))
         if not stack:
             root = node
             return
         frame = stack[-1]
+        frame[3] += size
+        frame[4] = max(frame[4], depth)
+        if frame[3] > max_nodes:
+            raise RuleLimitError(f"the file expands to more than {max_nodes} YAML values "
+                                 f"(aliases are counted at every use)", _event_loc(file, ev))
         parent = frame[0]
         if isinstance(parent, yaml.SequenceNode):
             parent.value.append(node)
@@ -139,16 +151,19 @@ def _compose(loader: Any, file: Optional[str]) -> Optional[yaml.Node]:
             if node is None:
                 raise RuleSchemaError(f"alias *{ev.anchor} refers to no complete anchor &{ev.anchor} before it "
                                       f"(an anchor cannot be used inside its own value)", _event_loc(file, ev))
-            add(node)
+            add(node, *sizes[id(node)], ev)
             continue
         if isinstance(ev, yaml.ScalarEvent):
             tag = ev.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
+                if tag == _STD + "timestamp":
+                    tag = _STD + "str"  # a plain 2024-01-01 reads as text, not as a date
             node = yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, style=ev.style)
             if ev.anchor is not None:
                 anchors[ev.anchor] = node
-            add(node)
+                sizes[id(node)] = (1, 0)
+            add(node, 1, 0, ev)
             continue
         if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             seq = isinstance(ev, yaml.SequenceStartEvent)
@@ -158,22 +173,21 @@ def _compose(loader: Any, file: Optional[str]) -> Optional[yaml.Node]:
                 tag = loader.resolve(kind, None, ev.implicit)
             if len(stack) >= max_depth:
                 raise RuleLimitError(f"YAML nests more than {max_depth} levels deep", _event_loc(file, ev))
-            stack.append([kind(tag, [], ev.start_mark, None, flow_style=ev.flow_style), ev.anchor, None])
+            stack.append([kind(tag, [], ev.start_mark, None, flow_style=ev.flow_style), ev.anchor, None, 0, 0])
             continue
         if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            node, anchor, _ = stack.pop()
+            node, anchor, _, size, depth = stack.pop()
             node.end_mark = ev.end_mark
             if anchor is not None:
                 anchors[anchor] = node
-            add(node)
+                sizes[id(node)] = (size + 1, depth + 1)
+            add(node, size + 1, depth + 1, ev)
             continue
     return root
 
 
 def _scalar(node: yaml.ScalarNode, file: Optional[str], loader: Any) -> Any:
     tag = node.tag
-    if tag == _STD + "timestamp" and node.style is None:
-        tag = _STD + "str"  # a plain 2024-01-01 reads as text, not as a date
     if tag not in _SCALAR_TAGS:
         raise RuleSchemaError(f"YAML tag {_tag_text(tag)} is not allowed in rule files (only plain values: "
                               f"strings, numbers, true/false, null, lists and mappings)", _mark(file, node))
@@ -265,6 +279,8 @@ def load_yaml(text: str, file: Optional[str] = None) -> Any:
     except yaml.MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
         loc = Location(file, m.line + 1, m.column + 1) if m else Location(file, 1, 1)
+        if "nesting depth" in str(e.problem or ""):  # libyaml's own limit (1000) met first
+            raise RuleLimitError(f"YAML nests more than {LIMITS['yaml_depth']} levels deep", loc) from None
         raise RuleSyntaxError(f"YAML: {e.problem or e.context}", loc) from None
     except yaml.reader.ReaderError as e:
         line, col = _line_col(text, e.position)
@@ -572,6 +588,8 @@ def _parse_params(raw: Any, file: Optional[str], loc: Location) -> Dict[str, Par
                            str(spec.get("doc", "")), ploc)
             if ps.type not in _TYPES:
                 raise RuleSyntaxError(f"unknown parameter type {ps.type!r}", ploc, nearest(ps.type, _TYPES))
+            if ps.min is not None and ps.max is not None and ps.min > ps.max:
+                raise RuleSchemaError(f"parameter {name!r} has min {ps.min} above max {ps.max}", ploc)
         else:
             default = spec
             typ = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
@@ -702,6 +720,14 @@ class Rule:
         self.name = str(name)
         if not self.name or not self.name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
             raise RuleSyntaxError(f"rule name {self.name!r} must be a plain identifier", self.loc)
+        for what, v in (("where", where), ("unless", unless), ("keeps", keeps)):
+            if not (isinstance(v, (str, Call, list, tuple)) or v is None):
+                raise RuleSchemaError(f"rule {self.name!r}: {what} must be a call or a list of calls, got {_what(v)}",
+                                      self.loc)
+        if not isinstance(match, (str, NodePat, list, tuple)):
+            raise RuleSchemaError(f"rule {self.name!r}: match must be a pattern or a list of patterns, got "
+                                  f"{_what(match)}", self.loc)
+        where, unless, keeps = where or [], unless or [], keeps or []
         alts = match if isinstance(match, (list, tuple)) else [match]
         if not alts:
             raise RuleSyntaxError(f"rule {self.name!r} has an empty 'match'", self.loc)
@@ -712,12 +738,13 @@ class Rule:
         if rewrite is None:
             raise RuleSyntaxError(f"rule {self.name!r} has no 'rewrite' action", self.loc)
         self.rewrite: Call = _as_call(rewrite, "rewrite", self.loc)
-        self.where: List[Call] = _as_calls(list(where) if not isinstance(where, str) else where, "where", self.loc)
-        self.unless: List[Call] = _as_calls(list(unless) if not isinstance(unless, str) else unless, "unless", self.loc)
+        self.where: List[Call] = _as_calls(where if isinstance(where, (str, Call)) else list(where), "where", self.loc)
+        self.unless: List[Call] = _as_calls(unless if isinstance(unless, (str, Call)) else list(unless), "unless",
+                                            self.loc)
         self.stage = str(stage)
         self.when = when if not isinstance(when, str) else parse_value(when, _loc(when, self.loc))
         self.doc = str(doc)
-        self.keeps = [str(k).lstrip("$") for k in keeps]
+        self.keeps = [str(k).lstrip("$") for k in ([keeps] if isinstance(keeps, str) else keeps)]
         self.family = family
         self._validate()
 
@@ -938,14 +965,20 @@ def _parse_steps(raw: Any, file: Optional[str], loc: Location,
         if not isinstance(args, dict):
             raise RuleSyntaxError("'with' must be a mapping of argument: value", _vloc(s, "with", sl))
         parsed = {}
+        reg = DATA_STEPS.get(str(name)) if kind == "step" else None
         for k, v in args.items():
             vl = _vloc(args, k, sl)
             parsed[str(k)] = parse_value(v, vl) if isinstance(v, str) and ("${" in v) else _plain(v)
+            if reg is not None and reg.declared:
+                why = check_arguments(reg, [], {str(k): parsed[str(k)]}, _unknown_params)
+                if why:
+                    bad_key = str(k) not in reg.args
+                    raise ArgumentError(f"data step {name}: {why}",
+                                        getattr(args, "key_locs", {}).get(k, vl) if bad_key else vl)
         when = s.get("when", True)
         if isinstance(when, str):
             when = parse_value(when, _vloc(s, "when", sl))
         steps.append(Step(kind, str(name), parsed, when, nloc))
-        reg = DATA_STEPS.get(str(name)) if kind == "step" else None
         for k, v in parsed.items():
             spec = reg.args.get(k) if reg is not None and reg.declared else None
             if spec is None or not isinstance(v, ParamRef) or v.name not in (params or {}):

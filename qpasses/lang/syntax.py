@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import Location, RuleSyntaxError, UnknownNameError, MissingParameterError, nearest
 
@@ -77,11 +77,15 @@ def snippet(text: str, limit: int = 60) -> str:
 
 def tokenize(text: str, base: Location) -> List[Tok]:
     """Split ``text`` into tokens in one pass (linear time; positions tracked incrementally)."""
+    return list(iter_tokens(text, base))
+
+
+def iter_tokens(text: str, base: Location) -> Iterator[Tok]:
+    """The tokens of ``text``, produced as the parser asks for them; the last is ``eof``."""
     from ..errors import RuleLimitError
     if len(text) > MAX_TEXT:
         raise RuleLimitError(f"text of {len(text)} characters is longer than the limit of {MAX_TEXT} "
                              f"for one pattern or call", base)
-    out: List[Tok] = []
     i = 0
     line = base.line or 1
     line_start = -(base.col or 1) + 1  # offset of column 1 of the current line (first line: shifted)
@@ -95,14 +99,13 @@ def tokenize(text: str, base: Location) -> List[Tok]:
         kind = m.lastgroup
         end = m.end()
         if kind != "ws":
-            out.append(Tok(kind, m.group(), Location(base.file, line, i - line_start + 1)))
+            yield Tok(kind, m.group(), Location(base.file, line, i - line_start + 1))
         nl = text.count("\n", i, end)
         if nl:
             line += nl
             line_start = text.rfind("\n", i, end) + 1
         i = end
-    out.append(Tok("eof", "", Location(base.file, line, n - line_start + 1)))
-    return out
+    yield Tok("eof", "", Location(base.file, line, n - line_start + 1))
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
@@ -232,7 +235,7 @@ def format_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, str):
-        return v if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v) else repr(v)
+        return v if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v) and v not in _WORDS else repr(v)
     return str(v)
 
 
@@ -245,9 +248,20 @@ _WORDS = {"true": True, "false": False, "True": True, "False": False, "null": No
 class _Parser:
     def __init__(self, text: str, loc: Location):
         self.text = text
-        self.toks = tokenize(text, loc)
+        self._it = iter_tokens(text, loc)
+        self._toks: List[Tok] = []
         self.i = 0
         self.depth = 0
+
+    def tok(self, j: int) -> Tok:
+        """Token ``j`` (read lazily, so an error early in a long text is found early)."""
+        toks = self._toks
+        while len(toks) <= j:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return toks[-1]  # eof repeats
+            toks.append(nxt)
+        return toks[j]
 
     def enter(self, t: Tok) -> None:
         self.depth += 1
@@ -256,10 +270,10 @@ class _Parser:
             raise RuleLimitError(f"patterns and lists nest more than {MAX_NESTING} levels deep", t.loc)
 
     def peek(self) -> Tok:
-        return self.toks[self.i]
+        return self.tok(self.i)
 
     def next(self) -> Tok:
-        t = self.toks[self.i]
+        t = self.tok(self.i)
         self.i += 1
         return t
 
@@ -315,7 +329,7 @@ class _Parser:
             while self.peek().text != ")":
                 if self.peek().kind == "eof":
                     raise RuleSyntaxError(f"unclosed '(' in call {t.text}", t.loc)
-                if self.peek().kind == "ident" and self.toks[self.i + 1].text == "=":
+                if self.peek().kind == "ident" and self.tok(self.i + 1).text == "=":
                     key = self.next().text
                     self.next()
                     if key in kwargs:
