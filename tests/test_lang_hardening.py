@@ -559,3 +559,20 @@ def test_registration_rejects_bad_declarations():
     with pytest.raises(ValueError, match="default"):
         action("_t_bad3", args={"b": {"min": 2}})(lambda ctx, op, b=1: None)
     assert not {"_t_bad1", "_t_bad2", "_t_bad3"} & set(ACTIONS)
+
+
+def test_limits_and_errors_docs_example_runs(tmp_path, monkeypatch, capsys):
+    """The runnable example of docs/rule-language.md 'Limits and errors' prints what the page shows."""
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "rule-language.md").read_text()
+    section = page[page.index("## Limits and errors"):]
+    code = re.search(r"A located error, runnable:\n\n```python\n(.*?)```", section, re.S).group(1)
+    shown = re.search(r"```python\n.*?```\n\n```text\n(.*?)```", section[section.index("A located error"):],
+                      re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "rule-language.md", "exec"), {})
+    assert capsys.readouterr().out == shown
+    for key, value in (("256 KiB", LIMITS["file_bytes"] // 1024), ("| 32 levels", LIMITS["yaml_depth"]),
+                       ("| 20,000", LIMITS["yaml_nodes"]), ("65,536 characters", MAX_TEXT),
+                       ("| 64 levels", MAX_NESTING)):
+        assert key in section and str(value) in key.replace(",", ""), key
