@@ -63,6 +63,12 @@ def test_non_utf8_file_names_line_and_column(tmp_path):
     assert e.loc.col == 14 and "not UTF-8" in str(e)
 
 
+def test_lone_surrogate_in_text_is_located():
+    with pytest.raises(RuleSyntaxError) as e:
+        parse_text("version: 1\nrules:\n  - name: a\udcff\n", "s.yaml")
+    assert (e.value.loc.line, e.value.loc.col) == (3, 12)
+
+
 def test_utf8_bom_is_accepted():
     assert decode_text(b"\xef\xbb\xbfversion: 1\n") == "version: 1\n"
 
@@ -103,12 +109,12 @@ def test_tags_are_rejected_on_rule_lists_and_mappings(tmp_path):
     load_error(tmp_path, """\
         version: 1
         rules: !!python/object/new:list
-          - {name: r, match: (relu $r ?x), rewrite: bypass($r, $r)}
+          - {name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}
         """, cls=RuleSchemaError, line=2)
     load_error(tmp_path, """\
         version: 1
         rules:
-          - !!python/object:builtins.dict {name: r, match: (relu $r ?x), rewrite: bypass($r, $r)}
+          - !!python/object:builtins.dict {name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}
         """, cls=RuleSchemaError, line=3)
 
 
@@ -271,12 +277,12 @@ def test_wrong_types_in_a_rule(tmp_path, snippet, line):
     ("{default: 1, doc: {a: 1}}", 3),
 ])
 def test_wrong_types_in_a_parameter(tmp_path, param, line):
-    text = f"version: 1\nparams:\n  p: {param}\nrules:\n  - {{name: r, match: (relu $r ?x), rewrite: bypass($r, $r)}}\n"
+    text = f"version: 1\nparams:\n  p: {param}\nrules:\n  - {{name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}}\n"
     load_error(tmp_path, text, cls=RuleSchemaError, line=line)
 
 
 def test_parameter_min_above_max(tmp_path):
-    text = "version: 1\nparams:\n  p: {default: 3, min: 5, max: 2}\nrules: [{name: r, match: (relu $r ?x), rewrite: 'bypass($r, $r)'}]\n"
+    text = "version: 1\nparams:\n  p: {default: 3, min: 5, max: 2}\nrules: [{name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}]\n"
     load_error(tmp_path, text, cls=RuleSchemaError, line=3)
 
 
@@ -290,8 +296,8 @@ def test_parameter_min_above_max(tmp_path):
     ("version: 1\nrules: [5]\n", 2),
     ("version: 1\nstages: [{name: s, max_iterations: true}]\nrules: []\n", 2),
     ("version: 1\nstages: [{name: s, max_iterations: 2.5}]\nrules: []\n", 2),
-    ("version: 1\nstages: [s, {name: s}]\nrules: [{name: r, match: (relu $r ?x), rewrite: 'bypass($r, $r)'}]\n", 2),
-    ("version: 1\nstages:\n  - s\n  - t\n  - s\nrules: [{name: r, match: (relu $r ?x), rewrite: 'bypass($r, $r)'}]\n", 5),
+    ("version: 1\nstages: [s, {name: s}]\nrules: [{name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}]\n", 2),
+    ("version: 1\nstages:\n  - s\n  - t\n  - s\nrules: [{name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}]\n", 5),
     ("version: 1\nstages: {s: 1}\nrules: []\n", 2),
     ("version: 1\n5: x\nrules: []\n", 2),
     ("version: 1\nrecipe: r\nsteps: [{step: calibrate, with: 5}]\n", 3),

@@ -331,19 +331,46 @@ def mutated_files(draw) -> bytes:
             for k in range(1, draw(st.integers(2, 9))):
                 lines.append(b"x%d: &x%d [" % (k, k) + b", ".join([b"*x%d" % (k - 1)] * 9) + b"]")
             data = bytearray(b"version: 1\nparams:\n" + b"\n".join(b"  " + ln for ln in lines) +
-                             b"\nrules: [{name: r, match: (relu $r ?x), rewrite: 'bypass($r, $r)'}]\n")
+                             b"\nrules: [{name: r, match: '(relu $r ?x)', rewrite: 'bypass($r, $r)'}]\n")
     return bytes(data)
+
+
+@st.composite
+def text_insertions(draw) -> str:
+    """Arbitrary Unicode (control characters and lone surrogates included) inserted into a base
+    file handed over as a Python ``str`` (the :func:`parse_text` path)."""
+    text = draw(st.sampled_from(_BASE)).decode()
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(text)))
+        piece = draw(st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+                             min_size=1, max_size=12))
+        text = text[:i] + piece + text[i:]
+    return text
+
+
+def _text_outcome(text: str) -> str:
+    t0 = time.perf_counter()
+    try:
+        qpasses.PassManager(parse_text(text, FILE))
+    except RuleError as e:
+        assert e.loc.file and e.loc.line is not None, f"error without a location: {e!r}\n{text!r}"
+        return "load error"
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"{type(e).__name__} escaped: {e}\n--- input ---\n{text!r}") from e
+    finally:
+        assert time.perf_counter() - t0 < LOAD_BOUND_S
+    return "ok"
 
 
 # ----------------------------------------------------------------------------- the tests
 
-def _run(strategy, examples):
+def _run(strategy, examples, check=outcome):
     stats = collections.Counter()
 
     @settings(FUZZ, max_examples=examples)
     @given(strategy)
     def inner(data):
-        stats[outcome(data)] += 1
+        stats[check(data)] += 1
 
     inner()
     print(f"\n{strategy}: {dict(stats)}")
@@ -362,6 +389,11 @@ def test_fuzz_grammar_built_recipes():
 
 def test_fuzz_yaml_and_byte_mutations():
     stats = _run(mutated_files(), 300)
+    assert stats["load error"] > 0
+
+
+def test_fuzz_unicode_text_insertions():
+    stats = _run(text_insertions(), 100, _text_outcome)
     assert stats["load error"] > 0
 
 

@@ -78,6 +78,7 @@ LIMITS = {
     "file_bytes": 256 * 1024,       # size of one rule / recipe file
     "yaml_depth": 32,               # nesting of YAML mappings and lists (after alias expansion)
     "yaml_nodes": 20000,            # YAML values in one file, aliases counted at every use
+    # read-only copies of qpasses.lang.syntax.MAX_TEXT / MAX_NESTING, which the parser uses:
     "pattern_chars": MAX_TEXT,      # one pattern, call or ${...} value text
     "pattern_depth": MAX_NESTING,   # nesting of (patterns) and [lists] inside one text
 }
@@ -212,20 +213,11 @@ def _tag_text(tag: str) -> str:
 def _construct(node: yaml.Node, file: Optional[str], loader: Any) -> Any:
     """Located Python values (LStr / LDict / LList) from a node tree.
 
-    Aliases are expanded, each use counted against ``LIMITS['yaml_nodes']`` and the depth
-    against ``LIMITS['yaml_depth']`` (so an alias bomb stops after a bounded amount of work).
+    Aliases are expanded here; :func:`_compose` has already bounded their expanded size and
+    depth (``LIMITS``), so this recursion stays shallow and small.
     """
-    budget = [LIMITS["yaml_nodes"]]
-    max_depth = LIMITS["yaml_depth"]
 
-    def build(n: yaml.Node, depth: int) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise RuleLimitError(f"the file expands to more than {LIMITS['yaml_nodes']} YAML values "
-                                 f"(aliases are counted at every use)", _mark(file, n))
-        if depth > max_depth:
-            raise RuleLimitError(f"YAML nests more than {max_depth} levels deep (after expanding aliases)",
-                                 _mark(file, n))
+    def build(n: yaml.Node) -> Any:
         if isinstance(n, yaml.MappingNode):
             if n.tag != _STD + "map":
                 raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a mapping in rule files",
@@ -239,10 +231,10 @@ def _construct(node: yaml.Node, file: Optional[str], loader: Any) -> Any:
                                           _mark(file, k))
                 if not isinstance(k, yaml.ScalarNode):
                     raise RuleSchemaError("mapping keys must be plain names", _mark(file, k))
-                key = build(k, depth + 1)
+                key = build(k)
                 if key in out:
                     raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
-                out[key] = build(v, depth + 1)
+                out[key] = build(v)
                 out.key_locs[key] = _mark(file, k)
                 out.val_locs[key] = _mark(file, v)
             return out
@@ -250,13 +242,13 @@ def _construct(node: yaml.Node, file: Optional[str], loader: Any) -> Any:
             if n.tag != _STD + "seq":
                 raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a list in rule files",
                                       _mark(file, n))
-            out = LList(build(v, depth + 1) for v in n.value)
+            out = LList(build(v) for v in n.value)
             out.loc = _mark(file, n)
             out.item_locs = [_mark(file, v) for v in n.value]
             return out
         return _scalar(n, file, loader)
 
-    return build(node, 1)
+    return build(node)
 
 
 def load_yaml(text: str, file: Optional[str] = None) -> Any:
@@ -287,6 +279,9 @@ def load_yaml(text: str, file: Optional[str] = None) -> Any:
         raise RuleSyntaxError(f"YAML: {e.reason} (character {e.character!r})", Location(file, line, col)) from None
     except yaml.YAMLError as e:
         raise RuleSyntaxError(f"YAML: {e}", Location(file, 1, 1)) from None
+    except UnicodeError as e:  # a lone surrogate in text handed over as a Python str
+        line, col = _line_col(text, getattr(e, "start", 0))
+        raise RuleSyntaxError(f"the text is not valid Unicode: {e.reason}", Location(file, line, col)) from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -60,15 +60,6 @@ MAX_TEXT = 65536
 MAX_NESTING = 64
 
 
-def _pos(base: Location, text: str, offset: int) -> Location:
-    line_no = text.count("\n", 0, offset)
-    if line_no == 0:
-        col = (base.col or 1) + offset
-    else:
-        col = offset - text.rfind("\n", 0, offset)
-    return Location(base.file, (base.line or 1) + line_no, col)
-
-
 def snippet(text: str, limit: int = 60) -> str:
     """``text`` stripped and shortened for an error message."""
     t = " ".join(str(text).split()) if len(text) <= 4 * limit else " ".join(str(text)[:4 * limit].split())
