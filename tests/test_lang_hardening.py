@@ -582,3 +582,15 @@ def test_limits_and_errors_docs_example_runs(tmp_path, monkeypatch, capsys):
                        ("| 20,000", LIMITS["yaml_nodes"]), ("65,536 characters", MAX_TEXT),
                        ("| 64 levels", MAX_NESTING)):
         assert key in section and str(value) in key.replace(",", ""), key
+
+
+def test_keyword_only_arguments_are_not_positional():
+    from qpasses.lang.registry import action
+    try:
+        action("_t_kwonly")(lambda ctx, op, *, b=1: None)
+        reg = ACTIONS["_t_kwonly"]
+        assert check_arguments(reg, ["$x"], {"b": 2}) is None
+        assert "at most 1 positional" in check_arguments(reg, ["$x", 2], {})
+    finally:
+        ACTIONS.pop("_t_kwonly", None)
+

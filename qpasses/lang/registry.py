@@ -53,6 +53,7 @@ class ArgSpec:
     choices: Optional[Tuple[Any, ...]] = None
     multiple_of: Optional[int] = None
     doc: str = ""
+    keyword_only: bool = False       # declared after ``*`` (cannot be given by position)
 
     @property
     def required(self) -> bool:
@@ -255,7 +256,8 @@ def _read_args(fn: Callable, decls: Mapping[str, Any], signature: bool, who: str
                 continue
             typ, optional = _annotation_type(p.annotation)
             default = REQUIRED if p.default is inspect.Parameter.empty else p.default
-            specs[p.name] = ArgSpec(p.name, typ, default, optional or default is None)
+            specs[p.name] = ArgSpec(p.name, typ, default, optional or default is None,
+                                    keyword_only=p.kind is inspect.Parameter.KEYWORD_ONLY)
     else:
         known = bool(decls)
         extra = False
@@ -386,10 +388,11 @@ def check_arguments(reg: Registered, args: List[Any], kwargs: Mapping[str, Any],
     if not reg.declared:
         return None
     specs = list(reg.args.values())
-    if len(args) > len(specs):
-        return f"takes at most {len(specs)} positional argument(s), got {len(args)}"
+    positional = [a for a in specs if not a.keyword_only]
+    if len(args) > len(positional):
+        return f"takes at most {len(positional)} positional argument(s), got {len(args)}"
     given: Dict[str, Any] = {}
-    for spec, v in zip(specs, args):
+    for spec, v in zip(positional, args):
         given[spec.name] = v
     for k, v in kwargs.items():
         if k in given:

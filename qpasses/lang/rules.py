@@ -668,7 +668,7 @@ def _check_call(reg: Registered, call: Call, what: str, rule: str, resolve=_unkn
 
 def _named_args(reg: Registered, call: Call) -> Dict[str, Any]:
     """argument name -> value of a call that passed :func:`_check_call`."""
-    out = dict(zip(reg.args, call.args))
+    out = dict(zip([a.name for a in reg.args.values() if not a.keyword_only], call.args))
     out.update(call.kwargs)
     return out
 
