@@ -70,6 +70,21 @@ class RuleSyntaxError(RuleError):
     """The rule file, or a pattern / call inside it, does not parse."""
 
 
+class RuleSchemaError(RuleSyntaxError):
+    """A rule file parses as YAML but a value has the wrong type or form for its key
+    (``where: 5``, ``version: 1.0``, a ``!!python/...`` tag, a duplicate stage name)."""
+
+
+class RuleLimitError(RuleSyntaxError):
+    """A rule file (or a pattern in it) is larger or nests deeper than the stated limits
+    (see ``qpasses.lang.rules.LIMITS``), or its aliases expand beyond the budget."""
+
+
+class ArgumentError(RuleSyntaxError):
+    """An action, constraint or data-step argument that its registration does not allow
+    (unknown name, wrong type, out of range, not one of the choices); names the call's file:line:col."""
+
+
 class UnknownNameError(RuleError):
     """An op class, constraint, action, data step, rule family or recipe that does not exist."""
 

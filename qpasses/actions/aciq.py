@@ -21,7 +21,7 @@ from .quant import attach_weight_quantizer, bits_for, weight_axis
 register_module_class(ChannelBitsFakeQuant, "channel_bits_fq")
 
 
-@action("aciq_quantize_weight")
+@action("aciq_quantize_weight", args={"bits": {"min": 2, "max": 8}, "min_bits": {"min": 1, "max": 16}, "max_bits": {"min": 1, "max": 16}, "prior": {"choices": ("laplace", "gauss", "gaussian", "normal")}, "alloc_rule": {"choices": ("paper", "mse")}})
 def aciq_quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 4, prior: str = "laplace", clip: bool = True,
                          allocate: bool = True, bias_correction: bool = True, min_bits: int = 2, max_bits: int = 8,
                          alloc_rule: str = "paper"):

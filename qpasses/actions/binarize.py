@@ -66,7 +66,7 @@ def binary_weight(ctx: MatchContext, node: fx.Node):
     return ok, ("" if ok else f"{node.name} does not read a BinaryWeight")
 
 
-@constraint("input_binary")
+@constraint("input_binary", args={"index": {"min": 0}})
 def input_binary(ctx: MatchContext, node: fx.Node, index: int = 0):
     """Activation input ``index`` of the op is already binarized."""
     ins = ctx.view(node).inputs()
@@ -98,7 +98,7 @@ def only_feeds_binary(ctx: MatchContext, node: fx.Node):
     return True, ""
 
 
-@action("mark_bits")
+@action("mark_bits", args={"w_bits": {"min": 1, "max": 32}, "a_bits": {"min": 1, "max": 32}})
 def mark_bits(ctx: MatchContext, op: fx.Node, w_bits: Optional[int] = None, a_bits: Optional[int] = None):
     """Annotate ``op`` with ``qpasses.bits`` (keeps an existing annotation's other field)."""
     ann = dict(op.meta.get("qpasses.bits") or {})
@@ -109,7 +109,7 @@ def mark_bits(ctx: MatchContext, op: fx.Node, w_bits: Optional[int] = None, a_bi
     op.meta["qpasses.bits"] = ann
 
 
-@action("quantize_edge")
+@action("quantize_edge", args={"bits": {"min": 2, "max": 16}, "observer": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
 def quantize_edge(ctx: MatchContext, op: fx.Node, bits: int = 8, observer: str = "minmax",
                   learnable: bool = False, observe: bool = True):
     """Keep a first/last layer at ``bits``: observer on its input (converted to a fake quant by the
@@ -148,7 +148,7 @@ def binarize_weight(ctx: MatchContext, op: fx.Node, scale: bool = True):
     op.meta["qpasses.bits"] = {**(op.meta.get("qpasses.bits") or {}), "w_bits": 1}
 
 
-@action("binarize_input")
+@action("binarize_input", args={"index": {"min": 0}})
 def binarize_input(ctx: MatchContext, op: fx.Node, index: int = 0):
     """Put a ``BinaryActivation`` (sign, hardtanh STE) on activation input ``index`` of ``op``;
     one per value, shared by every binarized consumer."""

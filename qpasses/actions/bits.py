@@ -200,7 +200,7 @@ def _merged_map(ctx: MatchContext, bit_map: Any, bit_map_file: Any) -> Dict[str,
     return merged
 
 
-@action("assign_bits")
+@action("assign_bits", args={"w_bits": {"min": 1, "max": 32}, "a_bits": {"min": 1, "max": 32}, "bit_map_file": {"type": str}})
 def assign_bits(ctx: MatchContext, op: fx.Node, bit_map: Any = None, bit_map_file: Any = None,
                 w_bits: Optional[int] = None, a_bits: Optional[int] = None):
     """Annotate ``op`` with ``qpasses.bits`` from the bit map (file first, inline map overrides it),

@@ -31,7 +31,7 @@ def single_use(ctx: MatchContext, node: fx.Node):
     return (n == 1, f"{node.name} has {n} users")
 
 
-@constraint("has_users")
+@constraint("has_users", args={"count": {"min": 0}})
 def has_users(ctx: MatchContext, node: fx.Node, count: int = 1):
     """The node has at least ``count`` users."""
     return len(node.users) >= count
@@ -75,7 +75,7 @@ def skipped(ctx: MatchContext, node: fx.Node, patterns: Any = None):
     return (hit is not None, f"{node.name} matches skip pattern {hit!r}" if hit else "")
 
 
-@constraint("rank")
+@constraint("rank", args={"value": {"min": 0, "max": 16}})
 def rank(ctx: MatchContext, node: fx.Node, value: int):
     """The node's output has ``value`` dimensions (from shape propagation)."""
     from ..frontend import node_shape

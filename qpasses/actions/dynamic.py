@@ -67,7 +67,7 @@ def activation_operands(ctx: MatchContext, node: fx.Node):
     return True, ""
 
 
-@action("dynamic_linear")
+@action("dynamic_linear", args={"w_bits": {"min": 2, "max": 8}, "a_bits": {"min": 2, "max": 8}, "granularity": {"choices": ("per_tensor", "per_token")}})
 def dynamic_linear(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8,
                    granularity: str = "per_token", symmetric: bool = False):
     """Replace a constant-weight linear by a :class:`DynamicQuantLinear` module call."""
@@ -116,7 +116,7 @@ def _dynamic_fq_on(ctx: MatchContext, op: fx.Node, x: fx.Node, bits: int, symmet
     op.replace_input_with(x, q)
 
 
-@action("dynamic_matmul")
+@action("dynamic_matmul", args={"a_bits": {"min": 2, "max": 8}, "granularity": {"choices": ("per_tensor", "per_token")}})
 def dynamic_matmul(ctx: MatchContext, op: fx.Node, a_bits: int = 8, granularity: str = "per_token",
                    symmetric: bool = False):
     """Quantize both operands of an activation x activation matmul on the fly.
@@ -151,7 +151,7 @@ def dynamic_input(ctx: MatchContext, node: fx.Node):
     return ok, (f"the input of {node.name} is already dynamically quantized" if ok else "")
 
 
-@action("dynamic_conv")
+@action("dynamic_conv", args={"w_bits": {"min": 2, "max": 8}, "a_bits": {"min": 2, "max": 8}})
 def dynamic_conv(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8, symmetric: bool = False):
     """Convolution: the input is quantized per tensor on the fly (``DynamicFakeQuant``), the weight
     per output channel with qparams fixed here (the ``quantize_weight`` action of ``convert``)."""

@@ -9,7 +9,7 @@ from ..matcher import MatchContext
 __all__ = ["edge_weighted", "set_bits"]
 
 
-@constraint("edge_weighted")
+@constraint("edge_weighted", args={"which": {"choices": ("both", "first", "last")}})
 def edge_weighted(ctx: MatchContext, node: fx.Node, which: str = "both"):
     """``node`` is the first (``which="first"``), last (``"last"``) or either (``"both"``) weighted op in graph order."""
     from ..ops import resolve_names
@@ -27,7 +27,7 @@ def edge_weighted(ctx: MatchContext, node: fx.Node, which: str = "both"):
     return hit, f"{node.name} is not {wanted} weighted op"
 
 
-@action("set_bits")
+@action("set_bits", args={"w_bits": {"min": 1, "max": 16}, "a_bits": {"min": 1, "max": 16}})
 def set_bits(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8):
     """Annotate ``op`` with ``qpasses.bits = {w_bits, a_bits}`` (honoured by observe / convert)."""
     op.meta["qpasses.bits"] = {"w_bits": int(w_bits), "a_bits": int(a_bits)}

@@ -302,7 +302,7 @@ def _pair(v, n=2) -> List[int]:
     return [int(v)] * n
 
 
-@action("fuse_weighted", replaces=True, keeps=("dq",))
+@action("fuse_weighted", replaces=True, keeps=("dq",), args={"rounding": {"choices": ("gemmlowp", "single")}})
 def fuse_weighted(ctx: MatchContext, q: fx.Node, op: fx.Node, dq: fx.Node, rounding: str = "gemmlowp"):
     """``Q(conv2d|linear(DQ(x), fq(W), b))`` -> ``int8_conv2d_requant`` / ``int8_linear_requant``:
     int8 weights, int32 bias in scale ``s_x s_w``, per-channel multiplier ``M = s_x s_w / s_y``.
@@ -475,7 +475,7 @@ def fold_clamp(ctx: MatchContext, c: fx.Node, p: fx.Node):
 
 
 # ================================================================================= check step
-@data_step("check_integer")
+@data_step("check_integer", args={"strict": {"type": bool, "default": False}})
 def check_integer(ctx):
     """Count integer ops and float compute left between the input quantizers and the output
     dequantizers; with ``strict`` raise when any float compute op remains."""

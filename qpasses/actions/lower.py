@@ -219,7 +219,7 @@ def _out_dtype(out_dtype: str) -> torch.dtype:
     return _OUT_DTYPES[str(out_dtype)]
 
 
-@action("lower_to_kernel")
+@action("lower_to_kernel", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
 def lower_to_kernel(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
     """Replace a fake-quantized linear / conv2d by its integer kernel op (see module doc)."""
     if matches_any(op, skip):
@@ -255,7 +255,7 @@ def int4_weight_free(ctx: MatchContext, op: fx.Node):
     return True, ""
 
 
-@action("quantize_weight_int4")
+@action("quantize_weight_int4", args={"group_size": {"min": 32, "max": 8192, "multiple_of": 32}})
 def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, symmetric: bool = True, skip=()):
     """Read the weight of a linear op through an :class:`Int4GroupFakeQuantize` (w4a16)."""
     if matches_any(op, skip):
@@ -274,7 +274,7 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
 
 
 # ================================================================================ dynamic_int8
-@action("lower_dynamic_linear")
+@action("lower_dynamic_linear", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
 def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
     """Replace a ``DynamicQuantLinear`` call by ``torch.ops.qpasses.dynamic_int8_linear``.
 

@@ -36,7 +36,7 @@ def bn_module_pair(ctx: MatchContext, bn: fx.Node, conv: fx.Node):
     return True, ""
 
 
-@action("qat_fuse_conv_bn", replaces=True)
+@action("qat_fuse_conv_bn", replaces=True, args={"w_bits": {"min": 2, "max": 16}, "freeze_bn_after": {"type": int, "min": 0}})
 def qat_fuse_conv_bn(ctx: MatchContext, bn: fx.Node, conv: fx.Node, w_bits: int = 8, learnable: bool = True,
                      freeze_bn_after=None):
     """``bn(conv(x))`` -> ``QATConvBn2d(x)`` (BatchNorm folded into the fake-quantized weight)."""

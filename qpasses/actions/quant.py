@@ -52,7 +52,7 @@ def bits_for(ctx: MatchContext, node: fx.Node, kind: str, default: int) -> int:
     return int(default)
 
 
-@constraint("input_quantized")
+@constraint("input_quantized", args={"index": {"min": 0}})
 def input_quantized(ctx: MatchContext, node: fx.Node, index: int = 0):
     """The op's activation input ``index`` already passes through an observer or fake quant."""
     ins = ctx.view(node).inputs()
@@ -70,7 +70,7 @@ def weight_quantized(ctx: MatchContext, node: fx.Node):
     return (_is_quant_module(ctx, w, (FakeQuantize,)), f"{node.name} already has a quantized weight")
 
 
-@constraint("float_input")
+@constraint("float_input", args={"index": {"min": 0}})
 def float_input(ctx: MatchContext, node: fx.Node, index: int = 0):
     """Input ``index`` is a floating-point tensor (integer indices are never quantized)."""
     from ..frontend import node_dtype
@@ -100,7 +100,7 @@ def new_observer(cfg: Dict[str, Any]) -> Observer:
     return obs
 
 
-@action("observe_input")
+@action("observe_input", args={"index": {"min": 0}, "bits": {"min": 2, "max": 16}, "kind": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
 def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "minmax", bits: int = 8,
                   symmetric: bool = False, signed: Optional[bool] = None, **extra):
     """Put an observer between activation input ``index`` of ``op`` and ``op``.
@@ -132,7 +132,7 @@ def insert_input_quantizer(ctx: MatchContext, op: fx.Node, x: fx.Node, module: n
     return q
 
 
-@action("observe_output")
+@action("observe_output", args={"bits": {"min": 2, "max": 16}, "kind": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
 def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: int = 8, symmetric: bool = False,
                    signed: Optional[bool] = None, **extra):
     """Put an observer after ``op``: every user of ``op`` reads the observed value."""
@@ -254,7 +254,7 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     return new
 
 
-@action("quantize_weight")
+@action("quantize_weight", args={"bits": {"min": 2, "max": 16}, "observer": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
 def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: bool = True,
                     observer: str = "minmax", learnable: bool = False):
     """Make ``op`` read its weight through a per-channel symmetric FakeQuantize."""

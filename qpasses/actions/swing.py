@@ -28,7 +28,7 @@ def is_swing(ctx: MatchContext, node: fx.Node):
     return isinstance(mod, _Swing), f"{node.name} calls {type(mod).__name__ if mod is not None else node.op}"
 
 
-@action("swing_conv")
+@action("swing_conv", args={"jitter": {"min": 1, "max": 64}})
 def swing_conv(ctx: MatchContext, op: fx.Node, jitter: int = 1):
     """Replace the module behind ``op`` (a plain Conv1d/Conv2d) by its swing version, same tensors."""
     mod = ctx.view(op).module

@@ -37,9 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from ..errors import Location, RuleError, RuleSyntaxError, UnknownNameError, nearest
-from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS
-from .syntax import (BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
+from ..errors import (ArgumentError, Location, RuleError, RuleLimitError, RuleSchemaError, RuleSyntaxError,
+                      UnknownNameError, nearest)
+from .registry import ACTIONS, CONSTRAINTS, DATA_STEPS, Registered, check_arguments
+from .syntax import (MAX_NESTING, MAX_TEXT, BindPat, BindingRef, Call, NodePat, ParamRef, Pattern,
                      ValuePat, find_refs, param_refs, parse_call, parse_pattern, parse_value, substitute)
 
 # ----------------------------------------------------------------------------- located YAML
@@ -70,28 +71,134 @@ def _mark(file: Optional[str], node: yaml.Node, quoted_shift: bool = True) -> Lo
     return Location(file, node.start_mark.line + 1, col)
 
 
-def _construct(node: yaml.Node, file: Optional[str], loader: yaml.SafeLoader) -> Any:
-    # iterative-enough: rule files are small and shallow; recursion depth = YAML nesting
-    if isinstance(node, yaml.MappingNode):
-        out = LDict()
-        out.loc = _mark(file, node)
-        out.key_locs, out.val_locs = {}, {}
-        for k, v in node.value:
-            key = _construct(k, file, loader)
-            if isinstance(key, (dict, list)):
-                raise RuleSyntaxError("mapping keys must be plain names", _mark(file, k))
-            if key in out:
-                raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
-            out[key] = _construct(v, file, loader)
-            out.key_locs[key] = _mark(file, k)
-            out.val_locs[key] = _mark(file, v)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        out = LList(_construct(v, file, loader) for v in node.value)
-        out.loc = _mark(file, node)
-        out.item_locs = [_mark(file, v) for v in node.value]
-        return out
-    value = loader.construct_object(node, deep=True)
+# ----------------------------------------------------------------------------- limits
+
+#: the limits a rule file is read under; anything beyond them is a located RuleLimitError
+LIMITS = {
+    "file_bytes": 256 * 1024,       # size of one rule / recipe file
+    "yaml_depth": 32,               # nesting of YAML mappings and lists (after alias expansion)
+    "yaml_nodes": 20000,            # YAML values in one file, aliases counted at every use
+    # read-only copies of qpasses.lang.syntax.MAX_TEXT / MAX_NESTING, which the parser uses:
+    "pattern_chars": MAX_TEXT,      # one pattern, call or ${...} value text
+    "pattern_depth": MAX_NESTING,   # nesting of (patterns) and [lists] inside one text
+}
+
+_STD = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_STD + "str", _STD + "int", _STD + "float", _STD + "bool", _STD + "null"}
+
+try:  # libyaml when present (fast); the pure-Python parser otherwise: same events either way
+    _EventLoader = yaml.CSafeLoader  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - depends on the PyYAML build
+    _EventLoader = yaml.SafeLoader
+
+
+def _event_loc(file: Optional[str], ev: Any) -> Location:
+    m = getattr(ev, "start_mark", None)
+    return Location(file, m.line + 1, m.column + 1) if m is not None else Location(file, 1, 1)
+
+
+def _compose(loader: Any, file: Optional[str]) -> Optional[yaml.Node]:
+    """Build the YAML node tree from parser events without recursion.
+
+    Nesting is limited to ``LIMITS['yaml_depth']``; an alias may only refer to an anchor whose
+    node is complete (so a node cannot contain itself); one document per file.
+    """
+    max_depth = LIMITS["yaml_depth"]
+    max_nodes = LIMITS["yaml_nodes"]
+    anchors: Dict[str, yaml.Node] = {}
+    sizes: Dict[int, Tuple[int, int]] = {}  # id(anchored node) -> (values once expanded, depth)
+    stack: List[list] = []   # [node, anchor, pending mapping key, values inside, depth inside]
+    root: Optional[yaml.Node] = None
+    docs = 0
+
+    def add(node: yaml.Node, size: int, depth: int, ev: Any) -> None:
+        nonlocal root
+        # budgets: an alias counts as the whole value it stands for, so a "billion laughs"
+        # file is refused as soon as its expanded size passes the budget (no expansion happens)
+        if len(stack) + depth > max_depth:
+            raise RuleLimitError(f"YAML nests more than {max_depth} levels deep (after expanding aliases)",
+                                 _event_loc(file, ev))
+        if not stack:
+            root = node
+            return
+        frame = stack[-1]
+        frame[3] += size
+        frame[4] = max(frame[4], depth)
+        if frame[3] > max_nodes:
+            raise RuleLimitError(f"the file expands to more than {max_nodes} YAML values "
+                                 f"(aliases are counted at every use)", _event_loc(file, ev))
+        parent = frame[0]
+        if isinstance(parent, yaml.SequenceNode):
+            parent.value.append(node)
+        elif frame[2] is None:
+            frame[2] = node
+        else:
+            parent.value.append((frame[2], node))
+            frame[2] = None
+
+    while True:
+        ev = loader.get_event()
+        if isinstance(ev, yaml.StreamEndEvent):
+            break
+        if isinstance(ev, yaml.DocumentStartEvent):
+            docs += 1
+            if docs > 1:
+                raise RuleSchemaError("a rule file holds one YAML document (found a second '---')", _event_loc(file, ev))
+            continue
+        if isinstance(ev, (yaml.StreamStartEvent, yaml.DocumentEndEvent)):
+            continue
+        if isinstance(ev, yaml.AliasEvent):
+            node = anchors.get(ev.anchor)
+            if node is None:
+                raise RuleSchemaError(f"alias *{ev.anchor} refers to no complete anchor &{ev.anchor} before it "
+                                      f"(an anchor cannot be used inside its own value)", _event_loc(file, ev))
+            add(node, *sizes[id(node)], ev)
+            continue
+        if isinstance(ev, yaml.ScalarEvent):
+            tag = ev.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
+                if tag == _STD + "timestamp":
+                    tag = _STD + "str"  # a plain 2024-01-01 reads as text, not as a date
+            node = yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, style=ev.style)
+            if ev.anchor is not None:
+                anchors[ev.anchor] = node
+                sizes[id(node)] = (1, 0)
+            add(node, 1, 0, ev)
+            continue
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            seq = isinstance(ev, yaml.SequenceStartEvent)
+            kind = yaml.SequenceNode if seq else yaml.MappingNode
+            tag = ev.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(kind, None, ev.implicit)
+            if len(stack) >= max_depth:
+                raise RuleLimitError(f"YAML nests more than {max_depth} levels deep", _event_loc(file, ev))
+            stack.append([kind(tag, [], ev.start_mark, None, flow_style=ev.flow_style), ev.anchor, None, 0, 0])
+            continue
+        if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            node, anchor, _, size, depth = stack.pop()
+            node.end_mark = ev.end_mark
+            if anchor is not None:
+                anchors[anchor] = node
+                sizes[id(node)] = (size + 1, depth + 1)
+            add(node, size + 1, depth + 1, ev)
+            continue
+    return root
+
+
+def _scalar(node: yaml.ScalarNode, file: Optional[str], loader: Any) -> Any:
+    tag = node.tag
+    if tag not in _SCALAR_TAGS:
+        raise RuleSchemaError(f"YAML tag {_tag_text(tag)} is not allowed in rule files (only plain values: "
+                              f"strings, numbers, true/false, null, lists and mappings)", _mark(file, node))
+    try:
+        value = {"str": loader.construct_yaml_str, "int": loader.construct_yaml_int,
+                 "float": loader.construct_yaml_float, "bool": loader.construct_yaml_bool,
+                 "null": loader.construct_yaml_null}[tag[len(_STD):]](node)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, yaml.YAMLError):
+        raise RuleSchemaError(f"{_tag_text(tag)} {node.value!r} is not a valid {tag[len(_STD):]}",
+                              _mark(file, node)) from None
     if isinstance(value, str):
         s = LStr(value)
         s.loc = _mark(file, node)
@@ -99,23 +206,106 @@ def _construct(node: yaml.Node, file: Optional[str], loader: yaml.SafeLoader) ->
     return value
 
 
+def _tag_text(tag: str) -> str:
+    return "!!" + tag[len(_STD):] if tag.startswith(_STD) else tag if tag.startswith("!") else f"!<{tag}>"
+
+
+def _construct(node: yaml.Node, file: Optional[str], loader: Any) -> Any:
+    """Located Python values (LStr / LDict / LList) from a node tree.
+
+    Aliases are expanded here; :func:`_compose` has already bounded their expanded size and
+    depth (``LIMITS``), so this recursion stays shallow and small.
+    """
+
+    def build(n: yaml.Node) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            if n.tag != _STD + "map":
+                raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a mapping in rule files",
+                                      _mark(file, n))
+            out = LDict()
+            out.loc = _mark(file, n)
+            out.key_locs, out.val_locs = {}, {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag == _STD + "merge":
+                    raise RuleSchemaError("merge keys '<<' are not supported in rule files; write the keys out",
+                                          _mark(file, k))
+                if not isinstance(k, yaml.ScalarNode):
+                    raise RuleSchemaError("mapping keys must be plain names", _mark(file, k))
+                key = build(k)
+                if key in out:
+                    raise RuleSyntaxError(f"key {key!r} appears twice", _mark(file, k))
+                out[key] = build(v)
+                out.key_locs[key] = _mark(file, k)
+                out.val_locs[key] = _mark(file, v)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            if n.tag != _STD + "seq":
+                raise RuleSchemaError(f"YAML tag {_tag_text(n.tag)} is not allowed on a list in rule files",
+                                      _mark(file, n))
+            out = LList(build(v) for v in n.value)
+            out.loc = _mark(file, n)
+            out.item_locs = [_mark(file, v) for v in n.value]
+            return out
+        return _scalar(n, file, loader)
+
+    return build(node)
+
+
 def load_yaml(text: str, file: Optional[str] = None) -> Any:
-    """Parse YAML with ``yaml.SafeLoader`` keeping locations (LStr / LDict / LList)."""
+    """Parse YAML under the rule-file policy, keeping locations (LStr / LDict / LList).
+
+    Safe: plain values only (strings, numbers, booleans, null, lists, mappings); any other tag,
+    on a scalar, a list or a mapping, is a located :class:`RuleSchemaError`.  Nesting, size and
+    alias expansion are bounded by :data:`LIMITS`.
+    """
+    if len(text) > LIMITS["file_bytes"]:
+        raise RuleLimitError(f"the file is {len(text)} characters long; the limit is {LIMITS['file_bytes']}",
+                             Location(file, 1, 1))
+    loader = None
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-            if root is None:
-                return None
-            return _construct(root, file, loader)
-        finally:
-            loader.dispose()
+        loader = _EventLoader(text)
+        root = _compose(loader, file)
+        if root is None:
+            return None
+        return _construct(root, file, loader)
     except yaml.MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
-        loc = Location(file, m.line + 1, m.column + 1) if m else Location(file)
+        loc = Location(file, m.line + 1, m.column + 1) if m else Location(file, 1, 1)
+        if "nesting depth" in str(e.problem or ""):  # libyaml's own limit (1000) met first
+            raise RuleLimitError(f"YAML nests more than {LIMITS['yaml_depth']} levels deep", loc) from None
         raise RuleSyntaxError(f"YAML: {e.problem or e.context}", loc) from None
+    except yaml.reader.ReaderError as e:
+        line, col = _line_col(text, e.position)
+        raise RuleSyntaxError(f"YAML: {e.reason} (character {e.character!r})", Location(file, line, col)) from None
     except yaml.YAMLError as e:
-        raise RuleSyntaxError(f"YAML: {e}", Location(file)) from None
+        raise RuleSyntaxError(f"YAML: {e}", Location(file, 1, 1)) from None
+    except UnicodeError as e:  # a lone surrogate in text handed over as a Python str
+        line, col = _line_col(text, getattr(e, "start", 0))
+        raise RuleSyntaxError(f"the text is not valid Unicode: {e.reason}", Location(file, line, col)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _line_col(text: str, offset: int) -> Tuple[int, int]:
+    offset = max(0, min(int(offset or 0), len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def decode_text(data: bytes, file: Optional[str] = None) -> str:
+    """The UTF-8 text of a rule file (a BOM is dropped); a located RuleSyntaxError otherwise."""
+    if len(data) > LIMITS["file_bytes"]:
+        raise RuleLimitError(f"the file is {len(data)} bytes long; the limit is {LIMITS['file_bytes']}",
+                             Location(file, 1, 1))
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start
+        good = data[:start].decode("utf-8", errors="replace")
+        line, col = _line_col(good, len(good))
+        raise RuleSyntaxError(f"the file is not UTF-8 text: byte 0x{data[start]:02x} cannot be decoded",
+                              Location(file, line, col)) from None
 
 
 def _loc(obj: Any, default: Location) -> Location:
@@ -132,6 +322,206 @@ def _check_keys(d: Dict, allowed: Sequence[str], what: str, loc: Location) -> No
         if k not in allowed:
             kl = getattr(d, "key_locs", {}).get(k, loc)
             raise RuleSyntaxError(f"unknown key {k!r} in {what}", kl, nearest(k, allowed))
+
+
+# ----------------------------------------------------------------------------- schema
+#
+# The declared form of rule-family and recipe files.  Every value is checked against it
+# before anything is parsed further, so a wrong type anywhere is a located RuleSchemaError.
+
+
+def _what(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {'true' if v else 'false'}"
+    if isinstance(v, int):
+        return f"the integer {v}"
+    if isinstance(v, float):
+        return f"the number {v}"
+    if isinstance(v, str):
+        return f"the string {v[:40] + '...' if len(v) > 40 else v!r}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+class _S:
+    """One schema node: ``check(value, loc, where)`` raises a located RuleSchemaError."""
+    text = "a value"
+
+    def ok(self, v: Any) -> bool:
+        return True
+
+    def check(self, v: Any, loc: Location, where: str) -> None:
+        if not self.ok(v):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+
+
+class _Str(_S):
+    text = "a string"
+
+    def ok(self, v):
+        return isinstance(v, str)
+
+
+class _Int(_S):
+    text = "an integer"
+
+    def ok(self, v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Num(_S):
+    text = "a number"
+
+    def ok(self, v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Bool(_S):
+    text = "true or false"
+
+    def ok(self, v):
+        return isinstance(v, bool)
+
+
+class _Null(_S):
+    text = "null"
+
+    def ok(self, v):
+        return v is None
+
+
+class _Data(_S):
+    """Plain data: scalars, lists, mappings with string keys."""
+    text = "plain data"
+
+    def check(self, v, loc, where):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise RuleSchemaError(f"keys in {where} must be strings, got {_what(k)}",
+                                          getattr(v, "key_locs", {}).get(k, _loc(v, loc)))
+                self.check(x, _vloc(v, k, loc), f"{where}.{k}")
+        elif isinstance(v, list):
+            locs = getattr(v, "item_locs", None)
+            for i, x in enumerate(v):
+                self.check(x, locs[i] if locs else loc, f"{where}[{i}]")
+
+
+class _Scalar(_S):
+    text = "a string, number, true/false or null"
+
+    def ok(self, v):
+        return not isinstance(v, (list, dict))
+
+
+class _List(_S):
+    def __init__(self, item: _S, nonempty: bool = False):
+        self.item, self.nonempty = item, nonempty
+        self.text = f"a {'non-empty ' if nonempty else ''}list"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, list) or (self.nonempty and not v):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v) if v != [] else 'an empty list'}",
+                                  _loc(v, loc))
+        locs = getattr(v, "item_locs", None)
+        for i, x in enumerate(v):
+            self.item.check(x, locs[i] if locs else loc, f"{where}[{i}]")
+
+
+class _OneOf(_S):
+    def __init__(self, *alts: _S, text: str = ""):
+        self.alts = alts
+        self.text = text or " or ".join(a.text for a in alts)
+
+    def check(self, v, loc, where):
+        for a in self.alts:
+            if _applies(a, v):
+                return a.check(v, loc, where)
+        raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+
+
+def _applies(a: _S, v: Any) -> bool:
+    """Whether alternative ``a`` of a _OneOf is the one meant for ``v`` (by its shape)."""
+    if isinstance(a, (_Record, _MapOf)):
+        return isinstance(v, dict)
+    if isinstance(a, _List):
+        return isinstance(v, list)
+    if isinstance(a, (_Data, _OneOf)):
+        return True
+    return a.ok(v)
+
+
+class _Record(_S):
+    """A mapping with known keys (unknown keys are an error naming the nearest one)."""
+
+    def __init__(self, what: str, fields: Dict[str, _S], required: Sequence[str] = ()):
+        self.what, self.fields, self.required = what, fields, tuple(required)
+        self.text = f"a mapping ({what})"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, dict):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+        dloc = _loc(v, loc)
+        for k, x in v.items():
+            kloc = getattr(v, "key_locs", {}).get(k, dloc)
+            if not isinstance(k, str):
+                raise RuleSchemaError(f"keys of {self.what} must be names, got {_what(k)}", kloc)
+            if k not in self.fields:
+                raise RuleSyntaxError(f"unknown key {k!r} in {self.what}", kloc, nearest(k, self.fields))
+            self.fields[k].check(x, _vloc(v, k, dloc), f"{where}.{k}" if where else k)
+        for k in self.required:
+            if k not in v:
+                raise RuleSchemaError(f"{self.what} is missing {k!r}", dloc)
+
+
+class _MapOf(_S):
+    """A mapping from names to values of one schema."""
+
+    def __init__(self, value: _S, what: str):
+        self.value, self.what = value, what
+        self.text = f"a mapping of {what}"
+
+    def check(self, v, loc, where):
+        if not isinstance(v, dict):
+            raise RuleSchemaError(f"{where} must be {self.text}, got {_what(v)}", _loc(v, loc))
+        dloc = _loc(v, loc)
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise RuleSchemaError(f"names in {where} must be strings, got {_what(k)}",
+                                      getattr(v, "key_locs", {}).get(k, dloc))
+            self.value.check(x, _vloc(v, k, dloc), f"{where}.{k}")
+
+
+_STRS = _OneOf(_Str(), _List(_Str()), _Null(), text="a string or a list of strings")
+_PARAM = _OneOf(
+    _Record("parameter", {"default": _Data(), "type": _Str(), "min": _OneOf(_Num(), _Null()),
+                          "max": _OneOf(_Num(), _Null()), "choices": _OneOf(_List(_Scalar()), _Null()),
+                          "doc": _Str()}),
+    _Scalar(), _List(_Data()), text="a default value or a mapping {default, type, min, max, choices, doc}")
+_STAGE = _OneOf(_Str(), _Record("stage", {"name": _Str(), "mode": _Str(), "max_iterations": _Int(),
+                                          "verify": _Str()}, required=("name",)),
+                text="a stage name or a mapping {name, mode, max_iterations, verify}")
+_RULE = _Record("rule", {"name": _Str(), "stage": _Str(), "match": _OneOf(_Str(), _List(_Str(), nonempty=True),
+                                                                          text="a pattern or a list of patterns"),
+                         "where": _STRS, "unless": _STRS, "rewrite": _Str(),
+                         "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}"),
+                         "doc": _OneOf(_Str(), _Null()), "keeps": _STRS})
+_STEP = _Record("step", {"rules": _Str(), "step": _Str(), "recipe": _Str(),
+                         "with": _OneOf(_MapOf(_Data(), "argument: value"), _Null(), text="a mapping of argument: value"),
+                         "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}")})
+_COMMON = {"version": _S(), "params": _OneOf(_MapOf(_PARAM, "name: default"), _Null(),
+                                            text="a mapping of name: default or name: {default: ...}"),
+           "doc": _OneOf(_Str(), _Null())}
+#: the declared schema of a rule-family file
+FAMILY_SCHEMA = _Record("rule file", dict(_COMMON, family=_Str(), stages=_OneOf(_List(_STAGE), _Null(), text="a list"),
+                                          rules=_List(_RULE, nonempty=True)))
+#: the declared schema of a recipe file
+RECIPE_SCHEMA = _Record("recipe", dict(_COMMON, recipe=_Str(), steps=_List(_STEP, nonempty=True)))
 
 
 # ----------------------------------------------------------------------------- params
@@ -193,6 +583,8 @@ def _parse_params(raw: Any, file: Optional[str], loc: Location) -> Dict[str, Par
                            str(spec.get("doc", "")), ploc)
             if ps.type not in _TYPES:
                 raise RuleSyntaxError(f"unknown parameter type {ps.type!r}", ploc, nearest(ps.type, _TYPES))
+            if ps.min is not None and ps.max is not None and ps.min > ps.max:
+                raise RuleSchemaError(f"parameter {name!r} has min {ps.min} above max {ps.max}", ploc)
         else:
             default = spec
             typ = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
@@ -262,18 +654,47 @@ def _refs(v: Any, out: List[BindingRef]) -> None:
 RULE_KEYS = ("name", "stage", "match", "where", "unless", "rewrite", "when", "doc", "keeps")
 
 
-def _check_signature(fn, call: "Call", what: str, rule: str) -> None:
-    """The call's arguments fit the registered function (checked once, at load time)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind(None, *call.args, **call.kwargs)
-    except TypeError as e:
-        params = [p for p in list(sig.parameters)[1:]]
-        raise RuleSyntaxError(f"{what} {call.name}() in rule {rule!r}: {e} (it takes: {', '.join(params)})",
-                              call.loc) from None
+def _unknown_params(v: Any) -> Tuple[bool, Any, str]:
+    """Load time: a ``${param}`` value is not known yet (checked when the rule is bound)."""
+    return (not isinstance(v, ParamRef) and not param_refs(v)), v, ""
+
+
+def _check_call(reg: Registered, call: Call, what: str, rule: str, resolve=_unknown_params) -> None:
+    """The call's arguments fit the registration's declared arguments (raises ArgumentError at the call)."""
+    why = check_arguments(reg, call.args, call.kwargs, resolve)
+    if why:
+        raise ArgumentError(f"{what} {call.name}() in rule {rule!r}: {why}", call.loc)
+
+
+def _named_args(reg: Registered, call: Call) -> Dict[str, Any]:
+    """argument name -> value of a call that passed :func:`_check_call`."""
+    out = dict(zip([a.name for a in reg.args.values() if not a.keyword_only], call.args))
+    out.update(call.kwargs)
+    return out
+
+
+def _rule_calls(rule: "Rule") -> List[Tuple[str, Registered, Call]]:
+    out = [("action", ACTIONS[rule.rewrite.name], rule.rewrite)]
+    out += [("constraint", CONSTRAINTS[c.name], c) for c in rule.where + rule.unless]
+    return out
+
+
+def _check_param_args(rule: "Rule", params: Dict[str, "ParamSpec"]) -> None:
+    """Load time: an argument given as ``${p}``, where ``p`` is declared in the same file, must
+    accept ``p``'s default and each of its choices."""
+    for what, reg, call in _rule_calls(rule):
+        for name, v in _named_args(reg, call).items():
+            spec = reg.args.get(name)
+            if not isinstance(v, ParamRef) or spec is None or v.name not in params:
+                continue
+            ps = params[v.name]
+            cands = ([("the default", ps.default)] if ps.default is not None else []) + \
+                [("the choice", c) for c in (ps.choices or [])]
+            for label, c in cands:
+                why = spec.check(c)
+                if why:
+                    raise ArgumentError(f"{what} {call.name}() in rule {rule.name!r}: {why} ({label} of "
+                                        f"${{{v.name}}}, declared at line {ps.loc.line})", call.loc)
 
 
 class Rule:
@@ -294,6 +715,14 @@ class Rule:
         self.name = str(name)
         if not self.name or not self.name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
             raise RuleSyntaxError(f"rule name {self.name!r} must be a plain identifier", self.loc)
+        for what, v in (("where", where), ("unless", unless), ("keeps", keeps)):
+            if not (isinstance(v, (str, Call, list, tuple)) or v is None):
+                raise RuleSchemaError(f"rule {self.name!r}: {what} must be a call or a list of calls, got {_what(v)}",
+                                      self.loc)
+        if not isinstance(match, (str, NodePat, list, tuple)):
+            raise RuleSchemaError(f"rule {self.name!r}: match must be a pattern or a list of patterns, got "
+                                  f"{_what(match)}", self.loc)
+        where, unless, keeps = where or [], unless or [], keeps or []
         alts = match if isinstance(match, (list, tuple)) else [match]
         if not alts:
             raise RuleSyntaxError(f"rule {self.name!r} has an empty 'match'", self.loc)
@@ -304,12 +733,13 @@ class Rule:
         if rewrite is None:
             raise RuleSyntaxError(f"rule {self.name!r} has no 'rewrite' action", self.loc)
         self.rewrite: Call = _as_call(rewrite, "rewrite", self.loc)
-        self.where: List[Call] = _as_calls(list(where) if not isinstance(where, str) else where, "where", self.loc)
-        self.unless: List[Call] = _as_calls(list(unless) if not isinstance(unless, str) else unless, "unless", self.loc)
+        self.where: List[Call] = _as_calls(where if isinstance(where, (str, Call)) else list(where), "where", self.loc)
+        self.unless: List[Call] = _as_calls(unless if isinstance(unless, (str, Call)) else list(unless), "unless",
+                                            self.loc)
         self.stage = str(stage)
         self.when = when if not isinstance(when, str) else parse_value(when, _loc(when, self.loc))
         self.doc = str(doc)
-        self.keeps = [str(k).lstrip("$") for k in keeps]
+        self.keeps = [str(k).lstrip("$") for k in ([keeps] if isinstance(keeps, str) else keeps)]
         self.family = family
         self._validate()
 
@@ -321,8 +751,8 @@ class Rule:
             if c.name not in CONSTRAINTS:
                 raise UnknownNameError(f"unknown constraint {c.name!r} in rule {self.name!r}", c.loc,
                                        nearest(c.name, CONSTRAINTS))
-            _check_signature(CONSTRAINTS[c.name].fn, c, "constraint", self.name)
-        _check_signature(ACTIONS[self.rewrite.name].fn, self.rewrite, "action", self.name)
+            _check_call(CONSTRAINTS[c.name], c, "constraint", self.name)
+        _check_call(ACTIONS[self.rewrite.name], self.rewrite, "action", self.name)
         # every alternative must bind every name that the constraints / action use
         for alt in self.match:
             bound: Dict[str, str] = {}
@@ -374,6 +804,15 @@ class Rule:
         r.where = [substitute(c, params, where) for c in self.where]
         r.unless = [substitute(c, params, where) for c in self.unless]
         r.when = substitute(self.when, params, where)
+
+        def resolve(v: Any) -> Tuple[bool, Any, str]:
+            refs = param_refs(v)
+            if not refs:
+                return True, v, ""
+            names = ", ".join("${" + p.name + "}" for p in refs)
+            return True, substitute(v, params, where), f" (from {names})"
+        for what, reg, call in _rule_calls(self):
+            _check_call(reg, call, what, self.name, resolve)
         return r
 
     def anchor_classes(self) -> Optional[Tuple[str, ...]]:
@@ -418,6 +857,15 @@ class Step:
     when: Any = True
     loc: Location = field(default_factory=Location)
 
+    def __post_init__(self) -> None:
+        # a data step that declares its arguments checks them whenever a Step is built: from a
+        # recipe file (literal values) and when a PassManager binds parameters (every value)
+        reg = DATA_STEPS.get(self.name) if self.kind == "step" else None
+        if reg is not None and reg.declared:
+            why = check_arguments(reg, [], self.args, _unknown_params)
+            if why:
+                raise ArgumentError(f"data step {self.name}: {why}", self.loc)
+
 
 @dataclass
 class Recipe:
@@ -456,10 +904,12 @@ def _parse_stages(raw: Any, file: Optional[str], loc: Location) -> List[StageSpe
         return []
     if not isinstance(raw, list):
         raise RuleSyntaxError("'stages' must be a list", _loc(raw, loc))
-    out = []
+    out: List[StageSpec] = []
+    seen: Dict[str, StageSpec] = {}
     for s in raw:
         if isinstance(s, str):
             out.append(StageSpec(str(s), loc=_loc(s, loc)))
+            _unique_stage(out[-1], seen)
             continue
         if not isinstance(s, dict) or "name" not in s:
             raise RuleSyntaxError("a stage is a name or {name, mode, max_iterations, verify}", _loc(s, loc))
@@ -473,13 +923,22 @@ def _parse_stages(raw: Any, file: Optional[str], loc: Location) -> List[StageSpe
         if verify not in ("exact", "sqnr", "none"):
             raise RuleSyntaxError(f"stage verify must be exact, sqnr or none, got {verify!r}", _vloc(s, "verify", sl))
         mi = s.get("max_iterations", 10)
-        if not isinstance(mi, int) or mi < 1 or mi > 1000:
-            raise RuleSyntaxError("max_iterations must be an integer in [1, 1000]", _vloc(s, "max_iterations", sl))
+        if type(mi) is not int or mi < 1 or mi > 1000:
+            raise RuleSchemaError(f"max_iterations must be an integer in [1, 1000], got {_what(mi)}",
+                                  _vloc(s, "max_iterations", sl))
         out.append(StageSpec(str(s["name"]), mode, mi, verify, sl))
+        _unique_stage(out[-1], seen)
     return out
 
 
-def _parse_steps(raw: Any, file: Optional[str], loc: Location) -> List[Step]:
+def _unique_stage(st: StageSpec, seen: Dict[str, StageSpec]) -> None:
+    if st.name in seen:
+        raise RuleSchemaError(f"stage {st.name!r} is declared twice (first at line {seen[st.name].loc.line})", st.loc)
+    seen[st.name] = st
+
+
+def _parse_steps(raw: Any, file: Optional[str], loc: Location,
+                 params: Optional[Dict[str, "ParamSpec"]] = None) -> List[Step]:
     if not isinstance(raw, list) or not raw:
         raise RuleSyntaxError("a recipe needs a non-empty 'steps' list", _loc(raw, loc))
     steps = []
@@ -501,13 +960,31 @@ def _parse_steps(raw: Any, file: Optional[str], loc: Location) -> List[Step]:
         if not isinstance(args, dict):
             raise RuleSyntaxError("'with' must be a mapping of argument: value", _vloc(s, "with", sl))
         parsed = {}
+        reg = DATA_STEPS.get(str(name)) if kind == "step" else None
         for k, v in args.items():
             vl = _vloc(args, k, sl)
             parsed[str(k)] = parse_value(v, vl) if isinstance(v, str) and ("${" in v) else _plain(v)
+            if reg is not None and reg.declared:
+                why = check_arguments(reg, [], {str(k): parsed[str(k)]}, _unknown_params)
+                if why:
+                    bad_key = str(k) not in reg.args
+                    raise ArgumentError(f"data step {name}: {why}",
+                                        getattr(args, "key_locs", {}).get(k, vl) if bad_key else vl)
         when = s.get("when", True)
         if isinstance(when, str):
             when = parse_value(when, _vloc(s, "when", sl))
         steps.append(Step(kind, str(name), parsed, when, nloc))
+        for k, v in parsed.items():
+            spec = reg.args.get(k) if reg is not None and reg.declared else None
+            if spec is None or not isinstance(v, ParamRef) or v.name not in (params or {}):
+                continue
+            ps = params[v.name]
+            for label, c in ([("the default", ps.default)] if ps.default is not None else []) + \
+                    [("the choice", c) for c in (ps.choices or [])]:
+                why = spec.check(c)
+                if why:
+                    raise ArgumentError(f"data step {name}: {why} ({label} of ${{{v.name}}}, declared at line "
+                                        f"{ps.loc.line})", _vloc(args, k, sl))
     return steps
 
 
@@ -519,15 +996,17 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
         raise RuleSyntaxError("a rule file must be a YAML mapping with 'version' and 'rules' or 'steps'", top)
     dloc = _loc(data, top)
     version = data.get("version")
-    if version != 1:
-        raise RuleSyntaxError(f"unsupported or missing 'version' {version!r}; this qpasses reads version: 1",
+    if type(version) is not int or version != 1:  # not 1.0, not true
+        raise RuleSchemaError(f"unsupported or missing 'version' {version!r}; this qpasses reads version: 1",
                               _vloc(data, "version", dloc))
+    recipe = "steps" in data or "recipe" in data
+    (RECIPE_SCHEMA if recipe else FAMILY_SCHEMA).check(data, dloc, "")
     params = _parse_params(data.get("params"), file, _vloc(data, "params", dloc))
-    if "steps" in data or "recipe" in data:
+    if recipe:
         _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
         name = str(data.get("recipe") or Path(file or "recipe").stem)
-        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc)), params, file,
-                      str(data.get("doc", "")))
+        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params), params, file,
+                      str(data.get("doc") or ""))
     _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
     name = str(data.get("family") or Path(file or "rules").stem)
     stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
@@ -549,17 +1028,23 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
             declared.add(r.stage)
     # every ${param} a rule uses must be declared by this file or left to a recipe:
     # checked when a PassManager binds parameters (MissingParameterError with location).
-    return RuleFamily(name, rules, stages, params, file, str(data.get("doc", "")))
+    for r in rules:
+        _check_param_args(r, params)
+    return RuleFamily(name, rules, stages, params, file, str(data.get("doc") or ""))
 
 
 def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
     """Load a rule-family or recipe file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        size = p.stat().st_size
+        if size > LIMITS["file_bytes"]:
+            raise RuleLimitError(f"the file is {size} bytes long; the limit is {LIMITS['file_bytes']}",
+                                 Location(str(p), 1, 1))
+        data = p.read_bytes()
     except OSError as e:
         raise RuleError(f"cannot read rule file: {e.strerror}", Location(str(p))) from None
-    return parse_text(text, str(p))
+    return parse_text(decode_text(data, str(p)), str(p))
 
 
 # ----------------------------------------------------------------------------- shipped files

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import Location, RuleSyntaxError, UnknownNameError, MissingParameterError, nearest
 
@@ -54,28 +54,76 @@ class Tok:
     loc: Location
 
 
-def _pos(base: Location, text: str, offset: int) -> Location:
-    line_no = text.count("\n", 0, offset)
-    if line_no == 0:
-        col = (base.col or 1) + offset
-    else:
-        col = offset - text.rfind("\n", 0, offset)
-    return Location(base.file, (base.line or 1) + line_no, col)
+#: the longest pattern / call / value text the parser reads (characters); longer text is refused
+MAX_TEXT = 65536
+#: how deeply patterns and ``[lists]`` may nest inside one pattern or call
+MAX_NESTING = 64
+
+
+def snippet(text: str, limit: int = 60) -> str:
+    """``text`` stripped and shortened for an error message."""
+    t = " ".join(str(text).split()) if len(text) <= 4 * limit else " ".join(str(text)[:4 * limit].split())
+    return t if len(t) <= limit else t[:limit - 3] + "..."
 
 
 def tokenize(text: str, base: Location) -> List[Tok]:
-    out: List[Tok] = []
+    """Split ``text`` into tokens in one pass (linear time; positions tracked incrementally)."""
+    return list(iter_tokens(text, base))
+
+
+def iter_tokens(text: str, base: Location) -> Iterator[Tok]:
+    """The tokens of ``text``, produced as the parser asks for them; the last is ``eof``."""
+    from ..errors import RuleLimitError
+    if len(text) > MAX_TEXT:
+        raise RuleLimitError(f"text of {len(text)} characters is longer than the limit of {MAX_TEXT} "
+                             f"for one pattern or call", base)
     i = 0
-    while i < len(text):
-        m = _TOKEN_RE.match(text, i)
+    line = base.line or 1
+    line_start = -(base.col or 1) + 1  # offset of column 1 of the current line (first line: shifted)
+    n = len(text)
+    match = _TOKEN_RE.match
+    while i < n:
+        m = match(text, i)
         if not m:
-            raise RuleSyntaxError(f"unexpected character {text[i]!r} in {text.strip()!r}", _pos(base, text, i))
+            raise RuleSyntaxError(f"unexpected character {text[i]!r} in {snippet(text)!r}",
+                                  Location(base.file, line, i - line_start + 1))
         kind = m.lastgroup
+        end = m.end()
         if kind != "ws":
-            out.append(Tok(kind, m.group(), _pos(base, text, i)))
-        i = m.end()
-    out.append(Tok("eof", "", _pos(base, text, len(text))))
-    return out
+            yield Tok(kind, m.group(), Location(base.file, line, i - line_start + 1))
+        nl = text.count("\n", i, end)
+        if nl:
+            line += nl
+            line_start = text.rfind("\n", i, end) + 1
+        i = end
+    yield Tok("eof", "", Location(base.file, line, n - line_start + 1))
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[xuU]|.)", re.S)
+
+
+def unescape(body: str, loc: Location) -> str:
+    """Decode the backslash escapes of a quoted string (``\\n``, ``\\t``, ``\\xHH``, ``\\uHHHH``, ...).
+
+    Unknown escapes such as ``\\d`` keep their backslash (regular expressions read as written);
+    a malformed ``\\x`` / ``\\u`` escape is a :class:`RuleSyntaxError` at ``loc``.
+    """
+    if "\\" not in body:
+        return body
+
+    def rep(m: "re.Match") -> str:
+        e = m.group(1)
+        if e in ("x", "u", "U"):
+            raise RuleSyntaxError(f"malformed escape '\\{e}' in string {snippet(body)!r}: "
+                                  f"\\x takes 2, \\u 4 and \\U 8 hex digits", loc)
+        if e[0] in "xuU" and len(e) > 1:
+            code = int(e[1:], 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise RuleSyntaxError(f"escape '\\{e}' is not a valid character", loc)
+            return chr(code)
+        return _ESCAPES.get(e, "\\" + e)
+    return _ESCAPE_RE.sub(rep, body)
 
 
 # ----------------------------------------------------------------------------- AST
@@ -178,7 +226,7 @@ def format_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, str):
-        return v if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v) else repr(v)
+        return v if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v) and v not in _WORDS else repr(v)
     return str(v)
 
 
@@ -191,27 +239,45 @@ _WORDS = {"true": True, "false": False, "True": True, "False": False, "null": No
 class _Parser:
     def __init__(self, text: str, loc: Location):
         self.text = text
-        self.toks = tokenize(text, loc)
+        self._it = iter_tokens(text, loc)
+        self._toks: List[Tok] = []
         self.i = 0
+        self.depth = 0
+
+    def tok(self, j: int) -> Tok:
+        """Token ``j`` (read lazily, so an error early in a long text is found early)."""
+        toks = self._toks
+        while len(toks) <= j:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return toks[-1]  # eof repeats
+            toks.append(nxt)
+        return toks[j]
+
+    def enter(self, t: Tok) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            from ..errors import RuleLimitError
+            raise RuleLimitError(f"patterns and lists nest more than {MAX_NESTING} levels deep", t.loc)
 
     def peek(self) -> Tok:
-        return self.toks[self.i]
+        return self.tok(self.i)
 
     def next(self) -> Tok:
-        t = self.toks[self.i]
+        t = self.tok(self.i)
         self.i += 1
         return t
 
     def expect(self, text: str) -> Tok:
         t = self.next()
         if t.text != text:
-            raise RuleSyntaxError(f"expected {text!r} but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+            raise RuleSyntaxError(f"expected {text!r} but found {t.text or 'end of text'!r} in {snippet(self.text)!r}", t.loc)
         return t
 
     def end(self) -> None:
         t = self.peek()
         if t.kind != "eof":
-            raise RuleSyntaxError(f"unexpected {t.text!r} after the end of {self.text.strip()!r}", t.loc)
+            raise RuleSyntaxError(f"unexpected {t.text!r} after the end of {snippet(self.text)!r}", t.loc)
 
     # values ----------------------------------------------------------------
     def value(self) -> Any:
@@ -220,7 +286,7 @@ class _Parser:
         if k == "number":
             return float(t.text) if any(c in t.text for c in ".eE") else int(t.text)
         if k == "string":
-            return bytes(t.text[1:-1], "utf-8").decode("unicode_escape")
+            return unescape(t.text[1:-1], t.loc)
         if k == "param":
             return ParamRef(t.text[2:-1].strip(), t.loc)
         if k == "bind":
@@ -230,16 +296,18 @@ class _Parser:
         if k == "ident":
             return _WORDS.get(t.text, t.text)
         if t.text == "[":
+            self.enter(t)
             items = []
             while self.peek().text != "]":
                 if self.peek().kind == "eof":
-                    raise RuleSyntaxError(f"unclosed '[' in {self.text.strip()!r}", t.loc)
+                    raise RuleSyntaxError(f"unclosed '[' in {snippet(self.text)!r}", t.loc)
                 items.append(self.value())
                 if self.peek().text == ",":
                     self.next()
             self.next()
+            self.depth -= 1
             return items
-        raise RuleSyntaxError(f"expected a value but found {t.text or 'end of text'!r} in {self.text.strip()!r}", t.loc)
+        raise RuleSyntaxError(f"expected a value but found {t.text or 'end of text'!r} in {snippet(self.text)!r}", t.loc)
 
     # calls -----------------------------------------------------------------
     def call(self) -> Call:
@@ -252,7 +320,7 @@ class _Parser:
             while self.peek().text != ")":
                 if self.peek().kind == "eof":
                     raise RuleSyntaxError(f"unclosed '(' in call {t.text}", t.loc)
-                if self.peek().kind == "ident" and self.toks[self.i + 1].text == "=":
+                if self.peek().kind == "ident" and self.tok(self.i + 1).text == "=":
                     key = self.next().text
                     self.next()
                     if key in kwargs:
@@ -289,6 +357,7 @@ class _Parser:
     def node_pattern(self) -> NodePat:
         from ..ops import resolve_names, all_class_names  # late: ops registry may grow
         open_tok = self.expect("(")
+        self.enter(open_tok)
         names: List[str] = []
         spelled: List[str] = []
         while True:
@@ -319,7 +388,7 @@ class _Parser:
         while self.peek().text != ")":
             t = self.peek()
             if t.kind == "eof":
-                raise RuleSyntaxError(f"unclosed '(' in pattern {self.text.strip()!r}", open_tok.loc)
+                raise RuleSyntaxError(f"unclosed '(' in pattern {snippet(self.text)!r}", open_tok.loc)
             if t.kind == "ellipsis":
                 self.next()
                 rest = True
@@ -337,6 +406,7 @@ class _Parser:
                 raise RuleSyntaxError("inputs must come before ':arg' constraints", t.loc)
             children.append(self.pattern())
         self.expect(")")
+        self.depth -= 1
         return NodePat(tuple(dict.fromkeys(names)) if names is not None else None, binding, children, rest,
                        attrs, open_tok.loc, tuple(spelled))
 
