@@ -20,6 +20,7 @@ from typing import List, Optional, Set
 import torch.fx as fx
 
 from ..lang.registry import action, constraint
+from ..numerics.observers import OBSERVER_KIND, BITS
 from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.binary import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear)
@@ -109,7 +110,7 @@ def mark_bits(ctx: MatchContext, op: fx.Node, w_bits: Optional[int] = None, a_bi
     op.meta["qpasses.bits"] = ann
 
 
-@action("quantize_edge", args={"bits": {"min": 2, "max": 16}, "observer": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
+@action("quantize_edge", args={"bits": BITS, "observer": OBSERVER_KIND})
 def quantize_edge(ctx: MatchContext, op: fx.Node, bits: int = 8, observer: str = "minmax",
                   learnable: bool = False, observe: bool = True):
     """Keep a first/last layer at ``bits``: observer on its input (converted to a fake quant by the

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import StepError
 from ..lang.registry import action, constraint
+from ..numerics.observers import OBSERVER_KIND, BITS
 from ..context import Refuse
 from ..matcher import MatchContext
 from ..numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
@@ -100,7 +101,7 @@ def new_observer(cfg: Dict[str, Any]) -> Observer:
     return obs
 
 
-@action("observe_input", args={"index": {"min": 0}, "bits": {"min": 2, "max": 16}, "kind": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
+@action("observe_input", args={"index": {"min": 0}, "bits": BITS, "kind": OBSERVER_KIND})
 def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "minmax", bits: int = 8,
                   symmetric: bool = False, signed: Optional[bool] = None, **extra):
     """Put an observer between activation input ``index`` of ``op`` and ``op``.
@@ -132,7 +133,7 @@ def insert_input_quantizer(ctx: MatchContext, op: fx.Node, x: fx.Node, module: n
     return q
 
 
-@action("observe_output", args={"bits": {"min": 2, "max": 16}, "kind": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
+@action("observe_output", args={"bits": BITS, "kind": OBSERVER_KIND})
 def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: int = 8, symmetric: bool = False,
                    signed: Optional[bool] = None, **extra):
     """Put an observer after ``op``: every user of ``op`` reads the observed value."""
@@ -254,7 +255,7 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     return new
 
 
-@action("quantize_weight", args={"bits": {"min": 2, "max": 16}, "observer": {"choices": ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram", "aciq")}})
+@action("quantize_weight", args={"bits": BITS, "observer": OBSERVER_KIND})
 def quantize_weight(ctx: MatchContext, op: fx.Node, bits: int = 8, per_channel: bool = True,
                     observer: str = "minmax", learnable: bool = False):
     """Make ``op`` read its weight through a per-channel symmetric FakeQuantize."""

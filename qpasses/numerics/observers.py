@@ -540,6 +540,11 @@ OBSERVERS: Dict[str, Type[Observer]] = {
     "aciq": ACIQObserver,
 }
 
+#: argument declarations shared by every action that takes an observer kind or a bit-width
+#: (qpasses.lang.registry): declared once, here, from the table above
+OBSERVER_KIND = {"choices": tuple(OBSERVERS)}
+BITS = {"min": 2, "max": 16}
+
 
 def make_observer(kind: str, **kwargs) -> Observer:
     """Build an observer by name (a key of :data:`OBSERVERS`) with keyword arguments.
