@@ -22,6 +22,7 @@ import io as _io
 import json
 import os
 import re
+import warnings
 import zipfile
 from typing import Any, Iterator, Optional
 
@@ -116,7 +117,10 @@ def save(gm: torch.nn.Module, path: "str | os.PathLike[str]", example_inputs: An
     inputs = _example_inputs(gm, example_inputs)
     _ensure_fake_kernels()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # modules that cache derived tensors in __dict__ (e.g. DynamicQuantLinear's int8
+            # operands) refill the cache while tracing: harmless here, the cache is not state
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             gm(*inputs)  # once eagerly: checks the inputs and fills lazy caches outside the export trace
             ep = _export(gm, inputs, dynamic_batch)
     except Exception as e:  # noqa: BLE001
@@ -261,7 +265,8 @@ def load(path: "str | os.PathLike[str]") -> fx.GraphModule:
     """Load a ``.pt2`` archive written by :func:`save` (or ``torch.export.save``) as a GraphModule.
 
     The archive is checked first (:func:`check_archive`): nothing in it is unpickled or run.
-    The result is ``torch.export.load(path).module()``; its ``meta["qpasses.example_inputs"]``
+    The result is the graph of ``torch.export.load(path).module()`` as a plain GraphModule
+    (``train()`` / ``eval()`` work; the shape guards of the export are kept); its ``meta["qpasses.example_inputs"]``
     holds the archive's example inputs (when it has them) and ``meta["qpasses.level"]`` is
     ``"aten"``, so it can be traced again, quantized further or reported.
 
@@ -275,9 +280,12 @@ def load(path: "str | os.PathLike[str]") -> fx.GraphModule:
         ep = torch.export.load(path)
     except Exception as e:  # noqa: BLE001
         raise ArchiveError(f"cannot load {path}: {type(e).__name__}: {_first_line(e)}") from None
-    gm = ep.module()
+    exported = ep.module()
+    # a plain GraphModule over the same graph (pytree input handling and the shape-guard
+    # submodule kept): ExportedProgram.module() replaces train()/eval() by closures that raise
+    gm = fx.GraphModule(exported, exported.graph, class_name="GraphModule")
     _check_targets(gm, path)
-    meta = gm.meta if isinstance(getattr(gm, "meta", None), dict) else {}
+    meta = dict(exported.meta) if isinstance(getattr(exported, "meta", None), dict) else {}
     ex = ep.example_inputs
     if ex is not None and isinstance(ex[0], tuple) and ex[0]:
         meta[EXAMPLE_INPUTS_KEY] = tuple(ex[0])
