@@ -9,7 +9,8 @@ Exit codes (stable, for scripts):
 * ``2`` -- usage error (unknown command or flag, missing argument, missing file, wrong suffix);
 * ``3`` -- an unexpected internal error (a bug): one line, ``--debug`` prints the traceback.
 
-Files are data: no model, data or output file is ever unpickled (see ``docs/security.md``).
+Files are data: no model, data or output file is unpickled into Python objects (``.pt`` data
+uses ``torch.load(weights_only=True)``, tensors and plain values only; see ``docs/security.md``).
 Models come from a ``module:factory`` spec (your own code, imported and called by design),
 a ``torch.export`` archive (``.pt2``, checked by :func:`qpasses.io.check_archive`) or an ONNX
 file; calibration data from ``.pt`` tensors (``torch.load(weights_only=True)``) or NumPy
@@ -222,7 +223,7 @@ DATA_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 def load_data(spec: Optional[str], batch_size: int = 32):
     """``digits`` -> (calibration batches, (x_test, y_test)); a tensor file -> (batches, test or None).
 
-    A file (read by :func:`load_tensors`, never unpickled) holds a tensor ``[N, ...]`` (cut into
+    A file (read by :func:`load_tensors`: tensors only, no Python objects) holds a tensor ``[N, ...]`` (cut into
     batches of ``batch_size``), a list of batches, a pair ``(x, labels)``, or (``.npz``, or a
     dict in a ``.pt``) the arrays ``x`` and optionally ``y``.
     """
@@ -397,7 +398,8 @@ def main(debug=False):
 
     Exit codes: 0 ok, 1 qpasses error (message on stderr), 2 usage error, 3 internal error.
     MODEL is module:factory (your code, imported and called), a torch.export archive (.pt2)
-    or an .onnx file; no file is ever unpickled.
+    or an .onnx file. Files are data: .pt data goes through torch.load(weights_only=True),
+    nothing is unpickled into Python objects.
     Start with:  qpasses quantize qpasses.zoo:DigitsCNN --data digits --out out/digits_int8.onnx
     """
 
