@@ -15,6 +15,7 @@ from .lang import Recipe, Rule, RuleFamily, action, constraint, data_step, load_
 from .lang.rules import available_names
 from .context import Refuse
 from .manager import PassManager
+from .io import load, save
 from . import actions  # noqa: F401  registers actions and constraints
 from . import steps  # noqa: F401  registers data steps
 
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "PassManager", "Rule", "RuleFamily", "Recipe", "load_file", "available_names", "action",
-    "constraint", "data_step", "Refuse", "export_onnx", "QPassesError", "TraceError", "RuleError",
+    "constraint", "data_step", "Refuse", "export_onnx", "save", "load", "QPassesError", "TraceError", "RuleError",
     "RuleSyntaxError", "UnknownNameError", "MissingParameterError", "OptionError", "RewriteError",
     "StepError", "VerifyError", "MatchError", "__version__",
 ]

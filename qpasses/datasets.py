@@ -354,6 +354,7 @@ def train_classifier(
     weight_decay: float = 0.0,
     split_seed: int = 0,
     cache_dir: Optional[str] = None,
+    on_train: Optional[Callable[[], None]] = None,
 ) -> nn.Module:
     """Train a classifier with :func:`fit`, optionally caching the result on disk.
 
@@ -378,6 +379,8 @@ def train_classifier(
         weight_decay: AdamW weight decay.
         split_seed: digits split seed when ``x``/``y`` are not given.
         cache_dir: cache directory override.
+        on_train: called (without arguments) just before training starts; not called when
+            the weights come from the cache (e.g. to tell the user that training runs).
 
     Returns:
         ``model``, trained (or loaded from the cache), in eval mode.
@@ -414,6 +417,8 @@ def train_classifier(
             except Exception:  # corrupt or incompatible file: retrain and overwrite
                 pass
 
+    if on_train is not None:
+        on_train()
     fit(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay)
 
     if path is not None:
@@ -434,6 +439,7 @@ def train_digits_cnn(
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     split_seed: int = 0,
+    on_train: Optional[Callable[[], None]] = None,
 ) -> nn.Module:
     """Train (or load from the cache) the project's real-data model.
 
@@ -456,6 +462,8 @@ def train_digits_cnn(
         batch_size: mini-batch size.
         weight_decay: AdamW weight decay.
         split_seed: digits split seed.
+        on_train: called just before training starts, not on a cache hit
+            (see :func:`train_classifier`).
 
     Returns:
         The trained model in eval mode.
@@ -476,4 +484,5 @@ def train_digits_cnn(
         weight_decay=weight_decay,
         split_seed=split_seed,
         cache_dir=cache_dir,
+        on_train=on_train,
     )

@@ -144,14 +144,24 @@ class Report:
                 "phases": dict(self.phases), "seconds": self.seconds}
 
     def table(self) -> str:
-        rows = [("rule", "stage", "cand", "match", "rewr", "refused", "first reason")]
+        """One row per rule.  ``n/a``: candidates the rule does not apply to (the pattern did not
+        match: nothing to do there); ``refused``: matches a constraint, a guard or the action
+        declined (a layer the rule was meant for, left as it was).  The reason column gives the
+        first refusal (``refused: ...``), else, for a rule that rewrote nothing, the first
+        mismatch (``n/a: ...``)."""
+        rows = [("rule", "stage", "cand", "match", "rewr", "n/a", "refused", "first reason")]
         for s in self.rules.values():
-            reason = s.refused[0][1] if s.refused else (s.failures[0][1] if s.failures and not s.rewrites else "")
-            name = f"{s.family}.{s.rule}" if s.family else s.rule
             if s.disabled:
                 reason = "disabled (when: false)"
-            rows.append((name, s.stage, str(s.candidates), str(s.matches), str(s.rewrites), str(s.n_refused),
-                         reason[:70]))
+            elif s.refused:
+                reason = "refused: " + s.refused[0][1]
+            elif s.failures and not s.rewrites:
+                reason = "n/a: " + s.failures[0][1]
+            else:
+                reason = ""
+            name = f"{s.family}.{s.rule}" if s.family else s.rule
+            rows.append((name, s.stage, str(s.candidates), str(s.matches), str(s.rewrites), str(s.n_failures),
+                         str(s.n_refused), reason[:80]))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

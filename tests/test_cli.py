@@ -27,24 +27,24 @@ def test_help_everywhere(cmd):
     assert r.exit_code == EXIT_OK and "Usage:" in r.output
 
 
-def test_quantize_pt_to_onnx_and_pt(tmp_path):
+def test_quantize_pt2_to_onnx_and_pt2(tmp_path):
     torch.manual_seed(0)
     m = zoo.MLP().eval()
-    torch.save(m, tmp_path / "m.pt")
+    qpasses.save(m, tmp_path / "m.pt2", example_inputs=torch.randn(2, 1, 8, 8))
     torch.save(torch.randn(64, 1, 8, 8), tmp_path / "calib.pt")
-    r = _run("quantize", tmp_path / "m.pt", "--data", tmp_path / "calib.pt", "-o", "w_bits=4", "--no-progress",
+    r = _run("quantize", tmp_path / "m.pt2", "--data", tmp_path / "calib.pt", "-o", "w_bits=4", "--no-progress",
              "--out", tmp_path / "q.onnx")
     assert r.exit_code == EXIT_OK, r.output
     assert "weight_fake_quant" in r.output and "wrote" in r.output
     model = onnx.load(tmp_path / "q.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert any(i.data_type == onnx.TensorProto.INT4 for i in model.graph.initializer)
-    r = _run("quantize", tmp_path / "m.pt", "--data", tmp_path / "calib.pt", "--no-progress", "--no-report",
-             "--out", tmp_path / "q.pt")
+    r = _run("quantize", tmp_path / "m.pt2", "--data", tmp_path / "calib.pt", "--no-progress", "--no-report",
+             "--out", tmp_path / "q.pt2")
     assert r.exit_code == EXIT_OK, r.output
-    qgm = torch.load(tmp_path / "q.pt", weights_only=False)
-    assert "act_q" in str(qgm.graph)  # activation fake quants
-    r = _run("report", tmp_path / "q.pt", "--as-is", "--data", tmp_path / "calib.pt")
+    qgm = qpasses.load(tmp_path / "q.pt2")                 # a torch.export archive: no pickle
+    assert sum("fake_quant" in str(n.target) for n in qgm.graph.nodes) == 6  # 3 activations, 3 weights
+    r = _run("report", tmp_path / "q.pt2", "--as-is", "--data", tmp_path / "calib.pt")
     assert r.exit_code == EXIT_OK, r.output
     assert r.output.count(" linear ") == 3 and "total" in r.output
 
@@ -75,7 +75,10 @@ def test_exit_codes_and_messages(tmp_path):
     assert r.exit_code == EXIT_ERROR and "no_such_recipe" in r.output
     assert _run("quantize", "--bogus").exit_code == EXIT_USAGE
     assert _run("nosuchcommand").exit_code == EXIT_USAGE
-    assert _run("quantize", "missing.pt").exit_code == EXIT_USAGE
+    assert _run("quantize", "missing.pt2").exit_code == EXIT_USAGE
+    assert _run("quantize", "missing.onnx").exit_code == EXIT_USAGE
+    r = _run("quantize", "missing.pt")                      # a pickle suffix: refused without opening
+    assert r.exit_code == EXIT_ERROR and "does not load pickled models" in r.output
     assert _run("quantize", "qpasses.zoo:MLP", "-o", "novalue").exit_code == EXIT_USAGE
 
 
@@ -156,21 +159,28 @@ def test_report_on_a_qdq_onnx_file(tmp_path):
     assert _run("report", tmp_path / "m.onnx").exit_code == EXIT_USAGE  # needs --data
 
 
-def test_demo(tmp_path):
+def test_demo_is_the_quantize_command(tmp_path):
+    """`qpasses demo` prints what `qpasses quantize qpasses.zoo:DigitsCNN --data digits --out ...`
+    prints: the per-rule report included."""
     r = _run("demo", "--out", tmp_path / "demo.onnx")
     assert r.exit_code == EXIT_OK, r.output
     assert (tmp_path / "demo.onnx").is_file() and "accuracy (onnxruntime" in r.output
+    assert "convert.weight_fake_quant" in r.output and "first reason" in r.output
+    q = _run("quantize", "qpasses.zoo:DigitsCNN", "--data", "digits", "--out", tmp_path / "q.onnx")
+    assert q.exit_code == EXIT_OK
+    strip = lambda out: [ln for ln in out.splitlines() if not ln.startswith(("steps:", "done in", "accuracy ("))]
+    assert strip(r.output) == strip(q.output)
 
 
 def test_input_shape_composed_recipes_and_export_graphs_saved(tmp_path):
     """No --data: trace from --input-shape; 'a,b' composes recipes; a torch.export graph (the
     transformer block traces only that way) is saved as a plain, loadable GraphModule."""
     import qpasses
-    out = tmp_path / "t.pt"
+    out = tmp_path / "t.pt2"
     r = _run("quantize", "qpasses.zoo:TransformerEncoderBlock", "-r", "dynamic_int8,lower", "-s", "2,16,64",
              "--out", out, "--no-report")
     assert r.exit_code == EXIT_OK, r.output
-    loaded = torch.load(out, weights_only=False)
+    loaded = qpasses.load(out)
     assert torch.ops.qpasses.dynamic_int8_linear.default in {n.target for n in loaded.graph.nodes}
     torch.manual_seed(0)                                   # the CLI builds factories under seed 0
     m = zoo.TransformerEncoderBlock().eval()
@@ -180,8 +190,10 @@ def test_input_shape_composed_recipes_and_export_graphs_saved(tmp_path):
         assert torch.equal(loaded(x), want(x))
     r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8", "--input-shape", "2,x")
     assert r.exit_code == EXIT_USAGE and "is not a shape" in r.output
-    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8")
-    assert r.exit_code == EXIT_ERROR and "--shape" in r.output
+    r = _run("quantize", "torch.nn:Identity", "-r", "dynamic_int8")  # no example known: asks for -s
+    assert r.exit_code == EXIT_ERROR and "-s N,C,..." in r.output
+    r = _run("quantize", "qpasses.zoo:MLP", "-r", "dynamic_int8", "--out", tmp_path / "t.pt")
+    assert r.exit_code == EXIT_USAGE and "writes no pickles" in r.output
 
 
 @pytest.mark.parametrize("recipe,bits", [("w4a16", [4, 4, 4]), ("dynamic_int8", [8, 8, 8]), ("bnn", [8, 1, 8]),
@@ -201,3 +213,181 @@ def test_explain_without_a_node_lists_the_rule_candidates():
     assert r.exit_code == 0 and lines and all("matches node" in ln for ln in lines)   # only batch_norm anchors
     r = _run("explain", "qpasses.zoo:MLP", "fold_bn", "-r", "canonicalize")
     assert r.exit_code == 0 and "anchors on batch_norm; the traced graph has no such node" in r.output
+
+
+# ----------------------------------------------------------------------------- files are data
+
+class _Touch:
+    """Unpickling this object creates the marker file (what a hostile .pt file would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def _error_lines(output):
+    return [ln for ln in output.splitlines() if ln.lower().startswith(("error:", "internal error:"))]
+
+
+def _assert_clean_failure(r, codes=(EXIT_ERROR, EXIT_USAGE)):
+    assert r.exit_code in codes, r.output
+    assert "Traceback" not in r.output
+    assert len(_error_lines(r.output)) == 1, r.output
+
+
+def test_malicious_pickle_is_never_unpickled(tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": _Touch(marker)}, evil)
+    for suffix in (".pt2", ".onnx", ".npy", ".pth"):
+        (tmp_path / f"evil{suffix}").write_bytes(evil.read_bytes())
+    calls = [["quantize", evil], ["quantize", tmp_path / "evil.pth"], ["report", evil], ["report", evil, "--as-is"],
+             ["explain", evil, "fold_bn"], ["draw", evil, "--out", tmp_path / "g.svg"],
+             ["quantize", tmp_path / "evil.pt2"], ["report", tmp_path / "evil.pt2", "--as-is"],
+             ["explain", tmp_path / "evil.pt2", "fold_bn"], ["draw", tmp_path / "evil.pt2", "--out", tmp_path / "g.svg"],
+             ["quantize", tmp_path / "evil.onnx", "--data", "digits"], ["explain", tmp_path / "evil.onnx", "fold_bn"],
+             ["report", tmp_path / "evil.onnx", "--data", "digits"],
+             ["quantize", "qpasses.zoo:MLP", "--data", evil], ["report", "qpasses.zoo:MLP", "--data", evil],
+             ["draw", "qpasses.zoo:MLP", "--data", evil, "--out", tmp_path / "g.svg"],
+             ["quantize", "qpasses.zoo:MLP", "--data", tmp_path / "evil.npy"],
+             ["quantize", "qpasses.zoo:MLP", "--weights", evil, "-r", "dynamic_int8"],
+             ["explain", "qpasses.zoo:MLP", "fold_bn", "--weights", evil]]
+    for args in calls:
+        r = _run(*args, "--no-train") if args[0] in ("report", "draw") else _run(*args)
+        _assert_clean_failure(r)
+        assert not marker.exists(), args
+    r = _run("quantize", "qpasses.zoo:MLP", "--data", evil)
+    assert "pickled" in r.output and "refused" in r.output
+    # the installed program too (not only click's runner)
+    p = subprocess.run([sys.executable, "-m", "qpasses", "report", str(evil), "--data", str(evil)],
+                       capture_output=True, text=True)
+    assert p.returncode == EXIT_ERROR and "Traceback" not in p.stderr and len(_error_lines(p.stderr)) == 1
+    assert not marker.exists()
+
+
+def test_bad_files_exit_with_one_line_and_debug_shows_the_traceback(tmp_path):
+    from qpasses.onnx import export_onnx
+    (tmp_path / "text.onnx").write_bytes(b"\x08\x07 these bytes are not an ONNX model \xff\xfe" * 10)
+    x = torch.randn(2, 1, 8, 8)
+    export_onnx(qpasses.trace(zoo.MLP().eval(), x), x, tmp_path / "ok.onnx")
+    data = (tmp_path / "ok.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    torch.save(torch.randn(8, 1, 8, 8), tmp_path / "calib.pt")
+    data = (tmp_path / "calib.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    qpasses.save(zoo.MLP().eval(), tmp_path / "m.pt2", example_inputs=x)
+    data = (tmp_path / "m.pt2").read_bytes()
+    (tmp_path / "cut.pt2").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.npy").write_bytes(b"not numpy")
+    for args in (["quantize", tmp_path / "text.onnx", "--data", "digits"], ["explain", tmp_path / "text.onnx", "fold_bn"],
+                 ["report", tmp_path / "text.onnx", "--data", "digits"],
+                 ["quantize", tmp_path / "cut.onnx", "--data", "digits"],
+                 ["quantize", "qpasses.zoo:MLP", "--data", tmp_path / "cut.pt"],
+                 ["quantize", "qpasses.zoo:MLP", "--data", tmp_path / "text.npy"],
+                 ["quantize", tmp_path / "cut.pt2", "-r", "dynamic_int8"],
+                 ["report", tmp_path / "cut.pt2", "--as-is"],
+                 ["quantize", tmp_path / "missing.onnx"], ["quantize", "qpasses.zoo:MLP", "--data", tmp_path / "no.pt"],
+                 ["draw", tmp_path / "missing.pt2", "--out", tmp_path / "g.svg"]):
+        _assert_clean_failure(_run(*args))
+    r = _run("quantize", tmp_path / "text.onnx", "--data", "digits")
+    assert r.exit_code == EXIT_ERROR and "is not a valid ONNX model" in r.output
+    r = _run("--debug", "quantize", tmp_path / "text.onnx", "--data", "digits")
+    assert r.exit_code == EXIT_ERROR and "Traceback" in r.output
+
+
+def test_data_npy_npz_and_weights(tmp_path):
+    import numpy as np
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype("float32")
+    np.save(tmp_path / "calib.npy", x)
+    np.savez(tmp_path / "calib.npz", x=x, y=np.zeros(40, dtype="int64"))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    trained = zoo.MLP().eval()
+    torch.save(trained.state_dict(), tmp_path / "state.pt")
+    r = _run("quantize", "qpasses.zoo:MLP", "--data", tmp_path / "calib.npy", "--weights", tmp_path / "state.pt",
+             "--no-progress", "--no-report", "--out", tmp_path / "q.pt2")
+    assert r.exit_code == EXIT_OK, r.output
+    want = qpasses.PassManager("ptq_int8").run(qpasses.trace(trained, torch.from_numpy(x[:32])),
+                                               data=list(torch.from_numpy(x).split(32)))
+    with torch.no_grad():
+        assert torch.equal(qpasses.load(tmp_path / "q.pt2")(torch.from_numpy(x[:5])), want(torch.from_numpy(x[:5])))
+    r = _run("quantize", "qpasses.zoo:MLP", "--data", tmp_path / "calib.npz", "--no-train", "--no-progress")
+    assert r.exit_code == EXIT_OK and "accuracy: fp32" in r.output   # (x, y) from the .npz
+    r = _run("quantize", "qpasses.zoo:MLP", "--data", tmp_path / "objects.npy")
+    _assert_clean_failure(r)
+    assert "pickled" in r.output
+    r = _run("quantize", "qpasses.zoo:ResNetLike", "--weights", tmp_path / "state.pt", "-r", "dynamic_int8")
+    assert r.exit_code == EXIT_ERROR and "does not fit" in r.output
+
+
+# ----------------------------------------------------------------------------- issue 23
+
+_FACTORIES = '''
+import torch
+import torch.nn as nn
+
+
+def with_example():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+with_example.example_inputs = lambda: (torch.randn(2, 3, 12, 12),)
+
+
+def no_example():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+'''
+
+
+def test_explain_and_draw_take_the_models_own_example(tmp_path, monkeypatch):
+    (tmp_path / "cli_factories.py").write_text(_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = _run("explain", "cli_factories:with_example", "fold_bn", "-r", "canonicalize")
+    assert r.exit_code == EXIT_OK and "matches node" in r.output, r.output
+    r = _run("draw", "cli_factories:with_example", "--out", tmp_path / "g.svg")
+    assert r.exit_code == EXIT_OK, r.output
+    for args in (["explain", "cli_factories:no_example", "fold_bn"],
+                 ["draw", "cli_factories:no_example", "--out", tmp_path / "g.svg"]):
+        r = _run(*args)
+        _assert_clean_failure(r, (EXIT_ERROR,))
+        assert "pass --data" in r.output and "-s 1,3,H,W" in r.output   # which -s: from the first Conv2d
+    assert _run("explain", "cli_factories:no_example", "fold_bn", "-s", "1,3,8,8").exit_code == EXIT_OK
+    # a .pt2 archive carries its example inputs: a transformer-shaped one ([N, 16, 64]), no -s
+    x = torch.randn(2, 16, 64)
+    qpasses.save(zoo.TransformerEncoderBlock().eval(), tmp_path / "t.pt2", example_inputs=x)
+    r = _run("explain", tmp_path / "t.pt2", "dynamic_linear", "-r", "dynamic_int8")
+    assert r.exit_code == EXIT_OK and "matches node" in r.output, r.output
+    r = _run("draw", tmp_path / "t.pt2", "--out", tmp_path / "t.svg")
+    assert r.exit_code == EXIT_OK, r.output
+
+
+def test_training_line_only_when_training_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("QPASSES_CACHE", str(tmp_path / "cache"))
+    args = ("quantize", "qpasses.zoo:DigitsCNN", "--data", "digits", "--no-progress", "--no-report")
+    first = _run(*args)
+    assert first.exit_code == EXIT_OK and "training on the scikit-learn digits" in first.output
+    second = _run(*args)                                    # weights from the cache: no training, no line
+    assert second.exit_code == EXIT_OK and "training on" not in second.output
+    assert first.output.splitlines()[-2] == second.output.splitlines()[-2]   # the same accuracy line
+
+
+def test_report_table_separates_not_applicable_from_refused():
+    from qpasses.report import Report
+    rep = Report()
+    na = rep.rule("needs_bn", "fam", "s")
+    na.candidate("relu_1")
+    na.fail("relu_1", "relu_1 is relu, not batch_norm")
+    ref = rep.rule("fold", "fam", "s")
+    ref.candidate("bn")
+    ref.match("bn")
+    ref.refuse("bn", "batch norm in training mode")
+    lines = rep.table().splitlines()
+    assert lines[0].split()[5:8] == ["n/a", "refused", "first"]
+    row_na = next(ln for ln in lines if ln.startswith("fam.needs_bn")).split()
+    row_ref = next(ln for ln in lines if ln.startswith("fam.fold")).split()
+    assert row_na[5:8] == ["1", "0", "n/a:"] and row_ref[5:8] == ["0", "1", "refused:"]
+    r = _run("quantize", "qpasses.zoo:ResNetLike", "-r", "canonicalize", "-s", "2,1,8,8")
+    assert r.exit_code == EXIT_OK and " n/a " in r.output.splitlines()[0]
