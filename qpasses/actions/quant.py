@@ -27,7 +27,7 @@ from ..context import Refuse
 from ..matcher import MatchContext
 from ..numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
 from ..ops import register_module_class
-from .graphutil import add_module, copy_meta
+from .graphutil import add_module
 
 register_module_class(Observer, "observer")
 register_module_class(FakeQuantize, "fake_quant")

@@ -28,7 +28,6 @@ The Python API builds the same objects: ``Rule(name=..., match="(...)", rewrite=
 """
 from __future__ import annotations
 
-import inspect
 
 import os
 from dataclasses import dataclass, field
