@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..errors import OptionError, StepError
 from ..frontend import as_inputs, input_arity
 from ..lang.registry import data_step
-from .calibrate import calibrate, iterate_batches
+from .calibrate import iterate_batches, run_calibration
 
 __all__ = ["distill", "calibrate_synthetic", "SYNTHETIC_KEY", "step_data", "synthetic_data"]
 
@@ -141,18 +141,29 @@ def step_data(ctx, source: str = "auto", limit_samples: Optional[int] = None) ->
     return x.detach()
 
 
+class _Overlay:
+    """A step context with some arguments overridden (the rest read through)."""
+
+    def __init__(self, ctx, **override):
+        self._ctx, self._over = ctx, override
+        self.gm, self.progress, self.info = ctx.gm, ctx.progress, ctx.info
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        if name in self._over:
+            return self._over[name]
+        return self._ctx.arg(name, default)
+
+
 @data_step("calibrate_synthetic")
 def calibrate_synthetic(ctx) -> None:
-    """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``."""
+    """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``.
+
+    Under ``torch.distributed`` each rank already holds its own shard of the set: the observers
+    are all-reduced afterwards, as in ``calibrate``."""
     x = step_data(ctx, str(ctx.arg("data_source", "auto")))
     bs = _pos_int(ctx, "calib_batch_size", 64)
     batches = [x[i:i + bs] for i in range(0, x.shape[0], bs)]
-
-    class _Ctx:
-        pass
-    c = _Ctx()
-    c.gm, c.data, c.progress, c.info = ctx.gm, batches, ctx.progress, ctx.info
-    c.arg = lambda name, default=None: None if name == "calib_batches" else ctx.arg(name, default)
-    calibrate(c)
+    run_calibration(_Overlay(ctx, calib_batches=None, shard_data=False, no_data="error"), batches,
+                    "calibrate_synthetic")
     ctx.info["source"] = "synthetic" if synthetic_data(ctx.gm) is not None and ctx.arg("data_source", "auto") != "real" \
         else "real"
