@@ -34,7 +34,7 @@ SYNTHETIC_KEY = "qpasses.synthetic_data"
 #:   distilled in batches of 128 for 4000 steps each, 20000 reconstruction steps per block in
 #:   batches of 32): GPU-sized work.
 GENIE_PRESETS = {
-    "fast": {"samples": 16, "distill_batch_size": 16, "distill_iters": 10, "recon_iters": 20, "recon_batch_size": 16},
+    "fast": {"samples": 16, "distill_batch_size": 16, "distill_iters": 8, "recon_iters": 8, "recon_batch_size": 16},
     "thorough": {"samples": 256, "distill_batch_size": 64, "distill_iters": 300, "recon_iters": 300,
                  "recon_batch_size": 32},
     "paper": {"samples": 1024, "distill_batch_size": 128, "distill_iters": 4000, "recon_iters": 20000,
