@@ -81,7 +81,7 @@ def run_row(kind: str, opts: dict, gm, seed: int):
         pm = qpasses.PassManager(["canonicalize", "edge_bits", "observe", "calibrate", "convert"], **opts)
         return pm.run(gm, data=calib)
     if kind == "genie":
-        return qpasses.PassManager("genie", seed=seed, **opts).run(gm)
+        return qpasses.PassManager("genie", seed=seed, **{"preset": "thorough", **opts}).run(gm)
     if kind == "adaround":
         return qpasses.PassManager("adaround", seed=seed, **opts).run(gm, data=calib)
     raise ValueError(kind)

@@ -29,7 +29,7 @@ gm = qpasses.trace(model, (x_test[:2],))
 
 minmax = qpasses.PassManager("ptq_int8", w_bits=4, a_bits=4).run(gm, data=calib_batches())
 
-pm = qpasses.PassManager("genie", samples=128, distill_iters=150, recon_iters=150, progress=True)
+pm = qpasses.PassManager("genie", preset="thorough", samples=128, distill_iters=150, recon_iters=150, progress=True)
 genie = pm.run(gm)  # zero-shot: no data argument
 
 print(f"FP32                          : {accuracy(gm, x_test, y_test):.1f} %")

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import qpasses
 from qpasses import datasets, zoo
-from qpasses.errors import StepError
 from qpasses.methods.binary import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear,
                                     clip_latent_weights, make_optimizer, pack_binary, sign_pm1)
 from qpasses.numerics import FakeQuantize, Observer
@@ -143,11 +142,15 @@ def test_keep_first_last_off_and_no_scale():
     assert all(not q.get_submodule(n.target).scale for n in _mods(q, BinaryWeight))
 
 
-def test_bnn_needs_data_for_kept_layers():
+def test_bnn_kept_layers_without_data_wait_for_their_first_batch():
+    from qpasses.methods.qat import FirstBatchFakeQuantize
     m = Renamed().eval()
     gm = qpasses.trace(m, (torch.randn(4, 12),))
-    with pytest.raises(StepError, match="needs data"):
-        qpasses.PassManager("bnn").run(gm)
+    q = qpasses.PassManager("bnn").run(gm)   # no data: the kept layers' scales come from the first batch
+    lazy = [mod for mod in q.modules() if isinstance(mod, FirstBatchFakeQuantize)]
+    assert lazy and all(mod.pending for mod in lazy)
+    q(torch.randn(4, 12))
+    assert not any(mod.pending for mod in lazy)
 
 
 def test_export_level_matches_fx_level():

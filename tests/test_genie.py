@@ -419,3 +419,34 @@ def test_genie_repeatable_from_its_seed_and_leaves_the_global_generator_alone():
     c = qpasses.PassManager("genie", **dict(FAST, seed=1)).run(gm)
     with torch.no_grad():
         assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
+
+
+# ----------------------------------------------------------------------------- refusals and presets
+def test_genie_refuses_a_model_without_batchnorm_statistics():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(StepError, match="no BatchNorm layer"):
+        qpasses.PassManager("genie", **FAST).run(qpasses.trace(mlp, (torch.randn(2, 4),)))
+    fresh = Strided2d().eval()                                   # never trained: mean 0, var 1 everywhere
+    with pytest.raises(StepError, match="initial statistics"):
+        qpasses.PassManager("genie", **FAST).run(qpasses.trace(fresh, (torch.randn(2, 1, 8, 8),)))
+    m = randomize_bn(Strided2d())
+    m.b1 = nn.BatchNorm2d(4, track_running_stats=False)
+    m.eval()
+    with pytest.raises(StepError, match="no running statistics"):
+        qpasses.PassManager("genie", **FAST).run(qpasses.trace(m, (torch.randn(2, 1, 8, 8),)))
+
+
+def test_genie_presets_fill_the_sizes_left_unset():
+    from qpasses.steps.distill import GENIE_PRESETS
+    assert qpasses.PassManager("genie").params["preset"] == "fast"
+    with pytest.raises(OptionError):
+        qpasses.PassManager("genie", preset="nonsense")
+    gm = _gm(Strided2d(), (1, 8, 8))
+    pm = qpasses.PassManager("genie", distill_iters=2, recon_iters=2)      # sizes from preset=fast
+    pm.run(gm)
+    fast = GENIE_PRESETS["fast"]
+    assert pm.report.steps[0].info["samples"] == fast["samples"]
+    pm = qpasses.PassManager("genie_distill", preset="paper", distill_iters=1, distill_batch_size=256)
+    pm.run(gm)                                                  # the paper's 1024 samples, shortened here
+    assert pm.report.steps[0].info["samples"] == GENIE_PRESETS["paper"]["samples"] == 1024
+    assert GENIE_PRESETS["paper"]["distill_iters"] == 4000 and GENIE_PRESETS["paper"]["recon_iters"] == 20000

@@ -379,13 +379,16 @@ def synthesize(gm: fx.GraphModule, shape: Sequence[int], samples: int, batch_siz
     g = torch.Generator().manual_seed(int(seed) * 1000 + rank) if seed is not None else None
     nb = int(math.ceil(local / batch_size))
     out, losses = [], []
-    bar = tqdm(total=nb * int(iters), desc="distill", disable=not progress, leave=False)
+    # one bar over every optimisation step of every batch: tqdm shows the time left; rank 0 draws
+    bar = tqdm(total=nb * int(iters), desc="distill", unit="it", disable=(not progress) or rank != 0, leave=False,
+               dynamic_ncols=True)
     # the generator's initialisation and the swing crops draw from the global generator
     try:
         with seeded_global_rng(None if seed is None else int(seed) * 1000 + rank):
             done = 0
             for b in range(nb):
                 n = min(batch_size, local - done)
+                bar.set_postfix_str(f"batch {b + 1}/{nb}", refresh=False)
                 x, loss = distill_batch(cap, targets, shape, n, iters=iters, mode=mode, generator=g,
                                         on_step=lambda _l: bar.update(1), **kw)
                 out.append(x)

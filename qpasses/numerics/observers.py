@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from ._module import add_buffers
 from .qparams import calc_qparams, qrange
 
 __all__ = ["Observer", "calculate_qparams_many", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver",
-           "MSEObserver", "HistogramObserver", "ACIQObserver", "OBSERVERS", "make_observer"]
+           "MSEObserver", "HistogramObserver", "ACIQObserver", "OBSERVERS", "make_observer", "sync_observers",
+           "distributed_refusal"]
 
 
 def _empty(dtype=torch.float32) -> torch.Tensor:
@@ -404,6 +405,43 @@ class HistogramObserver(Observer):
         self.register_buffer("histogram", _empty(torch.float64))
         self.register_buffer("hist_max", _empty())
 
+    def start_grid(self, top: float) -> None:
+        """Start an empty histogram on ``[0, top]`` (instead of the first batch's ``max |x|``).
+
+        Distributed calibration gives every rank the grid of the first batch of rank 0 (the
+        global first batch), so that each rank's grid is that one times a power of two and the
+        histograms merge exactly (:func:`sync_observers`).
+        """
+        if self.histogram.numel():
+            raise RuntimeError("start_grid on a histogram that has already seen data")
+        top = float(top) if float(top) > 0 else 1e-8
+        self.hist_max = torch.tensor(top, dtype=torch.float32, device=self.min_val.device)
+        self.histogram = torch.zeros(self.bins, dtype=torch.float64, device=self.min_val.device)
+
+    def _rebin(self, top: float) -> None:
+        """Re-bin the histogram onto ``[0, top]`` (``top >= hist_max``): exact when ``top / hist_max``
+        is a power of two (groups of bins merge), else each bin's count moves to the bin holding
+        its centre (an approximation)."""
+        cur = float(self.hist_max)
+        if top <= cur:
+            return
+        h = self.histogram
+        ratio = top / cur
+        f = 1 << max(0, round(math.log2(ratio)))
+        if cur * f == top:
+            if f >= self.bins:
+                merged = torch.zeros_like(h)
+                merged[0] = h.sum()
+            else:
+                merged = torch.cat([h.reshape(self.bins // f, f).sum(dim=1),
+                                    torch.zeros(self.bins - self.bins // f, dtype=h.dtype, device=h.device)])
+        else:
+            centres = (torch.arange(self.bins, dtype=torch.float64, device=h.device) + 0.5) * (cur / self.bins)
+            idx = torch.clamp((centres / (top / self.bins)).to(torch.int64), 0, self.bins - 1)
+            merged = torch.zeros_like(h).index_add_(0, idx, h)
+        self.histogram = merged
+        self.hist_max = torch.tensor(top, dtype=torch.float32, device=h.device)
+
     def _observe(self, v: torch.Tensor) -> None:
         self._update_minmax(v)
         a = v.reshape(-1).abs()
@@ -544,6 +582,137 @@ OBSERVERS: Dict[str, Type[Observer]] = {
 #: (qpasses.lang.registry): declared once, here, from the table above
 OBSERVER_KIND = {"choices": tuple(OBSERVERS)}
 BITS = {"min": 2, "max": 16}
+
+
+def distributed_refusal(obs: Observer) -> Optional[str]:
+    """Why ``obs`` cannot calibrate data-parallel (None: it can).
+
+    A moving average depends on the order of the batches: no reduction of per-rank averages
+    equals the average one process would compute over all of them.
+    """
+    if isinstance(obs, MovingAverageMinMaxObserver):
+        return (f"{type(obs).__name__} (observer 'moving_average') cannot calibrate data-parallel: an exponential "
+                f"moving average depends on the order of the batches, and no reduction of the ranks' averages gives "
+                f"the average of one process; use 'minmax' or 'entropy' (exact) or a sample-based observer")
+    return None
+
+
+def _dist_device(group=None) -> torch.device:
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sync_observers(observers: Sequence[Observer], group=None) -> None:
+    """Merge the statistics of the same observers on every rank of a ``torch.distributed`` group.
+
+    Every rank must call it with its observers in the same order (the same graph gives the same
+    order). Afterwards every rank holds the same state:
+
+    * min / max: element-wise MIN / MAX all-reduce -- exactly what one process seeing the data of
+      all ranks holds;
+    * histograms (``entropy``): ranges all-reduced (MAX), each rank re-binned onto the common
+      range, counts summed -- exact when the ranks' ranges differ by powers of two, as the
+      ``calibrate`` step arranges (:meth:`HistogramObserver.start_grid`);
+    * reservoir samples (``percentile``, ``mse``, ``aciq``): the ranks' reservoirs are gathered and
+      the ``K`` largest keys kept -- a weighted random sample of all the data, as one process's
+      is, but not the same sample (a statistical, not bit-exact, agreement);
+    * moving averages are refused (:func:`distributed_refusal`, ``ValueError``).
+
+    Ranks that saw no data for an observer take part with empty statistics.
+    """
+    import torch.distributed as dist
+    observers = list(observers)
+    for o in observers:
+        why = distributed_refusal(o)
+        if why:
+            raise ValueError(why)
+    if not observers:
+        return
+    size = dist.get_world_size(group)
+    dev = _dist_device(group)
+    # 1. how many channels each observer has (0 on a rank that saw nothing), and batch counts
+    meta = torch.tensor([[o.min_val.numel(), o._batches] for o in observers], dtype=torch.float64, device=dev)
+    chans = meta[:, 0].clone()
+    dist.all_reduce(chans, op=dist.ReduceOp.MAX, group=group)
+    batches = meta[:, 1].clone()
+    dist.all_reduce(batches, op=dist.ReduceOp.SUM, group=group)
+    chans_l = [int(c) for c in chans.tolist()]
+    # 2. min / max
+    los, his = [], []
+    for o, c in zip(observers, chans_l):
+        if o.min_val.numel():
+            los.append(o.min_val.reshape(-1).float().to(dev))
+            his.append(o.max_val.reshape(-1).float().to(dev))
+        else:
+            los.append(torch.full((c,), math.inf, device=dev))
+            his.append(torch.full((c,), -math.inf, device=dev))
+    lo, hi = torch.cat(los), torch.cat(his)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    off = 0
+    for o, c, b in zip(observers, chans_l, batches.tolist()):
+        if c:
+            buf_dev = o.min_val.device if o.min_val.numel() else torch.device("cpu")
+            shape = (lambda t: t.reshape(()) if o.axis is None else t.reshape(-1))
+            o._buffers["min_val"] = shape(lo[off:off + c].to(buf_dev))
+            o._buffers["max_val"] = shape(hi[off:off + c].to(buf_dev))
+        off += c
+        o.__dict__["_batches"] = int(b)
+    # 3. histograms
+    hists = [o for o, c in zip(observers, chans_l) if isinstance(o, HistogramObserver) and c]
+    if hists:
+        tops = torch.tensor([float(o.hist_max) if o.hist_max.numel() else 0.0 for o in hists], dtype=torch.float32,
+                            device=dev)
+        dist.all_reduce(tops, op=dist.ReduceOp.MAX, group=group)
+        parts = []
+        for o, top in zip(hists, tops.tolist()):
+            if o.histogram.numel() == 0:
+                o.start_grid(top)
+            else:
+                o._rebin(top)
+            parts.append(o.histogram.to(dev))
+        counts = torch.cat(parts)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        for i, o in enumerate(hists):
+            o.histogram = counts[i * o.bins:(i + 1) * o.bins].to(o.hist_max.device).clone()
+    # 4. reservoirs
+    samp = [(o, c) for o, c in zip(observers, chans_l) if isinstance(o, _SampleObserver) and c]
+    if samp:
+        ks = torch.tensor([o.sample_keys.numel() for o, _ in samp], dtype=torch.int64, device=dev)
+        all_ks = [torch.zeros_like(ks) for _ in range(size)]
+        dist.all_gather(all_ks, ks, group=group)
+        kmax = torch.stack(all_ks).amax(0).tolist()
+        flat_cols, flat_keys = [], []
+        for (o, c), km in zip(samp, kmax):
+            cols = torch.zeros(c, km, device=dev)
+            keys = torch.full((km,), -math.inf, device=dev)
+            n = o.sample_keys.numel()
+            if n:
+                cols[:, :n] = o.samples.to(dev)
+                keys[:n] = o.sample_keys.to(dev)
+            flat_cols.append(cols.reshape(-1))
+            flat_keys.append(keys)
+        cols_t, keys_t = torch.cat(flat_cols), torch.cat(flat_keys)
+        g_cols = [torch.empty_like(cols_t) for _ in range(size)]
+        g_keys = [torch.empty_like(keys_t) for _ in range(size)]
+        dist.all_gather(g_cols, cols_t, group=group)
+        dist.all_gather(g_keys, keys_t, group=group)
+        coff = koff = 0
+        for (o, c), km in zip(samp, kmax):
+            cols = torch.cat([gc[coff:coff + c * km].reshape(c, km) for gc in g_cols], dim=1)
+            keys = torch.cat([gk[koff:koff + km] for gk in g_keys])
+            coff += c * km
+            koff += km
+            valid = torch.isfinite(keys)
+            cols, keys = cols[:, valid], keys[valid]
+            k = o._capacity(c)
+            if keys.numel() > k:
+                top = torch.topk(keys, k).indices
+                cols, keys = cols[:, top], keys[top]
+            home = o.min_val.device
+            o.samples, o.sample_keys = cols.contiguous().to(home), keys.contiguous().to(home)
 
 
 def make_observer(kind: str, **kwargs) -> Observer:

@@ -18,11 +18,44 @@ import torch.fx as fx
 from ..errors import OptionError, StepError
 from ..frontend import as_inputs, input_arity
 from ..lang.registry import data_step
-from .calibrate import calibrate, iterate_batches
+from .calibrate import iterate_batches, run_calibration
 
-__all__ = ["distill", "calibrate_synthetic", "SYNTHETIC_KEY", "step_data", "synthetic_data"]
+__all__ = ["distill", "calibrate_synthetic", "SYNTHETIC_KEY", "step_data", "synthetic_data", "GENIE_PRESETS",
+           "genie_setting"]
 
 SYNTHETIC_KEY = "qpasses.synthetic_data"
+
+#: what the ``genie`` recipes' ``preset`` fills in for the size options left at null
+#: * ``fast`` (the default): a ResNet-18-sized model (224x224) in minutes on a 2-core CPU
+#:   (measured in docs/recipes/genie.md); a quick start, not the best result;
+#: * ``thorough``: the recipe's defaults before presets (minutes on the small CNNs of the docs'
+#:   results table, hours on ResNet-18 on a CPU);
+#: * ``paper``: the counts of the GENIE authors' public reference implementation (1024 samples
+#:   distilled in batches of 128 for 4000 steps each, 20000 reconstruction steps per block in
+#:   batches of 32): GPU-sized work.
+GENIE_PRESETS = {
+    "fast": {"samples": 16, "distill_batch_size": 16, "distill_iters": 8, "recon_iters": 8, "recon_batch_size": 16},
+    "thorough": {"samples": 256, "distill_batch_size": 64, "distill_iters": 300, "recon_iters": 300,
+                 "recon_batch_size": 32},
+    "paper": {"samples": 1024, "distill_batch_size": 128, "distill_iters": 4000, "recon_iters": 20000,
+              "recon_batch_size": 32},
+}
+
+
+def genie_setting(ctx, name: str, default: int) -> int:
+    """A size option of the GENIE steps: the value given, else the ``preset``'s, else ``default``."""
+    v = ctx.arg(name)
+    if v is None:
+        preset = ctx.arg("preset")
+        if preset is not None:
+            if preset not in GENIE_PRESETS:
+                raise OptionError(f"preset must be one of {', '.join(GENIE_PRESETS)}, got {preset!r}")
+            v = GENIE_PRESETS[preset].get(name)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise OptionError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
 
 
 def synthetic_data(gm: fx.GraphModule) -> Optional[torch.Tensor]:
@@ -60,22 +93,50 @@ def _pos_int(ctx, name: str, default: int) -> int:
     return int(v)
 
 
+def check_bn_statistics(gm: fx.GraphModule) -> int:
+    """Raise :class:`StepError` naming the cause unless ``gm`` has BatchNorm statistics to distill from.
+
+    Refused: no BatchNorm op (none in the model, or already folded by ``canonicalize``); a
+    BatchNorm without running statistics (``track_running_stats=False``: it normalises with
+    the batch's own); every BatchNorm still at its initial statistics (mean 0, variance 1: the
+    model was never trained, so there is nothing to learn from).  Returns the number of layers.
+    """
+    from ..matcher import Matcher
+    m = Matcher(gm)
+    bns = m.index(["batch_norm"])
+    if not bns:
+        raise StepError("GENIE distills its data from BatchNorm statistics, and this graph has no BatchNorm layer "
+                        "(none in the model, or canonicalize already folded them: run distill first); use a "
+                        "recipe with real data instead (ptq_int8, adaround)")
+    initial = 0
+    for bn in bns:
+        v = m.view(bn)
+        rm, rv = v.tensor("running_mean"), v.tensor("running_var")
+        if rm is None or rv is None:
+            raise StepError(f"GENIE distills its data from BatchNorm statistics, and BatchNorm {bn.name} has no "
+                            f"running statistics (track_running_stats=False); use a recipe with real data instead")
+        if bool((rm == 0).all()) and bool((rv == 1).all()):
+            initial += 1
+    if initial == len(bns):
+        raise StepError(f"GENIE distills its data from BatchNorm statistics, and all {len(bns)} BatchNorm layers "
+                        f"still hold their initial statistics (mean 0, variance 1): the model was never trained "
+                        f"(or its statistics were not loaded), so there is nothing to distill from")
+    return len(bns)
+
+
 @data_step("distill")
 def distill(ctx) -> None:
     """GENIE-D: synthesise ``samples`` inputs by matching BatchNorm statistics (generator + latents)."""
     from ..methods.genie import synthesize
-    from ..matcher import Matcher
 
     gm = ctx.gm
     mode = str(ctx.arg("distill_mode", "genie"))
     if mode not in ("genie", "generator", "latents"):
         raise OptionError(f"distill_mode must be genie, generator or latents, got {mode!r}")
-    samples = _pos_int(ctx, "samples", 256)
-    batch_size = _pos_int(ctx, "distill_batch_size", 64)
-    iters = _pos_int(ctx, "distill_iters", 200)
-    if not Matcher(gm).index(["batch_norm"]):
-        raise StepError("distill needs BatchNorm layers (their running statistics are the target); none found -- "
-                        "run distill before canonicalize folds them, on a model that has them")
+    samples = genie_setting(ctx, "samples", 256)
+    batch_size = genie_setting(ctx, "distill_batch_size", 64)
+    iters = genie_setting(ctx, "distill_iters", 200)
+    check_bn_statistics(gm)
     shape = _input_shape(gm, ctx.arg("input_shape"))
     kw = {}
     for name, key in (("latent_dim", "latent_dim"), ("hidden", "gen_hidden"), ("lr_g", "distill_lr_g"), ("lr_z", "distill_lr_z"),
@@ -141,18 +202,29 @@ def step_data(ctx, source: str = "auto", limit_samples: Optional[int] = None) ->
     return x.detach()
 
 
+class _Overlay:
+    """A step context with some arguments overridden (the rest read through)."""
+
+    def __init__(self, ctx, **override):
+        self._ctx, self._over = ctx, override
+        self.gm, self.progress, self.info = ctx.gm, ctx.progress, ctx.info
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        if name in self._over:
+            return self._over[name]
+        return self._ctx.arg(name, default)
+
+
 @data_step("calibrate_synthetic")
 def calibrate_synthetic(ctx) -> None:
-    """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``."""
+    """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``.
+
+    Under ``torch.distributed`` each rank already holds its own shard of the set: the observers
+    are all-reduced afterwards, as in ``calibrate``."""
     x = step_data(ctx, str(ctx.arg("data_source", "auto")))
     bs = _pos_int(ctx, "calib_batch_size", 64)
     batches = [x[i:i + bs] for i in range(0, x.shape[0], bs)]
-
-    class _Ctx:
-        pass
-    c = _Ctx()
-    c.gm, c.data, c.progress, c.info = ctx.gm, batches, ctx.progress, ctx.info
-    c.arg = lambda name, default=None: None if name == "calib_batches" else ctx.arg(name, default)
-    calibrate(c)
+    run_calibration(_Overlay(ctx, calib_batches=None, shard_data=False, no_data="error"), batches,
+                    "calibrate_synthetic")
     ctx.info["source"] = "synthetic" if synthetic_data(ctx.gm) is not None and ctx.arg("data_source", "auto") != "real" \
         else "real"

@@ -33,7 +33,7 @@ from ..errors import OptionError, StepError
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from ..numerics.rounding import BetaSchedule
-from .distill import _pos_int, step_data
+from .distill import genie_setting, step_data
 
 __all__ = ["reconstruct", "install_quantizers", "bake_quantizers"]
 
@@ -137,11 +137,10 @@ def reconstruct(ctx) -> None:
     from ..methods.genie import (GenieActQuantizer, GenieWeightQuantizer, average_grads, broadcast_module,
                                  seeded_global_rng, world)
     from ..frontend import set_training
-    from tqdm.auto import tqdm
 
     gm = ctx.gm
-    iters = _pos_int(ctx, "recon_iters", 200)
-    bs = _pos_int(ctx, "recon_batch_size", 32)
+    iters = genie_setting(ctx, "recon_iters", 200)
+    bs = genie_setting(ctx, "recon_batch_size", 32)
     qdrop = float(ctx.arg("qdrop", 0.5))
     if not 0.0 <= qdrop < 1.0:
         raise OptionError(f"qdrop must be in [0, 1), got {qdrop}")
@@ -172,18 +171,21 @@ def reconstruct(ctx) -> None:
     rank, size = world()
     g = torch.Generator().manual_seed(int(ctx.arg("seed", 0) or 0) * 7919 + rank)
     sched = BetaSchedule(start=20.0, end=2.0, warmup=0.2, iters=iters)
-    bar = tqdm(total=len(blocks) * iters, desc="reconstruct", disable=not ctx.progress, leave=False)
+    from .calibrate import progress_bar
+    bar = progress_bar(ctx.progress, total=len(blocks) * iters, desc="reconstruct", unit="it")
     losses = []
     # QDrop draws its masks from the global generator: seeded here (and the caller's state restored
     # afterwards), so a run is repeatable from its ``seed``
     try:
         with seeded_global_rng(int(ctx.arg("seed", 0) or 0) * 7919 + rank + 1):
             for bi, block in enumerate(blocks):
+                bar.set_postfix_str(f"block {bi + 1}/{len(blocks)}", refresh=False)
                 q_in = _run(_capture(gm, [block.entry]), x_all, 256)[0]
                 sub = extract_block(gm, block)
                 ws = [m for m in sub.modules() if isinstance(m, GenieWeightQuantizer)]
                 as_ = [m for m in sub.modules() if isinstance(m, GenieActQuantizer)]
                 if not ws:
+                    bar.update(iters)
                     continue
                 round_params = [m.q.alpha for m in ws]
                 scale_params = ([m.q.scale for m in ws] if learn_w_scale else []) + \

@@ -102,6 +102,10 @@ def search_bits(ctx) -> None:
         raise StepError(f"budget {budget:.6g} {cost.unit} ({budget_desc}) is below the cost of every layer at "
                         f"min_bits={min_bits}: {floor:.6g} {cost.unit}")
 
+    # phases (the DDPG search draws its own bar of episodes); rank 0 draws, time left shown
+    from .calibrate import progress_bar
+    phases = progress_bar(ctx.progress, total=4, desc="search_bits", unit="phase")
+    phases.set_postfix_str("quantization simulator", refresh=True)
     a_range = list(range(min_bits, max_bits + 1)) if search_a else [a_bits]
     sim = haq.QuantSim(ctx.gm, layers, list(range(min_bits, max_bits + 1)), a_range, calib,
                        observer=str(ctx.arg("observer", "minmax")), symmetric=bool(ctx.arg("symmetric", False)))
@@ -116,9 +120,13 @@ def search_bits(ctx) -> None:
     targets = torch.cat(labels)
     base_acc, base_loss = sim.evaluate(val, targets)
 
+    phases.update(1)
+    phases.set_postfix_str("Hessian traces", refresh=True)
     traces = haq.hutchinson_traces(ctx.gm, layers, val, labels, iters=int(ctx.arg("hutchinson_iters", 8)),
                                    seed=int(ctx.arg("seed", 0)))
     seed = int(ctx.arg("seed", 0))
+    phases.update(1)
+    phases.set_postfix_str(f"{method} search", refresh=True)
     if method == "ddpg":
         episodes = int(ctx.arg("episodes") or 60)
         warmup = ctx.arg("warmup")
@@ -136,8 +144,12 @@ def search_bits(ctx) -> None:
         ws, _ = haq.greedy_allocation(layers, traces, sim, cost, budget, min_bits, max_bits, a_bits, measured)
         as_ = [a_bits] * n
         extra = {}
+    phases.update(1)
+    phases.set_postfix_str("evaluation", refresh=True)
     sim.set_bits(ws, as_)
     acc, loss = sim.evaluate(val, targets)
+    phases.update(1)
+    phases.close()
     total = cost.total(layers, ws, as_)
     if total > budget * (1 + 1e-9):
         raise StepError(f"internal error: the chosen configuration costs {total} > budget {budget}")

@@ -1,0 +1,30 @@
+"""The ``first_batch_init`` data step: fake quantizers that take their scale from the first batch.
+
+Training recipes (``qat``, ``bnn``) run without data: their ``calibrate`` step has
+``no_data: first_batch``, which gives the observers that saw nothing a placeholder range and
+marks them; ``convert`` turns them into fake quantizers as usual; this step, after ``convert``,
+replaces each marked one by a :class:`~qpasses.methods.qat.FirstBatchFakeQuantize`, which sets
+its scale from the first batch it sees (LSQ: ``2 * mean|x| / sqrt(Qp)``).  With data, nothing
+is marked and the step changes nothing.
+"""
+from __future__ import annotations
+
+from ..fxfast import set_submodule
+from ..lang.registry import data_step
+from ..numerics import FakeQuantize
+from .calibrate import FIRST_BATCH_KEY
+
+__all__ = ["first_batch_init"]
+
+
+@data_step("first_batch_init")
+def first_batch_init(ctx) -> None:
+    """Make the fake quantizers of observers that saw no data initialise on their first batch."""
+    from ..methods.qat import FirstBatchFakeQuantize
+    gm = ctx.gm
+    marked = [(name, m) for name, m in gm.named_modules()
+              if isinstance(m, FakeQuantize) and not isinstance(m, FirstBatchFakeQuantize)
+              and isinstance(getattr(m, "qpasses_config", None), dict) and m.qpasses_config.get(FIRST_BATCH_KEY)]
+    for name, m in marked:
+        set_submodule(gm, name, FirstBatchFakeQuantize.from_fake_quant(m))
+    ctx.info.update(first_batch_quantizers=len(marked))
