@@ -668,7 +668,7 @@ def report(model, recipe, options, data, as_is, train, as_json, input_shape=None
     if as_is:
         qgm = m
     else:
-        qgm = qpasses.PassManager(parse_recipe(recipe), **parse_options(options)).run(qpasses.trace(m, ex),
+        qgm = qpasses.PassManager(parse_recipe(recipe), quiet=True, **parse_options(options)).run(qpasses.trace(m, ex),
                                                                                       data=batches)
     rows = layer_table(qgm, ex)
     if not rows:
@@ -702,7 +702,7 @@ def draw(model, out, recipe, options, data, shape, train, weights=None):
     ex = _example(batches, m, parse_shape(shape), model)
     gm = qpasses.trace(m, ex)
     if recipe:
-        gm = qpasses.PassManager(recipe, **parse_options(options)).run(gm, data=batches)
+        gm = qpasses.PassManager(recipe, quiet=True, **parse_options(options)).run(gm, data=batches)
     n = draw_graph(gm, out, title=f"{model}" + (f" ({recipe})" if recipe else ""))
     click.echo(f"wrote {out} ({n} nodes)")
 

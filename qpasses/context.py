@@ -118,7 +118,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         # spec class it builds itself; nothing the caller can act on
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
         new = copy.deepcopy(gm)
-    make_exported_trainable(new)
+    make_exported_trainable(new, source=gm)
     return new
 
 

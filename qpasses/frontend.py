@@ -267,11 +267,14 @@ def _exported_eval(self):
     return _exported_train(self, False)
 
 
-def make_exported_trainable(gm: torch.nn.Module) -> None:
+def make_exported_trainable(gm: torch.nn.Module, source: Optional[torch.nn.Module] = None) -> None:
     """Give a GraphModule from ``torch.export`` working ``train()`` / ``eval()`` methods
-    (``ExportedProgram.module()`` replaces them with ones that raise), see :func:`_exported_train`."""
+    (``ExportedProgram.module()`` replaces them with ones that raise), see :func:`_exported_train`.
+    ``source``: the module ``gm`` is a copy of (a copy does not keep those methods; the source
+    tells whether it came from ``torch.export``)."""
     import types
-    if "train" in gm.__dict__ or "eval" in gm.__dict__:
+    src = gm if source is None else source
+    if "train" in src.__dict__ or "eval" in src.__dict__:
         gm.__dict__["train"] = types.MethodType(_exported_train, gm)
         gm.__dict__["eval"] = types.MethodType(_exported_eval, gm)
 

@@ -9,7 +9,6 @@ is marked and the step changes nothing.
 """
 from __future__ import annotations
 
-from ..fxfast import set_submodule
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from .calibrate import FIRST_BATCH_KEY
@@ -26,5 +25,5 @@ def first_batch_init(ctx) -> None:
               if isinstance(m, FakeQuantize) and not isinstance(m, FirstBatchFakeQuantize)
               and isinstance(getattr(m, "qpasses_config", None), dict) and m.qpasses_config.get(FIRST_BATCH_KEY)]
     for name, m in marked:
-        set_submodule(gm, name, FirstBatchFakeQuantize.from_fake_quant(m))
+        gm.set_submodule(name, FirstBatchFakeQuantize.from_fake_quant(m))
     ctx.info.update(first_batch_quantizers=len(marked))
