@@ -53,7 +53,7 @@ def ort_static(fp32_path: str, out_path: str, batches) -> None:
 
 
 def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int):
-    sess = ort_session(path, threads=1)
+    sess = ort_session(path, threads=1, fuse_qdq=True)  # what a deployment runs
     name = sess.get_inputs()[0].name
     out = sess.run(None, {name: xt.numpy()})[0]
     acc = float((out.argmax(1) == yt.numpy()).mean())

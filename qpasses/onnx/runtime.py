@@ -9,13 +9,21 @@ import onnx
 __all__ = ["ort_session", "run_onnx"]
 
 
-def ort_session(model: Union[str, onnx.ModelProto], threads: int = 1, optimize: bool = True):
-    """An onnxruntime CPU ``InferenceSession`` for a path or a ModelProto."""
+def ort_session(model: Union[str, onnx.ModelProto], threads: int = 1, optimize: bool = True,
+                fuse_qdq: bool = False):
+    """An onnxruntime CPU ``InferenceSession`` for a path or a ModelProto.
+
+    ``fuse_qdq=False`` (for validating what a model computes) keeps onnxruntime from fusing
+    Q/DQ units into its integer kernels: on x86 CPUs without VNNI those accumulate uint8 x int8
+    products in saturating int16 pairs, so their results depend on the machine (a ptq_int8 MLP
+    drifted by 14 quantization steps on an AVX2-only CPU).  Speed measurements pass True."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not fuse_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
