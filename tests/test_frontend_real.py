@@ -179,3 +179,93 @@ def test_extra_tensor_inputs_position_ids():
     pos2 = torch.arange(5).expand(3, 5)
     torch.testing.assert_close(gm(ids2, torch.ones_like(ids2), pos2).logits,
                                m(ids2, torch.ones_like(ids2), pos2).logits)
+
+
+# ------------------------------------------------------------------ op coverage: Conv1D & friends
+def _gpt2(layers=2):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=2, vocab_size=100, n_positions=32, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("recipe", ["ptq_int8", "dynamic_int8", "w4a16"])
+def test_gpt2_conv1d_all_projections_quantized(recipe):
+    """Done-when: GPT-2 reports 9/9 -- per layer attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    (Conv1D: addmm with an [in, out] weight), two layers, plus the lm_head linear."""
+    m = _gpt2()
+    gm = qpasses.trace(m, torch.randint(0, 100, (2, 8)))
+    data = [torch.randint(0, 100, (2, L)) for L in (6, 12)]
+    pm = qpasses.PassManager(recipe, **({"group_size": 32} if recipe == "w4a16" else {}))
+    q = pm.run(gm, data=data)
+    cov = pm.report.coverage_of(q)
+    assert cov.line() == "quantized 9/9 weighted ops", cov.line()
+    assert "coverage: quantized 9/9 weighted ops" in str(pm.report)
+    assert pm.report["addmm_as_linear"].rewrites == 8
+    out, ref = q(data[1]).logits, m(data[1]).logits
+    assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > (0.99 if recipe == "w4a16" else 0.999)
+
+
+def test_conv1d_weight_axis_is_out_dim():
+    """The [in, out] weight's per-channel scales run along its out dim (dim 1): one per output."""
+    from qpasses.numerics import FakeQuantize
+    m = _gpt2(layers=1)
+    q = qpasses.PassManager("ptq_int8").run(qpasses.trace(m, torch.randint(0, 100, (2, 8))),
+                                           data=[torch.randint(0, 100, (2, 8))])
+    q = qpasses.decomposed(q)
+    mods = dict(q.named_modules())
+    lin = [n for n in q.graph.nodes if classify(n, mods) == "linear" and "qpasses.transposed_from" in n.meta]
+    c_fc = next(n for n in lin if "c_fc" in n.meta["qpasses.transposed_from"])
+    fq = mods[c_fc.args[1].target]
+    assert isinstance(fq, FakeQuantize) and fq.axis == 0 and fq.scale.numel() == 128   # c_fc: [32, 128]
+    w_t = fq(getattr(q, c_fc.args[1].args[0].target))
+    torch.testing.assert_close(w_t.t(), m.transformer.h[0].mlp.c_fc.weight, atol=fq.scale.max().item(), rtol=0)
+
+
+def test_report_names_float_weighted_ops():
+    m = _gpt2(layers=1)
+    gm = qpasses.trace(m, torch.randint(0, 100, (2, 8)))
+    pm = qpasses.PassManager("ptq_int8", skip=["*c_fc*"])
+    q = pm.run(gm, data=[torch.randint(0, 100, (2, 8))])
+    cov = pm.report.coverage_of(q)
+    assert cov.total == 5 and len(cov.missing) == 1 and "skip pattern" in cov.missing[0][2]
+    # a run without canonicalize leaves the addmm products in float, and says so
+    pm = qpasses.PassManager("observe")
+    cov = pm.report.coverage_of(pm.run(gm))
+    assert [c for _, c, _ in cov.missing].count("addmm") == 4 and all(r for *_, r in cov.missing)
+
+
+def test_op_classes_of_real_model_spellings():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))
+            self.b = nn.Parameter(torch.randn(4))
+            self.gn = nn.GroupNorm(2, 4)
+            self.c1 = nn.Conv1d(4, 4, 3)
+            self.ct = nn.ConvTranspose2d(4, 4, 2)
+            self.c3 = nn.Conv3d(4, 4, 1)
+            self.rms = nn.RMSNorm(4)
+            self.register_buffer("m2", torch.ones(3, 4, 4))
+
+        def forward(self, x):
+            y = torch.addmm(self.b, x, self.w)
+            z = self.gn(self.c1(F.pad(y[:, :, None], (1, 1))))
+            q = z.transpose(1, 2)[:, None]
+            a = F.scaled_dot_product_attention(q, q, q)
+            im = self.ct(F.interpolate(a.reshape(-1, 4, 1, 1), scale_factor=2.0))
+            v = self.c3(im[:, :, None])
+            return self.rms(v.mean((2, 3, 4))) + torch.baddbmm(y[:, None], y[:, None], self.m2)[:, 0] + x @ self.w
+
+    want = {"addmm", "pad", "conv1d", "group_norm", "scaled_dot_product_attention", "interpolate",
+            "conv_transpose2d", "conv3d", "rms_norm", "baddbmm", "matmul"}
+    m = M().eval()
+    x = torch.randn(3, 8)
+    for mode in ("fx", "export"):
+        gm = qpasses.trace(m, x, mode=mode, dynamic=False)
+        mods = dict(gm.named_modules())
+        assert want <= {classify(n, mods) for n in gm.graph.nodes}, mode
+        pm = qpasses.PassManager("ptq_int8")
+        q = pm.run(gm, data=[x])
+        assert pm.report["addmm_as_linear"].rewrites == 1 and pm.report["matmul_weight_as_linear"].rewrites == 1
+        assert pm.report.coverage_of(q).complete, pm.report.coverage.line()
+        assert F.cosine_similarity(q(x).flatten(), m(x).flatten(), dim=0) > 0.99
