@@ -93,6 +93,7 @@ class Coverage:
     """Which weighted ops (conv / conv_transpose / linear, and matrix products against a constant
     weight) of a graph are quantized; each one left in float comes with a reason."""
     quantized: List[str] = field(default_factory=list)
+    quantized_ops: List[str] = field(default_factory=list)             # their op classes
     missing: List[Tuple[str, str, str]] = field(default_factory=list)   # (node, op class, reason)
 
     @property
@@ -138,6 +139,7 @@ def weighted_coverage(gm: Any, report: Optional["Report"] = None) -> Coverage:
     from .layers import quantizer_bits
     from .methods.binary import PackedBinaryLinear
     from .methods.dynamic import DynamicQuantLinear
+    from .ops import classify
     kernel_types = tuple(t for t in (DynamicQuantLinear, PackedBinaryLinear) if t is not None)
     gm = decomposed(gm)
     mods = dict(gm.named_modules())
@@ -152,15 +154,15 @@ def weighted_coverage(gm: Any, report: Optional["Report"] = None) -> Coverage:
         if q is None:
             continue
         name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
+        cls = classify(n, mods)
         if q:
             cov.quantized.append(name)
+            cov.quantized_ops.append(cls)
             continue
-        from .ops import classify
-        cls = classify(n, mods)
         why = reasons.get(n.name) or reasons.get(str(n.target))
         if why is None and cls in ("addmm", "matmul"):
             why = "a product with a constant [in, out] weight not rewritten to linear (run the canonicalize family first)"
-        cov.missing.append((name, cls, why or "no rule of this run quantizes it"))
+        cov.missing.append((name, cls, why or f"no rule of this run quantizes {cls} (outside the recipe's scope)"))
     return cov
 
 
