@@ -11,6 +11,7 @@ on proxies.  Every node that produces a tensor gets ``meta["qpasses.shape"]`` an
 from __future__ import annotations
 
 import inspect
+import operator
 
 from typing import Any, Optional, Tuple
 
@@ -127,7 +128,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
-          concrete_args: Optional[dict] = None, strict: bool = False, dynamic_batch: bool = True) -> fx.GraphModule:
+          concrete_args: Optional[dict] = None, strict: bool = False, dynamic_batch: bool = True,
+          dynamic: Any = None) -> fx.GraphModule:
     """Trace ``model`` into a ``torch.fx.GraphModule``.
 
     Args:
@@ -143,9 +145,24 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
             and what ``"fx"`` gives).
         concrete_args: forwarded to ``torch.fx.symbolic_trace``.
         strict: forwarded to ``torch.export.export``.
-        dynamic_batch: export with a dynamic leading (batch) dimension on every tensor
-            input, so the exported graph accepts other batch sizes (calibration batches,
-            a smaller last batch).  Falls back to static shapes if the model forbids it.
+        dynamic_batch: ``False`` exports with static shapes (when ``dynamic`` is not given).
+        dynamic: which dimensions of a ``torch.export`` graph stay symbolic.  ``None`` (the
+            default) or ``True``: detected from the example -- the batch dimension (0) and the
+            sequence dimension (1) of every tensor input of rank 2 or more, as ``Dim.AUTO``
+            (export keeps a dimension static where the model specialises on it, e.g. channels);
+            so a graph calibrated on batches and sentences of other sizes runs.  ``False``: static.
+            Or declared per input, positionally (a tuple) or by ``forward`` parameter name (a dict),
+            each entry a list of dimension indices (``{"input_ids": [0, 1]}``) or a
+            ``torch.export`` spec (``{0: Dim("batch")}``).  If the dynamic export fails the
+            batch dimension alone is tried, then static shapes (``gm.meta["qpasses.dynamic_dims"]``
+            says what came out).
+
+    Non-tensor inputs are constants: a ``forward`` parameter with a default that the example does
+    not give, and a non-tensor value the example gives (``(ids, None, pos)``, ``(x, True)``), are
+    specialised into the graph, which then takes the tensor inputs only (in order): no
+    placeholder, no ``eq`` / ``_assert`` check is left for them.  Export graphs lose their
+    ``_assert_tensor_metadata`` nodes and the ``to`` conversions that do not change dtype or
+    device (they would be outside users of the values quantization rewrites).
 
     Raises:
         TraceError: when the requested tracer(s) fail; the message gives each reason.
@@ -154,13 +171,22 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
         raise TraceError(f"unknown trace mode {mode!r}; choose 'auto', 'fx' or 'export'")
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
-    inputs = as_inputs(example_inputs)
+    given = as_inputs(example_inputs)
+    const_pos = {i: v for i, v in enumerate(given) if _is_constant(v)}
+    inputs = tuple(v for i, v in enumerate(given) if i not in const_pos)   # what the graph takes
     reasons = []
     # auto: fx tracing into attention / transformer modules (fails on them, by design), then
     # torch.export (decomposes them), then fx keeping them as opaque calls (nothing inside quantized)
     opaque = any(isinstance(m, _TRACE_INTO) for m in model.modules())
     if concrete_args is None:
-        concrete_args = _defaults_beyond(model, len(inputs))
+        concrete_args = _defaults_beyond(model, len(given))
+    if const_pos:
+        names = _positional_names(model)
+        if names is None or len(names) < len(given):
+            raise TraceError(f"{type(model).__name__}: non-tensor example inputs need a forward with named "
+                             f"positional parameters")
+        concrete_args = dict(concrete_args or {})
+        concrete_args.update({names[i]: v for i, v in const_pos.items()})
     plan = {"fx": ["fx"], "export": ["export"],
             "auto": ["fx_into", "export"] + (["fx"] if opaque else [])}[mode]
     for how in plan:
@@ -173,6 +199,8 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
                     n.type = None
                 if stringly:
                     gm.recompile()
+                if concrete_args:
+                    _drop_fx_constant_inputs(gm, concrete_args)
                 propagate_shapes(gm, inputs)  # a graph that does not run on the example is a failed trace
                 _gm_meta(gm)["qpasses.level"] = "fx"
                 _gm_meta(gm)["qpasses.example_inputs"] = inputs
@@ -183,8 +211,13 @@ def trace(model: torch.nn.Module, example_inputs: Any, mode: str = "auto",
                 reasons.append(f"torch.fx.symbolic_trace{label} failed: {type(e).__name__}: {_first_line(e)}")
         else:
             try:
-                ep = _export(model, inputs, strict, dynamic_batch)
+                spec = _dynamic_spec(model, given, dynamic, dynamic_batch)
+                ep = _export(model, given, strict, spec)
                 gm = ep.module()
+                if const_pos:
+                    _drop_export_constant_inputs(gm, inputs)
+                clean_export_graph(gm)
+                _gm_meta(gm)["qpasses.dynamic_dims"] = _symbolic_dims(gm)
                 propagate_shapes(gm, inputs)
                 _gm_meta(gm)["qpasses.level"] = "aten"
                 _gm_meta(gm)["qpasses.example_inputs"] = inputs
@@ -228,15 +261,199 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _export(model, inputs, strict: bool, dynamic_batch: bool):
-    if dynamic_batch:
-        dims = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
-                     for t in inputs)
+def _is_constant(v: Any) -> bool:
+    """A non-tensor leaf input (None, bool, number, string): specialised into the graph."""
+    return v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device))
+
+
+def _positional_names(model: torch.nn.Module) -> Optional[list]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+#: callables fx inserts to check a specialised (concrete) argument: ``_assert(x == value)``,
+#: ``_assert_is_none(x)``, and the comparisons that feed them
+_FX_CHECKS = {operator.eq, operator.is_, torch._assert}
+try:
+    from torch.fx._symbolic_trace import _assert_is_none
+    _FX_CHECKS.add(_assert_is_none)
+except ImportError:  # pragma: no cover - older torch
+    pass
+
+
+def _substitute(node: fx.Node, old: fx.Node, value: Any) -> None:
+    """Make ``node`` read the constant ``value`` where it read ``old``."""
+    node.args = fx.node.map_arg(node.args, lambda a: value if a is old else a)
+    node.kwargs = fx.node.map_arg(node.kwargs, lambda a: value if a is old else a)
+
+
+def _drop_fx_constant_inputs(gm: fx.GraphModule, concrete: dict) -> None:
+    """Remove the placeholders fx keeps for ``concrete_args`` (and the ``eq`` / ``_assert``
+    checks on them): the values are constants of the graph, not inputs."""
+    g = gm.graph
+    changed = False
+    for ph in [n for n in g.nodes if n.op == "placeholder"]:
+        # fx names the placeholder after the parameter, with a suffix when the name is taken
+        key = ph.target if ph.target in concrete else next(
+            (k for k in concrete if ph.target.startswith(k + "_") and ph.target[len(k) + 1:].isdigit()), None)
+        if key is None:
+            continue
+        value = concrete[key]
+        if isinstance(value, torch.Tensor) or isinstance(value, fx.proxy.Proxy) or type(value).__name__ == "PHBase":
+            continue
+        for u in list(ph.users):  # the checks: comparisons of the placeholder, the asserts they feed
+            if u.op == "call_function" and u.target in _FX_CHECKS:
+                for a in list(u.users):
+                    if a.op == "call_function" and a.target in _FX_CHECKS and not a.users:
+                        g.erase_node(a)
+                if not u.users:
+                    g.erase_node(u)
+        for u in list(ph.users):
+            _substitute(u, ph, value)
+        g.erase_node(ph)
+        changed = True
+    if changed:
+        g.lint()
+        gm.recompile()
+
+
+def _drop_export_constant_inputs(gm: fx.GraphModule, tensor_inputs: tuple) -> None:
+    """An exported module keeps a placeholder for each non-tensor input it was given (export
+    specialised on its value; ``None`` has none): those become constants, and the module takes
+    the tensor inputs only (its input spec is rewritten to match)."""
+    import torch.utils._pytree as pytree
+    g = gm.graph
+    info = getattr(g._codegen, "pytree_info", None)
+    for ph in [n for n in g.nodes if n.op == "placeholder"]:
+        val = ph.meta.get("val", ph)
+        if val is ph or isinstance(val, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            continue
+        for u in list(ph.users):
+            _substitute(u, ph, val)
+        g.erase_node(ph)
+    kept = [n.name for n in g.nodes if n.op == "placeholder"]
+    in_spec = pytree.tree_flatten((tuple(tensor_inputs), {}))[1]
+    if len(kept) != in_spec.num_leaves:
+        raise TraceError(f"the exported graph has {len(kept)} inputs for {in_spec.num_leaves} tensor inputs")
+    if info is not None:
+        g._codegen.pytree_info = info._replace(orig_args=kept, in_spec=in_spec)
+    if hasattr(gm, "_in_spec"):
+        gm._in_spec = in_spec
+    g.lint()
+    gm.recompile()
+
+
+_aten_ops = torch.ops.aten
+_TO_OPS = tuple(op for op in (getattr(_aten_ops.to, "dtype", None), getattr(_aten_ops.to, "dtype_layout", None),
+                              getattr(_aten_ops.to, "device", None), getattr(_aten_ops, "_to_copy", None) and
+                              _aten_ops._to_copy.default) if op is not None)
+
+
+def _is_noop_to(n: fx.Node) -> bool:
+    """An aten ``to`` conversion whose input already has its dtype, device and layout."""
+    if n.op != "call_function" or n.target not in _TO_OPS or not n.args:
+        return False
+    src = n.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    a, b = src.meta.get("val"), n.meta.get("val")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.dtype != b.dtype or a.device != b.device or a.layout != b.layout:
+        return False
+    if n.kwargs.get("copy", False) or n.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    if n.target == _aten_ops._to_copy.default:
+        return False  # a copy: an alias of the input would be a different program if either is mutated
+    return True
+
+
+def clean_export_graph(gm: fx.GraphModule) -> int:
+    """Remove ``_assert_tensor_metadata`` nodes and ``to`` conversions that change nothing
+    (same dtype, device and layout) from an exported graph; returns how many were removed.
+
+    Such nodes sit between the ops of HF models' export graphs (``x.to(dtype)`` in their code)
+    and make values look used outside the patterns the rules match."""
+    g = gm.graph
+    meta_assert = getattr(_aten_ops, "_assert_tensor_metadata", None)
+    meta_assert = getattr(meta_assert, "default", None)
+    removed = 0
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if meta_assert is not None and n.target is meta_assert and not n.users:
+            g.erase_node(n)
+            removed += 1
+        elif _is_noop_to(n):
+            n.replace_all_uses_with(n.args[0])
+            g.erase_node(n)
+            removed += 1
+    if removed:
+        g.lint()
+        gm.recompile()
+    return removed
+
+
+def _symbolic_dims(gm: fx.GraphModule) -> dict:
+    """``{input name: [dims that are symbolic]}`` of an exported graph's tensor inputs."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out[n.name] = [d for d, s in enumerate(val.shape)
+                           if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
+    return out
+
+
+def _dynamic_spec(model: torch.nn.Module, given: tuple, dynamic: Any, dynamic_batch: bool):
+    """The ``dynamic_shapes`` candidates to export with, most dynamic first (None: static)."""
+    from torch.export import Dim
+
+    def dims_of(entry, t):
+        if entry is None or not isinstance(t, torch.Tensor):
+            return None
+        if isinstance(entry, dict):
+            return entry or None
+        return {int(d) % max(t.dim(), 1): Dim.AUTO for d in entry if t.dim() > 0}
+
+    if dynamic is False or (dynamic is None and not dynamic_batch):
+        return [None]
+    if dynamic is None or dynamic is True:
+        auto = tuple(dims_of([d for d in (0, 1) if d < t.dim()], t) if isinstance(t, torch.Tensor) and t.dim() > 0
+                     else None for t in given)
+        batch = tuple(dims_of([0], t) if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in given)
+        return [auto, batch, None]
+    if isinstance(dynamic, dict):
+        names = _positional_names(model) or []
+        unknown = set(dynamic) - set(names[:len(given)])
+        if unknown:
+            raise TraceError(f"dynamic= names {sorted(unknown)}: not among the example's inputs {names[:len(given)]}")
+        entries = [dynamic.get(nm) for nm in names[:len(given)]]
+    elif isinstance(dynamic, (list, tuple)):
+        if len(dynamic) != len(given):
+            raise TraceError(f"dynamic= gives {len(dynamic)} entries for {len(given)} inputs")
+        entries = list(dynamic)
+    else:
+        raise TraceError(f"dynamic= expects None, a bool, a dict or a tuple, got {type(dynamic).__name__}")
+    return [tuple(dims_of(e, t) for e, t in zip(entries, given))]
+
+
+def _export(model, inputs, strict: bool, specs):
+    last = None
+    for spec in specs:
         try:
-            return torch.export.export(model, inputs, strict=strict, dynamic_shapes=dims)
-        except Exception:  # noqa: BLE001 - e.g. the model specialises on the batch size
-            pass
-    return torch.export.export(model, inputs, strict=strict)
+            if spec is None or all(s is None for s in spec):
+                return torch.export.export(model, inputs, strict=strict)
+            return torch.export.export(model, inputs, strict=strict, dynamic_shapes=spec)
+        except Exception as e:  # noqa: BLE001 - e.g. the model specialises on the batch size
+            last = e
+    raise last
 
 
 def _first_line(e: BaseException) -> str:

@@ -226,6 +226,54 @@ register_op_class(OpClass(
     "dropout", ("input", "p", "training"), modules=(nn.Dropout,), functions=(F.dropout,),
     spellings=_spell((_aten("dropout"), ("input", "p", "train"))),
 ))
+# GPT-2's Conv1D: ``addmm(bias, x, W)`` with ``W`` of shape ``[in, out]``; canonicalize rewrites
+# it (and ``matmul(x, W)`` against a constant 2-D weight) into ``linear`` with the ``[out, in]``
+# weight every weighted-op rule expects (rules/canonicalize.yaml), so it is not itself "weighted"
+register_op_class(OpClass(
+    "addmm", ("bias", "input", "weight", "beta", "alpha"), inputs=("input",), defaults={"beta": 1, "alpha": 1},
+    functions=(torch.addmm,), methods=("addmm",),
+    spellings=_spell((_aten("addmm"), ("bias", "input", "weight", "beta", "alpha"))),
+))
+register_op_class(OpClass(
+    "baddbmm", ("bias", "input", "mat2", "beta", "alpha"), inputs=("input", "mat2"), defaults={"beta": 1, "alpha": 1},
+    functions=(torch.baddbmm,), methods=("baddbmm",),
+    spellings=_spell((_aten("baddbmm"), ("bias", "input", "mat2", "beta", "alpha"))),
+))
+register_op_class(OpClass(
+    "scaled_dot_product_attention", ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+    inputs=("query", "key", "value"), defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None},
+    functions=(F.scaled_dot_product_attention,),
+    spellings=_spell((_aten("scaled_dot_product_attention"),
+                      ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"))),
+))
+register_op_class(OpClass(
+    "rms_norm", ("input", "normalized_shape", "weight", "eps"), defaults={"weight": None, "eps": None},
+    modules=tuple(m for m in (getattr(nn, "RMSNorm", None),) if m is not None),
+    functions=tuple(f for f in (getattr(F, "rms_norm", None),) if f is not None),
+    spellings=_spell((_aten("rms_norm"), ("input", "normalized_shape", "weight", "eps"))),
+))
+register_op_class(OpClass(
+    "group_norm", ("input", "num_groups", "weight", "bias", "eps"), defaults={"weight": None, "bias": None, "eps": 1e-5},
+    modules=(nn.GroupNorm,), functions=(F.group_norm,),
+    spellings=_spell((_aten("group_norm"), ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"))),
+))
+register_op_class(OpClass(
+    "pad", ("input", "pad", "mode", "value"), defaults={"mode": "constant", "value": None},
+    modules=(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad2d, nn.ReflectionPad1d,
+             nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d),
+    functions=(F.pad,),
+    spellings=_spell((_aten("pad"), ("input", "pad", "mode", "value")),
+                     (_aten("constant_pad_nd"), ("input", "pad", "value"))),
+))
+register_op_class(OpClass(
+    "interpolate", ("input", "size", "scale_factor", "mode", "align_corners"),
+    defaults={"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None},
+    modules=(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), functions=(F.interpolate,),
+    spellings=_spell((_aten("upsample_nearest2d", "vec"), ("input", "size", "scale_factor")),
+                     (_aten("upsample_nearest1d", "vec"), ("input", "size", "scale_factor")),
+                     (_aten("upsample_bilinear2d", "vec"), ("input", "size", "align_corners", "scale_factor")),
+                     (_aten("upsample_bicubic2d", "vec"), ("input", "size", "align_corners", "scale_factor"))),
+))
 register_op_class(OpClass("getitem", ("input", "index"), functions=(operator.getitem,)))
 # graph-structural classes (not ops): placeholders, constants, outputs
 register_op_class(OpClass("placeholder", (), inputs=()))
@@ -240,6 +288,8 @@ ALIASES.update({
     "activation": ("relu", "relu6", "hardtanh", "gelu", "silu"),
     "pool": ("max_pool", "avg_pool", "adaptive_avg_pool"),
     "shape_op": ("flatten", "reshape", "permute", "transpose"),
+    "norm": ("batch_norm", "layer_norm", "rms_norm", "group_norm"),
+    "attention": ("scaled_dot_product_attention",),
 })
 
 

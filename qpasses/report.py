@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["Report", "RuleStats", "StageRecord", "StepRecord"]
+__all__ = ["Report", "RuleStats", "StageRecord", "StepRecord", "Coverage", "weighted_coverage"]
 
 MAX_REASONS = 200
 
@@ -88,6 +88,84 @@ class StepRecord:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Coverage:
+    """Which weighted ops (conv / conv_transpose / linear, and matrix products against a constant
+    weight) of a graph are quantized; each one left in float comes with a reason."""
+    quantized: List[str] = field(default_factory=list)
+    quantized_ops: List[str] = field(default_factory=list)             # their op classes
+    missing: List[Tuple[str, str, str]] = field(default_factory=list)   # (node, op class, reason)
+
+    @property
+    def total(self) -> int:
+        return len(self.quantized) + len(self.missing)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def line(self) -> str:
+        text = f"quantized {len(self.quantized)}/{self.total} weighted ops"
+        if self.missing:
+            text += "; in float: " + "; ".join(f"{n} ({c}): {r}" for n, c, r in self.missing[:20])
+        return text
+
+
+def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optional[bool]:
+    """True / False for a weighted op (quantized or not), None for anything else."""
+    from .layers import _kernel_row
+    from .ops import ALIASES, OpView, classify
+    cls = classify(n, mods)
+    if n.op == "call_module" and isinstance(mods.get(n.target), kernel_types):
+        return True
+    if n.op == "call_function" and str(n.target).startswith("qpasses."):
+        return True if _kernel_row(gm, n) is not None else None  # an integer kernel with a packed weight
+    if cls in ALIASES["weighted"]:
+        w = OpView(n, gm, cls, mods).get("weight")
+        wq = mods.get(w.target) if hasattr(w, "op") and w.op == "call_module" else None
+        return wq is not None and quantizer_bits(wq) is not None
+    if cls in ("addmm", "matmul"):
+        v = OpView(n, gm, cls, mods)
+        w = v.get("weight") if cls == "addmm" else v.get(v._names()[1])
+        if hasattr(w, "op") and w.op == "get_attr":
+            return False
+    return None
+
+
+def weighted_coverage(gm: Any, report: Optional["Report"] = None) -> Coverage:
+    """The :class:`Coverage` of (quantized) graph module ``gm``; reasons for the ops left in float
+    come from ``report`` (a rule's refusal or failure on that node), else say no rule took them."""
+    from .compact import decomposed
+    from .layers import quantizer_bits
+    from .methods.binary import PackedBinaryLinear
+    from .methods.dynamic import DynamicQuantLinear
+    from .ops import classify
+    kernel_types = tuple(t for t in (DynamicQuantLinear, PackedBinaryLinear) if t is not None)
+    gm = decomposed(gm)
+    mods = dict(gm.named_modules())
+    reasons: Dict[str, str] = {}
+    if report is not None:
+        for st in report.rules.values():
+            for node, why in list(st.refused) + list(st.failures):
+                reasons.setdefault(node, f"{st.rule}: {why}")
+    cov = Coverage()
+    for n in gm.graph.nodes:
+        q = _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types)
+        if q is None:
+            continue
+        name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
+        cls = classify(n, mods)
+        if q:
+            cov.quantized.append(name)
+            cov.quantized_ops.append(cls)
+            continue
+        why = reasons.get(n.name) or reasons.get(str(n.target))
+        if why is None and cls in ("addmm", "matmul"):
+            why = "a product with a constant [in, out] weight not rewritten to linear (run the canonicalize family first)"
+        cov.missing.append((name, cls, why or f"no rule of this run quantizes {cls} (outside the recipe's scope)"))
+    return cov
+
+
 class Report:
     """The record of one ``PassManager.run``."""
 
@@ -98,6 +176,8 @@ class Report:
         self.verify: List[Dict[str, Any]] = []
         self.layers: List[Dict[str, Any]] = []
         self.warnings: List[str] = []
+        #: :class:`Coverage` of the result, once :meth:`coverage_of` has looked at it
+        self.coverage: Optional[Coverage] = None
         self.seconds: float = 0.0
         #: seconds outside the stages and steps: ``copy`` (the working copy of the input),
         #: ``codegen`` (``recompile()``: Python code for the graph before a step and at the end)
@@ -118,6 +198,12 @@ class Report:
         if not hits:
             raise KeyError(name)
         return hits[-1]
+
+    def coverage_of(self, gm: Any) -> Coverage:
+        """Count the weighted ops of ``gm`` (the run's result) quantized, with a reason for each
+        one left in float; kept as :attr:`coverage` and shown as a line of ``str(report)``."""
+        self.coverage = weighted_coverage(gm, self)
+        return self.coverage
 
     @property
     def rewrites(self) -> int:
@@ -174,6 +260,8 @@ class Report:
         if self.verify:
             parts.append("verify: " + "; ".join(
                 f"{v['after']}: {v['metric']}={v['value']:.4g}" for v in self.verify))
+        if self.coverage is not None:
+            parts.append("coverage: " + self.coverage.line())
         if self.warnings:
             parts += ["warning: " + w for w in self.warnings]
         return "\n".join(parts)

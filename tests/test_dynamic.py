@@ -74,9 +74,11 @@ def test_fx_level_and_refusals(level):
     gm = qpasses.trace(m, (x,), mode=level)
     pm = qpasses.PassManager("dynamic_int8")
     q = pm.run(gm)
-    assert pm.report["dynamic.dynamic_linear"].rewrites == 2
+    # the matmul with a parameter operand is a linear (canonicalize's matmul_weight_as_linear)
+    assert pm.report["canonicalize.matmul_weight_as_linear"].rewrites == 1
+    assert pm.report["dynamic.dynamic_linear"].rewrites == 3
     mm = pm.report["dynamic.dynamic_matmul"]
-    assert mm.rewrites == 2 and mm.n_refused == 1  # the matmul with a parameter operand is refused
+    assert mm.rewrites == 2 and mm.n_refused == 0
     reason = pm.explain("dynamic_matmul", [n for n in gm.graph.nodes if "matmul" in n.name][-1].name, gm)
     assert not reason and "constant" in str(reason)
     with torch.no_grad():

@@ -550,6 +550,20 @@ def _same_qparams(ctx, first, second):
     return ok, "" if ok else f"{first.name} and {second.name} quantize differently"
 
 
+@onnx_constraint("constant_operand")
+def _constant_operand(ctx, node):
+    """A MatMul / Gemm against a constant weight already classifies as ``linear`` here: the
+    ``matmul`` nodes canonicalize sees multiply two activations."""
+    return False, f"{node.name} multiplies two activations"
+
+
+@onnx_action("as_linear")
+def _as_linear(ctx, node):
+    """Nothing to rewrite on ONNX graphs (no ``addmm``; ``MatMul`` / ``Gemm`` with a constant
+    weight is ``linear`` already)."""
+    raise OnnxRefuse(f"{node.name}: ONNX products with a constant weight are linear already")
+
+
 @onnx_action("bypass")
 def _bypass(ctx, node, value):
     """Consumers of ``node`` read ``value`` instead (the node becomes dead and is cleaned up)."""
