@@ -18,6 +18,7 @@ from .manager import PassManager
 from .io import load, save
 from . import actions  # noqa: F401  registers actions and constraints
 from . import steps  # noqa: F401  registers data steps
+from . import layers  # noqa: F401  registers the coverage count of reports
 
 __version__ = "0.1.0"
 

@@ -41,6 +41,7 @@ from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
 from .numerics import FakeQuantize, sqnr
 from .ops import ALIASES, OpView, classify, get_attr_value
+from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
 
@@ -218,3 +219,54 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
             "a_scale": "dynamic" if kernel == "dynamic_int8_linear" else _fmt_scale(a_scale),
             "sqnr_db": float("nan"), "size_kib": nbytes / 1024, "fp32_kib": nbytes * 8 / w_bits * 4 / 1024}
 
+
+# ----------------------------------------------------------------------------- coverage
+
+def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optional[bool]:
+    """True / False for a weighted op (quantized or not), None for anything else."""
+    cls = classify(n, mods)
+    if n.op == "call_module" and isinstance(mods.get(n.target), kernel_types):
+        return True
+    if n.op == "call_function" and str(n.target).startswith("qpasses."):
+        return True if _kernel_row(gm, n) is not None else None  # an integer kernel with a packed weight
+    if cls in ALIASES["weighted"]:
+        w = OpView(n, gm, cls, mods).get("weight")
+        wq = mods.get(w.target) if hasattr(w, "op") and w.op == "call_module" else None
+        return wq is not None and quantizer_bits(wq) is not None
+    if cls in ("addmm", "matmul"):
+        v = OpView(n, gm, cls, mods)
+        w = v.get("weight") if cls == "addmm" else v.get(v._names()[1])
+        if hasattr(w, "op") and w.op == "get_attr":
+            return False
+    return None
+
+
+def weighted_coverage(gm: Any, report: Any = None) -> Coverage:
+    """The :class:`Coverage` of (quantized) graph module ``gm``; reasons for the ops left in float
+    come from ``report`` (a rule's refusal or failure on that node), else say no rule took them."""
+    kernel_types = tuple(t for t in (DynamicQuantLinear, PackedBinaryLinear) if t is not None)
+    mods = dict(gm.named_modules())
+    reasons: Dict[str, str] = {}
+    if report is not None:
+        for st in report.rules.values():
+            for node, why in list(st.refused) + list(st.failures):
+                reasons.setdefault(node, f"{st.rule}: {why}")
+    cov = Coverage()
+    for n in gm.graph.nodes:
+        q = _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types)
+        if q is None:
+            continue
+        name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
+        cls = classify(n, mods)
+        if q:
+            cov.quantized.append(name)
+            cov.quantized_ops.append(cls)
+            continue
+        why = reasons.get(n.name) or reasons.get(str(n.target))
+        if why is None and cls in ("addmm", "matmul"):
+            why = "a product with a constant [in, out] weight not rewritten to linear (run the canonicalize family first)"
+        cov.missing.append((name, cls, why or f"no rule of this run quantizes {cls} (outside the recipe's scope)"))
+    return cov
+
+
+set_coverage_function(weighted_coverage)

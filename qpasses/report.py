@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["Report", "RuleStats", "StageRecord", "StepRecord", "Coverage", "weighted_coverage"]
+__all__ = ["Report", "RuleStats", "StageRecord", "StepRecord", "Coverage", "set_coverage_function"]
 
 MAX_REASONS = 200
 
@@ -111,59 +111,16 @@ class Coverage:
         return text
 
 
-def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optional[bool]:
-    """True / False for a weighted op (quantized or not), None for anything else."""
-    from .layers import _kernel_row
-    from .ops import ALIASES, OpView, classify
-    cls = classify(n, mods)
-    if n.op == "call_module" and isinstance(mods.get(n.target), kernel_types):
-        return True
-    if n.op == "call_function" and str(n.target).startswith("qpasses."):
-        return True if _kernel_row(gm, n) is not None else None  # an integer kernel with a packed weight
-    if cls in ALIASES["weighted"]:
-        w = OpView(n, gm, cls, mods).get("weight")
-        wq = mods.get(w.target) if hasattr(w, "op") and w.op == "call_module" else None
-        return wq is not None and quantizer_bits(wq) is not None
-    if cls in ("addmm", "matmul"):
-        v = OpView(n, gm, cls, mods)
-        w = v.get("weight") if cls == "addmm" else v.get(v._names()[1])
-        if hasattr(w, "op") and w.op == "get_attr":
-            return False
-    return None
+#: the function computing a run's :class:`Coverage` (``fn(gm, report)``): registered by
+#: :mod:`qpasses.layers`, the layer that knows the quantizer and kernel module classes, so the
+#: report (and the manager that fills it) need not
+_COVERAGE_FN: Optional[Any] = None
 
 
-def weighted_coverage(gm: Any, report: Optional["Report"] = None) -> Coverage:
-    """The :class:`Coverage` of (quantized) graph module ``gm``; reasons for the ops left in float
-    come from ``report`` (a rule's refusal or failure on that node), else say no rule took them."""
-    from .compact import decomposed
-    from .layers import quantizer_bits
-    from .methods.binary import PackedBinaryLinear
-    from .methods.dynamic import DynamicQuantLinear
-    from .ops import classify
-    kernel_types = tuple(t for t in (DynamicQuantLinear, PackedBinaryLinear) if t is not None)
-    gm = decomposed(gm)
-    mods = dict(gm.named_modules())
-    reasons: Dict[str, str] = {}
-    if report is not None:
-        for st in report.rules.values():
-            for node, why in list(st.refused) + list(st.failures):
-                reasons.setdefault(node, f"{st.rule}: {why}")
-    cov = Coverage()
-    for n in gm.graph.nodes:
-        q = _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types)
-        if q is None:
-            continue
-        name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
-        cls = classify(n, mods)
-        if q:
-            cov.quantized.append(name)
-            cov.quantized_ops.append(cls)
-            continue
-        why = reasons.get(n.name) or reasons.get(str(n.target))
-        if why is None and cls in ("addmm", "matmul"):
-            why = "a product with a constant [in, out] weight not rewritten to linear (run the canonicalize family first)"
-        cov.missing.append((name, cls, why or f"no rule of this run quantizes {cls} (outside the recipe's scope)"))
-    return cov
+def set_coverage_function(fn) -> None:
+    """Register ``fn(gm, report) -> Coverage`` (done by :mod:`qpasses.layers` on import)."""
+    global _COVERAGE_FN
+    _COVERAGE_FN = fn
 
 
 class Report:
@@ -202,7 +159,7 @@ class Report:
     def coverage_of(self, gm: Any) -> Coverage:
         """Count the weighted ops of ``gm`` (the run's result) quantized, with a reason for each
         one left in float; kept as :attr:`coverage` and shown as a line of ``str(report)``."""
-        self.coverage = weighted_coverage(gm, self)
+        self.coverage = _COVERAGE_FN(gm, self) if _COVERAGE_FN is not None else None
         return self.coverage
 
     @property

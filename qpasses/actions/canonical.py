@@ -17,10 +17,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..lang.registry import action, constraint
-from ..manager import Refuse
+from ..context import Refuse
 from ..matcher import MatchContext
-from ..fxfast import new_node
-from .graphutil import add_param, copy_meta, erase_if_unused
+from .graphutil import add_param, erase_if_unused
 
 
 def _constant(ctx: MatchContext, value: Any) -> Any:
@@ -62,17 +61,14 @@ def as_linear(ctx: MatchContext, op: fx.Node):
     aten_level = isinstance(op.target, torch._ops.OpOverload)
     linear = torch.ops.aten.linear.default if aten_level else F.linear
     wt = add_param(ctx, "linear_weight", w.detach().t().contiguous(), op, requires_grad=w.requires_grad)
-    with ctx.graph.inserting_before(op):
-        new = new_node(ctx.graph, "call_function", linear, (x, wt, bnode))
-    copy_meta(op, new)
+    new = ctx.insert("call_function", linear, (x, wt, bnode), before=op, like=op)
     for k in ("qpasses.module", "qpasses.module_type"):
         if k in op.meta:
             new.meta[k] = op.meta[k]
     new.meta["qpasses.transposed_from"] = f"{cls} {wnode.target}"
-    op.replace_all_uses_with(new)
-    ctx.graph.erase_node(op)
-    ctx.matcher.forget(op)
-    erase_if_unused(ctx.graph, wnode)
+    ctx.replace_uses(op, new)
+    ctx.erase(op)
+    erase_if_unused(ctx, wnode)
 
 
 @constraint("constant_operand")
