@@ -548,7 +548,10 @@ class ParamSpec:
             return f"{self.name} must be an integer, got {value!r}"
         if self.type == "list" and isinstance(value, (tuple, str)):
             value = list(value) if isinstance(value, tuple) else [value]
-        if value is not None and not isinstance(value, t):
+        if value is None:
+            # None only where the parameter's own default is None (an optional setting)
+            return None if self.default is None else f"{self.name} must be of type {self.type}, got None"
+        if not isinstance(value, t):
             return f"{self.name} must be of type {self.type}, got {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"{self.name} must be one of {self.choices}, got {value!r}"

@@ -171,6 +171,10 @@ def run_calibration(ctx, data: Any, desc: str) -> None:
             # other rank receives its grids before binning anything
             pending = bool(hists)
             for inputs in batches:
+                for k, t in enumerate(inputs):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise StepError(f"calibration batch {n_batches} has NaN or inf in input {k}: the data is "
+                                        f"not finite (this is not an overflow inside the model)")
                 if pending and rank != 0:
                     _share_histogram_grid(hists, rank)
                     pending = False
@@ -202,6 +206,33 @@ def run_calibration(ctx, data: Any, desc: str) -> None:
     elif n_batches == 0:
         raise StepError("calibrate got an empty data iterable")
     ctx.info.update(batches=n_batches, samples=n_samples, observers=len(observers))
+    _check_ranges(ctx, gm, observers)
+
+
+def _check_ranges(ctx, gm, observers: List[Observer]) -> None:
+    """Warn about (``strict``: refuse) observers whose value was constant on all the data: their
+    range is empty and the scale falls back to the smallest float32 step, which is rarely what
+    was meant (all-zero or constant calibration data, a dead branch)."""
+    import warnings
+    names: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            names.setdefault(n.target, n.name)
+    flat = []
+    for target, mod in gm.named_modules():
+        if isinstance(mod, Observer) and getattr(mod, "has_data", True) and "min_val" in mod._buffers:
+            lo, hi = mod.min_val, mod.max_val
+            if lo.numel() and bool(torch.equal(lo, hi)):
+                flat.append(names.get(target, target))
+    if not flat:
+        return
+    msg = (f"calibrate: {len(flat)} observed value(s) were constant on all the calibration data (empty range): "
+           f"{', '.join(flat[:8])}{' ...' if len(flat) > 8 else ''}; check the data (all zeros? constant?)")
+    if ctx.strict:
+        raise StepError(msg + " (strict=True)")
+    ctx.report.warnings.append(msg)
+    ctx.info["constant_ranges"] = flat
+    warnings.warn(msg, stacklevel=2)
 
 
 def _share_histogram_grid(hists: List[HistogramObserver], rank: int) -> None:
