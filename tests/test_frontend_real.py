@@ -211,7 +211,6 @@ def test_conv1d_weight_axis_is_out_dim():
     m = _gpt2(layers=1)
     q = qpasses.PassManager("ptq_int8").run(qpasses.trace(m, torch.randint(0, 100, (2, 8))),
                                            data=[torch.randint(0, 100, (2, 8))])
-    q = qpasses.decomposed(q)
     mods = dict(q.named_modules())
     lin = [n for n in q.graph.nodes if classify(n, mods) == "linear" and "qpasses.transposed_from" in n.meta]
     c_fc = next(n for n in lin if "c_fc" in n.meta["qpasses.transposed_from"])
