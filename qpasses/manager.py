@@ -44,8 +44,8 @@ class StepContext:
         self.info = record
         #: whether the step shows progress bars (``PassManager(quiet=True)`` turns them off)
         self.progress = manager.progress
-        #: ``PassManager(strict=True)``: what a step would only warn about is an error
-        self.strict = manager.strict
+        #: ``PassManager(strict_calibration=True)``: a constant (empty-range) activation is an error
+        self.strict_calibration = manager.strict_calibration
 
     def arg(self, name: str, default: Any = None) -> Any:
         """A step argument (from the recipe's ``with:``), else the recipe parameter of that name."""
@@ -64,17 +64,17 @@ class PassManager:
         verify: check numerics on sample inputs after every stage (``exact`` stages must
             keep outputs within ``verify_tol``; others report SQNR and must stay finite).
         progress: show progress bars in data steps (the default); ``quiet=True`` turns them off.
-        strict: make what data steps only warn about an error (e.g. an activation that was
-            constant on all the calibration data, so its quantization range is empty).
+        strict_calibration: make an activation that was constant on all the calibration data
+            (an empty quantization range, otherwise a warning) an error.
         **options: recipe parameters by name (``w_bits=4``, ``observer="percentile"``).
             Unknown names and out-of-range values raise :class:`OptionError` here,
             before anything is rewritten.
     """
 
     def __init__(self, rules: Any, *, verify: bool = False, verify_tol: float = 1e-4, progress: bool = True,
-                 quiet: bool = False, strict: bool = False, **options: Any):
+                 quiet: bool = False, strict_calibration: bool = False, **options: Any):
         self.verify = verify
-        self.strict = bool(strict)
+        self.strict_calibration = bool(strict_calibration)
         self.verify_tol = verify_tol
         self.progress = bool(progress) and not quiet
         plan = Plan(rules, options)

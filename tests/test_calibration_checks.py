@@ -20,8 +20,8 @@ def test_constant_data_warns_naming_the_node_and_strict_refuses():
     with pytest.warns(UserWarning, match="constant on all the calibration data"):
         pm.run(gm, data=[zeros])
     assert any("act_q_0" in w for w in pm.report.warnings), pm.report.warnings
-    with pytest.raises(StepError, match="strict=True"):
-        qpasses.PassManager("ptq_int8", quiet=True, strict=True).run(gm, data=[zeros])
+    with pytest.raises(StepError, match="strict_calibration=True"):
+        qpasses.PassManager("ptq_int8", quiet=True, strict_calibration=True).run(gm, data=[zeros])
     pm = qpasses.PassManager("ptq_int8", quiet=True)           # real data: no warning
     pm.run(gm, data=[x])
     assert not any("constant" in w for w in pm.report.warnings)

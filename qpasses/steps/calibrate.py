@@ -210,7 +210,7 @@ def run_calibration(ctx, data: Any, desc: str) -> None:
 
 
 def _check_ranges(ctx, gm, observers: List[Observer]) -> None:
-    """Warn about (``strict``: refuse) observers whose value was constant on all the data: their
+    """Warn about (``strict_calibration``: refuse) observers whose value was constant on all the data: their
     range is empty and the scale falls back to the smallest float32 step, which is rarely what
     was meant (all-zero or constant calibration data, a dead branch)."""
     import warnings
@@ -228,8 +228,8 @@ def _check_ranges(ctx, gm, observers: List[Observer]) -> None:
         return
     msg = (f"calibrate: {len(flat)} observed value(s) were constant on all the calibration data (empty range): "
            f"{', '.join(flat[:8])}{' ...' if len(flat) > 8 else ''}; check the data (all zeros? constant?)")
-    if ctx.strict:
-        raise StepError(msg + " (strict=True)")
+    if ctx.strict_calibration:
+        raise StepError(msg + " (strict_calibration=True)")
     ctx.report.warnings.append(msg)
     ctx.info["constant_ranges"] = flat
     warnings.warn(msg, stacklevel=2)
