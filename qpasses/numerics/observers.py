@@ -429,18 +429,23 @@ class HistogramObserver(Observer):
         ratio = top / cur
         f = 1 << max(0, round(math.log2(ratio)))
         if cur * f == top:
-            if f >= self.bins:
-                merged = torch.zeros_like(h)
-                merged[0] = h.sum()
-            else:
-                merged = torch.cat([h.reshape(self.bins // f, f).sum(dim=1),
-                                    torch.zeros(self.bins - self.bins // f, dtype=h.dtype, device=h.device)])
+            merged = self._fold_bins(h, f)
         else:
             centres = (torch.arange(self.bins, dtype=torch.float64, device=h.device) + 0.5) * (cur / self.bins)
             idx = torch.clamp((centres / (top / self.bins)).to(torch.int64), 0, self.bins - 1)
             merged = torch.zeros_like(h).index_add_(0, idx, h)
         self.histogram = merged
         self.hist_max = torch.tensor(top, dtype=torch.float32, device=h.device)
+
+    def _fold_bins(self, h: torch.Tensor, f: int) -> torch.Tensor:
+        """The histogram ``h`` on a grid ``f`` (a power of two) times wider: each run of ``f``
+        bins summed into one, the top bins empty (exact)."""
+        if f >= self.bins:
+            merged = torch.zeros_like(h)
+            merged[0] = h.sum()
+            return merged
+        return torch.cat([h.reshape(self.bins // f, f).sum(dim=1),
+                          torch.zeros(self.bins - self.bins // f, dtype=h.dtype, device=h.device)])
 
     def _observe(self, v: torch.Tensor) -> None:
         self._update_minmax(v)
@@ -457,14 +462,7 @@ class HistogramObserver(Observer):
             f = 1 << max(0, math.ceil(math.log2(amax / top)))
             while top * f < amax:  # float rounding guard
                 f *= 2
-            h = self.histogram
-            if f >= self.bins:
-                merged = torch.zeros_like(h)
-                merged[0] = h.sum()
-            else:
-                merged = torch.cat([h.reshape(self.bins // f, f).sum(dim=1),
-                                    torch.zeros(self.bins - self.bins // f, dtype=h.dtype, device=h.device)])
-            self.histogram = merged
+            self.histogram = self._fold_bins(self.histogram, f)
             top = top * f
             self.hist_max = torch.tensor(top, dtype=torch.float32, device=v.device)
         width = top / self.bins

@@ -299,19 +299,13 @@ def _(x, scale, zero_point, quant_min, quant_max):
     return torch.empty_like(x)
 
 
-def _lsq_tensor_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.qrange = (quant_min, quant_max)
-
-
 def _lsq_tensor_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
     gx, gs = _lsq_backward(grad, x, scale.reshape(()), zero_point.reshape(()), None, *ctx.qrange)
     return gx, gs.reshape(scale.shape), None, None, None
 
 
-fake_quant_lsq_per_tensor.register_autograd(_lsq_tensor_backward, setup_context=_lsq_tensor_setup)
+fake_quant_lsq_per_tensor.register_autograd(_lsq_tensor_backward, setup_context=_per_tensor_setup)
 
 
 @torch.library.custom_op("qpasses::fake_quant_lsq_per_channel", mutates_args=())
@@ -329,19 +323,13 @@ def _(x, scale, zero_point, axis, quant_min, quant_max):
     return torch.empty_like(x)
 
 
-def _lsq_channel_setup(ctx, inputs, output):
-    x, scale, zero_point, axis, quant_min, quant_max = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.axis, ctx.qrange = axis, (quant_min, quant_max)
-
-
 def _lsq_channel_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
     gx, gs = _lsq_backward(grad, x, scale.reshape(-1), zero_point.reshape(-1), _axis(ctx.axis, x), *ctx.qrange)
     return gx, gs.reshape(scale.shape), None, None, None, None
 
 
-fake_quant_lsq_per_channel.register_autograd(_lsq_channel_backward, setup_context=_lsq_channel_setup)
+fake_quant_lsq_per_channel.register_autograd(_lsq_channel_backward, setup_context=_per_channel_setup)
 
 
 # ------------------------------------------------------------------------------ dynamic per token
