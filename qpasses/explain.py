@@ -1,19 +1,24 @@
-"""``explain``: why a rule does or does not rewrite a node (pattern step, constraint, guard)."""
+"""The rule driver, shared by fx and ONNX graphs: apply a bound rule to every candidate
+(:func:`apply_rule`), or say why it does or does not rewrite one node (:func:`explain_rule`).
+
+Both read the graph through an IR adapter (:class:`qpasses.matcher.FxIR`,
+:class:`qpasses.onnx.rewrite.OnnxIR`), so ``when``, ``where`` / ``unless``, the soundness
+guards, refusals (:class:`qpasses.context.Refuse`) and the report mean the same on both IRs.
+"""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
 import torch.fx as fx
 
-from .context import PROVENANCE_KEY, RewriteContext
-from .errors import MatchError, QPassesError
-from .guards import check_guards
+from .context import Refuse, RewriteContext
+from .errors import MatchError, QPassesError, RewriteError
 from .lang.registry import ACTIONS, CONSTRAINTS, constraint_result
 from .lang.rules import Rule
-from .matcher import Match, MatchContext, MatchFailure, Matcher
+from .matcher import FxIR, Match, MatchFailure, Matcher
 from .plan import truthy
 
-__all__ = ["Explanation", "explain", "first_match", "failing_constraint"]
+__all__ = ["Explanation", "explain", "explain_rule", "apply_rule", "first_match", "failing_constraint"]
 
 
 class Explanation:
@@ -33,7 +38,7 @@ class Explanation:
     __repr__ = __str__
 
 
-def first_match(matcher: Matcher, rule: Rule, node: fx.Node) -> Tuple[Optional[Match], Optional[MatchFailure]]:
+def first_match(matcher: Matcher, rule: Rule, node: Any) -> Tuple[Optional[Match], Optional[MatchFailure]]:
     """The first of the rule's alternative patterns that matches at ``node``, else the first failure."""
     first = None
     for i, pat in enumerate(rule.match):
@@ -44,11 +49,13 @@ def first_match(matcher: Matcher, rule: Rule, node: fx.Node) -> Tuple[Optional[M
     return None, first
 
 
-def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
-    reg = CONSTRAINTS[call.name]
+def _eval_constraint(ir: Any, ctx: Any, call) -> Tuple[bool, str]:
+    fn = ir.implementation(CONSTRAINTS[call.name])
+    if fn is None:
+        raise Refuse(f"constraint {call.name!r} has no {ir.kind} implementation")
     try:
-        res = ctx.call(reg.fn, call)
-    except QPassesError:
+        res = ctx.call(fn, call)
+    except (QPassesError, Refuse):
         raise
     except Exception as e:  # noqa: BLE001 - a constraint that crashes is a rule error, with its location
         raise MatchError(f"constraint {call} of rule {ctx.rule.name!r} failed: {type(e).__name__}: {e}"
@@ -56,34 +63,90 @@ def _eval_constraint(ctx: MatchContext, call) -> Tuple[bool, str]:
     return constraint_result(res)
 
 
-def failing_constraint(ctx: MatchContext, rule: Rule) -> Optional[str]:
+def failing_constraint(ctx: Any, rule: Rule, ir: Any = None) -> Optional[str]:
     """The reason of the rule's first failing ``where`` / ``unless`` constraint, else None."""
-    return rule.failing_constraint(lambda c: _eval_constraint(ctx, c))
+    ir = ir if ir is not None else FxIR(ctx.rewrite)
+    return rule.failing_constraint(lambda c: _eval_constraint(ir, ctx, c))
+
+
+def apply_rule(ir: Any, matcher: Matcher, rule: Rule, stats: Any) -> int:
+    """Apply bound ``rule`` at every candidate anchor of ``ir``'s graph; count in ``stats``
+    (a :class:`qpasses.report.RuleStats`) and return the number of rewrites."""
+    if not truthy(rule.when):
+        stats.disabled = True
+        return 0
+    reg = ACTIONS[rule.rewrite.name]
+    fn = ir.implementation(reg)
+    keeps = tuple(rule.keeps) + tuple(reg.keeps)
+    rewrites = 0
+    with ir.tagging(rule.name):  # nodes created while the rule runs carry its name
+        for node in ir.candidates(rule.anchor_classes()):
+            if ir.skip(node, rule):
+                continue
+            stats.candidate(node.name)
+            m, failure = first_match(matcher, rule, node)
+            if m is None:
+                stats.fail(node.name, str(failure))
+                continue
+            stats.match(node.name)
+            if fn is None:
+                stats.refuse(node.name, f"action {rule.rewrite.name!r} has no {ir.kind} implementation")
+                continue
+            ctx = ir.context(m, rule)
+            try:
+                why = failing_constraint(ctx, rule, ir) or ir.guard(ctx, reg, keeps)
+                if why is not None:
+                    stats.refuse(node.name, why)
+                    continue
+                ctx.call(fn, rule.rewrite)
+            except Refuse as r:
+                stats.refuse(node.name, r.reason)
+                continue
+            except QPassesError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                where = f" ({rule.loc})" if rule.loc and rule.loc.file else ""
+                raise RewriteError(f"rule {rule.name!r}{where} failed on node {node.name}: "
+                                   f"{type(e).__name__}: {e}") from e
+            ir.rewritten(m, keeps)
+            rewrites += 1
+            stats.rewrites += 1
+            stats.rewritten.append(node.name)
+    return rewrites
+
+
+def explain_rule(ir: Any, rule: Rule, node: Any) -> Explanation:
+    """Why bound rule ``rule`` does (not) rewrite ``node`` of ``ir``'s graph."""
+    if not truthy(rule.when):
+        return Explanation(rule.name, node.name, False, "when", "the rule is disabled by its 'when' parameter")
+    anchors = rule.anchor_classes()
+    cls = ir.classify(node)
+    if anchors is not None and cls not in anchors:
+        return Explanation(rule.name, node.name, False, str(rule.match[0]),
+                           f"{node.name} is {cls or node.op}, not a candidate anchor ({'|'.join(anchors)})")
+    if ir.skip(node, rule):
+        return Explanation(rule.name, node.name, False, "provenance", "the node was created by this rule")
+    m, failure = first_match(Matcher(ir), rule, node)
+    if m is None:
+        return Explanation(rule.name, node.name, False, f"pattern step {failure.step}",
+                           f"on node {failure.node}: {failure.reason}")
+    ctx = ir.context(m, rule)
+    try:
+        why = failing_constraint(ctx, rule, ir)
+    except Refuse as r:
+        why = r.reason
+    if why:
+        return Explanation(rule.name, node.name, False, "constraint", why)
+    reg = ACTIONS[rule.rewrite.name]
+    if ir.implementation(reg) is None:
+        return Explanation(rule.name, node.name, False, "action",
+                           f"action {rule.rewrite.name!r} has no {ir.kind} implementation")
+    why = ir.guard(ctx, reg, tuple(rule.keeps) + tuple(reg.keeps))
+    if why:
+        return Explanation(rule.name, node.name, False, "soundness guard", why)
+    return Explanation(rule.name, node.name, True, "", "")
 
 
 def explain(rule: Rule, node: fx.Node, gm: fx.GraphModule, params: Dict[str, Any]) -> Explanation:
     """Why bound rule ``rule`` does (not) rewrite ``node`` of ``gm``."""
-    rc = RewriteContext(gm)
-    matcher = Matcher(gm, rc)
-    if not truthy(rule.when):
-        return Explanation(rule.name, node.name, False, "when", "the rule is disabled by its 'when' parameter")
-    anchors = rule.anchor_classes()
-    cls = matcher.classify(node)
-    if anchors is not None and cls not in anchors:
-        return Explanation(rule.name, node.name, False, str(rule.match[0]),
-                           f"{node.name} is {cls or node.op}, not a candidate anchor ({'|'.join(anchors)})")
-    if node.meta.get(PROVENANCE_KEY) == rule.name:
-        return Explanation(rule.name, node.name, False, "provenance", "the node was created by this rule")
-    m, failure = first_match(matcher, rule, node)
-    if m is None:
-        return Explanation(rule.name, node.name, False, f"pattern step {failure.step}",
-                           f"on node {failure.node}: {failure.reason}")
-    ctx = MatchContext(rc, m, rule, params)
-    why = failing_constraint(ctx, rule)
-    if why:
-        return Explanation(rule.name, node.name, False, "constraint", why)
-    action = ACTIONS[rule.rewrite.name]
-    why = check_guards(ctx, action.replaces, tuple(rule.keeps) + action.keeps)
-    if why:
-        return Explanation(rule.name, node.name, False, "soundness guard", why)
-    return Explanation(rule.name, node.name, True, "", "")
+    return explain_rule(FxIR(RewriteContext(gm), params), rule, node)

@@ -13,12 +13,14 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch.fx as fx
 
-from .matcher import MatchContext
 from .ops import is_inplace
+
+if TYPE_CHECKING:  # the matcher calls the guards
+    from .matcher import MatchContext
 
 __all__ = ["check_guards", "is_training_stateful"]
 

@@ -16,13 +16,12 @@ import torch.fx as fx
 
 from .context import PROVENANCE_KEY, Refuse, RewriteContext, copy_graph_module, delete_unused_submodules
 from .errors import Location, MatchError, OptionError, QPassesError, RewriteError, StepError, UnknownNameError, nearest
-from .explain import Explanation, explain, failing_constraint, first_match
-from .guards import check_guards
-from .lang.registry import ACTIONS, DATA_STEPS
+from .explain import Explanation, apply_rule, explain
+from .lang.registry import DATA_STEPS
 from .lang.rules import Rule, Step
-from .matcher import MatchContext, Matcher
+from .matcher import FxIR, Matcher
 from .ops import node_paths
-from .plan import Plan, Unit, truthy
+from .plan import Plan, Unit
 from .report import Report, StageRecord, StepRecord
 from .verify import Verifier
 
@@ -186,7 +185,7 @@ class PassManager:
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
         with RewriteContext(gm, state) as rc:
-            matcher = Matcher(gm, rc)
+            matcher = Matcher(FxIR(rc, self.params))
             for it in range(1, limit + 1):
                 changed = 0
                 for rule in unit.rules:
@@ -202,47 +201,7 @@ class PassManager:
 
     def _apply_rule(self, rc: RewriteContext, matcher: Matcher, rule: Rule, family: Optional[str],
                     stage: str) -> int:
-        stats = self.report.rule(rule.name, family, stage)
-        if not truthy(rule.when):
-            stats.disabled = True
-            return 0
-        action = ACTIONS[rule.rewrite.name]
-        keeps = tuple(rule.keeps) + action.keeps
-        rewrites = 0
-        with rc.tagging(rule.name):  # nodes created while the rule runs carry its name
-            for node in matcher.index(rule.anchor_classes()):
-                if node.graph is not rc.graph or getattr(node, "_erased", False):
-                    continue  # erased by an earlier rewrite of this rule
-                if node.meta.get(PROVENANCE_KEY) == rule.name:
-                    continue  # created by this rule: never re-matched by it
-                stats.candidate(node.name)
-                m, failure = first_match(matcher, rule, node)
-                if m is None:
-                    stats.fail(node.name, str(failure))
-                    continue
-                stats.match(node.name)
-                ctx = MatchContext(rc, m, rule, self.params)
-                why = failing_constraint(ctx, rule)
-                if why is None:
-                    why = check_guards(ctx, action.replaces, keeps)
-                if why is not None:
-                    stats.refuse(node.name, why)
-                    continue
-                try:
-                    ctx.call(action.fn, rule.rewrite)
-                except Refuse as r:
-                    stats.refuse(node.name, r.reason)
-                    continue
-                except QPassesError:
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    where = f" ({rule.loc})" if rule.loc and rule.loc.file else ""
-                    raise RewriteError(f"rule {rule.name!r}{where} failed on node {node.name}: "
-                                       f"{type(e).__name__}: {e}") from e
-                rewrites += 1
-                stats.rewrites += 1
-                stats.rewritten.append(node.name)
-        return rewrites
+        return apply_rule(matcher.ir, matcher, rule, self.report.rule(rule.name, family, stage))
 
     def _run_step(self, gm: fx.GraphModule, step: Step, data: Any) -> fx.GraphModule:
         reg = DATA_STEPS[step.name]

@@ -14,10 +14,11 @@ import torch
 import torch.fx as fx
 
 from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
-from .context import RewriteContext
+from .context import PROVENANCE_KEY, RewriteContext
+from .guards import check_guards
 from .ops import OP_CLASSES, OpView
 
-__all__ = ["Match", "MatchFailure", "Matcher", "MatchContext"]
+__all__ = ["Match", "MatchFailure", "Matcher", "MatchContext", "FxIR"]
 
 
 @dataclass
@@ -102,34 +103,131 @@ def source_module_names(node: fx.Node) -> Optional[set]:
     return None
 
 
-class Matcher:
-    """Pattern matching over one GraphModule, reading it through a :class:`RewriteContext`
-    (its op-class memo and module lookups; made here when none is given)."""
+class FxIR:
+    """The fx side of the matcher's IR adapter: an fx graph read through a
+    :class:`RewriteContext` (its op-class memo and module lookups).
 
-    def __init__(self, gm: fx.GraphModule, rewrite: Optional[RewriteContext] = None):
-        self.gm = gm
-        self.rewrite = rewrite if rewrite is not None else RewriteContext(gm)
-        self._steps: Dict[int, Tuple[Pattern, str]] = {}
+    An IR adapter tells the one :class:`Matcher` and the one rule driver
+    (:mod:`qpasses.driver`) what they need of a graph: op classes, normalised arguments
+    (:meth:`view`), the node producing a value, constants, module types, and (for the
+    driver) candidates, match contexts, implementations and guards.  The ONNX twin is
+    :class:`qpasses.onnx.rewrite.OnnxIR`."""
 
-    @property
-    def modules(self):
-        return self.rewrite.modules
+    kind = "fx"
 
+    def __init__(self, rewrite: RewriteContext, params: Optional[Dict[str, Any]] = None):
+        self.rewrite = rewrite
+        self.params = params if params is not None else {}
+
+    # ------------------------------------------------------------------ matching
     def classify(self, node: fx.Node) -> Optional[str]:
         return self.rewrite.classify(node)
 
     def view(self, node: fx.Node) -> OpView:
         return self.rewrite.view(node)
 
-    def index(self, classes: Optional[Sequence[str]]) -> List[fx.Node]:
-        """Candidate anchors, in graph order: one linear pass."""
+    def is_ref(self, value: Any) -> bool:
+        """Values compared by identity when bound twice (nodes)."""
+        return isinstance(value, fx.Node)
+
+    def producer(self, value: Any) -> Optional[fx.Node]:
+        """The node a pattern element may match for input ``value`` (None: a constant)."""
+        return value if isinstance(value, fx.Node) else None
+
+    def bind_input(self, value: Any) -> Any:
+        """What ``$x`` binds for input ``value`` (``_MISSING``: not bindable)."""
+        return value if isinstance(value, fx.Node) else _MISSING
+
+    def constant(self, value: Any) -> Any:
+        """The constant an input holds (``_MISSING`` when it is computed)."""
+        return _MISSING if isinstance(value, fx.Node) else value
+
+    def show(self, value: Any) -> str:
+        return value.name if isinstance(value, fx.Node) else repr(value)
+
+    def show_input(self, value: Any) -> str:
+        """An input that is not a node, as failures name it."""
+        return f"constant {value!r}"
+
+    def describe(self, node: fx.Node, cls: Optional[str]) -> str:
+        return _describe(node, cls)
+
+    def module_names(self, node: fx.Node, view: OpView):
+        """(names of the module class ``node`` calls or was traced in, shown name), or a
+        failure reason."""
+        if view.module is not None:
+            return module_type_names(view.module), type(view.module).__name__
+        names = source_module_names(node)
+        if names is None:
+            return (f"requires a module call (or, in an exported graph, a recorded source module); "
+                    f"{node.name} is {node.op}")
+        return names, min(names, key=len)
+
+    def also_matched(self, node: fx.Node, cls: Optional[str]) -> Sequence[fx.Node]:
+        return ()
+
+    # ------------------------------------------------------------------ driving
+    def candidates(self, classes: Optional[Sequence[str]]) -> List[fx.Node]:
         return self.rewrite.index(classes)
 
+    def skip(self, node: fx.Node, rule: Any) -> bool:
+        """True for a node erased by an earlier rewrite, or created by this rule."""
+        if node.graph is not self.rewrite.graph or getattr(node, "_erased", False):
+            return True
+        return node.meta.get(PROVENANCE_KEY) == rule.name
+
+    def context(self, match: Optional[Match], rule: Any) -> "MatchContext":
+        return MatchContext(self.rewrite, match, rule, self.params)
+
+    def implementation(self, reg: Any):
+        return reg.fn
+
+    def guard(self, ctx: "MatchContext", reg: Any, keeps: Sequence[str]) -> Optional[str]:
+        return check_guards(ctx, reg.replaces, keeps)
+
+    def rewritten(self, match: Match, keeps: Sequence[str]) -> None:
+        pass  # erased nodes are recognised by fx itself
+
+    def tagging(self, rule_name: str):
+        return self.rewrite.tagging(rule_name)
+
+
+class Matcher:
+    """Backward pattern matching over one graph, read through an IR adapter
+    (:class:`FxIR` for fx graphs, :class:`qpasses.onnx.rewrite.OnnxIR` for ONNX graphs).
+
+    ``Matcher(gm)`` / ``Matcher(gm, rewrite_context)`` match on an fx GraphModule."""
+
+    def __init__(self, graph: Any, rewrite: Optional[RewriteContext] = None):
+        if isinstance(graph, fx.GraphModule):
+            self.gm = graph
+            self.rewrite = rewrite if rewrite is not None else RewriteContext(graph)
+            self.ir = FxIR(self.rewrite)
+        else:
+            self.ir = graph
+            self.rewrite = getattr(graph, "rewrite", None)
+            self.gm = self.rewrite.gm if self.rewrite is not None else None
+        self._steps: Dict[int, Tuple[Pattern, str]] = {}
+
+    @property
+    def modules(self):
+        return self.rewrite.modules
+
+    def classify(self, node: Any) -> Optional[str]:
+        return self.ir.classify(node)
+
+    def view(self, node: Any):
+        return self.ir.view(node)
+
+    def index(self, classes: Optional[Sequence[str]]) -> List[Any]:
+        """Candidate anchors, in graph order: one linear pass."""
+        return self.ir.candidates(classes)
+
     # ------------------------------------------------------------------ matching
-    def match(self, pattern: NodePat, node: fx.Node, alternative: int = 0):
+    def match(self, pattern: NodePat, node: Any, alternative: int = 0):
         """Match ``pattern`` rooted at ``node``: a :class:`Match` or a :class:`MatchFailure`."""
         bindings: Dict[str, Any] = {}
-        nodes: List[fx.Node] = []
+        nodes: List[Any] = []
         fail = self._node(pattern, node, bindings, nodes)
         if fail is not None:
             return fail
@@ -138,32 +236,36 @@ class Matcher:
     def _bind(self, name: str, value: Any, b: Dict[str, Any], step: str, where: str) -> Optional[MatchFailure]:
         if name in b:
             old = b[name]
-            same = old is value if isinstance(old, fx.Node) or isinstance(value, fx.Node) else _eq(old, value)
+            ir = self.ir
+            same = old is value if ir.is_ref(old) or ir.is_ref(value) else _eq(old, value)
             if not same:
                 return MatchFailure(step, where, f"{name} is already bound to {getattr(old, 'name', old)!r}")
             return None
         b[name] = value
         return None
 
-    def _child(self, pat: Pattern, value: Any, b: Dict[str, Any], nodes: List[fx.Node],
+    def _child(self, pat: Pattern, value: Any, b: Dict[str, Any], nodes: List[Any],
                parent: str) -> Optional[MatchFailure]:
         if isinstance(pat, AnyPat):
             return None
+        ir = self.ir
         if isinstance(pat, ValuePat):
             return self._bind(pat.name, value, b, str(pat), parent)
         if isinstance(pat, BindPat):
-            if not isinstance(value, fx.Node):
-                return MatchFailure(str(pat), parent, f"expected a node input but found constant {value!r}")
-            return self._bind(pat.name, value, b, str(pat), parent)
+            v = ir.bind_input(value)
+            if v is _MISSING:
+                return MatchFailure(str(pat), parent, f"expected a node input but found {ir.show_input(value)}")
+            return self._bind(pat.name, v, b, str(pat), parent)
         if isinstance(pat, LiteralPat):
-            if isinstance(value, fx.Node) or not _eq(value, pat.value):
-                shown = value.name if isinstance(value, fx.Node) else repr(value)
-                return MatchFailure(str(pat), parent, f"expected {pat.value!r} but found {shown}")
+            v = ir.constant(value)
+            if v is _MISSING or not _eq(v, pat.value):
+                return MatchFailure(str(pat), parent, f"expected {pat.value!r} but found {ir.show(value)}")
             return None
         if isinstance(pat, NodePat):
-            if not isinstance(value, fx.Node):
-                return MatchFailure(str(pat), parent, f"expected a node but found constant {value!r}")
-            return self._node(pat, value, b, nodes)
+            p = ir.producer(value)
+            if p is None:
+                return MatchFailure(str(pat), parent, f"expected a node but found {ir.show_input(value)}")
+            return self._node(pat, p, b, nodes)
         return MatchFailure(str(pat), parent, "unsupported pattern element")
 
     def _step(self, pat: Pattern) -> str:
@@ -173,28 +275,24 @@ class Matcher:
             hit = self._steps[id(pat)] = (pat, str(pat))  # holds pat: its id stays unique
         return hit[1]
 
-    def _node(self, pat: NodePat, node: fx.Node, b: Dict[str, Any], nodes: List[fx.Node]) -> Optional[MatchFailure]:
+    def _node(self, pat: NodePat, node: Any, b: Dict[str, Any], nodes: List[Any]) -> Optional[MatchFailure]:
         step = self._step(pat)
-        cls = self.classify(node)
+        ir = self.ir
+        cls = ir.classify(node)
         if pat.classes is not None and cls not in pat.classes:
             want = "|".join(pat.spelled)
-            return MatchFailure(step, node.name, f"{_describe(node, cls)} is not {want}")
+            return MatchFailure(step, node.name, f"{ir.describe(node, cls)} is not {want}")
         if pat.binding:
             f = self._bind(pat.binding, node, b, step, node.name)
             if f:
                 return f
-        view = self.view(node)
+        view = ir.view(node)
         for key, want in pat.attrs.items():
             if key == "module":
-                if view.module is not None:
-                    names, shown = module_type_names(view.module), type(view.module).__name__
-                else:
-                    names = source_module_names(node)
-                    if names is None:
-                        return MatchFailure(step, node.name, f":module {want} requires a module call (or, in an "
-                                                             f"exported graph, a recorded source module); "
-                                                             f"{node.name} is {node.op}")
-                    shown = min(names, key=len)
+                found = ir.module_names(node, view)
+                if isinstance(found, str):
+                    return MatchFailure(step, node.name, f":module {want} {found}")
+                names, shown = found
                 options = want if isinstance(want, list) else [want]
                 if not any(str(o) in names for o in options):
                     return MatchFailure(step, node.name, f"module type is {shown}, not {want}")
@@ -213,9 +311,9 @@ class Matcher:
                     return f
                 continue
             if not _eq(actual, want):
-                shown = actual.name if isinstance(actual, fx.Node) else repr(actual)
-                return MatchFailure(step, node.name, f":{key} is {shown}, not {want!r}")
+                return MatchFailure(step, node.name, f":{key} is {ir.show(actual)}, not {want!r}")
         nodes.append(node)
+        nodes.extend(ir.also_matched(node, cls))
         children = pat.children
         if not children:
             return None
@@ -239,7 +337,7 @@ class Matcher:
         first: Optional[MatchFailure] = None
         for order in orders:
             b2 = dict(b)
-            n2: List[fx.Node] = list(nodes)
+            n2: List[Any] = list(nodes)
             fail = None
             for ci, ii in enumerate(order):
                 fail = self._child(children[ci], inputs[ii], b2, n2, node.name)

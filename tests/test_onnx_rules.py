@@ -186,3 +186,69 @@ def test_quantize_onnx_reads_constant_nodes_of_other_exporters():
     ref = run_onnx(m, x)[0]
     got = run_onnx(qm, x)[0]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+# ----------------------------------------------------------------------------- one matcher, one driver
+
+_FOLD_WHEN = """version: 1
+family: fold_when
+params:
+  fold: {default: "off", doc: fold BatchNorm (on / off)}
+stages:
+  - {name: s, mode: once}
+rules:
+  - name: fold_bn_when
+    stage: s
+    when: ${fold}
+    match: (batch_norm $bn (weighted $conv ?x))
+    where:
+      - eval_mode($bn)
+    rewrite: fold_bn($conv, $bn)
+"""
+
+
+def test_when_disables_a_rule_on_both_irs(tmp_path):
+    """``when: ${param}`` means the same on fx and ONNX graphs (it once disabled the fx rule only)."""
+    from qpasses.lang import load_file
+    p = tmp_path / "fold_when.yaml"
+    p.write_text(_FOLD_WHEN)
+    fam = load_file(str(p))
+    torch.manual_seed(0)
+    m = randomize_bn(zoo.ResNetLike()).eval()
+    x = zoo.example_input("resnet", 2)
+    n_bn = _ops(_float_onnx(m, x)).count("BatchNormalization")
+    # a boolean and a spelled-out "off" (which the ONNX driver once took for true) alike
+    for fold, expect in ((False, 0), ("off", 0), ("on", n_bn), (True, n_bn)):
+        g = gs.import_onnx(_float_onnx(m, x))
+        rep = run_rules(g, fam, fold=fold)
+        pm = qpasses.PassManager(fam, fold=fold, progress=False)
+        pm.run(qpasses.trace(m, x))
+        for r in (rep, pm.report):
+            assert r["fold_bn_when"].rewrites == expect
+            assert r["fold_bn_when"].disabled == (expect == 0)
+
+
+def test_onnx_matching_is_the_fx_matcher_with_failure_objects():
+    """The ONNX graph goes through qpasses.matcher.Matcher (an IR adapter), and a failed match is
+    the same MatchFailure object as on fx graphs, naming the pattern step and the node."""
+    from qpasses.matcher import MatchFailure, Matcher
+    from qpasses.onnx.rewrite import OnnxIR
+    from qpasses.lang.registry import ACTIONS, CONSTRAINTS
+    g = gs.import_onnx(_float_onnx(randomize_bn(zoo.ResNetLike()).eval(), zoo.example_input("resnet", 2)))
+    rule = next(r for r in find_named("canonicalize").rules if r.name == "fold_bn")
+    mt = Matcher(OnnxIR(g))
+    relu = next(n for n in g.nodes if n.op == "Relu")
+    bn = next(n for n in g.nodes if n.op == "BatchNormalization")
+    fail = mt.match(rule.match[0], relu)
+    assert isinstance(fail, MatchFailure) and fail.node == relu.name and "is not batch_norm" in fail.reason
+    ok = mt.match(rule.match[0], bn)
+    assert not isinstance(ok, MatchFailure) and ok["bn"] is bn and ok["conv"].op == "Conv"
+    # one registry: the ONNX implementation hangs off the action's own entry
+    assert ACTIONS["fold_bn"].onnx is not None and CONSTRAINTS["eval_mode"].onnx is not None
+    assert ACTIONS["fold_bn"].fn is not ACTIONS["fold_bn"].onnx
+
+
+def test_onnx_action_must_name_a_registered_action():
+    from qpasses.onnx.rewrite import onnx_action
+    with pytest.raises(ValueError, match="unknown action 'no_such_action'"):
+        onnx_action("no_such_action")(lambda ctx: None)

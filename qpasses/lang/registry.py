@@ -155,6 +155,9 @@ class Registered:
     #: True when the argument list is known (a signature was read or a data step declared
     #: its arguments); calls of undeclared data steps are not checked
     declared: bool = True
+    #: the implementation on ONNX graphs (onnx-graphsurgeon), when there is one; see
+    #: :func:`qpasses.onnx.rewrite.onnx_action`
+    onnx: Optional[Callable] = None
 
 
 CONSTRAINTS: Dict[str, Registered] = {}

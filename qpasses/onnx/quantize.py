@@ -300,11 +300,11 @@ def quantize_onnx(model: Any, data: Iterable, recipe: str = "ptq_int8", path: Op
         The quantized, checked ``onnx.ModelProto``.
     """
     from ..manager import PassManager
-    from .rewrite import ONNX_ACTIONS
+    from ..lang.registry import ACTIONS
     pm = PassManager(recipe, **options)  # same files, same option validation as on PyTorch graphs
     report = report if report is not None else Report()
     missing = sorted({r.rewrite.name for u in pm.units if u.kind == "stage" for r in u.rules
-                      if r.rewrite.name not in ONNX_ACTIONS and r.when not in (False, "false")})
+                      if ACTIONS[r.rewrite.name].onnx is None and r.when not in (False, "false")})
     steps = [u.step.name for u in pm.units if u.kind == "step" and u.step.name not in ONNX_DATA_STEPS]
     if missing or steps:
         what = ", ".join([f"action {a!r}" for a in missing] + [f"data step {s!r}" for s in steps])

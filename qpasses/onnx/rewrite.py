@@ -16,46 +16,49 @@ back-to-back Q/DQ pairs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 
+from ..context import Refuse
 from ..errors import Location, OptionError, QPassesError, UnknownNameError, nearest
-from ..lang.registry import constraint_result
+from ..explain import apply_rule, explain_rule
+from ..lang.registry import ACTIONS, CONSTRAINTS
 from ..lang.rules import Rule, RuleFamily, find_named, load_file
-from ..lang.syntax import AnyPat, BindPat, BindingRef, Call, LiteralPat, NodePat, ValuePat
-from ..matcher import _eq
-from ..ops import OP_CLASSES
+from ..lang.syntax import Call, BindingRef
+from ..matcher import Match, Matcher
 from ..report import Report
 
-__all__ = ["onnx_opclass", "OnnxView", "OnnxMatcher", "run_rules", "onnx_action", "onnx_constraint",
-           "ONNX_ACTIONS", "ONNX_CONSTRAINTS", "OnnxRefuse", "explain"]
+__all__ = ["onnx_opclass", "OnnxView", "OnnxIR", "OnnxContext", "run_rules", "onnx_action", "onnx_constraint",
+           "OnnxRefuse", "explain"]
 
-ONNX_ACTIONS: Dict[str, Callable] = {}
-ONNX_CONSTRAINTS: Dict[str, Callable] = {}
+#: what ONNX actions / constraints raise to decline a match: the one refusal of both IRs
+OnnxRefuse = Refuse
 
 
-class OnnxRefuse(Exception):
-    """Raised by an ONNX action / constraint to decline a match with a reason."""
+def _implement(table, kind: str, name: str):
+    def deco(fn):
+        reg = table.get(name)
+        if reg is None:
+            raise ValueError(f"ONNX implementation of unknown {kind} {name!r}: register it for fx graphs first")
+        reg.onnx = fn
+        return fn
+    return deco
 
 
 def onnx_action(name: str):
-    """Register ``fn(ctx, *args, **kw)`` as the ONNX implementation of rule action ``name``."""
-    def deco(fn):
-        ONNX_ACTIONS[name] = fn
-        return fn
-    return deco
+    """Register ``fn(ctx, *args, **kw)`` as the ONNX implementation of rule action ``name`` (the
+    same registry entry as its fx implementation: one name, one argument list, two IRs)."""
+    return _implement(ACTIONS, "action", name)
 
 
 def onnx_constraint(name: str):
-    """Register ``fn(ctx, *args, **kw) -> bool | (bool, reason)`` as the ONNX implementation of ``name``."""
-    def deco(fn):
-        ONNX_CONSTRAINTS[name] = fn
-        return fn
-    return deco
+    """Register ``fn(ctx, *args, **kw) -> bool | (bool, reason)`` as the ONNX implementation of
+    constraint ``name``."""
+    return _implement(CONSTRAINTS, "constraint", name)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -184,126 +187,26 @@ class OnnxView:
         return None if v is None else torch.from_numpy(np.array(v))
 
 
-# ----------------------------------------------------------------------------- matching
-
-@dataclass
-class OnnxMatch:
-    root: gs.Node
-    bindings: Dict[str, Any]
-    nodes: List[gs.Node] = field(default_factory=list)
-
+# ----------------------------------------------------------------------------- the IR adapter
 
 def _name(x: Any) -> str:
     return getattr(x, "name", None) or repr(x)
 
 
-class OnnxMatcher:
-    """Backward pattern matching over a graphsurgeon graph (same semantics as the fx matcher)."""
-
-    def __init__(self, graph: gs.Graph):
-        self.graph = graph
-
-    def classify(self, node: gs.Node) -> Optional[str]:
-        return onnx_opclass(node)
-
-    def match(self, pat: NodePat, node: gs.Node):
-        b: Dict[str, Any] = {}
-        nodes: List[gs.Node] = []
-        fail = self._node(pat, node, b, nodes)
-        return fail if fail is not None else OnnxMatch(node, b, nodes)
-
-    def _bind(self, name, value, b, step):
-        if name in b:
-            old = b[name]
-            if not (old is value or (not isinstance(old, (gs.Node, gs.Tensor)) and _eq(old, value))):
-                return f"{step}: {name} is already bound to {_name(old)}"
-            return None
-        b[name] = value
-        return None
-
-    def _child(self, pat, value, b, nodes, parent):
-        if isinstance(pat, AnyPat):
-            return None
-        if isinstance(pat, ValuePat):
-            return self._bind(pat.name, value, b, str(pat))
-        if isinstance(pat, BindPat):
-            p = producer(value)
-            return self._bind(pat.name, p if p is not None else value, b, str(pat))
-        if isinstance(pat, LiteralPat):
-            v = const_value(value)
-            if v is None or not _eq(v.tolist(), pat.value):
-                return f"{pat}: input of {parent} is {_name(value)}, not {pat.value!r}"
-            return None
-        if isinstance(pat, NodePat):
-            p = producer(value)
-            if p is None:
-                return f"{pat}: input {_name(value)} of {parent} is a graph input or constant"
-            return self._node(pat, p, b, nodes)
-        return f"{pat}: unsupported pattern element"
-
-    def _node(self, pat: NodePat, node: gs.Node, b, nodes):
-        step = str(pat)
-        cls = self.classify(node)
-        if pat.classes is not None and cls not in pat.classes:
-            return f"{step}: {node.name} ({cls or node.op}) is not {'|'.join(pat.spelled)}"
-        if pat.binding:
-            f = self._bind(pat.binding, node, b, step)
-            if f:
-                return f
-        view = OnnxView(node, cls)
-        for key, want in pat.attrs.items():
-            if key == "module":
-                return f"{step}: ONNX nodes are not module calls (:module {want})"
-            actual = view.get(key, _MISSING)
-            if actual is _MISSING:
-                return f"{step}: {cls} has no argument {key!r}"
-            if isinstance(want, NodePat):
-                f = self._child(want, actual, b, nodes, node.name)
-                if f:
-                    return f
-            elif isinstance(want, BindingRef):
-                f = self._bind(want.name, actual, b, step)
-                if f:
-                    return f
-            elif not _eq(actual, want):
-                return f"{step}: :{key} of {node.name} is {actual!r}, not {want!r}"
-        nodes.append(node)
-        if cls == "fake_quant":
-            nodes.append(qdq_source(node))
-        if not pat.children:
-            return None
-        inputs = view.inputs()
-        if not pat.rest and len(pat.children) != len(inputs):
-            return f"{step}: {node.name} has {len(inputs)} input(s), the pattern lists {len(pat.children)}"
-        if len(pat.children) > len(inputs):
-            return f"{step}: {node.name} has only {len(inputs)} input(s)"
-        orders = [list(range(len(pat.children)))]
-        oc = OP_CLASSES.get(cls) if cls else None
-        if oc is not None and oc.commutative and len(inputs) == 2 and len(pat.children) == 2:
-            orders.append([1, 0])
-        first = None
-        for order in orders:
-            b2, n2 = dict(b), list(nodes)
-            fail = None
-            for ci, ii in enumerate(order):
-                fail = self._child(pat.children[ci], inputs[ii], b2, n2, node.name)
-                if fail:
-                    break
-            if fail is None:
-                b.clear(); b.update(b2); nodes[:] = n2
-                return None
-            first = first or fail
-        return first
+_MISSING = object()
 
 
 class OnnxContext:
-    """What ONNX constraints and actions receive."""
+    """What ONNX constraints and actions receive: the graph, the match, the rule, the run's
+    scratch state and the parameters."""
 
-    def __init__(self, graph: gs.Graph, match: OnnxMatch, rule: Rule, state: Dict[str, Any]):
+    def __init__(self, graph: gs.Graph, match: Optional[Match], rule: Rule, state: Dict[str, Any],
+                 params: Optional[Dict[str, Any]] = None):
         self.graph = graph
         self.match = match
         self.rule = rule
         self.state = state
+        self.params = params or {}
 
     def view(self, node: gs.Node) -> OnnxView:
         return OnnxView(node)
@@ -320,13 +223,88 @@ class OnnxContext:
                   **{k: self.resolve(v) for k, v in call.kwargs.items()})
 
 
+class OnnxIR:
+    """The ONNX side of the matcher's IR adapter (see :class:`qpasses.matcher.FxIR`): an
+    onnx-graphsurgeon graph.  Inputs are tensors; a pattern element matches a tensor's
+    producer; a ``QuantizeLinear`` -> ``DequantizeLinear`` pair is one ``fake_quant`` node."""
+
+    kind = "onnx"
+
+    def __init__(self, graph: gs.Graph, state: Optional[Dict[str, Any]] = None,
+                 params: Optional[Dict[str, Any]] = None):
+        self.graph = graph
+        self.state = state if state is not None else {}
+        self.params = params or {}
+        self.dead: set = set()
+
+    # matching
+    def classify(self, node: gs.Node) -> Optional[str]:
+        return onnx_opclass(node)
+
+    def view(self, node: gs.Node) -> "OnnxView":
+        return OnnxView(node)
+
+    def is_ref(self, value: Any) -> bool:
+        return isinstance(value, (gs.Node, gs.Tensor))
+
+    def producer(self, value: Any) -> Optional[gs.Node]:
+        return producer(value)
+
+    def bind_input(self, value: Any) -> Any:
+        p = producer(value)
+        return p if p is not None else value
+
+    def constant(self, value: Any) -> Any:
+        v = const_value(value)
+        return _MISSING if v is None else v.tolist()
+
+    def show(self, value: Any) -> str:
+        return _name(value) if isinstance(value, (gs.Node, gs.Tensor)) else repr(value)
+
+    def show_input(self, value: Any) -> str:
+        kind = "constant" if isinstance(value, gs.Constant) else "graph input"
+        return f"{kind} {_name(value)}"
+
+    def describe(self, node: gs.Node, cls: Optional[str]) -> str:
+        return f"{node.name} ({cls or node.op})"
+
+    def module_names(self, node: gs.Node, view: Any):
+        return "requires a module call; ONNX nodes are not module calls"
+
+    def also_matched(self, node: gs.Node, cls: Optional[str]) -> Sequence[gs.Node]:
+        return (qdq_source(node),) if cls == "fake_quant" else ()
+
+    # driving
+    def candidates(self, classes: Optional[Sequence[str]]) -> List[gs.Node]:
+        return [n for n in list(self.graph.nodes) if classes is None or onnx_opclass(n) in classes]
+
+    def skip(self, node: gs.Node, rule: Any) -> bool:
+        return id(node) in self.dead  # replaced by an earlier rewrite (removed at clean-up)
+
+    def context(self, match: Optional[Match], rule: Any) -> OnnxContext:
+        return OnnxContext(self.graph, match, rule, self.state, self.params)
+
+    def implementation(self, reg: Any):
+        return reg.onnx
+
+    def guard(self, ctx: OnnxContext, reg: Any, keeps: Sequence[str]) -> Optional[str]:
+        return _guard(self.graph, ctx.match, keeps)
+
+    def rewritten(self, match: Match, keeps: Sequence[str]) -> None:
+        kept = {id(match.bindings[k]) for k in keeps if k in match.bindings}
+        self.dead.update(id(n) for n in match.nodes if id(n) not in kept)
+
+    def tagging(self, rule_name: str):
+        return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- guards
 
 def _consumers(node: gs.Node) -> List[gs.Node]:
     return [c for o in node.outputs for c in o.outputs]
 
 
-def _guard(graph: gs.Graph, m: OnnxMatch, keeps: Sequence[str]) -> Optional[str]:
+def _guard(graph: gs.Graph, m: Match, keeps: Sequence[str]) -> Optional[str]:
     """Interior nodes have no users outside the match (unless kept)."""
     matched = {id(n) for n in m.nodes}
     kept = {id(m.bindings[k]) for k in keeps if k in m.bindings}
@@ -382,17 +360,6 @@ def _load(rules: Any, options: Optional[Dict[str, Any]] = None) -> List[Tuple[Op
     return out
 
 
-def _eval(ctx: OnnxContext, call: Call) -> Tuple[bool, str]:
-    fn = ONNX_CONSTRAINTS.get(call.name)
-    if fn is None:
-        raise OnnxRefuse(f"constraint {call.name!r} has no ONNX implementation")
-    return constraint_result(ctx.call(fn, call))
-
-
-def _check(ctx: OnnxContext, rule: Rule) -> Optional[str]:
-    return rule.failing_constraint(lambda c: _eval(ctx, c))
-
-
 def run_rules(graph: gs.Graph, rules: Any, max_iterations: Optional[int] = None, report: Optional[Report] = None,
               **options: Any) -> Report:
     """Apply rule families / rules (names, paths or objects) to a graphsurgeon graph in place.
@@ -400,15 +367,14 @@ def run_rules(graph: gs.Graph, rules: Any, max_iterations: Optional[int] = None,
     Stages run as their rule file says: ``once``, or ``fixpoint`` up to the stage's
     ``max_iterations`` (``max_iterations`` here overrides the limit).  ``options``
     override the families' parameters by name (as ``PassManager(..., **options)``).  Returns a
-    :class:`qpasses.report.Report` with per-rule candidates / matches / rewrites / refusals.
+    :class:`qpasses.report.Report` with per-rule candidates / matches / rewrites / refusals: the
+    same matcher and driver as on fx graphs (:func:`qpasses.explain.apply_rule`).
     """
     report = report or Report()
     state: Dict[str, Any] = {}
     for family, rs, limit in _load(rules, options):
         for _ in range(max_iterations or limit):
-            changed = 0
-            for rule in rs:
-                changed += _apply(graph, rule, family, report, state)
+            changed = sum(_apply(graph, rule, family, report, state) for rule in rs)
             if changed:
                 graph.cleanup(remove_unused_graph_inputs=False)
             else:
@@ -417,53 +383,10 @@ def run_rules(graph: gs.Graph, rules: Any, max_iterations: Optional[int] = None,
     return report
 
 
-def _apply(graph: gs.Graph, rule: Rule, family: Optional[str], report: Report, state) -> int:
-    stats = report.rule(rule.name, family, rule.stage)
-    if not rule.when or (isinstance(rule.when, str) and rule.when.lower() in ("false", "0", "no")):
-        stats.disabled = True
-        return 0
-    fn = ONNX_ACTIONS.get(rule.rewrite.name)
-    anchors = rule.anchor_classes()
-    matcher = OnnxMatcher(graph)
-    done = 0
-    dead: set = set()
-    for node in list(graph.nodes):
-        if id(node) in dead:
-            continue
-        cls = matcher.classify(node)
-        if anchors is not None and cls not in anchors:
-            continue
-        stats.candidate(node.name)
-        m, why = None, None
-        for pat in rule.match:
-            r = matcher.match(pat, node)
-            if isinstance(r, OnnxMatch):
-                m = r
-                break
-            why = why or r
-        if m is None:
-            stats.fail(node.name, str(why))
-            continue
-        stats.match(node.name)
-        if fn is None:
-            stats.refuse(node.name, f"action {rule.rewrite.name!r} has no ONNX implementation")
-            continue
-        ctx = OnnxContext(graph, m, rule, state)
-        try:
-            why = _check(ctx, rule) or _guard(graph, m, rule.keeps)
-            if why:
-                stats.refuse(node.name, why)
-                continue
-            ctx.call(fn, rule.rewrite)
-        except OnnxRefuse as e:
-            stats.refuse(node.name, str(e))
-            continue
-        kept = {id(m.bindings[k]) for k in rule.keeps if k in m.bindings}
-        dead.update(id(n) for n in m.nodes if id(n) not in kept)
-        stats.rewrites += 1
-        stats.rewritten.append(node.name)
-        done += 1
-    return done
+def _apply(graph: gs.Graph, rule: Rule, family: Optional[str], report: Report, state: Dict[str, Any],
+           params: Optional[Dict[str, Any]] = None) -> int:
+    ir = OnnxIR(graph, state, params)
+    return apply_rule(ir, Matcher(ir), rule, report.rule(rule.name, family, rule.stage))
 
 
 def explain(graph: gs.Graph, rule: Union[str, Rule], node_name: str, family: Any = None) -> str:
@@ -478,20 +401,7 @@ def explain(graph: gs.Graph, rule: Union[str, Rule], node_name: str, family: Any
     if not nodes:
         raise QPassesError(f"no ONNX node named {node_name!r} (did you mean "
                            f"{nearest(node_name, [n.name for n in graph.nodes])!r}?)")
-    node = nodes[0]
-    first = None
-    for pat in rule.match:
-        r = OnnxMatcher(graph).match(pat, node)
-        if isinstance(r, OnnxMatch):
-            try:
-                why = _check(OnnxContext(graph, r, rule, {}), rule) or _guard(graph, r, rule.keeps)
-            except OnnxRefuse as e:
-                why = str(e)
-            if why:
-                return f"rule {rule.name!r} does not apply to {node_name}: {why}"
-            return f"rule {rule.name!r} matches node {node_name} and would rewrite it"
-        first = first or r
-    return f"rule {rule.name!r} does not apply to {node_name}: {first}"
+    return str(explain_rule(OnnxIR(graph), rule, nodes[0]))
 
 
 # ----------------------------------------------------------------------------- ONNX implementations
