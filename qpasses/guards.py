@@ -13,26 +13,25 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch.fx as fx
 
 from .ops import is_inplace
 
-if TYPE_CHECKING:  # the matcher calls the guards
-    from .matcher import MatchContext
+# ``ctx`` below is a qpasses.matcher.MatchContext (not imported: the matcher calls the guards)
 
 __all__ = ["check_guards", "is_training_stateful"]
 
 
-def is_training_stateful(ctx: MatchContext, node: fx.Node) -> bool:
+def is_training_stateful(ctx: "MatchContext", node: fx.Node) -> bool:
     cls = ctx.classify(node)
     if cls not in ("batch_norm", "dropout"):
         return False
     return bool(ctx.view(node).get("training", False))
 
 
-def check_guards(ctx: MatchContext, replaces: bool, keeps=()) -> Optional[str]:
+def check_guards(ctx: "MatchContext", replaces: bool, keeps=()) -> Optional[str]:
     """The reason the rewrite would be unsound, or None."""
     m = ctx.match
     matched = set(m.nodes)
