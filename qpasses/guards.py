@@ -24,14 +24,14 @@ from .ops import is_inplace
 __all__ = ["check_guards", "is_training_stateful"]
 
 
-def is_training_stateful(ctx: "MatchContext", node: fx.Node) -> bool:
+def is_training_stateful(ctx, node: fx.Node) -> bool:
     cls = ctx.classify(node)
     if cls not in ("batch_norm", "dropout"):
         return False
     return bool(ctx.view(node).get("training", False))
 
 
-def check_guards(ctx: "MatchContext", replaces: bool, keeps=()) -> Optional[str]:
+def check_guards(ctx, replaces: bool, keeps=()) -> Optional[str]:
     """The reason the rewrite would be unsound, or None."""
     m = ctx.match
     matched = set(m.nodes)
