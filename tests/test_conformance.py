@@ -172,11 +172,7 @@ CASES = [(m, r) for m in MODELS for r in ("ptq_int8", "dynamic_int8", "w4a16", "
         [(m, "int_only") for m in MODELS if m not in TEXT] + [(m, "lower") for m in ("bert", "resnet")]
 
 #: model x recipe that cannot pass, with the precise cause (strict: an unexpected pass fails)
-XFAIL = {
-    ("resnet", "int_only"): "integerize leaves aten.max_pool2d reading the int8 output of int8_conv2d_requant (the "
-                            "ResNet stem's max pool); CPU max_pool2d has no int8 kernel and raises 'Expected "
-                            "input_depth * input_height * input_width <= ...max()' (integerize family, not front-end)",
-}
+XFAIL: dict = {}
 
 
 PARAMS = [pytest.param(m, r, id=f"{m}-{r}", marks=pytest.mark.xfail(strict=True, reason=XFAIL[(m, r)])

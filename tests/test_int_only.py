@@ -296,3 +296,37 @@ def test_requant_left_shift_gives_single_rounding():
         real = (q.double() - 3) * M
         ref = torch.clamp(torch.sign(real) * torch.floor(real.abs() + 0.5) - 2, -128, 127)   # ties away from 0
         assert torch.equal(y.double(), ref)
+
+
+class _StemPool(nn.Module):
+    """A ResNet stem: conv -> BN -> ReLU -> 3x3/2 max-pool on an int8 channels-last tensor with
+    C*H*W well above 127 (torch's CPU max-pool on such a tensor raised before the fix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(F.relu(self.bn(self.conv(x)))), 1))
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_max_pool_on_int8_conv_output(level):
+    torch.manual_seed(0)
+    m = _StemPool().eval()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    gm = qpasses.trace(m, (data[0],), mode=level)
+    fq = qpasses.PassManager("int_only", integerize=False, progress=False).run(gm, data=data)
+    pm = qpasses.PassManager("int_only", strict=True, progress=False)
+    iq = pm.run(gm, data=data)
+    from qpasses.matcher import Matcher
+    mt = Matcher(iq)
+    pools = [n for n in iq.graph.nodes if mt.classify(n) == "max_pool"]
+    assert pools and all(n.meta.get("qpasses.int_dtype") == torch.int8 for n in pools)  # pooled as int8 codes
+    xt = torch.randn(8, 3, 16, 16)
+    frac, a, b = _agreement(fq, iq, xt)
+    assert frac >= 0.99
+    assert float(((a - b).abs() / _out_step(iq)).detach().max()) <= 1.01

@@ -185,6 +185,13 @@ def _bound_code(ctx: MatchContext, op: fx.Node, scale: float, zp: int, qmin: int
 
 def _copy_op(ctx: MatchContext, op: fx.Node, old_in: fx.Node, new_in: fx.Node, before: fx.Node) -> fx.Node:
     with ctx.graph.inserting_before(before):
+        if ctx.classify(op) == "max_pool":
+            # the int8 convolutions return channels-last tensors, and torch's CPU max_pool2d on a
+            # channels-last int8 tensor fails once C*H*W exceeds 127 (its index type is the
+            # element type); a contiguous copy keeps the same codes
+            new_in = ctx.graph.call_function(torch.ops.aten.clone.default, (new_in,),
+                                             {"memory_format": torch.contiguous_format})
+            new_in.meta["qpasses.int_dtype"] = torch.int8
         n = ctx.graph.node_copy(op, lambda a: new_in if a is old_in else a)
     return n
 
