@@ -248,3 +248,38 @@ def test_int_mm_probe_agrees_with_an_exact_reference():
     exact = all(torch.equal(torch._int_mm(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
                 for a, b in cases)
     assert int_mm_is_exact("cpu") is exact
+
+
+class _ScoresWithBias(nn.Module):
+    """Attention scores as ``baddbmm(bias, q, k^T, beta, alpha)`` (as BLOOM and older GPT-2 ports write them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x, bias):
+        return torch.baddbmm(bias, self.q(x), self.k(x).transpose(1, 2), beta=0.5, alpha=0.25)
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_baddbmm_operands_quantized_bias_kept(level):
+    torch.manual_seed(0)
+    m = _ScoresWithBias().eval()
+    x, bias = torch.randn(3, 8, 16), torch.randn(3, 8, 8)
+    gm = qpasses.trace(m, (x, bias), mode=level)
+    pm = qpasses.PassManager("dynamic_int8", skip=["q", "k"], progress=False)  # projections float: exact reference
+    q = pm.run(gm)
+    assert pm.report["dynamic_matmul"].rewrites == 1 and pm.report["dynamic_linear"].rewrites == 0
+    from qpasses.matcher import Matcher
+    mt = Matcher(q)
+    op = next(n for n in q.graph.nodes if mt.classify(n) == "baddbmm")
+    v = mt.view(op)
+    assert v.get("bias").op == "placeholder"                                  # the bias stays float
+    assert mt.classify(v.get("input")) == "dynamic_fq" and mt.classify(v.get("mat2")) == "dynamic_fq"
+    # numerics: the float op on per-token (rows of q) / per-column (of k^T) quantized operands
+    with torch.no_grad():
+        a, b = m.q(x), m.k(x).transpose(1, 2)
+        ref = torch.baddbmm(bias, DynamicFakeQuant(8, False, reduce_dim=-1)(a), DynamicFakeQuant(8, False, reduce_dim=-2)(b),
+                            beta=0.5, alpha=0.25)
+        torch.testing.assert_close(q(x, bias), ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(q(x, bias), m(x, bias), atol=1e-6)           # it did quantize
