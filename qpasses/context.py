@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .frontend import make_exported_trainable
-from .ops import OpView, classify as _classify, is_inplace
+from .ops import OpView, classify as _classify, mutated_inputs
 
 __all__ = ["PROVENANCE_KEY", "Refuse", "ModuleLookup", "RewriteContext", "copy_meta", "copy_graph_module",
            "delete_unused_submodules"]
@@ -229,7 +229,7 @@ class RewriteContext:
         return self._calls.get(target, 0)
 
     def mutators(self, value: fx.Node) -> List[fx.Node]:
-        """The in-place ops reading ``value`` (candidates for mutating it).
+        """The in-place ops that write ``value`` (:func:`qpasses.ops.mutated_inputs`).
 
         Indexed with one scan the first time it is asked, then kept current as nodes are
         created, so the soundness guard costs O(match size) even where a value has thousands
@@ -239,11 +239,11 @@ class RewriteContext:
             for n in self.graph.nodes:
                 self._note_mutator(n)
         return [u for u in self._mutators.get(value, ()) if u.graph is not None and not getattr(u, "_erased", False)
-                and value in u.all_input_nodes]
+                and value in mutated_inputs(u, self.modules)]
 
     def _note_mutator(self, node: fx.Node) -> None:
-        if node.op in ("call_function", "call_method", "call_module") and is_inplace(node, self.modules):
-            for inp in node.all_input_nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            for inp in mutated_inputs(node, self.modules):
                 self._mutators.setdefault(inp, []).append(node)
 
     def is_shared_module(self, node: fx.Node) -> bool:

@@ -1,71 +1,139 @@
 """Draw an fx graph as SVG (or HTML with inline SVG) through networkx -- no graphviz needed.
 
-Nodes are placed in layers by longest path from the inputs (constants just above their
-first consumer), one row per layer, in graph order; quantized nodes are coloured: fake quantization /
-observers orange, weighted ops reading quantized weights green, other ops grey.  Every
-quantizer is a node of the graph, so it is a node of the picture.
+The picture reads top to bottom, in the direction data flows:
+
+* nodes are placed in layers by longest path from the inputs, one row per layer, in graph
+  order, each row centred;
+* a weight (a ``get_attr`` constant) and its weight quantizer are drawn *inside* the op that
+  reads them (``conv2d`` with a line ``w int8/ch``), not as separate boxes: on a ResNet-18 that
+  removes two thirds of the boxes, and the row of weights that once spread the picture wide;
+  ``collapse_weights=False`` draws them as nodes;
+* nodes are grouped by the module they were traced in (two levels: ``layer1.0``), each group a
+  shaded band with its name, so blocks read as blocks;
+* colours: activation quantizers / observers orange, ops with quantized weights green, graph
+  inputs / outputs blue, other ops grey.
+
+Every quantizer is a node of the graph; an activation quantizer is a box of the picture.
 """
 from __future__ import annotations
 
 import html
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import networkx as nx
 import torch.fx as fx
 
 from .ops import classify
 
-__all__ = ["to_networkx", "draw_graph", "svg_of"]
+__all__ = ["to_networkx", "draw_graph", "svg_of", "module_group"]
 
 COLOURS = {"fake_quant": "#f6a04d", "observer": "#f9d38a", "quant_op": "#6cc070", "input": "#8ab6f9",
            "output": "#8ab6f9", "op": "#e4e4e4", "const": "#f4f4f4"}
 
 
-def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    """A DiGraph of the nodes of ``gm`` with ``label``, ``opclass`` and ``kind`` (colour key) attributes."""
+_GREY = ' fill="#333"'
+
+
+def module_group(node: fx.Node, depth: int = 2) -> str:
+    """The module a node belongs to, cut to ``depth`` levels (``"layer1.0"``), or ``""``.
+
+    fx graphs: the path of the called module, or of the module owning a ``get_attr``; export
+    graphs: the innermost recorded source module (``nn_module_stack``)."""
+    path = ""
+    if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+        path = node.target if node.op == "call_module" else node.target.rpartition(".")[0]
+    else:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            entry = list(stack.values())[-1]
+            path = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+            path = path.replace("L['self'].", "").replace("L__self___", "")
+    parts = [p for p in path.split(".") if p]
+    return ".".join(parts[:depth])
+
+
+def _quantizer_label(mod) -> str:
+    bits = getattr(mod, "bits", None)
+    if bits is None:
+        return "w q"
+    per = "/ch" if getattr(mod, "axis", None) is not None else ""
+    group = getattr(mod, "group_size", None)
+    if group:
+        per = f"/g{group}"
+    return f"w int{bits}{per}"
+
+
+def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph:
+    """A DiGraph of the nodes of ``gm`` with ``label``, ``opclass``, ``kind`` (colour key),
+    ``group`` (:func:`module_group`) and ``detail`` attributes.  With ``collapse_weights``,
+    constants and the weight quantizers reading them become a ``detail`` line of their consumer."""
     mods = dict(gm.named_modules())
+    cls_of = {n: classify(n, mods) for n in gm.graph.nodes}
+
+    def weight_chain(n: fx.Node) -> bool:
+        """A constant, or a quantizer of a constant: folded into its consumer."""
+        if n.op == "get_attr":
+            return all(u.op != "output" for u in n.users)
+        if cls_of[n] in ("fake_quant", "observer") and n.all_input_nodes:
+            return all(a.op == "get_attr" for a in n.all_input_nodes)
+        return False
+
+    hidden = {n for n in gm.graph.nodes if collapse_weights and weight_chain(n)}
     g = nx.DiGraph()
     for n in gm.graph.nodes:
-        cls = classify(n, mods)
+        if n in hidden:
+            continue
+        cls = cls_of[n]
+        wq = [a for a in n.all_input_nodes if a in hidden and cls_of[a] in ("fake_quant", "observer")]
         if n.op == "placeholder":
             kind = "input"
         elif n.op == "output":
             kind = "output"
         elif n.op == "get_attr":
             kind = "const"
-        elif cls in ("fake_quant", "observer"):
+        elif cls in ("fake_quant", "observer") and n not in hidden:
             kind = cls
-        elif n.meta.get("qpasses.quant") or any(
-                a.op == "call_module" and classify(a, mods) == "fake_quant" for a in n.all_input_nodes):
+        elif n.meta.get("qpasses.quant") or wq or any(
+                a.op == "call_module" and cls_of[a] == "fake_quant" and a.all_input_nodes
+                and a.all_input_nodes[0].op == "get_attr" for a in n.all_input_nodes):
             kind = "quant_op"
         else:
             kind = "op"
         label = cls or (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
-        g.add_node(n.name, label=str(label), opclass=cls, kind=kind)
+        detail = ""
+        if wq:
+            detail = _quantizer_label(mods.get(wq[0].target)) if wq[0].op == "call_module" else "w q"
+        elif collapse_weights and any(a in hidden for a in n.all_input_nodes):
+            detail = "w float"
+        g.add_node(n.name, label=str(label), opclass=cls, kind=kind, group=module_group(n), detail=detail)
         for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
+            if a not in hidden:
+                g.add_edge(a.name, n.name)
     return g
 
 
-def svg_of(g: nx.DiGraph, title: str = "") -> str:
-    """SVG text of a DiGraph from :func:`to_networkx` (layered top-down layout)."""
+def _layers(g: nx.DiGraph) -> List[List[str]]:
     layer: Dict[str, int] = {}
     order = list(nx.topological_sort(g))
     for name in order:  # longest path from the inputs
-        preds = list(g.predecessors(name))
-        layer[name] = 1 + max((layer[p] for p in preds), default=-1)
+        layer[name] = 1 + max((layer[p] for p in g.predecessors(name)), default=-1)
     for name in reversed(order):  # constants sit just above their first consumer
         if g.in_degree(name) == 0 and g.nodes[name].get("kind") != "input" and g.out_degree(name):
             layer[name] = max(0, min(layer[s] for s in g.successors(name)) - 1)
     rank = {n: i for i, n in enumerate(g.nodes)}
     n_layers = 1 + max(layer.values(), default=0)
-    layers = [sorted([n for n in g.nodes if layer[n] == li], key=rank.get) for li in range(n_layers)]
-    bw, bh, gx, gy = 150, 34, 18, 46
+    return [sorted([n for n in g.nodes if layer[n] == li], key=rank.get) for li in range(n_layers)]
+
+
+def svg_of(g: nx.DiGraph, title: str = "") -> str:
+    """SVG text of a DiGraph from :func:`to_networkx` (layered top-down layout, module bands)."""
+    layers = _layers(g)
+    bw, bh, gx, gy, left = 150, 40, 18, 34, 130
     pos: Dict[str, tuple] = {}
-    width = max((len(l) for l in layers), default=1) * (bw + gx) + gx
+    width = max((len(row) for row in layers), default=1) * (bw + gx) + gx + left
     for li, row in enumerate(layers):
         row_w = len(row) * (bw + gx) - gx
-        x0 = (width - row_w) / 2
+        x0 = left + (width - left - row_w) / 2
         for i, name in enumerate(row):
             pos[name] = (x0 + i * (bw + gx), 40 + li * (bh + gy))
     height = 40 + len(layers) * (bh + gy) + 20
@@ -74,6 +142,18 @@ def svg_of(g: nx.DiGraph, title: str = "") -> str:
            '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="7" refY="3" orient="auto">'
            '<path d="M0,0 L7,3 L0,6 z" fill="#666"/></marker></defs>',
            f'<text x="10" y="20" font-size="14">{html.escape(title)}</text>']
+    # module bands: the rows a group's nodes span, across the picture, named in the left margin
+    spans: Dict[str, List[float]] = {}
+    for name, (_, y) in pos.items():
+        grp = g.nodes[name].get("group") or ""
+        if grp:
+            lo, hi = spans.get(grp, (y, y))
+            spans[grp] = [min(lo, y), max(hi, y)]
+    for i, (grp, (y0, y1)) in enumerate(sorted(spans.items(), key=lambda kv: kv[1][0])):
+        fill = "#f3f6fb" if i % 2 == 0 else "#fbf7f0"
+        out.append(f'<g><rect x="4" y="{y0 - gy / 2 + 2:.0f}" width="{width - 8:.0f}" height="{y1 - y0 + bh + gy - 4:.0f}" '
+                   f'fill="{fill}" stroke="#c8cdd6" stroke-dasharray="4 3"/>'
+                   f'<text x="10" y="{y0 + bh / 2 + 4:.0f}" fill="#556" font-size="12">{html.escape(grp[:18])}</text></g>')
     for u, v in g.edges:
         (x1, y1), (x2, y2) = pos[u], pos[v]
         out.append(f'<line x1="{x1 + bw / 2:.0f}" y1="{y1 + bh:.0f}" x2="{x2 + bw / 2:.0f}" y2="{y2:.0f}" '
@@ -81,18 +161,22 @@ def svg_of(g: nx.DiGraph, title: str = "") -> str:
     for name, (x, y) in pos.items():
         d = g.nodes[name]
         fill = COLOURS.get(d.get("kind", "op"), COLOURS["op"])
-        out.append(f'<g><title>{html.escape(name)} ({html.escape(str(d.get("label")))})</title>'
+        lines = [name[:22], str(d.get("label"))[:22]] + ([d["detail"][:22]] if d.get("detail") else [])
+        tip = f'{name} ({d.get("label")})' + (f' [{d.get("group")}]' if d.get("group") else "")
+        text = "".join(f'<text x="{x + bw / 2:.0f}" y="{y + 12 + 12 * i:.0f}" text-anchor="middle"'
+                       f'{_GREY if i else ""}>{html.escape(t)}</text>' for i, t in enumerate(lines))
+        out.append(f'<g><title>{html.escape(tip)}</title>'
                    f'<rect x="{x:.0f}" y="{y:.0f}" width="{bw}" height="{bh}" rx="6" fill="{fill}" stroke="#555"/>'
-                   f'<text x="{x + bw / 2:.0f}" y="{y + 14:.0f}" text-anchor="middle">{html.escape(name[:22])}</text>'
-                   f'<text x="{x + bw / 2:.0f}" y="{y + 27:.0f}" text-anchor="middle" fill="#333">'
-                   f'{html.escape(str(d.get("label"))[:22])}</text></g>')
+                   f'{text}</g>')
     out.append("</svg>")
     return "\n".join(out)
 
 
-def draw_graph(gm: fx.GraphModule, path: Optional[str] = None, title: str = "") -> int:
-    """Write ``gm`` as ``.svg`` or ``.html`` (inline SVG with a legend); returns the number of nodes."""
-    g = to_networkx(gm)
+def draw_graph(gm: fx.GraphModule, path: Optional[str] = None, title: str = "",
+               collapse_weights: bool = True) -> int:
+    """Write ``gm`` as ``.svg`` or ``.html`` (inline SVG with a legend); returns the number of
+    boxes drawn (every graph node, less the weights and weight quantizers drawn inside their op)."""
+    g = to_networkx(gm, collapse_weights)
     svg = svg_of(g, title)
     if path is not None:
         if str(path).endswith(".html"):

@@ -431,6 +431,33 @@ def is_inplace(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) ->
     return False
 
 
+def mutated_inputs(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> List[fx.Node]:
+    """The input nodes an in-place op writes to (empty for other ops).
+
+    An aten op's schema says which arguments it writes (``add_.Tensor(Tensor(a!) self, Tensor
+    other)`` writes ``self`` only, so the residual it adds is not mutated); a ``*_`` method and
+    ``x += y`` write their first operand; an ``inplace=True`` module or function its input;
+    ``setitem`` its target.  Anything else that :func:`is_inplace` flags is taken to write every
+    input (conservative)."""
+    if not is_inplace(node, modules):
+        return []
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        out: List[fx.Node] = []
+        for i, arg in enumerate(t._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(x, fx.Node):
+                    out.append(x)
+        return out
+    first = node.args[0] if node.args else None
+    if isinstance(first, fx.Node):
+        return [first]
+    return list(node.all_input_nodes)
+
+
 class OpView:
     """Uniform view of one node's normalised arguments.
 

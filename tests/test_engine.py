@@ -1,5 +1,6 @@
 """The engine core: the rewrite context (module lookups, classification, call counts,
 provenance), the run's copy, and what a run leaves behind."""
+import operator
 import copy
 import warnings
 
@@ -373,3 +374,63 @@ def test_delete_unused_submodules_keeps_what_fx_keeps():
         assert [k for k, _ in work.named_modules()] == [k for k, _ in ref.named_modules()]
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in work.modules())
         torch.testing.assert_close(work(x), ref(x))
+
+
+# ----------------------------------------------------------------------------- in-place writes
+
+class _ResidualInplace(torch.nn.Module):
+    """``out = bn(conv(x)); out += x`` (HF ResNet's residual: ``aten.add_`` writes its first
+    operand only, so the block input ``x`` is read, not written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        out = self.bn(self.conv(x))
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_inplace_add_writes_its_first_operand_only(level):
+    from qpasses.ops import mutated_inputs
+    m = _ResidualInplace().eval()
+    m.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 4, 8, 8)
+    gm = qpasses.trace(m, (x,), mode=level)
+    adds = [n for n in gm.graph.nodes if "add" in str(n.target) or n.target in (operator.iadd,)]
+    assert adds, gm.graph
+    written = mutated_inputs(adds[0])
+    if level == "export":   # aten.add_: the accumulator, not the residual
+        assert adds[0].target == torch.ops.aten.add_.Tensor
+        assert len(written) == 1 and written[0] is adds[0].args[0]
+    else:                   # fx records ``out += x`` as an out-of-place add
+        assert written == []
+    pm = qpasses.PassManager("canonicalize", progress=False)
+    q = pm.run(gm)
+    assert pm.report["fold_bn"].rewrites == 1, pm.report["fold_bn"].refused
+    torch.testing.assert_close(q(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_write_to_a_match_input_still_refuses():
+    """The guard still refuses a match one of whose external inputs an in-place op writes."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = torch.relu(x)
+            y = self.bn(self.conv(x))
+            x.add_(1.0)   # writes the conv's input after the conv read it
+            return y + x
+
+    gm = qpasses.trace(M().eval(), (torch.randn(2, 4, 8, 8),), mode="fx")
+    pm = qpasses.PassManager("canonicalize", progress=False)
+    pm.run(gm)
+    assert pm.report["fold_bn"].rewrites == 0
+    assert "mutated in place" in str(pm.report["fold_bn"].refused)
