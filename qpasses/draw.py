@@ -8,8 +8,10 @@ The picture reads top to bottom, in the direction data flows:
   reads them (``conv2d`` with a line ``w int8/ch``), not as separate boxes: on a ResNet-18 that
   removes two thirds of the boxes, and the row of weights that once spread the picture wide;
   ``collapse_weights=False`` draws them as nodes;
-* nodes are grouped by the module they were traced in (two levels: ``layer1.0``), each group a
-  shaded band with its name, so blocks read as blocks;
+* nodes are grouped by the block they were traced in (``layer1.0``,
+  ``encoder.stages.0.layers.1``: :func:`module_group`; quantizers join the op they feed), each
+  group a shaded band with its name in the margin, so blocks read as blocks;
+* an edge that skips rows (a residual) bows out to the right of the boxes it passes, in blue;
 * colours: activation quantizers / observers orange, ops with quantized weights green, graph
   inputs / outputs blue, other ops grey.
 
@@ -25,7 +27,7 @@ import torch.fx as fx
 
 from .ops import classify
 
-__all__ = ["to_networkx", "draw_graph", "svg_of", "module_group"]
+__all__ = ["to_networkx", "draw_graph", "svg_of", "module_path", "module_group"]
 
 COLOURS = {"fake_quant": "#f6a04d", "observer": "#f9d38a", "quant_op": "#6cc070", "input": "#8ab6f9",
            "output": "#8ab6f9", "op": "#e4e4e4", "const": "#f4f4f4"}
@@ -34,22 +36,46 @@ COLOURS = {"fake_quant": "#f6a04d", "observer": "#f9d38a", "quant_op": "#6cc070"
 _GREY = ' fill="#333"'
 
 
-def module_group(node: fx.Node, depth: int = 2) -> str:
-    """The module a node belongs to, cut to ``depth`` levels (``"layer1.0"``), or ``""``.
-
-    fx graphs: the path of the called module, or of the module owning a ``get_attr``; export
-    graphs: the innermost recorded source module (``nn_module_stack``)."""
-    path = ""
+def module_path(node: fx.Node) -> str:
+    """The module a node was traced in: fx graphs: the called module, or the module owning a
+    ``get_attr``; export graphs: the innermost recorded source module (``nn_module_stack``)."""
     if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
-        path = node.target if node.op == "call_module" else node.target.rpartition(".")[0]
-    else:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            entry = list(stack.values())[-1]
-            path = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
-            path = path.replace("L['self'].", "").replace("L__self___", "")
-    parts = [p for p in path.split(".") if p]
-    return ".".join(parts[:depth])
+        return node.target if node.op == "call_module" else node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    entry = list(stack.values())[-1]
+    path = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def module_group(path: str, prefix: int = 0) -> str:
+    """A block-level group of a module path, after dropping its first ``prefix`` components (the
+    wrapper modules every node shares): up to the second numbered component when there is one
+    early (``encoder.stages.0.layers.1``, ``layer1.0``), else two components."""
+    parts = [p for p in path.split(".") if p][prefix:]
+    numbered = [i for i, p in enumerate(parts[:6]) if p.isdigit()]
+    if numbered:
+        cut = numbered[1] + 1 if len(numbered) > 1 else numbered[0] + 1
+        return ".".join(parts[:cut])
+    return ".".join(parts[:2])
+
+
+def _groups(gm: fx.GraphModule, quantizers) -> Dict[fx.Node, str]:
+    """The group of every node; quantizers and observers (inserted at the graph's root) take the
+    group of the op they feed."""
+    # export's own helper modules (``_guards_fn``) belong to no block
+    paths = {n: ("" if n in quantizers or module_path(n).startswith("_") else module_path(n)) for n in gm.graph.nodes}
+    split = [p.split(".") for p in paths.values() if p]
+    prefix = 0
+    if split:
+        while all(len(p) > prefix + 1 and p[prefix] == split[0][prefix] for p in split):
+            prefix += 1
+    groups = {n: module_group(p, prefix) if p else "" for n, p in paths.items()}
+    for n in reversed(list(gm.graph.nodes)):
+        if not groups[n]:
+            groups[n] = next((groups[u] for u in n.users if groups.get(u)), "")
+    return groups
 
 
 def _quantizer_label(mod) -> str:
@@ -79,6 +105,7 @@ def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph
         return False
 
     hidden = {n for n in gm.graph.nodes if collapse_weights and weight_chain(n)}
+    groups = _groups(gm, {n for n in gm.graph.nodes if cls_of[n] in ("fake_quant", "observer")})
     g = nx.DiGraph()
     for n in gm.graph.nodes:
         if n in hidden:
@@ -105,7 +132,7 @@ def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph
             detail = _quantizer_label(mods.get(wq[0].target)) if wq[0].op == "call_module" else "w q"
         elif collapse_weights and any(a in hidden for a in n.all_input_nodes):
             detail = "w float"
-        g.add_node(n.name, label=str(label), opclass=cls, kind=kind, group=module_group(n), detail=detail)
+        g.add_node(n.name, label=str(label), opclass=cls, kind=kind, group=groups[n], detail=detail)
         for a in n.all_input_nodes:
             if a not in hidden:
                 g.add_edge(a.name, n.name)
@@ -125,15 +152,20 @@ def _layers(g: nx.DiGraph) -> List[List[str]]:
     return [sorted([n for n in g.nodes if layer[n] == li], key=rank.get) for li in range(n_layers)]
 
 
+def _tail(text: str, n: int) -> str:
+    """``text``, or its last ``n`` characters behind an ellipsis (the end of a path says most)."""
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
 def svg_of(g: nx.DiGraph, title: str = "") -> str:
     """SVG text of a DiGraph from :func:`to_networkx` (layered top-down layout, module bands)."""
     layers = _layers(g)
     bw, bh, gx, gy, left = 150, 40, 18, 34, 130
     pos: Dict[str, tuple] = {}
-    width = max((len(row) for row in layers), default=1) * (bw + gx) + gx + left
+    width = max((len(row) for row in layers), default=1) * (bw + gx) + gx + left + 60  # room for skip edges
     for li, row in enumerate(layers):
         row_w = len(row) * (bw + gx) - gx
-        x0 = left + (width - left - row_w) / 2
+        x0 = left + (width - left - 60 - row_w) / 2
         for i, name in enumerate(row):
             pos[name] = (x0 + i * (bw + gx), 40 + li * (bh + gy))
     height = 40 + len(layers) * (bh + gy) + 20
@@ -153,11 +185,20 @@ def svg_of(g: nx.DiGraph, title: str = "") -> str:
         fill = "#f3f6fb" if i % 2 == 0 else "#fbf7f0"
         out.append(f'<g><rect x="4" y="{y0 - gy / 2 + 2:.0f}" width="{width - 8:.0f}" height="{y1 - y0 + bh + gy - 4:.0f}" '
                    f'fill="{fill}" stroke="#c8cdd6" stroke-dasharray="4 3"/>'
-                   f'<text x="10" y="{y0 + bh / 2 + 4:.0f}" fill="#556" font-size="12">{html.escape(grp[:18])}</text></g>')
-    for u, v in g.edges:
+                   f'<text x="10" y="{y0 + bh / 2 + 4:.0f}" fill="#556" font-size="12">{html.escape(_tail(grp, 18))}</text></g>')
+    row_of = {name: li for li, row in enumerate(layers) for name in row}
+    for k, (u, v) in enumerate(g.edges):
         (x1, y1), (x2, y2) = pos[u], pos[v]
-        out.append(f'<line x1="{x1 + bw / 2:.0f}" y1="{y1 + bh:.0f}" x2="{x2 + bw / 2:.0f}" y2="{y2:.0f}" '
-                   f'stroke="#888" marker-end="url(#a)"/>')
+        if row_of[v] - row_of[u] <= 1:
+            out.append(f'<line x1="{x1 + bw / 2:.0f}" y1="{y1 + bh:.0f}" x2="{x2 + bw / 2:.0f}" y2="{y2:.0f}" '
+                       f'stroke="#888" marker-end="url(#a)"/>')
+            continue
+        # a skip connection (a residual) bows out to the right of the boxes it passes, so it is
+        # never hidden behind them
+        bulge = max(x1, x2) + bw + 24 + 6 * (k % 4)
+        out.append(f'<path d="M{x1 + bw:.0f},{y1 + bh / 2:.0f} C{bulge:.0f},{y1 + bh / 2:.0f} '
+                   f'{bulge:.0f},{y2 + bh / 2:.0f} {x2 + bw:.0f},{y2 + bh / 2:.0f}" fill="none" '
+                   f'stroke="#5b7fb8" stroke-width="1.5" marker-end="url(#a)"/>')
     for name, (x, y) in pos.items():
         d = g.nodes[name]
         fill = COLOURS.get(d.get("kind", "op"), COLOURS["op"])
