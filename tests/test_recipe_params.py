@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import qpasses
-from qpasses.errors import ArgumentError, OptionError, QPassesError, RuleError
+from qpasses.errors import OptionError, QPassesError, RuleError
 from qpasses.lang.rules import available_names
 from qpasses.plan import Plan
 
@@ -173,3 +173,81 @@ def test_effective_parameters_of_shipped_recipes_match_the_snapshot():
         assert sorted(got) == sorted(want), (name, set(got) ^ set(want))
         for k in want:
             assert got[k] == want[k], (name, k, got[k], want[k])
+
+
+def test_type_conflict_with_a_family_is_located_at_the_family_step(tmp_path):
+    f = write(tmp_path, """\
+        version: 1
+        recipe: r
+        params:
+          w_bits: {default: "8", type: str}
+        steps:
+          - rules: canonicalize
+          - rules: convert
+        """)
+    qpasses.load_file(f)  # the file alone is well-formed: the conflict is with what it runs
+    with pytest.raises(RuleError) as e:
+        qpasses.PassManager(str(f))
+    assert str(e.value).startswith(f"{f}:7:12: parameter 'w_bits' of recipe 'r' is declared as str (line 4), "
+                                   f"but rule family 'convert' (run at line 7) declares it as int"), str(e.value)
+
+
+def test_a_recipe_declares_only_what_it_changes(tmp_path):
+    f = write(tmp_path, """\
+        version: 1
+        recipe: r
+        params:
+          a_bits: {max: 8, default: 6}   # refines observe's a_bits: int, min 2
+          skip: inherit
+          observer: {default: mse}
+        steps:
+          - rules: observe
+        """)
+    specs = qpasses.PassManager(str(f)).specs
+    assert specs["a_bits"].summary() == {"default": 6, "type": "int", "min": 2, "max": 8, "choices": None}
+    assert specs["observer"].choices == ["minmax", "moving_average", "percentile", "mse", "entropy", "histogram",
+                                         "aciq"] and specs["observer"].default == "mse"
+    with pytest.raises(OptionError, match="a_bits must be <= 8"):
+        qpasses.PassManager(str(f), a_bits=12)
+    with pytest.raises(OptionError, match="observer must be one of"):
+        qpasses.PassManager(str(f), observer="mxe")
+    g = write(tmp_path, """\
+        version: 1
+        recipe: r
+        params:
+          observer: {default: nope}
+        steps:
+          - rules: observe
+        """, "g.yaml")
+    with pytest.raises(RuleError, match=r"g.yaml:4:3: default of observer must be one of"):
+        qpasses.PassManager(str(g))
+
+
+def test_inherit_needs_a_declaration_somewhere(tmp_path):
+    f = write(tmp_path, """\
+        version: 1
+        recipe: r
+        params:
+          skipp: inherit
+        steps:
+          - rules: observe
+        """)
+    with pytest.raises(RuleError) as e:
+        qpasses.PassManager(str(f))
+    assert str(e.value).startswith(f"{f}:4:3: parameter 'skipp' of recipe 'r' is declared 'inherit'")
+    assert "did you mean 'skip'" in str(e.value)
+
+
+def test_shared_declarations_are_declared_once_and_user_folders_override_them(tmp_path, monkeypatch):
+    import re
+    root = Path(__file__).resolve().parents[1] / "rules"
+    texts = [p.read_text() for p in list(root.glob("*.yaml")) + list((root / "recipes").glob("*.yaml"))]
+    for name, pattern in [("skip", r"^\s+skip:\s*\{[^}]*default"), ("observer", r"choices: \[minmax, moving_average")]:
+        assert sum(len(re.findall(pattern, t, re.M)) for t in texts) == 0, name
+    shared = (root / "shared" / "params.yaml").read_text()
+    assert len(re.findall(r"^  skip:", shared, re.M)) == 1
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "params.yaml").write_text("version: 1\nparams:\n  calib_batches: {default: 2, type: int, min: 1}\n")
+    monkeypatch.setenv("QPASSES_RULES_PATH", str(tmp_path))
+    assert qpasses.PassManager("ptq_int8").params["calib_batches"] == 2
+    assert qpasses.PassManager("ptq_int8").params["skip"] == []        # the shipped declaration still counts

@@ -280,6 +280,8 @@ def _register(table: Dict[str, Registered], name: Optional[str], args: Optional[
             # e.g. on a module reload, is fine)
             raise ValueError(f"the name {key!r} is registered twice: by {_origin(old.fn)} and by {_origin(fn)}")
         specs, extra, known = _read_args(fn, dict(args or {}), signature, f"registering {key!r}")
+        if not signature:  # a data step: args={} declares that it takes no argument
+            known = args is not None
         table[key] = Registered(key, fn, (fn.__doc__ or "").strip(), args=specs, extra_kwargs=extra,
                                 declared=known, **kw)
         return fn
