@@ -150,6 +150,23 @@ class Plan:
                     raise OptionError(f"invalid option: {why}")
         return params
 
+    def needs_data(self) -> bool:
+        """Whether a data step of the plan reads the run's data (with these parameters)."""
+        before: set = set()
+        for u in self.units:
+            if u.kind != "step":
+                continue
+            reg = DATA_STEPS.get(u.step.name)
+            need = True if reg is None else reg.needs_data
+            if callable(need):
+                params = u.params if u.params is not None else self.params
+                args = u.step.args
+                need = need(lambda n, d=None: args[n] if n in args else params.get(n, d), frozenset(before))
+            if need:
+                return True
+            before.add(u.step.name)
+        return False
+
     def _scope_params(self, i: int, memo: Dict[int, Tuple[Dict[str, Any], bool, Dict[str, Any]]]):
         """(parameter values, active, names rebound by with: -> value) of scope ``i``."""
         if i in memo:

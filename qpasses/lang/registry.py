@@ -155,6 +155,10 @@ class Registered:
     #: True when the argument list is known (a signature was read or a data step declared
     #: its arguments); calls of undeclared data steps are not checked
     declared: bool = True
+    #: for data steps: whether the step reads the run's ``data`` -- True, False, or
+    #: ``fn(arg, before) -> bool`` of the step's arguments (``arg(name, default)``: its ``with:``
+    #: value, else the run's parameter) and the names of the data steps that run before it
+    needs_data: Any = True
 
 
 CONSTRAINTS: Dict[str, Registered] = {}
@@ -319,14 +323,16 @@ def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()
     return _register(ACTIONS, name, args, replaces=replaces, keeps=tuple(keeps))
 
 
-def data_step(name: Optional[str] = None, args: Optional[Mapping[str, Any]] = None):
+def data_step(name: Optional[str] = None, args: Optional[Mapping[str, Any]] = None, needs_data: Any = True):
     """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes.
 
     ``args`` declares the arguments a recipe may give it under ``with:`` (type, range, choices,
     default: ``{"strict": {"type": bool, "default": False}}``); a step that declares them is
     checked when its recipe is loaded, one that does not accepts any ``with:`` values.
+    ``needs_data`` says whether it reads the run's data (see :class:`Registered`); recipes
+    whose steps need none are listed as data-free (``qpasses quantize --help``).
     """
-    return _register(DATA_STEPS, name, args, signature=False)
+    return _register(DATA_STEPS, name, args, signature=False, needs_data=needs_data)
 
 
 # ----------------------------------------------------------------------------- checking and listing

@@ -144,7 +144,7 @@ CALIBRATE_ARGS = {
 }
 
 
-@data_step("calibrate", args=CALIBRATE_ARGS)
+@data_step("calibrate", args=CALIBRATE_ARGS, needs_data=lambda arg, before: arg("no_data", "error") != "first_batch")
 def calibrate(ctx) -> None:
     """Run up to ``calib_batches`` batches of ``data`` through the graph in eval mode, no grad
     (data-parallel under ``torch.distributed``; ``no_data=first_batch`` for training recipes)."""

@@ -142,12 +142,18 @@ DISTILL_ARGS = {
     "save_to": {"type": str, "default": None, "doc": "write the synthetic set here"},
     "seed": {"type": int, "min": 0, "default": 0},
 }
+def reads_real_data(arg, before) -> bool:
+    """Whether a step with a ``data_source`` argument reads the run's data (``needs_data``)."""
+    source = arg("data_source", "auto")
+    return source == "real" or (source == "auto" and "distill" not in before)
+
+
 #: ``data_source`` of the steps that read the synthetic set or the run's data
 DATA_SOURCE_ARG = {"type": str, "choices": ("auto", "synthetic", "real"), "default": "auto",
                    "doc": "the distilled synthetic set, the run's data, or auto (synthetic when there is one)"}
 
 
-@data_step("distill", args=DISTILL_ARGS)
+@data_step("distill", args=DISTILL_ARGS, needs_data=False)
 def distill(ctx) -> None:
     """GENIE-D: synthesise ``samples`` inputs by matching BatchNorm statistics (generator + latents)."""
     from ..methods.genie import synthesize
@@ -238,7 +244,7 @@ class _Overlay:
         return self._ctx.arg(name, default)
 
 
-@data_step("calibrate_synthetic", args={
+@data_step("calibrate_synthetic", needs_data=reads_real_data, args={
     "data_source": DATA_SOURCE_ARG,
     "calib_batch_size": {"type": int, "min": 1, "default": 64, "doc": "batch size of calibration"},
     "distributed": {"type": "any", "choices": ("auto", True, False), "default": "auto"},
