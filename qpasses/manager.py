@@ -29,6 +29,13 @@ from .verify import Verifier
 __all__ = ["PassManager", "Refuse", "StepContext", "Explanation", "copy_graph_module", "PROVENANCE_KEY"]
 
 
+def _graph_output(graph: fx.Graph) -> Optional[fx.Node]:
+    """The graph's output node (the last node; None if there is none)."""
+    for n in reversed(graph.nodes):
+        return n if n.op == "output" else None
+    return None
+
+
 class StepContext:
     """What a data step receives."""
 
@@ -228,8 +235,13 @@ class PassManager:
                 if why is not None:
                     stats.refuse(node.name, why)
                     continue
+                out_node = _graph_output(rc.graph)
                 try:
                     ctx.call(action.fn, rule.rewrite)
+                    if out_node is not None and _graph_output(rc.graph) is None:
+                        raise RewriteError(f"rule {rule.name!r} ({rule.loc}) refused on node {node.name}: its "
+                                           f"rewrite would erase the graph's output; the run stops and the input "
+                                           f"graph is unchanged")
                 except Refuse as r:
                     stats.refuse(node.name, r.reason)
                     continue

@@ -673,3 +673,47 @@ def test_onnx_data_steps_declare_what_they_implement(tmp_path):
     from qpasses.onnx import quantize_onnx
     with pytest.raises(QPassesError, match=r"argument 'distributed' of data step 'calibrate' \(.*r.yaml:5:\d+\)"):
         quantize_onnx(model, [torch.randn(1, 4)], recipe=str(f))
+
+
+# ----------------------------------------------------------------------------- graph validity
+
+def test_a_rewrite_that_would_erase_the_graph_output_is_refused_with_its_location(tmp_path):
+    import torch
+    import torch.nn as nn
+    from qpasses.errors import RewriteError
+    from qpasses.lang.registry import action
+
+    @action("test_drop_output_after")
+    def drop_output_after(ctx, n):
+        """Erase the graph's output node (what a faulty user action might do)."""
+        for u in list(n.users):
+            if u.op == "output":
+                ctx.erase(u)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    x = torch.randn(2, 4)
+    gm = qpasses.trace(M().eval(), (x,))
+    code, sd = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    f = write(tmp_path, """\
+        version: 1
+        family: bad
+        rules:
+          - name: drop_output
+            match: (relu $r ?x)
+            rewrite: test_drop_output_after($r)
+        """)
+    with pytest.raises(RewriteError) as e:
+        PassManager(str(f)).run(gm)
+    msg = str(e.value)
+    assert f"rule 'drop_output' ({f}:4:5) refused on node relu" in msg and "erase the graph's output" in msg, msg
+    assert gm.code == code and all(torch.equal(sd[k], v) for k, v in gm.state_dict().items())
+    ref = M().eval()
+    ref.load_state_dict(sd)
+    assert torch.equal(gm(x), ref(x))                     # the input graph still computes the model
