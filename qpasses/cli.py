@@ -599,6 +599,15 @@ def rules_show(name):
     click.echo(Path(obj.path).read_text(encoding="utf-8"))
 
 
+def _is_shared_declarations(path: str) -> bool:
+    """Whether ``path`` is a shared-declarations file (a top-level ``shared:`` key)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("shared:") for line in text.splitlines())
+
+
 @rules.command("check", context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def rules_check(files):
@@ -609,6 +618,11 @@ def rules_check(files):
     bad = 0
     for f in files:
         try:
+            if _is_shared_declarations(f):
+                from .lang.rules import decode_text, parse_shared_text
+                n = len(parse_shared_text(decode_text(Path(f).read_bytes(), f), f))
+                click.echo(f"{f}: ok (shared declarations: {n} parameters)")
+                continue
             obj = load_file(f)
             PassManager(obj)  # binds parameters: undefined ${params}, unknown steps
             what = (f"recipe {obj.name}: {len(obj.steps)} steps" if isinstance(obj, Recipe)

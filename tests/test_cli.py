@@ -97,6 +97,11 @@ def test_rules_list_show_check(tmp_path):
     assert r.exit_code == EXIT_ERROR and f"{bad}:4:" in r.output and "conv2dd" in r.output
     r = _run("rules", "check", "rules/canonicalize.yaml", "rules/recipes/ptq_int8.yaml")
     assert r.exit_code == EXIT_OK and r.output.count(": ok") == 2
+    r = _run("rules", "check", "rules/shared/params.yaml")
+    assert r.exit_code == EXIT_OK and "ok (shared declarations" in r.output
+    bad.write_text("version: 1\nshared: params\nparams:\n  skip: inherit\n")
+    r = _run("rules", "check", bad)
+    assert r.exit_code == EXIT_ERROR and f"{bad}:4:3: shared parameter 'skip' cannot be 'inherit'" in r.output
 
 
 def test_explain_fx_and_onnx(tmp_path):
