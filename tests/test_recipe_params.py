@@ -251,3 +251,24 @@ def test_shared_declarations_are_declared_once_and_user_folders_override_them(tm
     monkeypatch.setenv("QPASSES_RULES_PATH", str(tmp_path))
     assert qpasses.PassManager("ptq_int8").params["calib_batches"] == 2
     assert qpasses.PassManager("ptq_int8").params["skip"] == []        # the shipped declaration still counts
+
+
+def test_a_full_declaration_of_a_shared_name_stands_alone(tmp_path):
+    """A user family's own typed declaration is not changed by the shared one of that name."""
+    f = write(tmp_path, """\
+        version: 1
+        family: mine
+        params:
+          observer: {default: my_observer, type: str}
+          seed: {type: int}
+          w_bits: {max: 4, default: 4}
+        rules:
+          - name: r
+            match: (relu $r ?x)
+            rewrite: bypass($r, ?x)
+        """)
+    fam = qpasses.load_file(f)
+    assert fam.params["observer"].summary() == {"default": "my_observer", "type": "str", "min": None, "max": None,
+                                                "choices": None}
+    assert fam.params["seed"].default is None and fam.params["seed"].min is None
+    assert fam.params["w_bits"].summary() == {"default": 4, "type": "int", "min": 2, "max": 4, "choices": None}

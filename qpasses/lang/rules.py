@@ -659,8 +659,10 @@ def _type_conflict(own: ParamSpec, base: ParamSpec) -> bool:
 def resolve_params(own: Dict[str, ParamSpec], inherited: Dict[str, Tuple[ParamSpec, Optional[str], Location]],
                    what: str) -> Dict[str, ParamSpec]:
     """The effective parameters of a family or recipe ``what``: ``inherited`` (name -> (spec,
-    where it comes from, the location to blame: a recipe's step line)) refined by ``own``; a name
-    declared here and nowhere else stands alone, and ``name: inherit`` must be inherited.
+    where it comes from, the location to blame: a recipe's step line)) refined by ``own``; a
+    declaration without a type of its own (``inherit``, ``{max: 8}``, a bare default) of a name
+    nothing it runs declares refines the shared declaration (:func:`shared_params`); a full
+    declaration of such a name stands alone, and ``name: inherit`` must be inherited.
 
     A declared type that differs from the inherited one is a located :class:`RuleSchemaError`
     at the step that runs the declaring family (or at the declaration, for shared ones).
@@ -669,7 +671,9 @@ def resolve_params(own: Dict[str, ParamSpec], inherited: Dict[str, Tuple[ParamSp
     out: Dict[str, ParamSpec] = {}
     for name, ps in own.items():
         src = inherited.get(name)
-        if src is None and name in shared:
+        # a shared declaration is taken by 'inherit' or by a partial declaration (no type of its
+        # own); a full declaration (with a type) of a name nothing it runs declares stands alone
+        if src is None and name in shared and "type" not in ps.given:
             src = (shared[name], "the shared declarations (" + str(shared[name].loc.file or "params.yaml") + ")",
                    ps.loc)
         if src is None:
