@@ -388,6 +388,43 @@ def _example(batches, model, input_shape=None, spec: Optional[str] = None):
                       f"also the example inputs) or {_shape_hint(model)}")
 
 
+def data_free_recipes() -> List[str]:
+    """The recipes that run without calibration data, read from the recipes themselves: none of
+    their data steps needs the run's data with the default parameters
+    (:meth:`qpasses.plan.Plan.needs_data`; e.g. ``calibrate`` with ``no_data: first_batch``)."""
+    from . import actions, steps  # noqa: F401  (registers the data steps)
+    from .lang.rules import available_names
+    from .plan import Plan
+    out = []
+    for name, kind in sorted(available_names().items()):
+        if kind != "recipe":
+            continue
+        try:
+            if not Plan(name, {}).needs_data():
+                out.append(name)
+        except Exception:  # noqa: BLE001  a broken user recipe is reported by `rules check`, not by --help
+            continue
+    return out
+
+
+class _LazyHelpOption(click.Option):
+    """An option whose help text ends with text computed only when help is shown."""
+
+    def __init__(self, *args, help_tail=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._help_tail = help_tail
+
+    def get_help_record(self, ctx):
+        if self._help_tail is not None and not getattr(self, "_tail_added", False):
+            self.help = f"{self.help} {self._help_tail()}"
+            self._tail_added = True
+        return super().get_help_record(ctx)
+
+
+def _data_free_help() -> str:
+    return f"Recipes that run without --data: {', '.join(data_free_recipes()) or 'none'}."
+
+
 # ----------------------------------------------------------------------------- commands
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -416,7 +453,8 @@ _WEIGHTS_HELP = "A state_dict file (.pt read with weights_only=True, or .npz) to
                    "(e.g. dynamic_int8,lower).")
 @click.option("--option", "-o", "options", multiple=True, metavar="K=V", help="Recipe parameter (repeatable), e.g. -o w_bits=4.")
 @click.option("--data", "-d", metavar="FILE|digits", help=_DATA_HELP)
-@click.option("--shape", "--input-shape", "-s", "input_shape", metavar="N,C,...",
+@click.option("--shape", "--input-shape", "-s", "input_shape", metavar="N,C,...", cls=_LazyHelpOption,
+              help_tail=_data_free_help,
               help="Without --data: trace from a random input of this shape (default: the model's own example).")
 @click.option("--weights", "-w", metavar="FILE", help=_WEIGHTS_HELP)
 @click.option("--out", "-O", "out", type=click.Path(dir_okay=False),
@@ -508,11 +546,18 @@ def rules():
     """List, show and check rule files and recipes."""
 
 
+_LIST_KINDS = ("all", "recipes", "rules", "steps", "actions", "constraints")
+
+
 @rules.command("list", context_settings=CONTEXT)
-def rules_list():
-    """List every recipe, rule family and data step addressable by name."""
+@click.argument("what", required=False, default="all", type=click.Choice(_LIST_KINDS))
+def rules_list(what):
+    """List what rule files can name: recipes, rule families, data steps, actions and
+    constraints (WHAT: one of them, default all).  Data steps, actions and constraints show
+    the arguments they declare (types, ranges, choices, defaults), as rule files may pass them."""
+    from . import actions, steps  # noqa: F401  (registers the actions, constraints and data steps)
+    from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, describe_args
     from .lang.rules import _named_files, find_named
-    from .lang.registry import DATA_STEPS
     rows = []
     for name, path in sorted(_named_files().items()):
         try:
@@ -521,12 +566,25 @@ def rules_list():
             kind = "recipe" if path.parent.name == "recipes" else "rules"
         except Exception as e:  # noqa: BLE001
             kind, doc = "broken", str(e)
-        rows.append((kind, name, doc))
-    for name, reg in sorted(DATA_STEPS.items()):
-        rows.append(("step", name, reg.doc.split("\n")[0]))
-    w = max(len(r[1]) for r in rows)
-    for kind, name, doc in sorted(rows, key=lambda r: ({"recipe": 0, "rules": 1, "step": 2}.get(r[0], 3), r[1])):
-        click.echo(f"{kind:7} {name:{w}}  {doc[:90]}")
+        if what in ("all", kind + "s", kind):
+            rows.append((kind, name, doc))
+    if rows:
+        w = max(len(r[1]) for r in rows)
+        for kind, name, doc in sorted(rows, key=lambda r: ({"recipe": 0, "rules": 1}.get(r[0], 2), r[1])):
+            click.echo(f"{kind:7} {name:{w}}  {doc[:90]}")
+    for kind, table in (("step", DATA_STEPS), ("action", ACTIONS), ("constraint", CONSTRAINTS)):
+        if what not in ("all", kind + "s"):
+            continue
+        for name, reg in sorted(table.items()):
+            sig = describe_args(name, kind)
+            if len(sig) <= 100:
+                click.echo(f"{kind:10} {sig}")
+            else:  # one declared argument a line
+                parts = [a.describe() for a in reg.args.values()] + (["**options"] if reg.extra_kwargs else [])
+                click.echo(f"{kind:10} {name}(\n" + ",\n".join(f"{'':14}{p}" for p in parts) + ")")
+            first = reg.doc.strip().split("\n")[0] if reg.doc else ""
+            if first:
+                click.echo(f"{'':10}   {first[:100]}")
 
 
 @rules.command("show", context_settings=CONTEXT)
@@ -541,6 +599,15 @@ def rules_show(name):
     click.echo(Path(obj.path).read_text(encoding="utf-8"))
 
 
+def _is_shared_declarations(path: str) -> bool:
+    """Whether ``path`` is a shared-declarations file (a top-level ``shared:`` key)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("shared:") for line in text.splitlines())
+
+
 @rules.command("check", context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def rules_check(files):
@@ -551,6 +618,11 @@ def rules_check(files):
     bad = 0
     for f in files:
         try:
+            if _is_shared_declarations(f):
+                from .lang.rules import decode_text, parse_shared_text
+                n = len(parse_shared_text(decode_text(Path(f).read_bytes(), f), f))
+                click.echo(f"{f}: ok (shared declarations: {n} parameters)")
+                continue
             obj = load_file(f)
             PassManager(obj)  # binds parameters: undefined ${params}, unknown steps
             what = (f"recipe {obj.name}: {len(obj.steps)} steps" if isinstance(obj, Recipe)

@@ -98,7 +98,12 @@ def apply_rule(ir: Any, matcher: Matcher, rule: Rule, stats: Any) -> int:
                 if why is not None:
                     stats.refuse(node.name, why)
                     continue
+                had_output = ir.has_output()
                 ctx.call(fn, rule.rewrite)
+                if had_output and not ir.has_output():
+                    raise RewriteError(f"rule {rule.name!r} ({rule.loc}) refused on node {node.name}: its "
+                                       f"rewrite would erase the graph's output; the run stops and the input "
+                                       f"graph is unchanged")
             except Refuse as r:
                 stats.refuse(node.name, r.reason)
                 continue

@@ -188,6 +188,12 @@ class FxIR:
     def rewritten(self, match: Match, keeps: Sequence[str]) -> None:
         pass  # erased nodes are recognised by fx itself
 
+    def has_output(self) -> bool:
+        """The graph still ends in its output node (an action that erased it is a rule bug)."""
+        for n in reversed(self.rewrite.graph.nodes):
+            return n.op == "output"
+        return False
+
     def tagging(self, rule_name: str):
         return self.rewrite.tagging(rule_name)
 

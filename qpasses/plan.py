@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import Location, OptionError, RuleError, UnknownNameError, nearest
+from .errors import ArgumentError, Location, OptionError, RuleError, UnknownNameError, nearest
 from .lang.registry import DATA_STEPS
-from .lang.rules import ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, available_names, find_named
+from .lang.rules import (MAX_RECIPE_DEPTH, ParamSpec, Recipe, Rule, RuleFamily, StageSpec, Step, available_names,
+                         find_named, recipe_params, step_target)
 from .lang.syntax import substitute
 
 __all__ = ["Unit", "Plan", "truthy"]
@@ -36,6 +37,9 @@ class Unit:
     stage: Optional[StageSpec] = None
     rules: Optional[List[Rule]] = None
     step: Optional[Step] = None
+    #: the parameter values this unit was bound with (the run's, rebound by ``with:`` of the
+    #: recipe / rule steps around it)
+    params: Optional[Dict[str, Any]] = None
 
     @property
     def label(self) -> str:
@@ -44,12 +48,29 @@ class Unit:
         return f"step:{self.step.name}"
 
 
+@dataclass
+class _Scope:
+    """A ``rules:`` / ``recipe:`` step of a recipe: its ``when`` and the parameters its ``with:``
+    binds for what it runs (checked against ``specs``, what that family / recipe declares)."""
+    parent: Optional[int]
+    step: Optional[Step] = None
+    specs: Optional[Dict[str, ParamSpec]] = None
+    what: str = "recipe"
+
+
 class Plan:
-    """The units of ``rules`` (see :class:`~qpasses.PassManager`) bound to ``options``."""
+    """The units of ``rules`` (see :class:`~qpasses.PassManager`) bound to ``options``.
+
+    Parameters are one namespace: a recipe's effective parameters (:func:`recipe_params`: its
+    own declarations over those of everything it runs) give the defaults, the options override
+    them.  ``with:`` on a ``rules:`` / ``recipe:`` step rebinds names for that step only, and its
+    ``when`` switches the whole family / nested recipe off.
+    """
 
     def __init__(self, rules: Any, options: Dict[str, Any]):
         self.specs: Dict[str, ParamSpec] = {}
-        self._raw: List[Tuple[str, Any, Optional[Step]]] = []
+        self._raw: List[Tuple[str, Any, int]] = []
+        self._scopes: List[_Scope] = [_Scope(None)]
         items = list(rules) if isinstance(rules, (list, tuple)) else [rules]
         if not items:
             raise OptionError("PassManager needs at least one recipe, rule family, rule or step")
@@ -59,31 +80,18 @@ class Plan:
         self.units = self._bind()
 
     def _load(self, item: Any, depth: int, loc: Optional[Location] = None) -> None:
-        if depth > 16:
+        if depth > MAX_RECIPE_DEPTH:
             raise RuleError("recipes include each other more than 16 levels deep (a cycle?)", loc)
         if isinstance(item, Rule):
-            self._raw.append(("rule", item, None))
+            self._raw.append(("rule", item, 0))
             return
         if isinstance(item, RuleFamily):
             self._add_specs(item.params, override=False)
-            self._raw.append(("family", item, None))
+            self._raw.append(("family", item, 0))
             return
         if isinstance(item, Recipe):
-            self._add_specs(item.params, override=True)
-            for st in item.steps:
-                if st.kind == "rules":
-                    fam = find_named(st.name, st.loc)
-                    if not isinstance(fam, RuleFamily):
-                        self._load(fam, depth + 1, st.loc)
-                    else:
-                        self._add_specs(fam.params, override=False)
-                        self._raw.append(("family", fam, st))
-                elif st.kind == "recipe":
-                    self._load(find_named(st.name, st.loc), depth + 1, st.loc)
-                else:
-                    if st.name not in DATA_STEPS:
-                        raise UnknownNameError(f"unknown data step {st.name!r}", st.loc, nearest(st.name, DATA_STEPS))
-                    self._raw.append(("step", st, None))
+            self._add_specs(recipe_params(item), override=True)
+            self._expand(item, 0, depth)
             return
         if isinstance(item, (str, os.PathLike)):
             s = str(item)
@@ -92,11 +100,31 @@ class Plan:
                 self._load(load_file(s), depth + 1, loc)
                 return
             if s in DATA_STEPS and available_names().get(s) not in ("recipe", "rules"):
-                self._raw.append(("step", Step("step", s, {}, True, Location("<python>")), None))
+                self._raw.append(("step", Step("step", s, {}, True, Location("<python>")), 0))
                 return
             self._load(find_named(s, loc), depth + 1, loc)
             return
         raise OptionError(f"cannot use {type(item).__name__} as rules: give a name, a path, a Rule or a list")
+
+    def _expand(self, recipe: Recipe, scope: int, depth: int) -> None:
+        """The steps of ``recipe`` (already checked by :func:`recipe_params`), in scope ``scope``."""
+        if depth > MAX_RECIPE_DEPTH:
+            raise RuleError("recipes include each other more than 16 levels deep (a cycle?)",
+                            Location(recipe.path, 1, 1))
+        for st in recipe.steps:
+            if st.kind == "step":
+                if st.name not in DATA_STEPS:
+                    raise UnknownNameError(f"unknown data step {st.name!r}", st.loc, nearest(st.name, DATA_STEPS))
+                self._raw.append(("step", st, scope))
+                continue
+            target = step_target(st)
+            specs = target.params if isinstance(target, RuleFamily) else recipe_params(target)
+            self._scopes.append(_Scope(scope, st, specs, "rule family" if isinstance(target, RuleFamily) else "recipe"))
+            inner = len(self._scopes) - 1
+            if isinstance(target, RuleFamily):
+                self._raw.append(("family", target, inner))
+            else:
+                self._expand(target, inner, depth + 1)
 
     def _add_specs(self, specs: Dict[str, ParamSpec], override: bool) -> None:
         for k, v in specs.items():
@@ -122,23 +150,75 @@ class Plan:
                     raise OptionError(f"invalid option: {why}")
         return params
 
+    def needs_data(self) -> bool:
+        """Whether a data step of the plan reads the run's data (with these parameters)."""
+        before: set = set()
+        for u in self.units:
+            if u.kind != "step":
+                continue
+            reg = DATA_STEPS.get(u.step.name)
+            need = True if reg is None else reg.needs_data
+            if callable(need):
+                params = u.params if u.params is not None else self.params
+                args = u.step.args
+                need = need(lambda n, d=None: args[n] if n in args else params.get(n, d), frozenset(before))
+            if need:
+                return True
+            before.add(u.step.name)
+        return False
+
+    def _scope_params(self, i: int, memo: Dict[int, Tuple[Dict[str, Any], bool, Dict[str, Any]]]):
+        """(parameter values, active, names rebound by with: -> value) of scope ``i``."""
+        if i in memo:
+            return memo[i]
+        sc = self._scopes[i]
+        if sc.parent is None:
+            memo[i] = (self.params, True, {})
+            return memo[i]
+        outer, active, bound = self._scope_params(sc.parent, memo)
+        st = sc.step
+        where = f" (step {st.name})"
+        active = active and truthy(substitute(st.when, outer, where))
+        params, bound = outer, dict(bound)
+        if active and st.args:
+            params = dict(outer)
+            for k, v in st.args.items():
+                spec = sc.specs[k]
+                val = spec.coerce(copy.deepcopy(substitute(v, outer, where)))
+                why = spec.check(val)
+                if why:
+                    raise ArgumentError(f"with: {sc.what} {st.name!r}: {why}", st.value_loc(k))
+                params[k] = bound[k] = val
+        memo[i] = (params, active, bound)
+        return memo[i]
+
     def _bind(self) -> List[Unit]:
         units: List[Unit] = []
-        for kind, obj, step in self._raw:
+        memo: Dict[int, Any] = {}
+        for kind, obj, scope in self._raw:
+            params, active, bound = self._scope_params(scope, memo)
+            if not active:
+                continue
             if kind == "rule":
-                units.append(Unit("stage", None, StageSpec(obj.stage), [obj.bind(self.params)]))
+                units.append(Unit("stage", None, StageSpec(obj.stage), [obj.bind(params)], params=params))
             elif kind == "family":
-                if step is not None and not truthy(substitute(step.when, self.params, f" (step {step.name})")):
-                    continue
-                bound = [r.bind(self.params) for r in obj.rules]
+                bound_rules = [r.bind(params) for r in obj.rules]
                 for stage in obj.stages:
-                    rs = [r for r in bound if r.stage == stage.name]
+                    rs = [r for r in bound_rules if r.stage == stage.name]
                     if rs:
-                        units.append(Unit("stage", obj.name, stage, rs))
+                        units.append(Unit("stage", obj.name, stage, rs, params=params))
             else:
                 st: Step = obj
-                args = {k: substitute(v, self.params, f" (step {st.name})") for k, v in st.args.items()}
-                if not truthy(substitute(st.when, self.params, f" (step {st.name})")):
+                where = f" (step {st.name})"
+                if not truthy(substitute(st.when, params, where)):
                     continue
-                units.append(Unit("step", None, step=Step(st.kind, st.name, args, True, st.loc)))
+                args = {k: substitute(v, params, where) for k, v in st.args.items()}
+                # a data step reads an argument it is not given from the run's parameters
+                # (StepContext.arg): the values a with: around it rebound travel as arguments
+                reg = DATA_STEPS.get(st.name)
+                for k, v in bound.items():
+                    if k not in args and (reg is None or not reg.declared or k in reg.args):
+                        args[k] = v
+                units.append(Unit("step", None, step=Step(st.kind, st.name, args, True, st.loc, st.arg_locs),
+                                  params=params))
         return units

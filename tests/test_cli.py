@@ -97,6 +97,11 @@ def test_rules_list_show_check(tmp_path):
     assert r.exit_code == EXIT_ERROR and f"{bad}:4:" in r.output and "conv2dd" in r.output
     r = _run("rules", "check", "rules/canonicalize.yaml", "rules/recipes/ptq_int8.yaml")
     assert r.exit_code == EXIT_OK and r.output.count(": ok") == 2
+    r = _run("rules", "check", "rules/shared/params.yaml")
+    assert r.exit_code == EXIT_OK and "ok (shared declarations" in r.output
+    bad.write_text("version: 1\nshared: params\nparams:\n  skip: inherit\n")
+    r = _run("rules", "check", bad)
+    assert r.exit_code == EXIT_ERROR and f"{bad}:4:3: shared parameter 'skip' cannot be 'inherit'" in r.output
 
 
 def test_explain_fx_and_onnx(tmp_path):
@@ -391,3 +396,48 @@ def test_report_table_separates_not_applicable_from_refused():
     assert row_na[5:8] == ["1", "0", "n/a:"] and row_ref[5:8] == ["0", "1", "refused:"]
     r = _run("quantize", "qpasses.zoo:ResNetLike", "-r", "canonicalize", "-s", "2,1,8,8")
     assert r.exit_code == EXIT_OK and " n/a " in r.output.splitlines()[0]
+
+
+def test_rules_list_shows_declared_arguments():
+    from qpasses.lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, describe_args
+    r = _run("rules", "list")
+    assert r.exit_code == 0
+    out = r.output
+    # every data step, action and constraint is listed with what it declares
+    for kind, table in (("step", DATA_STEPS), ("action", ACTIONS), ("constraint", CONSTRAINTS)):
+        for name, reg in table.items():
+            sig = describe_args(name, kind)
+            if len(sig) <= 100:
+                assert f"{kind:10} {sig}" in out, sig
+            else:
+                assert f"{kind:10} {name}(" in out, name
+                for a in reg.args.values():
+                    assert a.describe() in out, (name, a.describe())
+    assert "bits: int in [2, 16] = 8" in out                     # observe_input's declared range
+    assert "no_data: str | null in {'error', 'first_batch'} = 'error'" in out   # calibrate's declared choices
+    r = _run("rules", "list", "constraints")
+    assert r.exit_code == 0 and "constraint skipped(node: node" in r.output and "recipe " not in r.output
+    assert _run("rules", "list", "nonsense").exit_code == EXIT_USAGE
+
+
+def test_quantize_help_lists_data_free_recipes_from_the_recipes(tmp_path, monkeypatch):
+    r = _run("quantize", "--help")
+    text = " ".join(r.output.split())
+    i = text.index("Recipes that run without --data:")
+    listed = text[i:].split(":", 1)[1].split(".")[0].replace(",", " ").split()
+    assert {"qat", "bnn", "dynamic_int8", "w4a16", "genie", "lower"} <= set(listed), listed
+    assert "ptq_int8" not in listed and "adaround" not in listed and "haq" not in listed
+    # derived, not written down: a user recipe that needs no data appears, one that does does not
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "my_nodata.yaml").write_text(
+        "version: 1\nrecipe: my_nodata\nsteps:\n  - rules: canonicalize\n  - step: calibrate\n    with: {no_data: first_batch}\n")
+    (tmp_path / "recipes" / "my_data.yaml").write_text(
+        "version: 1\nrecipe: my_data\nsteps:\n  - rules: canonicalize\n  - step: calibrate\n")
+    monkeypatch.setenv("QPASSES_RULES_PATH", str(tmp_path))
+    from qpasses.cli import data_free_recipes
+    names = data_free_recipes()
+    assert "my_nodata" in names and "my_data" not in names
+    # and what the list says holds: each data-free recipe runs without data
+    gm = qpasses.trace(zoo.DigitsCNN().eval(), (zoo.example_input("digits_cnn", batch=2),))
+    for name in ("qat", "bnn", "my_nodata"):
+        qpasses.PassManager(name, quiet=True).run(gm)

@@ -597,3 +597,123 @@ def test_keyword_only_arguments_are_not_positional():
     finally:
         ACTIONS.pop("_t_kwonly", None)
 
+
+
+# ----------------------------------------------------------------------------- data-step arguments
+
+@pytest.mark.parametrize("step, args, line_col, match", [
+    ("calibrate", "{calib_batchs: 3}", "5:12", r"unknown argument 'calib_batchs' \(did you mean 'calib_batches'\?\)"),
+    ("calibrate", "{calib_batches: 0}", "5:27", "calib_batches must be >= 1, got 0"),
+    ("calibrate", "{no_data: first}", "5:21", "no_data must be one of 'error', 'first_batch'"),
+    ("calibrate", "{shard_data: 3}", "5:24", "shard_data must be true or false"),
+    ("distill", "{samples: many}", "5:21", "samples must be an integer"),
+    ("distill", "{distill_mode: gan}", "5:26", "distill_mode must be one of"),
+    ("calibrate_synthetic", "{data_source: disk}", "5:25", "data_source must be one of"),
+    ("reconstruct", "{qdrop: 1.5}", "5:19", "qdrop must be <= 0.99"),
+    ("reconstruct", "{recon_iter: 5}", "5:12", "unknown argument 'recon_iter'"),
+    ("first_batch_init", "{x: 1}", "5:12", "unknown argument 'x'; it takes: no arguments"),
+    ("search_bits", "{method: greedy}", "5:20", "method must be one of"),
+])
+def test_data_step_arguments_are_checked_at_load(tmp_path, step, args, line_col, match):
+    f = write(tmp_path, f"""\
+        version: 1
+        recipe: r
+        steps:
+          - step: {step}
+            with: {args}
+        """)
+    with pytest.raises(ArgumentError, match=match) as e:
+        qpasses.load_file(f)
+    assert str(e.value).startswith(f"{f}:{line_col}: data step {step}: "), str(e.value)
+
+
+def test_every_data_step_declares_its_arguments():
+    """A data step reads its arguments through ctx.arg: each one it reads must be declared (no
+    with: value escapes the load-time check)."""
+    import re
+    from pathlib import Path
+    from qpasses.lang.registry import DATA_STEPS
+    root = Path(qpasses.__file__).parent
+    for name in ("calibrate", "calibrate_synthetic", "distill", "first_batch_init", "reconstruct", "search_bits"):
+        reg = DATA_STEPS[name]
+        assert reg.declared, name
+    read = {}
+    for src in (root / "steps").glob("*.py"):
+        text = src.read_text()
+        read[src.stem] = set(re.findall(r'ctx\.arg\("(\w+)"', text)) | set(re.findall(r'genie_setting\(ctx, "(\w+)"', text)) \
+            | set(re.findall(r'_pos_int\(ctx, "(\w+)"', text))
+    assert read["reconstruct"] <= set(DATA_STEPS["reconstruct"].args), read["reconstruct"] - set(DATA_STEPS["reconstruct"].args)
+    assert read["search"] <= set(DATA_STEPS["search_bits"].args), read["search"] - set(DATA_STEPS["search_bits"].args)
+    assert read["calibrate"] <= set(DATA_STEPS["calibrate"].args), read["calibrate"]
+    both = set(DATA_STEPS["distill"].args) | set(DATA_STEPS["calibrate_synthetic"].args)
+    assert read["distill"] <= both, read["distill"] - both
+
+
+def test_onnx_data_steps_declare_what_they_implement(tmp_path):
+    from qpasses.lang.registry import DATA_STEPS
+    from qpasses.onnx.quantize import ONNX_DATA_STEP_ARGS, ONNX_DATA_STEPS
+    for name in ONNX_DATA_STEPS:
+        assert set(ONNX_DATA_STEP_ARGS[name]) <= set(DATA_STEPS[name].args), name
+    f = write(tmp_path, """\
+        version: 1
+        recipe: r
+        steps:
+          - rules: observe
+          - step: calibrate
+            with: {distributed: true}
+          - rules: convert
+        """)
+    import torch
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.1] * 16)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    from qpasses.onnx import quantize_onnx
+    with pytest.raises(QPassesError, match=r"argument 'distributed' of data step 'calibrate' \(.*r.yaml:5:\d+\)"):
+        quantize_onnx(model, [torch.randn(1, 4)], recipe=str(f))
+
+
+# ----------------------------------------------------------------------------- graph validity
+
+def test_a_rewrite_that_would_erase_the_graph_output_is_refused_with_its_location(tmp_path):
+    import torch
+    import torch.nn as nn
+    from qpasses.errors import RewriteError
+    from qpasses.lang.registry import action
+
+    @action("test_drop_output_after")
+    def drop_output_after(ctx, n):
+        """Erase the graph's output node (what a faulty user action might do)."""
+        for u in list(n.users):
+            if u.op == "output":
+                ctx.erase(u)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    x = torch.randn(2, 4)
+    gm = qpasses.trace(M().eval(), (x,))
+    code, sd = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    f = write(tmp_path, """\
+        version: 1
+        family: bad
+        rules:
+          - name: drop_output
+            match: (relu $r ?x)
+            rewrite: test_drop_output_after($r)
+        """)
+    with pytest.raises(RewriteError) as e:
+        PassManager(str(f)).run(gm)
+    msg = str(e.value)
+    assert f"rule 'drop_output' ({f}:4:5) refused on node relu" in msg and "erase the graph's output" in msg, msg
+    assert gm.code == code and all(torch.equal(sd[k], v) for k, v in gm.state_dict().items())
+    ref = M().eval()
+    ref.load_state_dict(sd)
+    assert torch.equal(gm(x), ref(x))                     # the input graph still computes the model

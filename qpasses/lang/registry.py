@@ -158,6 +158,10 @@ class Registered:
     #: the implementation on ONNX graphs (onnx-graphsurgeon), when there is one; see
     #: :func:`qpasses.onnx.rewrite.onnx_action`
     onnx: Optional[Callable] = None
+    #: for data steps: whether the step reads the run's ``data`` -- True, False, or
+    #: ``fn(arg, before) -> bool`` of the step's arguments (``arg(name, default)``: its ``with:``
+    #: value, else the run's parameter) and the names of the data steps that run before it
+    needs_data: Any = True
 
 
 CONSTRAINTS: Dict[str, Registered] = {}
@@ -283,6 +287,8 @@ def _register(table: Dict[str, Registered], name: Optional[str], args: Optional[
             # e.g. on a module reload, is fine)
             raise ValueError(f"the name {key!r} is registered twice: by {_origin(old.fn)} and by {_origin(fn)}")
         specs, extra, known = _read_args(fn, dict(args or {}), signature, f"registering {key!r}")
+        if not signature:  # a data step: args={} declares that it takes no argument
+            known = args is not None
         table[key] = Registered(key, fn, (fn.__doc__ or "").strip(), args=specs, extra_kwargs=extra,
                                 declared=known, **kw)
         return fn
@@ -320,14 +326,16 @@ def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()
     return _register(ACTIONS, name, args, replaces=replaces, keeps=tuple(keeps))
 
 
-def data_step(name: Optional[str] = None, args: Optional[Mapping[str, Any]] = None):
+def data_step(name: Optional[str] = None, args: Optional[Mapping[str, Any]] = None, needs_data: Any = True):
     """Register ``fn(ctx, **kwargs) -> GraphModule | None`` as a data step of recipes.
 
     ``args`` declares the arguments a recipe may give it under ``with:`` (type, range, choices,
     default: ``{"strict": {"type": bool, "default": False}}``); a step that declares them is
     checked when its recipe is loaded, one that does not accepts any ``with:`` values.
+    ``needs_data`` says whether it reads the run's data (see :class:`Registered`); recipes
+    whose steps need none are listed as data-free (``qpasses quantize --help``).
     """
-    return _register(DATA_STEPS, name, args, signature=False)
+    return _register(DATA_STEPS, name, args, signature=False, needs_data=needs_data)
 
 
 # ----------------------------------------------------------------------------- checking and listing

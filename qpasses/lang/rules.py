@@ -529,9 +529,20 @@ RECIPE_SCHEMA = _Record("recipe", dict(_COMMON, recipe=_Str(), steps=_List(_STEP
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "any": object}
 
 
+#: the fields of a parameter declaration
+PARAM_FIELDS = ("default", "type", "min", "max", "choices", "doc")
+#: the value that declares a parameter by inheritance alone (``params: {skip: inherit}``)
+INHERIT = "inherit"
+
+
 @dataclass
 class ParamSpec:
-    """A recipe / rule-family parameter: default, type and allowed values."""
+    """A recipe / rule-family parameter: default, type and allowed values.
+
+    ``given`` names the fields the file wrote itself: a declaration *refines* the one it
+    inherits (from the families and recipes a recipe runs, else from the shared declarations),
+    replacing only those fields.  ``inherit`` marks ``name: inherit`` (nothing changed).
+    """
     name: str
     default: Any = None
     type: str = "any"
@@ -540,6 +551,32 @@ class ParamSpec:
     choices: Optional[List[Any]] = None
     doc: str = ""
     loc: Location = field(default_factory=Location)
+    given: Tuple[str, ...] = PARAM_FIELDS
+    inherit: bool = False
+
+    def refine(self, base: "ParamSpec") -> "ParamSpec":
+        """This declaration over the inherited ``base``: the fields written here replace base's."""
+        out = ParamSpec(self.name, base.default, base.type, base.min, base.max,
+                        list(base.choices) if base.choices is not None else None, base.doc, self.loc)
+        for f in self.given:
+            setattr(out, f, getattr(self, f))
+        if "default" in self.given and "type" not in self.given and base.type == "float" and \
+                isinstance(out.default, int) and not isinstance(out.default, bool):
+            out.default = float(out.default)
+        if out.min is not None and out.max is not None and out.min > out.max:
+            raise RuleSchemaError(f"parameter {self.name!r} has min {out.min} above max {out.max} "
+                                  f"(one of them inherited)", self.loc)
+        if out.default is not None:
+            why = out.check(out.default)
+            if why:
+                raise RuleSyntaxError(f"default of {why}" + ("" if "default" in self.given else
+                                                            " (the inherited default does not fit this declaration)"),
+                                      self.loc)
+        return out
+
+    def summary(self) -> Dict[str, Any]:
+        """The declaration's meaning (without doc and location), for comparisons and listings."""
+        return {"default": self.default, "type": self.type, "min": self.min, "max": self.max, "choices": self.choices}
 
     def check(self, value: Any) -> Optional[str]:
         """A reason why ``value`` is not allowed, or None."""
@@ -579,26 +616,80 @@ def _parse_params(raw: Any, file: Optional[str], loc: Location) -> Dict[str, Par
     for name, spec in raw.items():
         ploc = getattr(raw, "key_locs", {}).get(name, loc)
         if isinstance(spec, dict):
-            _check_keys(spec, ("default", "type", "min", "max", "choices", "doc"), f"parameter {name!r}", ploc)
+            _check_keys(spec, PARAM_FIELDS, f"parameter {name!r}", ploc)
             ps = ParamSpec(str(name), spec.get("default"), str(spec.get("type", "any")), spec.get("min"),
                            spec.get("max"), list(spec["choices"]) if spec.get("choices") is not None else None,
-                           str(spec.get("doc", "")), ploc)
+                           str(spec.get("doc", "")), ploc, given=tuple(f for f in PARAM_FIELDS if f in spec))
             if ps.type not in _TYPES:
                 raise RuleSyntaxError(f"unknown parameter type {ps.type!r}", ploc, nearest(ps.type, _TYPES))
             if ps.min is not None and ps.max is not None and ps.min > ps.max:
                 raise RuleSchemaError(f"parameter {name!r} has min {ps.min} above max {ps.max}", ploc)
+        elif isinstance(spec, str) and spec == INHERIT:
+            ps = ParamSpec(str(name), loc=ploc, given=(), inherit=True)
         else:
             default = spec
             typ = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
                    "float" if isinstance(default, float) else "str" if isinstance(default, str) else
                    "list" if isinstance(default, list) else "any")
-            ps = ParamSpec(str(name), _plain(default), typ, loc=ploc)
+            ps = ParamSpec(str(name), _plain(default), typ, loc=ploc, given=("default",))
         ps.default = _plain(ps.default)
-        if ps.default is not None:
+        if ps.default is not None and "type" in ps.given:
             why = ps.check(ps.default)
             if why:
                 raise RuleSyntaxError(f"default of {why}", ploc)
         out[str(name)] = ps
+    return out
+
+
+def _complete(ps: ParamSpec) -> ParamSpec:
+    """A declaration that inherits nothing: its own fields (a bare default, ``a_bits: 6``, has
+    the type of its value; a mapping without ``type`` is of type ``any``)."""
+    out = ParamSpec(ps.name, ps.default, ps.type, ps.min, ps.max, ps.choices, ps.doc, ps.loc)
+    if out.default is not None:
+        why = out.check(out.default)
+        if why:
+            raise RuleSyntaxError(f"default of {why}", ps.loc)
+    return out
+
+
+def _type_conflict(own: ParamSpec, base: ParamSpec) -> bool:
+    return "type" in own.given and "any" not in (own.type, base.type) and own.type != base.type
+
+
+def resolve_params(own: Dict[str, ParamSpec], inherited: Dict[str, Tuple[ParamSpec, Optional[str], Location]],
+                   what: str) -> Dict[str, ParamSpec]:
+    """The effective parameters of a family or recipe ``what``: ``inherited`` (name -> (spec,
+    where it comes from, the location to blame: a recipe's step line)) refined by ``own``; a
+    declaration without a type of its own (``inherit``, ``{max: 8}``, a bare default) of a name
+    nothing it runs declares refines the shared declaration (:func:`shared_params`); a full
+    declaration of such a name stands alone, and ``name: inherit`` must be inherited.
+
+    A declared type that differs from the inherited one is a located :class:`RuleSchemaError`
+    at the step that runs the declaring family (or at the declaration, for shared ones).
+    """
+    shared = shared_params()
+    out: Dict[str, ParamSpec] = {}
+    for name, ps in own.items():
+        src = inherited.get(name)
+        # a shared declaration is taken by 'inherit' or by a partial declaration (no type of its
+        # own); a full declaration (with a type) of a name nothing it runs declares stands alone
+        if src is None and name in shared and "type" not in ps.given:
+            src = (shared[name], "the shared declarations (" + str(shared[name].loc.file or "params.yaml") + ")",
+                   ps.loc)
+        if src is None:
+            if ps.inherit:
+                raise UnknownNameError(f"parameter {name!r} of {what} is declared '{INHERIT}', but nothing it runs "
+                                       f"declares it and the shared declarations do not either", ps.loc,
+                                       nearest(name, list(inherited) + list(shared)))
+            out[name] = _complete(ps)
+            continue
+        base, origin, blame = src
+        if _type_conflict(ps, base):
+            raise RuleSchemaError(f"parameter {name!r} of {what} is declared as {ps.type} (line {ps.loc.line}), "
+                                  f"but {origin} declares it as {base.type}", blame)
+        out[name] = ps.refine(base)
+    for name, (base, _, _) in inherited.items():
+        out.setdefault(name, base)
     return out
 
 
@@ -858,6 +949,14 @@ class Step:
     args: Dict[str, Any]
     when: Any = True
     loc: Location = field(default_factory=Location)
+    #: argument name -> (location of the key, location of the value) in the recipe file
+    arg_locs: Dict[str, Tuple[Location, Location]] = field(default_factory=dict, compare=False, repr=False)
+
+    def key_loc(self, name: str) -> Location:
+        return self.arg_locs.get(name, (self.loc, self.loc))[0]
+
+    def value_loc(self, name: str) -> Location:
+        return self.arg_locs.get(name, (self.loc, self.loc))[1]
 
     def __post_init__(self) -> None:
         # a data step that declares its arguments checks them whenever a Step is built: from a
@@ -975,19 +1074,31 @@ def _parse_steps(raw: Any, file: Optional[str], loc: Location,
         when = s.get("when", True)
         if isinstance(when, str):
             when = parse_value(when, _vloc(s, "when", sl))
-        steps.append(Step(kind, str(name), parsed, when, nloc))
-        for k, v in parsed.items():
-            spec = reg.args.get(k) if reg is not None and reg.declared else None
-            if spec is None or not isinstance(v, ParamRef) or v.name not in (params or {}):
-                continue
-            ps = params[v.name]
-            for label, c in ([("the default", ps.default)] if ps.default is not None else []) + \
-                    [("the choice", c) for c in (ps.choices or [])]:
-                why = spec.check(c)
-                if why:
-                    raise ArgumentError(f"data step {name}: {why} ({label} of ${{{v.name}}}, declared at line "
-                                        f"{ps.loc.line})", _vloc(args, k, sl))
+        locs_ = {str(k): (getattr(args, "key_locs", {}).get(k, sl), _vloc(args, k, sl)) for k in args}
+        steps.append(Step(kind, str(name), parsed, when, nloc, locs_))
     return steps
+
+
+def _check_step_param_args(step: Step, params: Dict[str, "ParamSpec"]) -> None:
+    """A data step's ``with: {arg: ${p}}``: the argument must accept ``p``'s default and each of its choices."""
+    reg = DATA_STEPS.get(step.name) if step.kind == "step" else None
+    if reg is None or not reg.declared:
+        return
+    for k, v in step.args.items():
+        spec = reg.args.get(k)
+        if spec is None or not isinstance(v, ParamRef) or v.name not in params:
+            continue
+        ps = params[v.name]
+        for label, c in ([("the default", ps.default)] if ps.default is not None else []) + \
+                [("the choice", c) for c in (ps.choices or [])]:
+            why = spec.check(c)
+            if why:
+                raise ArgumentError(f"data step {step.name}: {why} ({label} of ${{{v.name}}}, declared at "
+                                    f"{_where(ps.loc, step.loc)})", step.value_loc(k))
+
+
+def _where(decl: Location, here: Location) -> str:
+    return f"line {decl.line}" if decl.file == here.file else str(decl)
 
 
 def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recipe]:
@@ -1004,11 +1115,15 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
     recipe = "steps" in data or "recipe" in data
     (RECIPE_SCHEMA if recipe else FAMILY_SCHEMA).check(data, dloc, "")
     params = _parse_params(data.get("params"), file, _vloc(data, "params", dloc))
+    if not recipe:  # a family inherits from the shared declarations only (a recipe: see recipe_params)
+        params = resolve_params(params, {}, f"rule family {str(data.get('family') or Path(file or 'rules').stem)!r}")
     if recipe:
         _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
         name = str(data.get("recipe") or Path(file or "recipe").stem)
-        return Recipe(name, _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params), params, file,
-                      str(data.get("doc") or ""))
+        steps = _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params)
+        for st in steps:  # what the file itself declares (inherited declarations: recipe_params)
+            _check_step_param_args(st, params)
+        return Recipe(name, steps, params, file, str(data.get("doc") or ""))
     _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
     name = str(data.get("family") or Path(file or "rules").stem)
     stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
@@ -1089,6 +1204,113 @@ def _named_files() -> Dict[str, Path]:
                 for f in sorted(sub.glob("*.yaml")):
                     out.setdefault(f.stem, f)
     return out
+
+
+# ----------------------------------------------------------------------------- shared declarations
+
+#: where the shared parameter declarations live inside each rules folder
+SHARED_PARAMS = Path("shared") / "params.yaml"
+SHARED_SCHEMA = _Record("shared declarations", dict(_COMMON, shared=_Str()), required=("params",))
+_SHARED_CACHE: Dict[Tuple[Tuple[str, float], ...], Dict[str, ParamSpec]] = {}
+
+
+def parse_shared_text(text: str, file: Optional[str] = None) -> Dict[str, ParamSpec]:
+    """Parse a shared-declarations file (``version: 1``, ``shared: params``, ``params: {...}``)."""
+    data = load_yaml(text, file)
+    top = Location(file, 1, 1)
+    if not isinstance(data, dict):
+        raise RuleSyntaxError("a shared-declarations file is a YAML mapping with 'version' and 'params'", top)
+    dloc = _loc(data, top)
+    if type(data.get("version")) is not int or data.get("version") != 1:
+        raise RuleSchemaError(f"unsupported or missing 'version' {data.get('version')!r}; this qpasses reads "
+                              f"version: 1", _vloc(data, "version", dloc))
+    SHARED_SCHEMA.check(data, dloc, "")
+    params = _parse_params(data.get("params"), file, _vloc(data, "params", dloc))
+    for ps in params.values():
+        if ps.inherit:
+            raise RuleSchemaError(f"shared parameter {ps.name!r} cannot be '{INHERIT}': this is where "
+                                  f"declarations are inherited from", ps.loc)
+    return {k: _complete(v) for k, v in params.items()}
+
+
+def shared_params() -> Dict[str, ParamSpec]:
+    """The shared parameter declarations: ``shared/params.yaml`` of each rules folder
+    (``$QPASSES_RULES_PATH`` first: a name declared there wins over the shipped declaration)."""
+    files = [d / SHARED_PARAMS for d in rules_dirs()]
+    files = [f for f in files if f.is_file()]
+    key = tuple((str(f), f.stat().st_mtime) for f in files)
+    if key not in _SHARED_CACHE:
+        out: Dict[str, ParamSpec] = {}
+        for f in files:
+            data = f.read_bytes()
+            for k, v in parse_shared_text(decode_text(data, str(f)), str(f)).items():
+                out.setdefault(k, v)
+        _SHARED_CACHE.clear()
+        _SHARED_CACHE[key] = out
+    return _SHARED_CACHE[key]
+
+
+# ----------------------------------------------------------------------------- a recipe's parameters
+
+#: how deep recipes may include each other
+MAX_RECIPE_DEPTH = 16
+
+
+def step_target(step: Step) -> Union[RuleFamily, "Recipe", None]:
+    """The family or recipe a ``rules:`` / ``recipe:`` step runs (None for a data step)."""
+    if step.kind == "step":
+        return None
+    return find_named(step.name, step.loc)
+
+
+def recipe_params(recipe: "Recipe", _stack: Tuple[str, ...] = ()) -> Dict[str, ParamSpec]:
+    """The effective parameters of ``recipe``: its own declarations refining what the families and
+    recipes it runs declare (the first step that declares a name gives the inherited
+    declaration), plus what it declares alone.
+
+    Also checks, with file:line:col, what would otherwise be ignored or fail late: a ``with:``
+    key on a ``rules:`` / ``recipe:`` step that the family or recipe does not declare, a literal
+    ``with:`` value its declaration refuses, a declared type that conflicts with the family's
+    (at the family step's line), and recipes that include each other.
+    """
+    key = str(recipe.path or recipe.name)
+    if key in _stack or len(_stack) >= MAX_RECIPE_DEPTH:
+        raise RuleError(f"recipe {recipe.name!r} includes itself (through {' -> '.join(_stack + (key,))})"
+                        if key in _stack else f"recipes include each other more than {MAX_RECIPE_DEPTH} levels deep",
+                        Location(recipe.path, 1, 1))
+    inherited: Dict[str, Tuple[ParamSpec, Optional[str], Location]] = {}
+    for st in recipe.steps:
+        target = step_target(st)
+        if target is None:
+            continue
+        if isinstance(target, RuleFamily):
+            specs, origin = target.params, f"rule family {target.name!r} (run at line {st.loc.line})"
+        else:
+            specs, origin = recipe_params(target, _stack + (key,)),                 f"recipe {target.name!r} (run at line {st.loc.line})"
+        check_step_binds(st, specs, target)
+        for k, v in specs.items():
+            inherited.setdefault(k, (v, origin, st.loc))
+    out = resolve_params(recipe.params, inherited, f"recipe {recipe.name!r}")
+    for st in recipe.steps:
+        _check_step_param_args(st, out)
+    return out
+
+
+def check_step_binds(step: Step, specs: Dict[str, ParamSpec], target: Any) -> None:
+    """``with:`` on a ``rules:`` / ``recipe:`` step binds parameters of what the step runs: each
+    key must be one of them, and a literal value must fit its declaration."""
+    what = f"{'recipe' if isinstance(target, Recipe) else 'rule family'} {step.name!r}"
+    for k, v in step.args.items():
+        if k not in specs:
+            raise UnknownNameError(f"with: {what} has no parameter {k!r}; it takes: "
+                                   f"{', '.join(sorted(specs)) or 'no parameters'}", step.key_loc(k),
+                                   nearest(k, specs))
+        if param_refs(v):
+            continue
+        spec = specs[k]
+        why = spec.check(spec.coerce(v))
+        if why:
+            raise ArgumentError(f"with: {what}: {why}", step.value_loc(k))
 
 
 def available_names() -> Dict[str, str]:

@@ -234,15 +234,26 @@ def _quantize_weight(ctx, op, bits: int = 8, per_channel: bool = True, observer:
 
 # ----------------------------------------------------------------------------- data steps
 
-def onnx_data_step(name: str):
-    """Register ``fn(graph, data, args, state, progress) -> info dict`` as the ONNX twin of a data step."""
+#: data step name -> the ``with:`` arguments its ONNX twin implements (a subset of the
+#: PyTorch step's declaration, :func:`qpasses.lang.registry.describe_args`)
+ONNX_DATA_STEP_ARGS: Dict[str, Dict[str, Any]] = {}
+
+
+def onnx_data_step(name: str, args: Optional[Dict[str, Any]] = None):
+    """Register ``fn(graph, data, args, state, progress) -> info dict`` as the ONNX twin of a data step.
+
+    ``args`` names the ``with:`` arguments the twin implements (each must be declared by the
+    PyTorch data step of that name, which checks their values when the recipe is loaded); a
+    recipe giving any other one is refused before the ONNX graph is touched.
+    """
     def deco(fn):
         ONNX_DATA_STEPS[name] = fn
+        ONNX_DATA_STEP_ARGS[name] = dict(args or {})
         return fn
     return deco
 
 
-@onnx_data_step("calibrate")
+@onnx_data_step("calibrate", args={"calib_batches": {"type": int, "min": 1, "default": None}})
 def _calibrate(graph: gs.Graph, data: Iterable, args: Dict[str, Any], state: Dict[str, Any], progress: bool):
     """Run the batches in onnxruntime; every observer node's tensor feeds its qpasses observer."""
     from ..actions.quant import new_observer
@@ -306,8 +317,11 @@ def quantize_onnx(model: Any, data: Iterable, recipe: str = "ptq_int8", path: Op
     missing = sorted({r.rewrite.name for u in pm.units if u.kind == "stage" for r in u.rules
                       if ACTIONS[r.rewrite.name].onnx is None and r.when not in (False, "false")})
     steps = [u.step.name for u in pm.units if u.kind == "step" and u.step.name not in ONNX_DATA_STEPS]
-    if missing or steps:
-        what = ", ".join([f"action {a!r}" for a in missing] + [f"data step {s!r}" for s in steps])
+    unsupported = [f"argument {k!r} of data step {u.step.name!r} ({u.step.loc})" for u in pm.units
+                   if u.kind == "step" and u.step.name in ONNX_DATA_STEPS
+                   for k in u.step.args if k not in ONNX_DATA_STEP_ARGS[u.step.name]]
+    if missing or steps or unsupported:
+        what = ", ".join([f"action {a!r}" for a in missing] + [f"data step {s!r}" for s in steps] + unsupported)
         raise QPassesError(f"recipe {recipe!r} cannot run on an ONNX model: no ONNX implementation of {what}; "
                            f"quantize the PyTorch model and use qpasses.export_onnx")
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):

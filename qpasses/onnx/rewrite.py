@@ -294,6 +294,9 @@ class OnnxIR:
         kept = {id(match.bindings[k]) for k in keeps if k in match.bindings}
         self.dead.update(id(n) for n in match.nodes if id(n) not in kept)
 
+    def has_output(self) -> bool:
+        return bool(self.graph.outputs)
+
     def tagging(self, rule_name: str):
         return contextlib.nullcontext()
 

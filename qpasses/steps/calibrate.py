@@ -133,7 +133,18 @@ def mark_first_batch(observers: List[Observer]) -> int:
     return n
 
 
-@data_step("calibrate")
+#: the ``with:`` arguments of ``calibrate`` (an argument not given is read from the recipe parameter of that name)
+CALIBRATE_ARGS = {
+    "calib_batches": {"type": int, "min": 1, "default": None, "doc": "at most this many batches (default all)"},
+    "no_data": {"type": str, "choices": ("error", "first_batch"), "default": "error",
+                "doc": "without data: error, or first_batch (scales from the first training batch)"},
+    "distributed": {"type": "any", "choices": ("auto", True, False), "default": "auto",
+                    "doc": "data-parallel over torch.distributed (auto: when a process group is up)"},
+    "shard_data": {"type": bool, "default": True, "doc": "distributed: each rank calibrates on its share of the batches"},
+}
+
+
+@data_step("calibrate", args=CALIBRATE_ARGS, needs_data=lambda arg, before: arg("no_data", "error") != "first_batch")
 def calibrate(ctx) -> None:
     """Run up to ``calib_batches`` batches of ``data`` through the graph in eval mode, no grad
     (data-parallel under ``torch.distributed``; ``no_data=first_batch`` for training recipes)."""

@@ -124,7 +124,36 @@ def check_bn_statistics(gm: fx.GraphModule) -> int:
     return len(bns)
 
 
-@data_step("distill")
+_SIZE = {"type": int, "min": 1, "default": None}
+#: the ``with:`` arguments of ``distill`` (an argument not given is read from the recipe parameter of that name)
+DISTILL_ARGS = {
+    "preset": {"type": str, "choices": tuple(GENIE_PRESETS), "default": None, "doc": "sizes for the arguments left at null"},
+    "samples": dict(_SIZE, max=1000000, doc="synthetic samples (in total over all ranks)"),
+    "distill_batch_size": dict(_SIZE, max=4096, doc="samples per generator"),
+    "distill_iters": dict(_SIZE, max=100000, doc="optimisation steps per distillation batch"),
+    "distill_mode": {"type": str, "choices": ("genie", "generator", "latents"), "default": "genie"},
+    "swing": {"type": bool, "default": True, "doc": "distill through swing convolutions"},
+    "latent_dim": dict(_SIZE, max=4096), "gen_hidden": dict(_SIZE, max=4096),
+    "distill_lr_g": {"type": float, "min": 0.0, "default": None}, "distill_lr_z": {"type": float, "min": 0.0, "default": None},
+    "distill_lr_x": {"type": float, "min": 0.0, "default": None},
+    "input_weight": {"type": float, "min": 0.0, "default": None},
+    "input_mean": {"type": float, "default": None}, "input_std": {"type": float, "min": 0.0, "default": None},
+    "input_shape": {"type": list, "default": None, "doc": "one sample's shape (default: from the traced example)"},
+    "save_to": {"type": str, "default": None, "doc": "write the synthetic set here"},
+    "seed": {"type": int, "min": 0, "default": 0},
+}
+def reads_real_data(arg, before) -> bool:
+    """Whether a step with a ``data_source`` argument reads the run's data (``needs_data``)."""
+    source = arg("data_source", "auto")
+    return source == "real" or (source == "auto" and "distill" not in before)
+
+
+#: ``data_source`` of the steps that read the synthetic set or the run's data
+DATA_SOURCE_ARG = {"type": str, "choices": ("auto", "synthetic", "real"), "default": "auto",
+                   "doc": "the distilled synthetic set, the run's data, or auto (synthetic when there is one)"}
+
+
+@data_step("distill", args=DISTILL_ARGS, needs_data=False)
 def distill(ctx) -> None:
     """GENIE-D: synthesise ``samples`` inputs by matching BatchNorm statistics (generator + latents)."""
     from ..methods.genie import synthesize
@@ -215,7 +244,11 @@ class _Overlay:
         return self._ctx.arg(name, default)
 
 
-@data_step("calibrate_synthetic")
+@data_step("calibrate_synthetic", needs_data=reads_real_data, args={
+    "data_source": DATA_SOURCE_ARG,
+    "calib_batch_size": {"type": int, "min": 1, "default": 64, "doc": "batch size of calibration"},
+    "distributed": {"type": "any", "choices": ("auto", True, False), "default": "auto"},
+})
 def calibrate_synthetic(ctx) -> None:
     """``calibrate`` on the synthetic set (``data_source`` auto/synthetic/real), in batches of ``calib_batch_size``.
 

@@ -16,7 +16,7 @@ from .calibrate import FIRST_BATCH_KEY
 __all__ = ["first_batch_init"]
 
 
-@data_step("first_batch_init")
+@data_step("first_batch_init", args={}, needs_data=False)
 def first_batch_init(ctx) -> None:
     """Make the fake quantizers of observers that saw no data initialise on their first batch."""
     from ..methods.qat import FirstBatchFakeQuantize

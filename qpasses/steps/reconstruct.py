@@ -33,7 +33,7 @@ from ..errors import OptionError, StepError
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from ..numerics.rounding import BetaSchedule
-from .distill import genie_setting, step_data
+from .distill import DATA_SOURCE_ARG, GENIE_PRESETS, genie_setting, reads_real_data, step_data
 
 __all__ = ["reconstruct", "install_quantizers", "bake_quantizers"]
 
@@ -130,7 +130,20 @@ def _run(mod: nn.Module, x: torch.Tensor, bs: int) -> List[torch.Tensor]:
     return [torch.cat([o[k] for o in outs], 0) for k in range(len(outs[0]))]
 
 
-@data_step("reconstruct")
+@data_step("reconstruct", needs_data=reads_real_data, args={
+    "preset": {"type": str, "choices": tuple(GENIE_PRESETS), "default": None, "doc": "sizes for the arguments left at null"},
+    "recon_iters": {"type": int, "min": 1, "max": 100000, "default": None, "doc": "optimisation steps per block"},
+    "recon_batch_size": {"type": int, "min": 1, "max": 4096, "default": None, "doc": "reconstruction mini-batch"},
+    "recon_samples": {"type": int, "min": 1, "default": None, "doc": "at most this many samples"},
+    "data_source": DATA_SOURCE_ARG,
+    "qdrop": {"type": float, "min": 0.0, "max": 0.99, "default": 0.5},
+    "round_weight": {"type": float, "min": 0.0, "default": 0.01},
+    "lr_round": {"type": float, "min": 0.0, "default": 0.003},
+    "lr_scale": {"type": float, "min": 0.0, "default": 0.00004},
+    "learn_w_scale": {"type": bool, "default": True},
+    "learn_a_scale": {"type": bool, "default": True},
+    "seed": {"type": int, "min": 0, "default": 0},
+})
 def reconstruct(ctx) -> None:
     """Block-wise reconstruction (BRECQ + QDrop) of the converted graph with GENIE-M quantizers."""
     from ..methods.blocks import extract_block, find_blocks

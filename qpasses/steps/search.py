@@ -49,7 +49,31 @@ def _val_from_option(val_data: Any) -> Tuple[List[Tuple], List[torch.Tensor]]:
     return inputs, labels
 
 
-@data_step("search_bits")
+@data_step("search_bits", args={
+    "method": {"type": str, "choices": ("ddpg", "hessian", "perturbation"), "default": "ddpg"},
+    "constraint": {"type": str, "choices": ("size", "bops", "latency"), "default": "size"},
+    "budget": {"type": float, "min": 0.0, "max": 1.0, "default": 0.5},
+    "budget_bits": {"type": list, "default": None},
+    "min_bits": {"type": int, "min": 2, "max": 16, "default": 2},
+    "max_bits": {"type": int, "min": 2, "max": 16, "default": 8},
+    "a_bits": {"type": int, "min": 2, "max": 16, "default": 8},
+    "search_activations": {"type": bool, "default": False},
+    "episodes": {"type": int, "min": 1, "default": None},
+    "warmup": {"type": int, "min": 0, "default": None},
+    "seconds": {"type": float, "min": 0.0, "default": None},
+    "reward": {"type": str, "choices": ("acc", "loss"), "default": "acc"},
+    "device": {"type": str, "choices": ("h100", "h200"), "default": "h100"},
+    "latency_table": {"type": str, "default": None},
+    "latency_batch": {"type": int, "min": 1, "default": 1},
+    "val_data": {"type": "any", "default": None},
+    "val_fraction": {"type": float, "min": 0.05, "max": 0.95, "default": 0.5},
+    "hutchinson_iters": {"type": int, "min": 1, "default": 8},
+    "save_map": {"type": str, "default": None},
+    "seed": {"type": int, "default": 0},
+    "calib_batches": {"type": int, "min": 1, "default": None},
+    "observer": {"type": str, "default": "minmax"},
+    "symmetric": {"type": bool, "default": False},
+})
 def search_bits(ctx) -> None:
     """Search per-layer bit-widths under a resource budget and annotate the graph with them."""
     from ..actions.bits import save_bit_map
