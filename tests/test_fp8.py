@@ -230,3 +230,72 @@ def test_recipe_minilm_embedding_cosine():
         q = pm.run(gm, data=calib)
         assert len(pm.report.coverage.quantized) == 37 and not pm.report.coverage.missing
         assert S.embedding_cosine(m, q, ev) > 0.995
+
+
+# ------------------------------------------------------------------------------------ ONNX
+def _ort_session(path, ort):
+    """An ORT CPU session without the Level2 rule-based transformer: its ReluQuantFusion rule (ORT
+    1.22) deletes a Relu feeding a QuantizeLinear whose zero point is 0 -- right for uint8, wrong for
+    FLOAT8E4M3FN, which holds negative values (the static CNN below then differs by ~0.1)."""
+    so = ort.SessionOptions()
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["Level2_RuleBasedTransformer"])
+
+
+def _export(model, args, path):
+    from qpasses.onnx.fp8 import FP8_TRANSLATIONS
+    prog = torch.onnx.export(model, args, dynamo=True, custom_translation_table=FP8_TRANSLATIONS, opset_version=21,
+                             verbose=False)
+    prog.save(str(path))
+    import onnx
+    return onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+
+
+def _q_output_types(mp):
+    import onnx
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(mp.graph.value_info) + list(mp.graph.output)}
+    q = [n for n in mp.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in mp.graph.node if n.op_type == "DequantizeLinear"]
+    return [onnx.TensorProto.DataType.Name(types.get(n.output[0], 0)) for n in q], len(dq)
+
+
+def test_onnx_ops_bit_exact_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+
+    class A(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("s", torch.tensor(0.05))
+            self.register_buffer("c", torch.rand(5, generator=torch.Generator().manual_seed(0)) + 0.01)
+
+        def forward(self, x):
+            return (OPS.fp8_fake_quant_per_tensor(x, self.s), OPS.fp8_fake_quant_per_channel(x, self.c, 1),
+                    OPS.fp8_fake_quant_per_token(x), OPS.fp8_fake_quant_dynamic_tensor(x))
+
+    x = sample(4, 5, 64, seed=7)
+    mp = _export(A(), (x,), tmp_path / "ops.onnx")
+    qtypes, ndq = _q_output_types(mp)
+    assert qtypes == ["FLOAT8E4M3FN"] * 4 and ndq == 4
+    sess = _ort_session(tmp_path / "ops.onnx", ort)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    for g_, w in zip(got, A()(x)):
+        assert (torch.from_numpy(g_) == w).all()
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_onnx_qdq_fp8_cnn_runs_in_onnxruntime(tmp_path, activations):
+    ort = pytest.importorskip("onnxruntime")
+    m = small_cnn()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    gm = qpasses.trace(m, (x,))
+    q = qpasses.PassManager("w8a8_fp8", activations=activations).run(gm, data=[torch.randn(4, 3, 16, 16, generator=g)])
+    mp = _export(q, (x,), tmp_path / "cnn.onnx")
+    qtypes, ndq = _q_output_types(mp)
+    assert qtypes == ["FLOAT8E4M3FN"] * 6 and ndq == 6                 # 3 weights + 3 activations
+    sess = _ort_session(tmp_path / "cnn.onnx", ort)
+    y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        yq = q(x)
+    # the quantizers agree bit for bit (test above); conv / gemm summation order may differ
+    torch.testing.assert_close(y, yq, rtol=1e-5, atol=1e-5)
