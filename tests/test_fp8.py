@@ -282,6 +282,24 @@ def test_onnx_ops_bit_exact_in_onnxruntime(tmp_path):
         assert (torch.from_numpy(g_) == w).all()
 
 
+def test_onnx_quantize_fp8_per_token_codes_in_onnxruntime(tmp_path):
+    """The real quantizer (codes FLOAT8E4M3FN, scales float): codes cast back to float times scale."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Q(nn.Module):
+        def forward(self, x):
+            codes, scale = OPS.quantize_fp8_per_token(x)
+            return codes.to(torch.float32) * scale, scale
+
+    x = sample(3, 6, 40, seed=9)
+    mp = _export(Q(), (x,), tmp_path / "q.onnx")
+    assert _q_output_types(mp)[0] == ["FLOAT8E4M3FN"]
+    sess = _ort_session(tmp_path / "q.onnx", ort)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    for g_, w in zip(got, Q()(x)):
+        assert torch.equal(torch.from_numpy(g_), w)
+
+
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
 def test_onnx_qdq_fp8_cnn_runs_in_onnxruntime(tmp_path, activations):
     ort = pytest.importorskip("onnxruntime")

@@ -44,7 +44,7 @@ def _f32(x):
 
 def fp8_per_tensor(x, scale):
     """``qpasses::fp8_fake_quant_per_tensor(x, scale)`` as QDQ float8 e4m3fn."""
-    s = op.Reshape(_f32(scale), op.Constant(value_ints=[]))
+    s = op.Squeeze(_f32(scale))                      # [] or [1] -> a scalar
     zp = _zero()
     y = op.DequantizeLinear(op.QuantizeLinear(_f32(x), s, zp, saturate=1), s, zp)
     return op.CastLike(y, x)
