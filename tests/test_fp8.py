@@ -317,3 +317,20 @@ def test_onnx_qdq_fp8_cnn_runs_in_onnxruntime(tmp_path, activations):
         yq = q(x)
     # the quantizers agree bit for bit (test above); conv / gemm summation order may differ
     torch.testing.assert_close(y, yq, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_and_layer_table(tmp_path):
+    """The fp8 graph goes through a torch.export archive (no pickle) and the layer table."""
+    from qpasses.layers import layer_table
+    m = small_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    q = qpasses.PassManager("w8a8_fp8", activations="dynamic").run(qpasses.trace(m, (x,)))
+    qpasses.save(q, str(tmp_path / "fp8.pt2"))
+    back = qpasses.load(str(tmp_path / "fp8.pt2"))
+    targets = [str(n.target) for n in back.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("qpasses.fp8_fake_quant_per_channel") for t in targets) == 3
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    rows = layer_table(q, (x,))
+    assert len(rows) == 3 and all(r["w_bits"] == 8 and r["a_bits"] == 8 for r in rows)
+    assert all(r["sqnr_db"] > 25 for r in rows)
