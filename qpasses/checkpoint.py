@@ -37,6 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import QPassesError
+from .ops import get_attr_value
 
 __all__ = ["save_compressed", "compressed_entries", "CheckpointError", "LayerQuant"]
 
@@ -137,8 +138,7 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
         path = _weight_path(n.args[0]) if n.args else None
         if path is None:
             continue                                    # an activation quantizer
-        w_float = qgm.get_parameter(n.args[0].target) if n.args[0].target in dict(qgm.named_parameters()) \
-            else qgm.get_buffer(n.args[0].target)
+        w_float = get_attr_value(qgm, n.args[0].target)      # tied parameters have several names
         if w_float.dim() != 2:
             continue                                    # conv weights: not an LLM linear layer
         name = _resolve(path, linears, w_float.shape)
@@ -170,6 +170,17 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
                                   f"not written here: use w4a16, dynamic_int8 (per_token) or w8a8_fp8")
     floats = [n for n in linears if n not in out]
     return list(out.values()), floats
+
+
+def _tied_output_name(hf_model: nn.Module) -> Optional[str]:
+    """Module name of the output embeddings when they share their weight with the input embeddings."""
+    try:
+        out, inp = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    return next((n for n, m in hf_model.named_modules() if m is out), None)
 
 
 # ------------------------------------------------------------------------ the scheme
@@ -214,6 +225,11 @@ def save_compressed(qgm: fx.GraphModule, hf_model: nn.Module, directory: str, *,
     entries, floats = compressed_entries(qgm, hf_model)
     if not entries:
         raise CheckpointError("the graph has no quantized linear weight to write")
+    tied = _tied_output_name(hf_model)
+    if tied is not None and any(e.name == tied for e in entries):
+        raise CheckpointError(f"{tied} shares its weight with the input embeddings (tie_word_embeddings): a "
+                              f"quantized {tied} cannot be stored without changing the embeddings; quantize with "
+                              f"skip=['*{tied}*'] to keep it in float")
     sigs = {e.signature() for e in entries}
     if len(sigs) > 1:
         kinds = sorted({e.kind for e in entries})

@@ -144,3 +144,24 @@ def test_unsupported_results_name_the_cause(tmp_path, llama_graph):
     q = qpasses.PassManager("dynamic_int8", granularity="per_tensor").run(gm)
     with pytest.raises(CheckpointError, match="per-token"):
         save_compressed(q, m, str(tmp_path))
+
+
+def test_tied_lm_head_is_refused_unless_skipped(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=100, use_cache=False,
+                                   max_position_embeddings=32, tie_word_embeddings=True)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    gm = qpasses.trace(m, (ids,))
+    q = qpasses.PassManager("w8a8_fp8", activations="dynamic").run(gm)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
+        save_compressed(q, m, str(tmp_path / "a"))
+    q = qpasses.PassManager("w8a8_fp8", activations="dynamic", skip=["*lm_head*"]).run(gm)
+    qc = save_compressed(q, m, str(tmp_path / "b"))
+    assert qc["ignore"] == ["lm_head"]
+    back = reload(str(tmp_path / "b"))
+    assert torch.equal(back.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    wq = graph_weights(q)
+    assert torch.equal(back.model.layers[0].mlp.up_proj.weight, wq["model.layers.0.mlp.up_proj"])
