@@ -1,6 +1,6 @@
 """The fp8 Triton GEMM compiled for a real GPU (sm_89+; skipped elsewhere: CI never has one).
 
-Same contract as ``test_fp8.py`` under the interpreter, on shapes that reach every autotune bucket
+Same contract as ``test_fp8_gemm.py`` under the interpreter, on shapes that reach every autotune bucket
 and the real fp8 tensor-core path: with integer-valued codes the accumulator is exact in any
 order, so kernel and reference (computed on the GPU in float64, then rounded once to fp32) agree
 bit for bit; the dynamic op agrees with the fake-quant linear to fp32 rounding.
