@@ -289,6 +289,96 @@ def bench_int4(timer: Timer, m_values, shapes, group: int = 128) -> Dict:
     return dict(markdown=md, records=records)
 
 
+# LLM shapes and the targets of issue 27 (ratio = bf16 cuBLAS time / qpasses time)
+LLM_W4A16 = dict(m_values=[1, 4, 16], shapes={"4096x4096": (4096, 4096), "14336x4096": (14336, 4096)})
+LLM_W8A8 = dict(m_values=[2048, 4096, 8192], shapes={"4096x4096": (4096, 4096)})
+LLM_TARGETS = {"w4a16": (2.5, "M = 1"), "int8": (1.5, "all M"), "fp8": (1.6, "all M")}
+
+
+def _llm_row(kernel, name, M, t_bf, t_ours, target, applies, extra=None):
+    ratio = t_bf / t_ours
+    rec = dict(kernel=kernel, shape=name, M=M, bf16_us=t_bf, ours_us=t_ours, vs_bf16=ratio, target=target,
+               target_applies=applies, met=(ratio >= target) if applies else None)
+    rec.update(extra or {})
+    return rec
+
+
+def bench_llm(timer: Timer) -> Dict:
+    """The LLM rows: W4A16 at decoding M, W8A8 int8 and fp8 at prefill M, each against a bf16
+    ``torch.matmul`` (cuBLAS) of the same shape, with the issue's target and whether it is met.
+
+    * W4A16: ``int4_weight_only_linear`` (group 128, bf16 activations and scales);
+    * W8A8 int8: ``int8_linear`` on pre-quantized int8 activations (the GEMM with its fused
+      epilogue) and ``dynamic_int8_linear`` (per-token quantization of bf16 activations included);
+    * fp8: ``fp8_linear`` on pre-quantized e4m3 activations and ``dynamic_fp8_linear`` (per-token
+      quantization included); ``torch._scaled_mm`` (cuBLASLt fp8) as a second baseline where it runs.
+      Needs an sm_89+ GPU (else the fp8 rows are skipped and say so)."""
+    from qpasses.kernels import ops, packing
+    import qpasses.numerics.fp8  # noqa: F401  registers quantize_fp8_per_token
+    records, rows = [], []
+
+    def row(r):
+        records.append(r)
+        met = "n/a" if r["met"] is None else ("yes" if r["met"] else "no")
+        rows.append([r["kernel"], r["shape"], str(r["M"]), _fmt(r["bf16_us"], 1), _fmt(r["ours_us"], 1),
+                     _fmt(r["vs_bf16"]), f">= {r['target']}x ({LLM_TARGETS[r['family']][1]})", met])
+
+    for name, (N, K) in LLM_W4A16["shapes"].items():
+        w = torch.randn(N, K, device="cuda")
+        wp, s, z = packing.quantize_int4(w, 128, symmetric=True)
+        s = s.to(torch.bfloat16)
+        w_bf = w.to(torch.bfloat16)
+        for M in LLM_W4A16["m_values"]:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_bf = timer(lambda: torch.matmul(x, w_bf.t()))
+            t = timer(lambda: torch.ops.qpasses.int4_weight_only_linear(x, wp, s, None, 128, None))
+            row(_llm_row("int4_weight_only_linear", name, M, t_bf, t, 2.5, M == 1, dict(family="w4a16")))
+    fp8_ok = torch.cuda.get_device_capability() >= ops.FP8_MIN_CAPABILITY
+    for name, (N, K) in LLM_W8A8["shapes"].items():
+        w = torch.randn(N, K, device="cuda") * 0.05
+        w_bf = w.to(torch.bfloat16)
+        w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+        wp = packing.pack_int8_weight(w8)
+        ws = torch.rand(N, device="cuda") * 1e-2
+        if fp8_ok:
+            w_scale = w.abs().amax(1) / 448
+            wf8 = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+        for M in LLM_W8A8["m_values"]:
+            x_bf = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_bf = timer(lambda: torch.matmul(x_bf, w_bf.t()))
+            x8 = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+            xs = torch.rand(M, device="cuda") * 1e-2
+            t = timer(lambda: torch.ops.qpasses.int8_linear(x8, xs, wp, ws, None, "none", torch.bfloat16))
+            row(_llm_row("int8_linear", name, M, t_bf, t, 1.5, True, dict(family="int8")))
+            t = timer(lambda: torch.ops.qpasses.dynamic_int8_linear(x_bf, wp, ws, None, 8, True, True))
+            row(_llm_row("dynamic_int8_linear", name, M, t_bf, t, 1.5, True, dict(family="int8")))
+            if not fp8_ok:
+                continue
+            xq, xsf = torch.ops.qpasses.quantize_fp8_per_token(x_bf)
+            t = timer(lambda: torch.ops.qpasses.fp8_linear(xq, xsf, wf8, w_scale, None, torch.bfloat16))
+            extra = dict(family="fp8")
+            try:
+                wt = wf8.t()
+                t_sc = timer(lambda: torch._scaled_mm(xq, wt, scale_a=xsf.reshape(M, 1), scale_b=w_scale.reshape(1, N),
+                                                      out_dtype=torch.bfloat16))
+                extra["scaled_mm_us"] = t_sc
+            except Exception as e:  # noqa: BLE001  a baseline only: say why it is missing
+                extra["scaled_mm_error"] = str(e).splitlines()[0][:120]
+            row(_llm_row("fp8_linear", name, M, t_bf, t, 1.6, True, extra))
+            t = timer(lambda: torch.ops.qpasses.dynamic_fp8_linear(x_bf, wf8, w_scale, None, None))
+            row(_llm_row("dynamic_fp8_linear", name, M, t_bf, t, 1.6, True, dict(family="fp8")))
+    md = _table(["kernel", "shape (N x K)", "M", "bf16 us", "qpasses us", "x bf16", "target", "met"], rows)
+    if not fp8_ok:
+        md += ("\n\nfp8 rows skipped: %s is sm_%d%d, the fp8 tensor cores need sm_89+.\n"
+               % ((torch.cuda.get_device_name(),) + torch.cuda.get_device_capability()))
+    sc = [r for r in records if r.get("scaled_mm_us")]
+    if sc:
+        md += "\n\n" + _table(["shape", "M", "torch._scaled_mm us", "fp8_linear us", "x _scaled_mm"],
+                               [[r["shape"], str(r["M"]), _fmt(r["scaled_mm_us"], 1), _fmt(r["ours_us"], 1),
+                                 _fmt(r["scaled_mm_us"] / r["ours_us"])] for r in sc])
+    return dict(markdown=md, records=records)
+
+
 def bench_binary(timer: Timer, m_values, shapes) -> Dict:
     from qpasses.kernels import packing
     rows, records = [], []
@@ -478,6 +568,14 @@ def check_targets(results: Dict) -> List[str]:
         if recs:
             v = min(r["vs_bf16"] for r in recs)
             lines.append(f"W4A16 >= 2.5x bf16 at M = 1: min {v:.2f}x -> {'PASS' if v >= 2.5 else 'FAIL'}")
+    if "llm" in results:
+        for fam, (target, where) in LLM_TARGETS.items():
+            for kernel in sorted({r["kernel"] for r in results["llm"]["records"] if r["family"] == fam}):
+                recs = [r for r in results["llm"]["records"] if r["kernel"] == kernel and r["target_applies"]]
+                if recs:
+                    v = min(r["vs_bf16"] for r in recs)
+                    lines.append(f"LLM {kernel} >= {target}x bf16 ({where}): min {v:.2f}x -> "
+                                 f"{'PASS' if v >= target else 'FAIL'}")
     if "binary" in results:
         recs = [r for r in results["binary"]["records"] if r["M"] <= 16]
         if recs:
@@ -505,6 +603,7 @@ def _compile_variants():
     """(kernel, pointer types, constexprs, config) for every kernel x autotune config x epilogue."""
     from qpasses.kernels.ops import _kmod            # (re)builds the modules for the current TRITON_INTERPRET
     T8, T4, TB = _kmod("triton_int8"), _kmod("triton_int4"), _kmod("triton_binary")
+    TF8 = _kmod("triton_fp8")
     out = []
     def int8_ptrs(requant):
         return dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*i8" if requant else "*bf16", xs_ptr="*fp32",
@@ -548,6 +647,10 @@ def _compile_variants():
             ptrs = dict(x_ptr="*i32", w_ptr="*i32", alpha_ptr="*fp32", bias_ptr="*fp32", out_ptr="*fp32")
             out.append((TB._binary_xnor_kernel, ptrs, dict(HAS_ALPHA=True, HAS_BIAS=False, OUT_FLOAT=True,
                                                            USE_HW_POPC=True, BLOCK_M=bm), cfg))
+    for cfg in TF8.FP8_GEMM_CONFIGS:
+        ptrs = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", out_ptr="*bf16", xs_ptr="*fp32", ws_ptr="*fp32",
+                    bias_ptr="*fp32")
+        out.append((TF8._fp8_gemm_kernel, ptrs, dict(HAS_BIAS=True), cfg))
     return out
 
 
@@ -611,8 +714,9 @@ def compile_check(arch: int = 90, jobs: int = 2, quick: bool = False) -> List[Di
 # ================================================================================ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="int8,dynamic,int4,binary,conv,e2e",
-                    help="comma list of int8,dynamic,int4,binary,conv,e2e")
+    ap.add_argument("--only", default="int8,dynamic,int4,binary,conv,llm,e2e",
+                    help="comma list of int8,dynamic,int4,binary,conv,llm,e2e (llm: the LLM-shape rows of "
+                         "W4A16, W8A8 int8 and fp8 with their targets)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (compile check: one "
                     "variant per kernel)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -651,7 +755,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("No CUDA device: the kernel benchmarks need a GPU (" + NO_GPU_NOTE + "). Without a GPU, "
               "`--compile-check` compiles every kernel for sm_90 and `--cpu-check` checks the lowering of the "
-              "end-to-end model on the CPU.", file=sys.stderr)
+              "end-to-end model on the CPU. Skipped: every timed row, including the LLM rows (W4A16 at M = 1, 4, "
+              "16; W8A8 int8 and fp8 at M = 2048-8192) and their targets.", file=sys.stderr)
         return 2
     import qpasses.kernels  # noqa: F401  registers the ops
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -684,6 +789,8 @@ def main(argv=None) -> int:
             done("int4", bench_int4(timer, m_values, shapes))
         if "binary" in which:
             done("binary", bench_binary(timer, m_values, shapes))
+        if "llm" in which:
+            done("llm", bench_llm(timer))
     if "e2e" in which:
         done("e2e", bench_end_to_end(lower_for_benchmark, batch=e2e_batch))
     for line in check_targets(results):

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "PassManager", "Rule", "RuleFamily", "Recipe", "load_file", "available_names", "action",
-    "constraint", "data_step", "Refuse", "export_onnx", "save", "load", "QPassesError", "TraceError", "RuleError",
+    "constraint", "data_step", "Refuse", "export_onnx", "save", "load", "save_compressed", "QPassesError", "TraceError", "RuleError",
     "RuleSyntaxError", "UnknownNameError", "MissingParameterError", "OptionError", "RewriteError",
     "StepError", "VerifyError", "MatchError", "__version__",
 ]
@@ -34,3 +34,9 @@ def export_onnx(gm, example_inputs, path, **kwargs):
     """Export a (fake-)quantized GraphModule as a standard QDQ ONNX model (see :mod:`qpasses.onnx`)."""
     from .onnx import export_onnx as _export
     return _export(gm, example_inputs, path, **kwargs)
+
+
+def save_compressed(qgm, hf_model, directory, **kwargs):
+    """Write a quantized HF model as a compressed-tensors checkpoint (see :mod:`qpasses.checkpoint`)."""
+    from .checkpoint import save_compressed as _save
+    return _save(qgm, hf_model, directory, **kwargs)

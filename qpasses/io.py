@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from .errors import QPassesError
 
-__all__ = ["save", "load", "check_archive", "ArchiveError", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["save", "load", "check_archive", "ArchiveError", "EXAMPLE_INPUTS_KEY", "save_compressed"]
 
 #: where :func:`qpasses.trace` records the example inputs (read by :func:`save`, set by :func:`load`)
 EXAMPLE_INPUTS_KEY = "qpasses.example_inputs"
@@ -268,3 +268,9 @@ def load(path: "str | os.PathLike[str]") -> fx.GraphModule:
     meta["qpasses.level"] = "aten"
     gm.meta = meta
     return gm
+
+
+def save_compressed(qgm, hf_model, directory, **kwargs):
+    """An LLM checkpoint for serving engines (compressed-tensors): :func:`qpasses.checkpoint.save_compressed`."""
+    from .checkpoint import save_compressed as _save
+    return _save(qgm, hf_model, directory, **kwargs)

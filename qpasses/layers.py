@@ -40,13 +40,14 @@ from .methods.aciq import ChannelBitsFakeQuant
 from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
 from .numerics import FakeQuantize, sqnr
+from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .ops import ALIASES, OpView, classify, get_attr_value
 from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
 
 WEIGHTED = ALIASES["weighted"]
-_QUANTIZERS = (FakeQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation,
+_QUANTIZERS = (FakeQuantize, Fp8FakeQuantize, Fp8DynamicQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation,
                DynamicFakeQuant)
 _DROPPED = {"relu": F.relu, "relu6": F.relu6}     # activations a sign() made redundant (drop_relu)
 
@@ -65,6 +66,8 @@ def quantizer_bits(mod: Any) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
         return 1, None
     if isinstance(mod, DynamicFakeQuant):
         return int(mod.bits), None
+    if isinstance(mod, (Fp8FakeQuantize, Fp8DynamicQuantize)):   # float8 e4m3
+        return (8, mod.scale.detach().float() if isinstance(mod, Fp8FakeQuantize) else None) if mod.enabled else None
     return None
 
 

@@ -126,7 +126,8 @@ class Int4GroupFakeQuantize(nn.Module):
         s = self._expand(self.scales)
         z = self._expand(self.zeros) if self.zeros is not None else torch.full_like(s, 8.0)
         q = torch.clamp(torch.round(w.float() / s) + z, 0, 15)
-        q = w.float() / s + (q - w.float() / s).detach()          # straight-through estimator
+        v = w.float() / s
+        q = q + (v - v.detach())          # straight-through estimator; the value stays exactly q
         return ((q - z) * s).to(w.dtype)
 
     def packed(self, w: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:

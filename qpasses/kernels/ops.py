@@ -24,7 +24,9 @@ process by the :func:`triton_policy` context manager / :func:`set_triton_policy`
 Ops (``torch.ops.qpasses.<name>``), exact schemas in ``SCHEMAS``:
 
 ``int8_linear``, ``int8_linear_requant``, ``int8_conv2d``, ``int8_conv2d_requant``,
-``dynamic_int8_linear``, ``int4_weight_only_linear``, ``binary_linear``.
+``dynamic_int8_linear``, ``int4_weight_only_linear``, ``binary_linear``, ``fp8_linear``,
+``dynamic_fp8_linear`` (float8 e4m3 operands; the Triton kernel needs an sm_89+ GPU, older
+GPUs run the reference).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from . import reference as ref
 __all__ = [
     "int8_linear", "int8_linear_requant", "int8_conv2d", "int8_conv2d_requant", "dynamic_int8_linear",
     "int4_weight_only_linear",
-    "binary_linear", "use_triton", "triton_policy", "set_triton_policy", "triton_available", "SCHEMAS",
+    "binary_linear", "fp8_linear", "dynamic_fp8_linear", "use_triton", "triton_policy", "set_triton_policy", "triton_available", "SCHEMAS",
     "MAX_K_INT8", "MAX_K_INT8_ZP", "XNOR_MAX_M",
 ]
 
@@ -68,6 +70,9 @@ SCHEMAS = {
                                "Tensor? bias=None) -> Tensor",
     "binary_linear": "(Tensor x, Tensor w_packed, int K, Tensor? alpha=None, Tensor? bias=None, "
                      "bool x_packed=False) -> Tensor",
+    "fp8_linear": "(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
+                  "ScalarType out_dtype=float) -> Tensor",
+    "dynamic_fp8_linear": "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType? out_dtype=None) -> Tensor",
 }
 
 # ================================================================================ dispatch policy
@@ -564,3 +569,92 @@ def binary_linear(x: Tensor, w_packed: Tensor, K: int, alpha: Optional[Tensor] =
 def _(x, w_packed, K, alpha=None, bias=None, x_packed=False):
     N, out_dtype = _binary_common(x, w_packed, K, alpha, bias, x_packed)
     return x.new_empty((*x.shape[:-1], N), dtype=out_dtype)
+
+
+# ================================================================================ fp8 (e4m3) linear
+FP8_MIN_CAPABILITY = (8, 9)      # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards
+
+
+def _fp8_triton(device) -> bool:
+    """Triton for an fp8 op on ``device``: the usual policy, and on CUDA an sm_89+ GPU."""
+    if not use_triton(device):
+        return False
+    dev = torch.device(device)
+    return dev.type != "cuda" or torch.cuda.get_device_capability(dev) >= FP8_MIN_CAPABILITY
+
+
+def _fp8_common(x_q: Tensor, w_q: Tensor):
+    _check(x_q.dtype == torch.float8_e4m3fn, f"x_q must be float8_e4m3fn, got {x_q.dtype}")
+    _check(x_q.dim() >= 1, "x_q must have at least one dimension")
+    _check(w_q.dtype == torch.float8_e4m3fn and w_q.dim() == 2,
+           f"w_q must be a float8_e4m3fn [N, K] tensor, got {w_q.dtype} {tuple(w_q.shape)}")
+    K = x_q.shape[-1]
+    _check(w_q.shape[1] == K, f"w_q has {w_q.shape[1]} columns, x_q has K={K}")
+    return K, w_q.shape[0]
+
+
+@torch.library.custom_op("qpasses::fp8_linear", mutates_args=(), schema=SCHEMAS["fp8_linear"])
+def fp8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+               out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """float8 e4m3 GEMM with a fused float epilogue (W8A8 fp8).
+
+    Args:
+        x_q: float8_e4m3fn ``[..., K]`` activations (``M`` = product of leading dims).
+        x_scale: fp32 ``[M]`` (per token, may be shaped ``[..., 1]``) or ``[1]`` (per tensor).
+        w_q: float8_e4m3fn ``[N, K]`` weight (row-major, as ``nn.Linear`` stores it).
+        w_scale: fp32 ``[N]`` (per output channel) or ``[1]``.
+        bias: fp32 ``[N]`` or None.
+        out_dtype: ``torch.float32``, ``torch.float16`` or ``torch.bfloat16``.
+
+    Returns ``(acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]`` with ``acc = sum_k x[m, k] w[n, k]``
+    accumulated in fp32 (each product exact; the order of the sum is the kernel's own).
+    """
+    K, N = _fp8_common(x_q, w_q)
+    _float_out(out_dtype)
+    lead = x_q.shape[:-1]
+    M = math.prod(lead)
+    _vec(x_scale, M, "x_scale")
+    _vec(w_scale, N, "w_scale")
+    if bias is not None:
+        _vec(bias, N, "bias", allow_scalar=False)
+    x2 = x_q.reshape(M, K)
+    if _fp8_triton(x_q.device):
+        y = _kmod("triton_fp8").linear(x2, x_scale, w_q, w_scale, bias, out_dtype)
+    else:
+        y = ref.fp8_linear(x2, x_scale, w_q, w_scale, bias, out_dtype)
+    return y.reshape(*lead, N)
+
+
+@fp8_linear.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype=torch.float32):
+    K, N = _fp8_common(x_q, w_q)
+    _float_out(out_dtype)
+    return x_q.new_empty((*x_q.shape[:-1], N), dtype=out_dtype)
+
+
+def _dynamic_fp8_common(x: Tensor, w_q: Tensor, out_dtype):
+    _check(x.is_floating_point() and x.dtype != torch.float8_e4m3fn, f"x must be a float tensor, got {x.dtype}")
+    _check(x.dim() >= 1, "x must have at least one dimension")
+    _check(w_q.dtype == torch.float8_e4m3fn and w_q.dim() == 2,
+           f"w_q must be a float8_e4m3fn [N, K] tensor, got {w_q.dtype} {tuple(w_q.shape)}")
+    _check(w_q.shape[1] == x.shape[-1], f"w_q has {w_q.shape[1]} columns, x has K={x.shape[-1]}")
+    od = x.dtype if out_dtype is None else out_dtype
+    _float_out(od)
+    return w_q.shape[0], od
+
+
+@torch.library.custom_op("qpasses::dynamic_fp8_linear", mutates_args=(), schema=SCHEMAS["dynamic_fp8_linear"])
+def dynamic_fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W8A8 fp8 with dynamic per-token activations: ``torch.ops.qpasses.quantize_fp8_per_token``
+    (the codes and scales the ``w8a8_fp8`` fake quantizer uses), then :func:`fp8_linear`."""
+    from ..numerics import fp8 as _fp8  # noqa: F401  registers quantize_fp8_per_token
+    N, od = _dynamic_fp8_common(x, w_q, out_dtype)
+    x_q, xs = torch.ops.qpasses.quantize_fp8_per_token(x)
+    return fp8_linear(x_q, xs, w_q, w_scale, bias, od)
+
+
+@dynamic_fp8_linear.register_fake
+def _(x, w_q, w_scale, bias, out_dtype=None):
+    N, od = _dynamic_fp8_common(x, w_q, out_dtype)
+    return x.new_empty((*x.shape[:-1], N), dtype=od)

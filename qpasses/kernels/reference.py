@@ -292,3 +292,16 @@ def binary_linear(x, w_packed, K, alpha, bias, x_packed):
             y = y + bias.reshape(-1).to(torch.float32)
         out = y
     return out.reshape(*lead, w_packed.shape[0])
+
+
+# ------------------------------------------------------------------------------ fp8 (e4m3) GEMM
+def fp8_linear_acc(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """float32 ``x_q[M, K] @ w_q[N, K].T`` of float8_e4m3fn operands (each product is exact in
+    float32: 4 + 4 significant bits; the sum is exact while it fits 24 bits, e.g. integer-valued
+    codes, and otherwise rounds in an order the kernels do not share)."""
+    return x_q.to(torch.float32) @ w_q.to(torch.float32).t()
+
+
+def fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    """fp8 GEMM with the float epilogue ``(acc * x_scale[m]) * w_scale[n] + bias[n]`` (fp32), cast."""
+    return float_epilogue(fp8_linear_acc(x_q, w_q), x_scale, w_scale, bias, "none", out_dtype)
