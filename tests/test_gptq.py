@@ -14,6 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import qpasses  # noqa: E402
 from qpasses.errors import OptionError, StepError  # noqa: E402
+from qpasses.kernels import ops as kops  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.numerics.gptq import (HessianAccumulator, affine_group_fit, gptq_quantize, hessian_error,  # noqa: E402
@@ -303,6 +304,16 @@ def test_gptq_then_lower_runs_the_int4_kernel():
     fq = qpasses.PassManager("gptq", group_size=32, progress=False).run(gm, data=data)
     x = torch.randn(5, 32)
     with torch.no_grad():
+        torch.testing.assert_close(low(x), fq(x), rtol=1e-5, atol=1e-5)        # CPU reference of the kernel
+    return low, fq
+
+
+@pytest.mark.slow
+def test_gptq_int4_weights_through_the_triton_kernel():
+    """The lowered GPTQ graph through the Triton int4 kernel (interpreter on CPU) agrees with the fake-quant graph."""
+    low, fq = test_gptq_then_lower_runs_the_int4_kernel()
+    x = torch.randn(3, 32)
+    with torch.no_grad(), kops.triton_policy("always"):
         torch.testing.assert_close(low(x), fq(x), rtol=1e-5, atol=1e-5)
 
 

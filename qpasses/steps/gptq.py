@@ -23,8 +23,13 @@ form is decided by those rules; this step only changes numbers:
    zero points), so the quantizer maps the new weight to itself and the graph keeps its form.
    With ``sequential`` (default) a group's weights are written before the next group's inputs
    are captured: later layers see the outputs of already-quantized ones.  Without it every
-   layer sees the float model (quantizers bypassed during capture) and all weights are written
-   at the end.
+   layer sees the float model and all weights are written at the end.  Either way the targets'
+   weight quantizers are bypassed while capturing (a written weight is on its grid already, so
+   running its quantizer would only cost time); quantizers of other ops stay in place.
+
+Cost: each group's capture runs the graph up to that group's input (dead code after it is cut
+away), so the forward work is about ``groups / 2`` passes of the model over the calibration
+data; memory is the model, one batch's activations and one ``K x K`` float64 Hessian.
 
 ``info`` reports per layer the output error ``||WX - QX||^2`` on the calibration data of GPTQ and
 of round-to-nearest, the samples / rows seen, the largest Hessian held, and the world size.
