@@ -292,29 +292,53 @@ def test_sequential_second_layer_sees_the_quantized_first(sequential):
     torch.testing.assert_close(m2.scales, r.scale)
 
 
-def test_gptq_then_lower_runs_the_int4_kernel():
+def _gptq_lowered():
     torch.manual_seed(2)
     model = TwoLinear().eval()
     data = [torch.randn(16, 32) for _ in range(3)]
     gm = qpasses.trace(model, (data[0][:2],))
-    pm = qpasses.PassManager(["gptq", "lower"], group_size=32, progress=False)
-    low = pm.run(gm, data=data)
+    low = qpasses.PassManager(["gptq", "lower"], group_size=32, progress=False).run(gm, data=data)
+    fq = qpasses.PassManager("gptq", group_size=32, progress=False).run(gm, data=data)
+    return low, fq
+
+
+def test_gptq_then_lower_runs_the_int4_kernel():
+    low, fq = _gptq_lowered()
     kernels = [n.target for n in low.graph.nodes if n.op == "call_function" and str(n.target).startswith("qpasses.")]
     assert kernels == [torch.ops.qpasses.int4_weight_only_linear.default] * 2
-    fq = qpasses.PassManager("gptq", group_size=32, progress=False).run(gm, data=data)
     x = torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(low(x), fq(x), rtol=1e-5, atol=1e-5)        # CPU reference of the kernel
-    return low, fq
 
 
 @pytest.mark.slow
 def test_gptq_int4_weights_through_the_triton_kernel():
     """The lowered GPTQ graph through the Triton int4 kernel (interpreter on CPU) agrees with the fake-quant graph."""
-    low, fq = test_gptq_then_lower_runs_the_int4_kernel()
+    low, fq = _gptq_lowered()
     x = torch.randn(3, 32)
     with torch.no_grad(), kops.triton_policy("always"):
         torch.testing.assert_close(low(x), fq(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [32, 0])
+def test_gptq_graph_exports_to_onnx(group_size):
+    """The result is an ordinary fake-quant graph: torch.onnx gives int4 block / int8 channel Q/DQ
+    that onnxruntime runs to the graph's numbers."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from qpasses.onnx import export_onnx, ort_session, run_onnx
+    torch.manual_seed(2)
+    model = TwoLinear().eval()
+    data = [torch.randn(16, 32) for _ in range(3)]
+    q = qpasses.PassManager("gptq", group_size=group_size, w_bits=4, progress=False).run(
+        qpasses.trace(model, (data[0][:2],)), data=data)
+    x = torch.randn(8, 32)
+    onnx_model = export_onnx(q, x)
+    got = run_onnx(onnx_model, x, session=ort_session(onnx_model, optimize=False))[0]
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-6
+    assert "DequantizeLinear" in {n.op_type for n in onnx_model.graph.node}
 
 
 # ----------------------------------------------------------------------------- HF models (torch.export graphs)

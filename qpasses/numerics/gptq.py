@@ -246,6 +246,7 @@ def gptq_quantize(w: Tensor, h: Tensor, qmin: int, qmax: int, *, scale: Optional
 
     Q = torch.zeros_like(W)
     C = torch.zeros_like(W)
+    groups_of = col_group.tolist()
     for i1, i2 in _blocks(k, int(blocksize), int(group_size), lazy):
         if lazy and i1 % group_size == 0:
             s, z = fit(W[:, i1:i1 + group_size])
@@ -254,17 +255,22 @@ def gptq_quantize(w: Tensor, h: Tensor, qmin: int, qmax: int, *, scale: Optional
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
+        C1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            g = int(col_group[i1 + i])
+            g = groups_of[i1 + i]
             wcol = W1[:, i]
             qcol, ccol = quantize_column(wcol, S[:, g], Z[:, g], qmin, qmax)
-            Q[:, i1 + i] = qcol
-            C[:, i1 + i] = ccol
+            Q1[:, i] = qcol
+            C1[:, i] = ccol
             err = (wcol - qcol) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            # the OBS step of this column on the rest of the block (column i itself lands on qcol)
+            W1[:, i:].sub_(torch.outer(err, U1[i, i:]))
             E1[:, i] = err
-        if i2 < k:
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        Q[:, i1:i2] = Q1
+        C[:, i1:i2] = C1
+        if i2 < k:   # the lazy update of everything after the block
+            W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
 
     if perm is not None:
         inv = torch.argsort(perm)

@@ -219,8 +219,7 @@ def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_orde
         rtn = round_to_nearest(w, scale.reshape(-1).expand(w.shape[0]) if scale.dim() == 0 else scale,
                                zp.reshape(-1).expand(w.shape[0]) if zp.dim() == 0 else zp, int(q.qmin), int(q.qmax))
         new_q = None
-    hd = h.double()
-    return r.weight.float(), new_q, hessian_error(w.double(), r.weight.double(), hd), hessian_error(w.double(), rtn.double(), hd), r
+    return r.weight.float(), new_q, hessian_error(w, r.weight.float(), h), hessian_error(w, rtn, h), r
 
 
 def _write(t: GPTQTarget, qw: torch.Tensor, new_q) -> None:
