@@ -240,6 +240,29 @@ def test_recipe_forms_and_beats_round_to_nearest(level):
     assert torch.equal(gm.a.weight if level == "fx" else model.a.weight, model.a.weight)   # input untouched
 
 
+def test_one_hessian_alive_at_a_time(monkeypatch):
+    """Memory: the step holds one layer group's Hessian at a time and keeps no activations
+    (the largest one it reports is K_max^2 float64)."""
+    import weakref
+    import qpasses.steps.gptq as step
+    alive, peak = [], [0]
+
+    class Counting(HessianAccumulator):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            alive.append(weakref.ref(self))
+            peak[0] = max(peak[0], sum(r() is not None for r in alive))
+
+    monkeypatch.setattr(step, "HessianAccumulator", Counting)
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = _net_data()
+    pm = qpasses.PassManager("gptq", group_size=32, progress=False)
+    pm.run(qpasses.trace(model, (data[0][:2],)), data=data[:4])
+    assert len(alive) == 4 and peak[0] == 1
+    assert pm.report.steps[-1].info["max_hessian_bytes"] == 96 * 96 * 8      # the `out` layer, K = 96
+
+
 def test_per_channel_8bit_and_options():
     torch.manual_seed(0)
     model = Net().eval()
