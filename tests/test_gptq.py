@@ -316,6 +316,26 @@ def test_sequential_second_layer_sees_the_quantized_first(sequential):
     torch.testing.assert_close(m2.scales, r.scale)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_asymmetric_int4_groups(act_order):
+    """symmetric=false: unsigned int4 codes with a zero point per group, fitted lazily (or static with act_order)."""
+    torch.manual_seed(2)
+    model = TwoLinear().eval()
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(32, 32, generator=g) / 4
+    data = [torch.randn(20, 32, generator=g) @ mix + 0.5 for _ in range(3)]
+    pm = qpasses.PassManager("gptq", group_size=32, symmetric=False, act_order=act_order, progress=False)
+    q = pm.run(qpasses.trace(model, (data[0][:2],)), data=data)
+    qs = _quantizers(q)
+    assert len(qs) == 2
+    for m, w in qs.values():
+        assert isinstance(m, Int4GroupFakeQuantize) and m.zeros is not None
+        assert torch.equal(m(w), w)
+        assert float(m.zeros.min()) >= 0 and float(m.zeros.max()) <= 15
+        assert torch.equal(m.zeros, m.zeros.round())
+    assert pm.report.steps[-1].info["error_ratio"] < 1.0
+
+
 def _gptq_lowered():
     torch.manual_seed(2)
     model = TwoLinear().eval()

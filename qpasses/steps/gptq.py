@@ -210,14 +210,13 @@ def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_orde
         r = gptq_quantize(w, h, 0, 15, group_size=gs, blocksize=blocksize, damp=damp, act_order=act_order, **kw)
         rtn = round_to_nearest(w, q.scales, zeros, 0, 15, gs)
         new_q = (r.scale, None if q.zeros is None else r.zero)
-    else:
-        scale = q.scale.detach().float()
-        zp = q.zero_point.float()
-        r = gptq_quantize(w, h, int(q.qmin), int(q.qmax), scale=scale.reshape(-1, 1).expand(w.shape[0], 1)
-                          if scale.dim() == 0 else scale, zero=zp.reshape(-1, 1).expand(w.shape[0], 1)
-                          if zp.dim() == 0 else zp, blocksize=blocksize, damp=damp, act_order=act_order)
-        rtn = round_to_nearest(w, scale.reshape(-1).expand(w.shape[0]) if scale.dim() == 0 else scale,
-                               zp.reshape(-1).expand(w.shape[0]) if zp.dim() == 0 else zp, int(q.qmin), int(q.qmax))
+    else:   # per channel (or per tensor): the static scales convert fitted to the original weight
+        n_out = w.shape[0]
+        scale = q.scale.detach().float().reshape(-1).expand(n_out) if q.axis is None else q.scale.detach().float()
+        zp = q.zero_point.float().reshape(-1).expand(n_out) if q.axis is None else q.zero_point.float()
+        r = gptq_quantize(w, h, int(q.qmin), int(q.qmax), scale=scale, zero=zp, blocksize=blocksize, damp=damp,
+                          act_order=act_order)
+        rtn = round_to_nearest(w, scale, zp, int(q.qmin), int(q.qmax))
         new_q = None
     return r.weight.float(), new_q, hessian_error(w, r.weight.float(), h), hessian_error(w, rtn, h), r
 
