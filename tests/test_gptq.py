@@ -169,6 +169,36 @@ def test_dead_inputs_and_bad_arguments():
         gptq_quantize(w, -torch.eye(6, dtype=w.dtype), -7, 7, scale=s, damp=0.0)
 
 
+@pytest.mark.parametrize("spec", [
+    ("conv2d", dict(stride=2, padding=1, dilation=1), (2, 3, 9, 8), (5, 3, 3, 3)),
+    ("conv2d", dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1)), (2, 4, 7, 9), (6, 4, 3, 2)),
+    ("conv2d", dict(stride=1, padding="same", dilation=1), (1, 2, 6, 6), (3, 2, 4, 4)),
+    ("conv1d", dict(stride=2, padding=1, dilation=2), (3, 4, 11), (5, 4, 3)),
+    ("conv1d", dict(stride=1, padding="same", dilation=1), (2, 3, 10), (4, 3, 4)),
+])
+def test_im2col_rows_reproduce_the_convolution(spec):
+    """A convolution's Hessian rows: rows @ W.reshape(N, -1).T is the convolution's output, so
+    ||WX - QX|| is the layer's output error."""
+    from qpasses.ops import OpView
+    from qpasses.steps.gptq import _geometry, _rows
+    kind, kw, xshape, wshape = spec
+    torch.manual_seed(0)
+    x, w = torch.randn(xshape), torch.randn(wshape)
+    fn = F.conv2d if kind == "conv2d" else F.conv1d
+    want = fn(x, w, None, **kw)
+
+    class M(nn.Module):
+        def forward(self, x, w):
+            return fn(x, w, None, **kw)
+
+    gm = torch.fx.symbolic_trace(M())
+    op = [n for n in gm.graph.nodes if n.op == "call_function"][0]
+    rows = _rows(x, _geometry(OpView(op, gm), w))
+    got = rows @ w.reshape(w.shape[0], -1).T                         # [B * L, N]
+    want = want.flatten(2).transpose(1, 2).reshape(-1, w.shape[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the recipe
 class Net(nn.Module):
     """conv -> conv -> two linears reading the same value -> linear."""
