@@ -18,7 +18,9 @@ from test_gptq import Net, _net_data
 
 torch.set_num_threads(1)
 
-CASES = [dict(group_size=32), dict(group_size=0, act_order=True), dict(group_size=32, sequential=False)]
+#: (options, batches): 5 batches split 3 / 2; 1 batch leaves rank 1 without data (it still joins the reductions)
+CASES = [(dict(group_size=32), 5), (dict(group_size=0, act_order=True), 5), (dict(group_size=32, sequential=False), 5),
+         (dict(group_size=32), 1)]
 
 
 def _gm():
@@ -60,10 +62,9 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     res = {"weights": [], "info": []}
     try:
-        data = _net_data(5)        # 5 batches: rank 0 gets 3, rank 1 gets 2
-        for kw in CASES:
+        for kw, nb in CASES:
             pm = qpasses.PassManager("gptq", progress=False, **kw)
-            res["weights"].append(_weights(pm.run(_gm(), data=data)))
+            res["weights"].append(_weights(pm.run(_gm(), data=_net_data(nb))))
             info = dict(pm.report.steps[-1].info)
             info.pop("per_layer")
             res["info"].append(info)
@@ -88,10 +89,9 @@ def _spawn(tmp_path, timeout=240):
 
 def test_two_processes_give_the_weights_of_one(tmp_path):
     r0, r1 = _spawn(tmp_path)
-    data = _net_data(5)
-    for i, kw in enumerate(CASES):
+    for i, (kw, nb) in enumerate(CASES):
         pm = qpasses.PassManager("gptq", progress=False, **kw)
-        ref = _weights(pm.run(_gm(), data=data))
+        ref = _weights(pm.run(_gm(), data=_net_data(nb)))
         rows = pm.report.steps[-1].info["rows"]
         for r in (r0, r1):
             got = r["weights"][i]
@@ -102,3 +102,4 @@ def test_two_processes_give_the_weights_of_one(tmp_path):
             info = r["info"][i]
             assert info["world_size"] == 2 and info["rows"] == rows        # every rank counted all the rows
     assert (r0["info"][0]["batches"], r1["info"][0]["batches"]) == (3, 2)  # each rank ran its shard
+    assert (r0["info"][3]["batches"], r1["info"][3]["batches"]) == (1, 0)  # rank 1 had none and still took part

@@ -293,16 +293,18 @@ def gptq(ctx) -> None:
     try:
         for x_node, group in group_list:
             cap = _capture(gm, [x_node])
+            # made up front: a rank whose shard is empty still takes part in every all-reduce
             accs: Dict[Tuple, HessianAccumulator] = {}
+            for t in group:
+                if t.geometry not in accs:
+                    accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device)
             with torch.no_grad():
                 for inputs in batches:
                     x = cap(*inputs)[0]
                     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
                         raise StepError(f"gptq: the input {x_node.name} of {group[0].op.name} is not a float tensor")
                     for t in group:
-                        acc = accs.get(t.geometry)
-                        if acc is None:
-                            acc = accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device)
+                        acc = accs[t.geometry]
                         rows = _rows(x.detach(), t.geometry)
                         if rows.shape[1] != t.k:
                             raise StepError(f"gptq: {t.op.name} reads rows of width {rows.shape[1]} but its weight "
