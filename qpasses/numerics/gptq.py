@@ -106,17 +106,26 @@ class HessianAccumulator:
     rank then holds the sums of all the data); :meth:`hessian` gives ``2 X X^T / n``.
     """
 
-    def __init__(self, k: int, device=None, chunk_rows: int = 65536):
-        self.sum = torch.zeros(k, k, dtype=torch.float64, device=device)
+    def __init__(self, k: int, device=None, chunk_rows: int = 65536, groups: int = 1):
+        self.groups = int(groups)
+        self.k = int(k)
+        shape = (k, k) if self.groups == 1 else (self.groups, k, k)
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.n = 0
         self.chunk_rows = int(chunk_rows)
 
     def add(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.sum.shape[0]:
-            raise ValueError(f"expected input rows of width {self.sum.shape[0]}, got shape {tuple(x.shape)}")
+        """Rows ``x [m, groups * K]``; with ``groups > 1`` (a grouped convolution) group ``g``'s
+        Hessian block comes from columns ``g*K .. (g+1)*K`` only."""
+        if x.dim() != 2 or x.shape[1] != self.groups * self.k:
+            raise ValueError(f"expected input rows of width {self.groups * self.k}, got shape {tuple(x.shape)}")
         for i in range(0, x.shape[0], self.chunk_rows):
             xc = x[i:i + self.chunk_rows].to(device=self.sum.device, dtype=torch.float64)
-            self.sum.addmm_(xc.T, xc)
+            if self.groups == 1:
+                self.sum.addmm_(xc.T, xc)
+            else:
+                xg = xc.reshape(xc.shape[0], self.groups, self.k).transpose(0, 1)     # [G, m, K]
+                self.sum.baddbmm_(xg.transpose(1, 2), xg)
         self.n += int(x.shape[0])
 
     def all_reduce(self, group=None) -> None:

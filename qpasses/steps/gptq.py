@@ -9,7 +9,8 @@ form is decided by those rules; this step only changes numbers:
    with a per-channel :class:`~qpasses.numerics.FakeQuantize` or an
    :class:`~qpasses.kernels.lowering.Int4GroupFakeQuantize`.  Ops GPTQ cannot take keep their
    round-to-nearest weights and are listed with the reason in ``info["kept_rtn"]`` (a weight
-   tensor or quantizer shared by several ops, transposed / 3-d / grouped convolutions).
+   tensor or quantizer shared by several ops, transposed / 3-d convolutions).  A grouped
+   convolution gets one Hessian block per group (its output channels see only their inputs).
 2. **Layer by layer.** Targets are grouped by the activation they read (q, k and v share one
    Hessian) and visited in graph order.  For each group, a graph cut at that activation runs the
    calibration batches one at a time and each batch's rows (a linear layer's inputs flattened
@@ -76,7 +77,12 @@ class GPTQTarget:
 
     @property
     def k(self) -> int:
+        """Inputs per output channel (per convolution group)."""
         return int(self.weight[0].numel())
+
+    @property
+    def groups(self) -> int:
+        return int(self.geometry[5]) if self.geometry[0] == "conv" else 1
 
 
 def _tuple(v: Any, n: int) -> Tuple[int, ...]:
@@ -110,14 +116,14 @@ def _geometry(view: OpView, w: torch.Tensor) -> Tuple:
     if nd == 1:  # as a 2-d convolution of height 1
         kernel, stride, dilation, pads = (1,) + kernel, (1,) + stride, (1,) + dilation, [(0, 0)] + pads
     flat = (pads[1][0], pads[1][1], pads[0][0], pads[0][1])   # F.pad order: last dim first
-    return ("conv", kernel, stride, dilation, flat)
+    return ("conv", kernel, stride, dilation, flat, int(view.get("groups", 1) or 1))
 
 
 def _rows(x: torch.Tensor, geom: Tuple) -> torch.Tensor:
     """The layer's input as rows ``[m, K]`` (``y = rows @ W.reshape(N, K).T`` up to layout)."""
     if geom[0] == "linear":
         return x.reshape(-1, x.shape[-1])
-    _, kernel, stride, dilation, pads = geom
+    _, kernel, stride, dilation, pads = geom[:5]
     if x.dim() == 3:
         x = x.unsqueeze(2)
     if any(pads):
@@ -177,9 +183,6 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
             if quant.axis not in (None, 0) or not quant.enabled:
                 kept[n.name] = f"weight quantizer axis={quant.axis}, enabled={quant.enabled} (GPTQ needs per output channel)"
                 continue
-        if oc != "linear" and int(view.get("groups", 1) or 1) != 1:
-            kept[n.name] = "grouped convolution (one Hessian per group is not implemented)"
-            continue
         x = view.input
         if not isinstance(x, fx.Node):
             kept[n.name] = "its input is not a graph value"
@@ -214,11 +217,24 @@ def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_orde
         n_out = w.shape[0]
         scale = q.scale.detach().float().reshape(-1).expand(n_out) if q.axis is None else q.scale.detach().float()
         zp = q.zero_point.float().reshape(-1).expand(n_out) if q.axis is None else q.zero_point.float()
-        r = gptq_quantize(w, h, int(q.qmin), int(q.qmax), scale=scale, zero=zp, blocksize=blocksize, damp=damp,
-                          act_order=act_order)
-        rtn = round_to_nearest(w, scale, zp, int(q.qmin), int(q.qmax))
-        new_q = None
-    return r.weight.float(), new_q, hessian_error(w, r.weight.float(), h), hessian_error(w, rtn, h), r
+        if h.dim() == 3:   # a grouped convolution: output channels of group g see only its inputs (block h[g])
+            per = n_out // h.shape[0]
+            parts = [(slice(g * per, (g + 1) * per), h[g]) for g in range(h.shape[0])]
+        else:
+            parts = [(slice(0, n_out), h)]
+        qw, rtn = torch.empty_like(w), torch.empty_like(w)
+        err = err_rtn = 0.0
+        dead = []
+        for rows, hg in parts:
+            r = gptq_quantize(w[rows], hg, int(q.qmin), int(q.qmax), scale=scale[rows], zero=zp[rows],
+                              blocksize=blocksize, damp=damp, act_order=act_order)
+            qw[rows] = r.weight.float()
+            rtn[rows] = round_to_nearest(w[rows], scale[rows], zp[rows], int(q.qmin), int(q.qmax))
+            err += hessian_error(w[rows], qw[rows], hg)
+            err_rtn += hessian_error(w[rows], rtn[rows], hg)
+            dead += r.dead
+        return qw, None, err, err_rtn, dead
+    return r.weight.float(), new_q, hessian_error(w, r.weight.float(), h), hessian_error(w, rtn, h), r.dead
 
 
 def _write(t: GPTQTarget, qw: torch.Tensor, new_q) -> None:
@@ -297,7 +313,7 @@ def gptq(ctx) -> None:
             accs: Dict[Tuple, HessianAccumulator] = {}
             for t in group:
                 if t.geometry not in accs:
-                    accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device)
+                    accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device, groups=t.groups)
             with torch.no_grad():
                 for inputs in batches:
                     x = cap(*inputs)[0]
@@ -306,9 +322,9 @@ def gptq(ctx) -> None:
                     for t in group:
                         acc = accs[t.geometry]
                         rows = _rows(x.detach(), t.geometry)
-                        if rows.shape[1] != t.k:
+                        if rows.shape[1] != t.k * t.groups:
                             raise StepError(f"gptq: {t.op.name} reads rows of width {rows.shape[1]} but its weight "
-                                            f"has {t.k} inputs")
+                                            f"has {t.k} inputs in each of {t.groups} group(s)")
                         acc.add(rows)
             del cap
             for acc in accs.values():
@@ -333,7 +349,7 @@ def gptq(ctx) -> None:
                 layers.append({"op": t.op.name, "weight": t.weight_target, "form":
                                "int4_group" if isinstance(t.quant, Int4GroupFakeQuantize) else "per_channel",
                                "k": t.k, "n": int(t.weight.shape[0]), "error": err, "rtn_error": err_rtn,
-                               "dead_inputs": len(r.dead)})
+                               "dead_inputs": len(r)})
                 n_rows = max(n_rows, acc.n)
             del accs
             bar.update(1)
