@@ -1,6 +1,6 @@
 """GPTQ against round-to-nearest on all-MiniLM-L6-v2 (W4, group 128): quality, time, memory.
 
-    python benchmarks/gptq_table.py [--threads N] [--llmc-python /work/venv-llm-gptq/bin/python]
+    python benchmarks/gptq_table.py [--threads N] [--memory] [--llmc-python /work/venv-llm-gptq/bin/python]
 
 Quality is :func:`qpasses.sentences.embedding_cosine`: the minimum over the 12 evaluation
 sentences of the cosine between the float and the quantized sentence embeddings.  Calibration
@@ -16,7 +16,9 @@ set.  Rows:
 
 Time is the wall time of ``PassManager.run`` (of ``oneshot`` for llm-compressor).  Memory:
 the largest resident-set growth during the run (sampled every 2 ms from /proc/self/statm) next
-to the model's parameter bytes, and the largest Hessian GPTQ held.
+to the model's parameter bytes, and the largest Hessian GPTQ held; with ``--memory`` also each
+qpasses row alone in a fresh process: how far the run raises ``resource.ru_maxrss`` above the peak
+of loading and tracing the model.
 """
 from __future__ import annotations
 
@@ -62,6 +64,42 @@ class PeakRSS:
         self.growth = self.peak - self.base
 
 
+RUNS = [("w4a16 (round-to-nearest)", "w4a16", {}, False),
+        ("gptq", "gptq", {}, True),
+        ("gptq act_order", "gptq", {"act_order": True}, True),
+        ("gptq sequential=false", "gptq", {"sequential": False}, True)]
+
+
+def memory_child(index: int) -> None:
+    """In a fresh process: how far one run raises the peak RSS (``resource.ru_maxrss``) above the
+    peak of loading and tracing the model; prints JSON."""
+    import resource
+    import qpasses
+    from qpasses.sentences import calib_batches, eval_batch, load_minilm
+    label, recipe, opts, needs = RUNS[index]
+    model, tok = load_minilm()
+    batch = eval_batch(tok)
+    calib = calib_batches(tok)
+    gm = qpasses.trace(model, batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    qpasses.PassManager(recipe, progress=False, **opts).run(gm, data=calib if needs else None)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"method": f"qpasses {label}", "peak_before": before, "peak_growth": after - before}))
+
+
+def memory_rows(threads: int):
+    out = {}
+    for i in range(len(RUNS)):
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory", str(i),
+                            "--threads", str(threads)], capture_output=True, text=True, timeout=1800)
+        if r.returncode == 0:
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            out[row["method"]] = row
+        else:
+            print(f"memory run {i} failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    return out
+
+
 def qpasses_rows():
     import qpasses
     from qpasses.sentences import calib_batches, embedding_cosine, eval_batch, load_minilm
@@ -71,10 +109,7 @@ def qpasses_rows():
     gm = qpasses.trace(model, batch)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    runs = [("w4a16 (round-to-nearest)", "w4a16", {}, None),
-            ("gptq", "gptq", {}, calib),
-            ("gptq act_order", "gptq", {"act_order": True}, calib),
-            ("gptq sequential=false", "gptq", {"sequential": False}, calib)]
+    runs = [(label, recipe, opts, calib if needs else None) for label, recipe, opts, needs in RUNS]
     for label, recipe, opts, data in runs:
         pm = qpasses.PassManager(recipe, progress=False, **opts)
         with PeakRSS() as mem:
@@ -130,10 +165,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llmc-python", default="", help="interpreter of a venv with llmcompressor installed")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure each qpasses row's peak-RSS growth in a fresh process (resource.ru_maxrss)")
+    ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.child_memory is not None:
+        memory_child(args.child_memory)
+        return
     rows, params = qpasses_rows()
+    if args.memory:
+        mem = memory_rows(args.threads)
+        for r in rows:
+            if r["method"] in mem:
+                r["peak_growth"] = mem[r["method"]]["peak_growth"]
     try:
         import llmcompressor  # noqa: F401
         extra = llmc_rows(sys.executable, args.threads)
@@ -146,9 +192,11 @@ def main():
     mib = 1024 * 1024
     print(f"all-MiniLM-L6-v2, W4 group 128; parameters {params / mib:.1f} MiB; min cosine over 12 sentences\n")
     print(markdown_table(
-        ["method", "min cosine", "seconds", "peak RSS growth (MiB)", "largest Hessian (MiB)", "proxy error vs RTN"],
+        ["method", "min cosine", "seconds", "peak RSS growth (MiB)", "peak growth, fresh process (MiB)",
+         "largest Hessian (MiB)", "proxy error vs RTN"],
         [[r["method"], f"{r['cosine']:.4f}", f"{r['seconds']:.1f}",
           f"{r['rss_growth'] / mib:.0f}" if r.get("rss_growth") is not None else "-",
+          f"{r['peak_growth'] / mib:.0f}" if r.get("peak_growth") is not None else "-",
           f"{r['hessian'] / mib:.0f}" if r.get("hessian") else "-",
           f"{r['error_ratio']:.3f}" if r.get("error_ratio") is not None else "-"] for r in rows]))
 
