@@ -185,6 +185,7 @@ def test_dead_inputs_and_bad_arguments():
     ("conv1d", dict(stride=2, padding=1, dilation=2), (3, 4, 11), (5, 4, 3)),
     ("conv1d", dict(stride=1, padding="same", dilation=1), (2, 3, 10), (4, 3, 4)),
 ])
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_im2col_rows_reproduce_the_convolution(spec):
     """A convolution's Hessian rows: rows @ W.reshape(N, -1).T is the convolution's output, so
     ||WX - QX|| is the layer's output error."""
@@ -319,6 +320,10 @@ def test_per_channel_8bit_and_options():
         qpasses.PassManager("gptq", w_bits=8, progress=False).run(gm, data=data[:2])
     with pytest.raises(StepError, match="needs data"):
         qpasses.PassManager("gptq", progress=False).run(gm)
+    bad = [d.clone() for d in data[:2]]
+    bad[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(StepError, match="not finite"):
+        qpasses.PassManager("gptq", progress=False).run(gm, data=bad)
     with pytest.raises(StepError, match="no weighted op"):
         qpasses.PassManager("gptq", skip=["*"], progress=False).run(gm, data=data[:2])
 

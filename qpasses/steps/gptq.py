@@ -310,29 +310,35 @@ def gptq(ctx) -> None:
         for x_node, group in group_list:
             cap = _capture(gm, [x_node])
             # made up front: a rank whose shard is empty still takes part in every all-reduce
+            # (one per geometry: layers reading the same value the same way share it)
             accs: Dict[Tuple, HessianAccumulator] = {}
+            first: Dict[Tuple, GPTQTarget] = {}
             for t in group:
                 if t.geometry not in accs:
                     accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device, groups=t.groups)
+                    first[t.geometry] = t
             with torch.no_grad():
                 for inputs in batches:
                     x = cap(*inputs)[0]
                     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
                         raise StepError(f"gptq: the input {x_node.name} of {group[0].op.name} is not a float tensor")
-                    for t in group:
-                        acc = accs[t.geometry]
-                        rows = _rows(x.detach(), t.geometry)
+                    for geom, acc in accs.items():
+                        t = first[geom]
+                        rows = _rows(x.detach(), geom)
                         if rows.shape[1] != t.k * t.groups:
                             raise StepError(f"gptq: {t.op.name} reads rows of width {rows.shape[1]} but its weight "
                                             f"has {t.k} inputs in each of {t.groups} group(s)")
                         acc.add(rows)
             del cap
-            for acc in accs.values():
+            for geom, acc in accs.items():
                 max_h_bytes = max(max_h_bytes, acc.sum.numel() * acc.sum.element_size())
                 if size > 1:
-                    acc.all_reduce()
+                    acc.all_reduce()   # every rank checks the reduced sums below: all raise, or none
                 if acc.n == 0:
                     raise StepError("gptq got an empty data iterable (on every rank)")
+                if not bool(torch.isfinite(acc.sum).all()):
+                    raise StepError(f"gptq: the calibration inputs of {first[geom].op.name} ({x_node.name}) are not "
+                                    f"finite: the data has NaN / inf, or the model overflows before this layer")
             for t in group:
                 acc = accs[t.geometry]
                 h = acc.hessian(torch.float32)
@@ -351,7 +357,7 @@ def gptq(ctx) -> None:
                                "k": t.k, "n": int(t.weight.shape[0]), "error": err, "rtn_error": err_rtn,
                                "dead_inputs": len(r)})
                 n_rows = max(n_rows, acc.n)
-            del accs
+            accs = acc = h = None   # this group's Hessian is freed before the next one is made
             bar.update(1)
     finally:
         bar.close()
