@@ -17,8 +17,8 @@ set.  Rows:
 Time is the wall time of ``PassManager.run`` (of ``oneshot`` for llm-compressor).  Memory:
 the largest resident-set growth during the run (sampled every 2 ms from /proc/self/statm) next
 to the model's parameter bytes, and the largest Hessian GPTQ held; with ``--memory`` also each
-qpasses row alone in a fresh process: how far the run raises ``resource.ru_maxrss`` above the peak
-of loading and tracing the model.
+qpasses row alone in a fresh process: how far the run raises the peak RSS (``VmHWM``) above the
+peak of loading and tracing the model.
 """
 from __future__ import annotations
 
@@ -70,10 +70,19 @@ RUNS = [("w4a16 (round-to-nearest)", "w4a16", {}, False),
         ("gptq sequential=false", "gptq", {"sequential": False}, True)]
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: the kernel's high-water mark ``VmHWM`` (per address
+    space, so it starts afresh at exec; ``ru_maxrss`` would carry over the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(index: int) -> None:
-    """In a fresh process: how far one run raises the peak RSS (``resource.ru_maxrss``) above the
-    peak of loading and tracing the model; prints JSON."""
-    import resource
+    """In a fresh process: how far one run raises the peak RSS (``VmHWM``) above the peak of
+    loading and tracing the model; prints JSON."""
     import qpasses
     from qpasses.sentences import calib_batches, eval_batch, load_minilm
     label, recipe, opts, needs = RUNS[index]
@@ -81,9 +90,9 @@ def memory_child(index: int) -> None:
     batch = eval_batch(tok)
     calib = calib_batches(tok)
     gm = qpasses.trace(model, batch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_rss()
     qpasses.PassManager(recipe, progress=False, **opts).run(gm, data=calib if needs else None)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = _peak_rss()
     print(json.dumps({"method": f"qpasses {label}", "peak_before": before, "peak_growth": after - before}))
 
 
@@ -166,7 +175,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llmc-python", default="", help="interpreter of a venv with llmcompressor installed")
     ap.add_argument("--memory", action="store_true",
-                    help="also measure each qpasses row's peak-RSS growth in a fresh process (resource.ru_maxrss)")
+                    help="also measure each qpasses row's peak-RSS growth in a fresh process (VmHWM)")
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
