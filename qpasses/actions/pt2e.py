@@ -192,13 +192,6 @@ def qdq_weight(ctx: MatchContext, q: fx.Node):
     return not why, why
 
 
-@constraint("reads_constant")
-def reads_constant(ctx: MatchContext, q: fx.Node):
-    """The quantizer's input is a constant (a ``get_attr`` tensor): a weight, not an activation."""
-    ok = _constant(ctx, q.args[0] if q.args else None) is not None
-    return ok, (f"{q.name} reads a constant" if ok else f"{q.name} reads an activation")
-
-
 @constraint("qdq_activation")
 def qdq_activation(ctx: MatchContext, q: fx.Node):
     """The activation quantizer is per tensor, fixed and full-range 8-bit (uint8, or int8 shifted)."""
