@@ -383,3 +383,18 @@ def test_cpu_graph_refused_by_default_with_pointer_to_compile():
     assert all("qpasses.compile" in why for _, why in pm.report["lower_dynamic_linear"].refused)
     with torch.no_grad():
         assert torch.equal(low(x), fq(x))
+
+
+def test_cuda_graph_lowered_by_default(monkeypatch):
+    """The default (``device='cuda'``) lowers a layer whose weight is on a CUDA device: the
+    device lookup is faked here (no GPU on CI); the kernels then run their CPU references."""
+    import qpasses.actions.lower as lower_actions
+    monkeypatch.setattr(lower_actions, "_weight_device", lambda ctx, op: torch.device("cuda", 0))
+    torch.manual_seed(1)
+    x = digits()
+    gm = qpasses.trace(zoo.MLP().eval(), (x[:2],))
+    fq = qpasses.PassManager("ptq_int8").run(gm, data=datasets.calib_batches(n=64))
+    pm = qpasses.PassManager("lower")
+    low = pm.run(fq)
+    assert kernel_targets(low).count(Q.int8_linear.default) == 3
+    assert pm.report["lower_quantized_weighted"].n_refused == 0
