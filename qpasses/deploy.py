@@ -68,6 +68,8 @@ class CompileReport:
     def __str__(self) -> str:
         lines = [f"int8 through Inductor: {len(self.lowered)} op(s) "
                  f"({', '.join(sorted({c for _, c in self.lowered})) or 'none'}); refused {len(self.refused)}"]
+        if not self.lowered and not self.refused:
+            lines.append("  no quantized op found: is this a converted graph (ptq_int8, int_only, ...)?")
         lines += [f"  refused {n}: {r}" for n, r in self.refused]
         lines += [f"  warning: {w}" for w in self.warnings]
         if self.inductor:
