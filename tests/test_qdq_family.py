@@ -229,6 +229,7 @@ def test_dynamic_int8_linear_within_float_gemm_rounding():
         torch.testing.assert_close(d(xs), q(xs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_transformers_bert_tiny_bit_exact():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
