@@ -43,13 +43,13 @@ class MLP(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def _quantized(model, shape, **opts):
+def _quantized(model, shape, mode="auto", **opts):
     torch.manual_seed(0)
     model = model.eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g)
     data = [torch.randn(shape, generator=g) for _ in range(4)]
-    q = qpasses.PassManager("ptq_int8", w_bits=W_BITS, **opts).run(qpasses.trace(model, (x,)), data=data)
+    q = qpasses.PassManager("ptq_int8", w_bits=W_BITS, **opts).run(qpasses.trace(model, (x,), mode=mode), data=data)
     return q, x
 
 
@@ -83,9 +83,10 @@ def test_conv_model_lowers_to_qconv():
 
 
 @pytest.mark.slow
-def test_linear_model_lowers_to_qlinear():
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_linear_model_lowers_to_qlinear(mode):
     from torch._dynamo.utils import counters
-    q, x = _quantized(MLP(), (8, 64))
+    q, x = _quantized(MLP(), (8, 64), mode=mode)
     before = counters["inductor"]["qlinear_weight_prepack_matcher_count"]
     fast = qpasses.compile(q, (x,))
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] - before == 2
