@@ -2,6 +2,7 @@
 qpasses + compile, side by side in one run.
 
     python benchmarks/inductor_int8.py [--threads 2] [--repeats 20] [--models resnet18,bert]
+                                       [--recipe ptq_int8|int_only]
 
 Models (random weights, nothing downloaded):
 
@@ -126,6 +127,9 @@ def main(argv=None) -> List[Dict[str, float]]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--models", default="resnet18,bert")
+    ap.add_argument("--recipe", default="ptq_int8", choices=["ptq_int8", "int_only"],
+                    help="qpasses recipe: ptq_int8 (inputs of weighted ops quantized) or int_only with "
+                         "integerize=false (outputs of conv / add / relu observed too, as PT2E places them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     w_bits = 8 if has_vnni() else 7
@@ -142,7 +146,8 @@ def main(argv=None) -> List[Dict[str, float]]:
         out_pt = pt(*example)
         c1 = _counters()
         gm = qpasses.trace(model, example)
-        qgm = qpasses.PassManager("ptq_int8", w_bits=w_bits).run(gm, data=calib)
+        extra = {"integerize": False} if args.recipe == "int_only" else {}
+        qgm = qpasses.PassManager(args.recipe, w_bits=w_bits, **extra).run(gm, data=calib)
         fast = qpasses.compile(qgm, example)
         out_q = fast(*example)
         c2 = _counters()
@@ -168,7 +173,7 @@ def main(argv=None) -> List[Dict[str, float]]:
                      f"{cos['PT2E']:.4f} / {cos['qpasses']:.4f}"])
         print(f"{name}: setup (3 compiles, calibration) {setup:.0f} s; qpasses report:\n{fast.report}", flush=True)
     print()
-    print(f"threads={args.threads}, batch={args.batch}, best of {args.repeats}, qpasses w_bits={w_bits} "
+    print(f"threads={args.threads}, batch={args.batch}, best of {args.repeats}, qpasses {args.recipe} w_bits={w_bits} "
           f"(VNNI: {has_vnni()}), torch {torch.__version__}")
     print(markdown_table(["model", "fp32 eager ms", "fp32 compiled ms", "PT2E + compile ms", "qpasses + compile ms",
                           "PT2E speed-up", "qpasses speed-up", "int8 patterns PT2E / qpasses",
