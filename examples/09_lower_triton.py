@@ -39,7 +39,7 @@ calib = datasets.calib_batches()
 cnn = datasets.train_digits_cnn().eval()
 gm = qpasses.trace(cnn, (x_test[:2],))
 fq = qpasses.PassManager("ptq_int8").run(gm, data=calib)      # fake-quant graph
-pm = qpasses.PassManager("lower")
+pm = qpasses.PassManager("lower", device="cpu")   # lower targets CUDA: opt in on the CPU
 low = pm.run(fq)                                               # integer kernel ops
 print("lowered digits CNN calls:", kernel_ops(low))
 with torch.no_grad():
@@ -60,7 +60,7 @@ print(f"Triton (interpreter) vs CPU reference, 8 images: max abs diff "
 mlp = datasets.train_classifier(zoo.MLP(), epochs=10, lr=3e-3, cache_key="mlp-digits-ex09").eval()
 gm = qpasses.trace(mlp, (x_test[:2],))
 fq4 = qpasses.PassManager("w4a16", group_size=32).run(gm)
-low4 = qpasses.PassManager("lower").run(fq4)
+low4 = qpasses.PassManager("lower", device="cpu").run(fq4)
 with torch.no_grad():
     a, b, c = mlp(x_test), fq4(x_test), low4(x_test)
 print("lowered MLP (w4a16, group 32) calls:", kernel_ops(low4))
@@ -73,6 +73,6 @@ print(f"accuracy  float {datasets.accuracy(mlp, x_test, y_test):.1f}%  w4a16 low
 model = nn.Sequential(nn.Conv1d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5)).eval()
 xs = torch.randn(16, 4, 8)
 gm = qpasses.trace(model, (xs[:2],))
-pm = qpasses.PassManager(["ptq_int8", "lower"])
+pm = qpasses.PassManager(["ptq_int8", "lower"], device="cpu")
 pm.run(gm, data=[xs])
 print(pm.report.table())

@@ -16,6 +16,7 @@ from .lang.rules import available_names
 from .context import Refuse
 from .manager import PassManager
 from .io import load, save
+from .deploy import compile  # noqa: A004  qpasses.compile: int8 on x86 CPUs through Inductor
 from . import actions  # noqa: F401  registers actions and constraints
 from . import steps  # noqa: F401  registers data steps
 from . import layers  # noqa: F401  registers the coverage count of reports
@@ -24,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "PassManager", "Rule", "RuleFamily", "Recipe", "load_file", "available_names", "action",
-    "constraint", "data_step", "Refuse", "export_onnx", "save", "load", "save_compressed", "QPassesError", "TraceError", "RuleError",
+    "constraint", "data_step", "Refuse", "export_onnx", "compile", "save", "load", "save_compressed", "QPassesError",
+    "TraceError", "RuleError",
     "RuleSyntaxError", "UnknownNameError", "MissingParameterError", "OptionError", "RewriteError",
     "StepError", "VerifyError", "MatchError", "__version__",
 ]

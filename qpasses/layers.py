@@ -225,6 +225,10 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- coverage
 
+#: call_function targets (by name) of a weight frozen by the ``qdq`` family
+_FROZEN_QUANTIZERS = ("quantized_decomposed.dequantize_per_", "qpasses.fake_quant_")
+
+
 def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optional[bool]:
     """True / False for a weighted op (quantized or not), None for anything else."""
     cls = classify(n, mods)
@@ -234,6 +238,8 @@ def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optiona
         return True if _kernel_row(gm, n) is not None else None  # an integer kernel with a packed weight
     if cls in ALIASES["weighted"]:
         w = OpView(n, gm, cls, mods).get("weight")
+        if hasattr(w, "op") and w.op == "call_function" and str(w.target).startswith(_FROZEN_QUANTIZERS):
+            return True                                # the qdq family's frozen weight (Q/DQ or custom op)
         wq = mods.get(w.target) if hasattr(w, "op") and w.op == "call_module" else None
         return wq is not None and quantizer_bits(wq) is not None
     if cls in ("addmm", "matmul"):

@@ -182,14 +182,14 @@ def test_input_shape_composed_recipes_and_export_graphs_saved(tmp_path):
     transformer block traces only that way) is saved as a plain, loadable GraphModule."""
     import qpasses
     out = tmp_path / "t.pt2"
-    r = _run("quantize", "qpasses.zoo:TransformerEncoderBlock", "-r", "dynamic_int8,lower", "-s", "2,16,64",
+    r = _run("quantize", "qpasses.zoo:TransformerEncoderBlock", "-r", "dynamic_int8,lower", "-o", "device=cpu", "-s", "2,16,64",
              "--out", out, "--no-report")
     assert r.exit_code == EXIT_OK, r.output
     loaded = qpasses.load(out)
     assert torch.ops.qpasses.dynamic_int8_linear.default in {n.target for n in loaded.graph.nodes}
     torch.manual_seed(0)                                   # the CLI builds factories under seed 0
     m = zoo.TransformerEncoderBlock().eval()
-    want = qpasses.PassManager(["dynamic_int8", "lower"]).run(qpasses.trace(m, (torch.randn(2, 16, 64),)))
+    want = qpasses.PassManager(["dynamic_int8", "lower"], device="cpu").run(qpasses.trace(m, (torch.randn(2, 16, 64),)))
     x = torch.randn(3, 16, 64)                             # another batch size
     with torch.no_grad():
         assert torch.equal(loaded(x), want(x))

@@ -139,7 +139,7 @@ def pt2e_cosine(name: str, dynamic: bool) -> float:
 
 
 # ------------------------------------------------------------------ qpasses runs
-OPTIONS = {"w4a16": {"group_size": 32}}
+OPTIONS = {"w4a16": {"group_size": 32}, "lower": {"device": "cpu"}}   # lower targets CUDA: opt in on the CPU
 
 
 def run_recipe(name: str, recipe):

@@ -422,7 +422,7 @@ def _gptq_lowered():
     model = TwoLinear().eval()
     data = [torch.randn(16, 32) for _ in range(3)]
     gm = qpasses.trace(model, (data[0][:2],))
-    low = qpasses.PassManager(["gptq", "lower"], group_size=32, progress=False).run(gm, data=data)
+    low = qpasses.PassManager(["gptq", "lower"], group_size=32, device="cpu", progress=False).run(gm, data=data)
     fq = qpasses.PassManager("gptq", group_size=32, progress=False).run(gm, data=data)
     return low, fq
 

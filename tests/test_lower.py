@@ -57,7 +57,7 @@ def cnn():
 def quantize_and_lower(model, example, level, **opts):
     gm = qpasses.trace(model, (example,), mode=level)
     fq = qpasses.PassManager("ptq_int8").run(gm, data=datasets.calib_batches(n=64))
-    pm = qpasses.PassManager("lower", **opts)
+    pm = qpasses.PassManager("lower", device="cpu", **opts)
     return gm, fq, pm.run(fq), pm
 
 
@@ -115,7 +115,7 @@ def test_layers_without_a_kernel_stay_fake_quant_and_are_reported():
     x = torch.randn(8, 4, 8)
     gm = qpasses.trace(model, (x[:2],))
     fq = qpasses.PassManager("ptq_int8").run(gm, data=[x])
-    pm = qpasses.PassManager("lower")
+    pm = qpasses.PassManager("lower", device="cpu")
     low = pm.run(fq)
     assert kernel_targets(low).count(Q.int8_linear.default) == 1
     assert len(fake_quant_modules(low)) == 2                       # conv1d's activation + weight quantizers
@@ -140,11 +140,11 @@ def test_skip_leaves_a_layer_in_fake_quant_form():
 def test_float_graph_has_nothing_to_lower_and_bad_option_is_clear():
     model = zoo.MLP().eval()
     gm = qpasses.trace(model, (digits(2),))
-    low = qpasses.PassManager("lower").run(gm)
+    low = qpasses.PassManager("lower", device="cpu").run(gm)
     assert not kernel_targets(low)
     fq = qpasses.PassManager("ptq_int8").run(gm, data=datasets.calib_batches(n=32))
     with pytest.raises(QPassesError, match="out_dtype"):
-        qpasses.PassManager("lower", out_dtype="int3").run(fq)
+        qpasses.PassManager("lower", device="cpu", out_dtype="int3").run(fq)
 
 
 @pytest.mark.parametrize("group_size,symmetric", [(32, True), (64, False), (128, True)])
@@ -156,7 +156,7 @@ def test_w4a16_lowered_to_int4_kernel(group_size, symmetric):
     fq = qpasses.PassManager("w4a16", group_size=group_size, symmetric=symmetric).run(gm)
     mods = [fq.get_submodule(n.target) for n in fake_quant_modules(fq)]
     assert len(mods) == 3 and all(isinstance(m, Int4GroupFakeQuantize) and m.group_size == group_size for m in mods)
-    low = qpasses.PassManager("lower").run(fq)
+    low = qpasses.PassManager("lower", device="cpu").run(fq)
     assert kernel_targets(low).count(Q.int4_weight_only_linear.default) == 3
     with torch.no_grad():
         want, got, dense = fq(x), low(x), model(x)
@@ -170,7 +170,7 @@ def test_w4a16_lowered_to_int4_kernel(group_size, symmetric):
 def test_w4a16_cnn_lowers_the_linear_and_keeps_convs_float(cnn):
     x = digits(100)
     gm = qpasses.trace(cnn, (x[:2],))
-    pm = qpasses.PassManager(["w4a16", "lower"], group_size=32)
+    pm = qpasses.PassManager(["w4a16", "lower"], group_size=32, device="cpu")
     low = pm.run(gm)
     t = kernel_targets(low)
     assert t == [Q.int4_weight_only_linear.default]
@@ -185,7 +185,7 @@ def test_bnn_binary_layers_are_packed_and_edges_lowered():
     gm = qpasses.trace(model, (x[:2],))
     data = datasets.calib_batches(n=64)
     fq = qpasses.PassManager("bnn", learnable=False).run(gm, data=data)
-    pm = qpasses.PassManager("lower")
+    pm = qpasses.PassManager("lower", device="cpu")
     low = pm.run(fq)
     assert kernel_targets(low).count(Q.int8_linear.default) == 2      # first and last layers (8 bit)
     assert rule_row(pm, "lower_binary_layer")["rewrites"] == 1
@@ -228,7 +228,7 @@ def test_int_only_graph_runs_bit_exact_on_the_triton_kernels(cnn, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = digits(3)
     gm = qpasses.trace(cnn, (x[:2],))
-    pm = qpasses.PassManager(["int_only", "lower"])
+    pm = qpasses.PassManager(["int_only", "lower"], device="cpu")
     low = pm.run(gm, data=datasets.calib_batches(n=64))
     t = kernel_targets(low)
     assert t.count(Q.int8_conv2d_requant.default) == 3 and t.count(Q.int8_linear_requant.default) == 1
@@ -249,7 +249,7 @@ def test_zoo_models_lower_every_quantized_layer(name, cls):
     x = zoo.example_input(name)
     gm = qpasses.trace(model, (x,))
     fq = qpasses.PassManager("ptq_int8").run(gm, data=[x + 0.1 * torch.randn_like(x) for _ in range(2)])
-    pm = qpasses.PassManager("lower")
+    pm = qpasses.PassManager("lower", device="cpu")
     low = pm.run(fq)
     row = rule_row(pm, "lower_quantized_weighted")
     assert row["rewrites"] == row["candidates"] and row["refused"] == 0 and row["rewrites"] >= 6
@@ -265,7 +265,7 @@ def test_four_bit_weights_from_ptq_int8_run_on_the_int8_kernel():
     x = digits(32)
     gm = qpasses.trace(model, (x[:2],))
     fq = qpasses.PassManager("ptq_int8", w_bits=4).run(gm, data=datasets.calib_batches(n=64))
-    low = qpasses.PassManager("lower").run(fq)
+    low = qpasses.PassManager("lower", device="cpu").run(fq)
     codes = [getattr(low, n.target) for n in low.graph.nodes
              if n.op == "get_attr" and n.target.startswith("lowered_w_")]
     assert len(codes) == 3 and all(int(c.abs().max()) <= 7 for c in codes)
@@ -286,12 +286,12 @@ def test_one_quantize_node_per_shared_activation_and_lowering_twice_is_a_no_op()
     x = torch.randn(16, 8)
     gm = qpasses.trace(TwoHeads().eval(), (x,))
     fq = qpasses.PassManager("ptq_int8").run(gm, data=[x])
-    low = qpasses.PassManager("lower").run(fq)
+    low = qpasses.PassManager("lower", device="cpu").run(fq)
     t = kernel_targets(low)
     assert t.count(Q.quantize_int8.default) == 1 and t.count(Q.int8_linear.default) == 2
     with torch.no_grad():
         assert (low(x) - fq(x)).abs().max() <= 1e-5 * fq(x).abs().max()
-    again = qpasses.PassManager("lower").run(low)
+    again = qpasses.PassManager("lower", device="cpu").run(low)
     assert kernel_targets(again) == t
 
 
@@ -299,7 +299,7 @@ def test_lower_names_the_weight_quantizer_it_has_no_kernel_for():
     torch.manual_seed(0)
     x = torch.randn(8, 64)
     gm = qpasses.trace(zoo.MLP().eval(), (x,))
-    pm = qpasses.PassManager(["canonicalize", "observe", "aciq", "lower_triton"])
+    pm = qpasses.PassManager(["canonicalize", "observe", "aciq", "lower_triton"], device="cpu")
     out = pm.run(gm, data=[x])
     st = pm.report["lower_quantized_weighted"]
     assert st.rewrites == 0 and st.n_refused == st.matches > 0
@@ -316,7 +316,7 @@ def test_dynamic_int8_linears_lowered_to_the_dynamic_kernel(name, level):
     gm = qpasses.trace(model, (x,), mode=level)
     dyn = qpasses.PassManager("dynamic_int8").run(gm)
     n_dyn = sum(isinstance(m, DynamicQuantLinear) for m in dyn.modules())
-    pm = qpasses.PassManager("lower")
+    pm = qpasses.PassManager("lower", device="cpu")
     low = pm.run(dyn)
     assert n_dyn > 0 and kernel_targets(low).count(Q.dynamic_int8_linear.default) == n_dyn
     assert not any(isinstance(m, DynamicQuantLinear) for m in low.modules())
@@ -331,10 +331,10 @@ def test_dynamic_int8_linears_lowered_to_the_dynamic_kernel(name, level):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same integers, fp32 epilogue order differs
     assert torch.equal(tri, got)                                 # Triton (interpreted) == reference, bit for bit
     # composed in one PassManager, and a second lowering finds nothing left
-    low2 = qpasses.PassManager(["dynamic_int8", "lower"]).run(gm)
+    low2 = qpasses.PassManager(["dynamic_int8", "lower"], device="cpu").run(gm)
     with torch.no_grad():
         assert torch.equal(low2(xs), got)
-    pm3 = qpasses.PassManager("lower")
+    pm3 = qpasses.PassManager("lower", device="cpu")
     pm3.run(low)
     assert rule_row(pm3, "lower_dynamic_linear")["candidates"] == 0
 
@@ -347,16 +347,54 @@ def test_dynamic_lowering_skip_out_dtype_and_export():
         qpasses.trace(model, (x,)))
     first = next(n for n in dyn.graph.nodes if n.op == "call_module"
                  and isinstance(dyn.get_submodule(n.target), DynamicQuantLinear))
-    pm = qpasses.PassManager("lower", skip=[first.name])
+    pm = qpasses.PassManager("lower", device="cpu", skip=[first.name])
     low = pm.run(dyn)
     assert sum(isinstance(m, DynamicQuantLinear) for m in low.modules()) == 1
     assert "in skip" in str(pm.report.to_dict())
-    bf = qpasses.PassManager("lower", out_dtype="bfloat16").run(dyn)
+    bf = qpasses.PassManager("lower", device="cpu", out_dtype="bfloat16").run(dyn)
     with torch.no_grad():
         assert bf(x).dtype == torch.bfloat16
         torch.testing.assert_close(bf(x).float(), dyn(x), rtol=2e-2, atol=2e-2)
-    full = qpasses.PassManager("lower").run(dyn)
+    full = qpasses.PassManager("lower", device="cpu").run(dyn)
     ep = torch.export.export(full, (x,))
     assert Q.dynamic_int8_linear.default in {n.target for n in ep.graph.nodes if n.op == "call_function"}
     with torch.no_grad():
         assert torch.equal(ep.module()(x), full(x))
+
+
+def test_cpu_graph_refused_by_default_with_pointer_to_compile():
+    """``lower`` targets CUDA: on a CPU graph the reference kernels are slower than float, so each
+    layer is refused, the reason points to qpasses.compile, and the graph stays fake-quant."""
+    torch.manual_seed(1)
+    model = zoo.MLP().eval()
+    x = digits()
+    gm = qpasses.trace(model, (x[:2],))
+    fq = qpasses.PassManager("ptq_int8").run(gm, data=datasets.calib_batches(n=64))
+    pm = qpasses.PassManager("lower")
+    low = pm.run(fq)
+    assert not kernel_targets(low) and len(fake_quant_modules(low)) == len(fake_quant_modules(fq))
+    row = pm.report["lower_quantized_weighted"]
+    assert row.rewrites == 0 and row.n_refused == 3
+    assert all("qpasses.compile" in why and "device='cpu'" in why for _, why in row.refused)
+    dyn = qpasses.PassManager("dynamic_int8").run(gm)
+    pm = qpasses.PassManager("lower")
+    pm.run(dyn)
+    assert pm.report["lower_dynamic_linear"].rewrites == 0
+    assert all("qpasses.compile" in why for _, why in pm.report["lower_dynamic_linear"].refused)
+    with torch.no_grad():
+        assert torch.equal(low(x), fq(x))
+
+
+def test_cuda_graph_lowered_by_default(monkeypatch):
+    """The default (``device='cuda'``) lowers a layer whose weight is on a CUDA device: the
+    device lookup is faked here (no GPU on CI); the kernels then run their CPU references."""
+    import qpasses.actions.lower as lower_actions
+    monkeypatch.setattr(lower_actions, "_weight_device", lambda ctx, op: torch.device("cuda", 0))
+    torch.manual_seed(1)
+    x = digits()
+    gm = qpasses.trace(zoo.MLP().eval(), (x[:2],))
+    fq = qpasses.PassManager("ptq_int8").run(gm, data=datasets.calib_batches(n=64))
+    pm = qpasses.PassManager("lower")
+    low = pm.run(fq)
+    assert kernel_targets(low).count(Q.int8_linear.default) == 3
+    assert pm.report["lower_quantized_weighted"].n_refused == 0

@@ -16,6 +16,12 @@ int8 GEMM with one zero point per row.
 
 Everything else keeps its fake-quant (float) form and is refused with the reason
 ("no kernel for ..."), so ``pm.report`` lists it.
+
+The family targets CUDA (constraint ``lower_device``): on the CPU the kernel ops run integer
+reference code that is slower than the float layer it replaces, so a layer whose weight lives on
+the CPU is refused with a reason pointing to :func:`qpasses.compile` (int8 through Inductor's x86
+passes), unless the rule's ``device`` parameter is ``cpu`` (an explicit opt-in: reference
+kernels, or Triton under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -54,6 +60,35 @@ def _weight_quantizer(ctx: MatchContext, op: fx.Node):
     if not (isinstance(src, fx.Node) and src.op == "get_attr"):
         return wnode, mod, None, None
     return wnode, mod, src, get_attr_value(ctx.gm, src.target)
+
+
+def _weight_device(ctx: MatchContext, op: fx.Node) -> Optional[torch.device]:
+    """The device of the layer's constant weight (its quantizer's input, the module's own weight or
+    buffer), or None when it has none."""
+    mod = _module(ctx, op)
+    if mod is not None:
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            return t.device
+        return None
+    _, _, _, w = _weight_quantizer(ctx, op)
+    if w is None:
+        w = ctx.view(op).tensor("weight")
+    return w.device if isinstance(w, torch.Tensor) else None
+
+
+CPU_REFUSAL = ("lower targets CUDA; on the CPU its integer reference kernels are slower than float: use "
+               "qpasses.compile(qgm) for int8 on x86 CPUs (Inductor), or device='cpu' to lower anyway")
+
+
+@constraint("lower_device", args={"device": {"choices": ("cuda", "cpu")}})
+def lower_device(ctx: MatchContext, op: fx.Node, device: str = "cuda"):
+    """The layer's weight is on a CUDA device, or ``device`` is ``cpu`` (explicit opt-in)."""
+    if str(device) == "cpu":
+        return True, ""
+    dev = _weight_device(ctx, op)
+    if dev is not None and dev.type == "cuda":
+        return True, ""
+    return False, f"{op.name}: weight on {dev.type if dev is not None else 'an unknown device'}: {CPU_REFUSAL}"
 
 
 @constraint("weight_fake_quantized")

@@ -216,7 +216,7 @@ def test_gpu_lowered_network_matches_cpu_lowering():
     model = datasets.train_digits_cnn().eval()
     x, _ = datasets.load_digits_tensors("test")
     gm = qpasses.trace(model, (x[:8],))
-    low = qpasses.PassManager(["ptq_int8", "lower"]).run(gm, data=datasets.calib_batches(n=64))
+    low = qpasses.PassManager(["ptq_int8", "lower"], device="cpu").run(gm, data=datasets.calib_batches(n=64))
     assert any(str(n.target).startswith("qpasses.int8_conv2d") for n in low.graph.nodes)
     with ops.triton_policy("never"), torch.no_grad():
         y_cpu = low(x)
