@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -69,15 +70,15 @@ class ModuleLookup:
         self.root = root
 
     def get(self, target: Any, default: Any = None) -> Any:
-        if not isinstance(target, str):
+        if type(target) is not str and not isinstance(target, str):
             return default
         mod = self.root
-        if target:
-            for part in target.split("."):
-                sub = mod._modules.get(part, _ABSENT) if isinstance(mod, nn.Module) else _ABSENT
-                if sub is _ABSENT or sub is None:
-                    return default
-                mod = sub
+        if not target:
+            return mod
+        for part in target.split("."):
+            mod = mod._modules.get(part)   # a module's children are modules (or None)
+            if mod is None:
+                return default
         return mod
 
     def __getitem__(self, target: str) -> nn.Module:
@@ -109,15 +110,39 @@ def copy_meta(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[k] = src.meta[k]
 
 
+_ATOMS = (int, float, bool, str, type(None))
+_EMPTY_CONTAINERS = (dict, OrderedDict, set)
+
+
+def _deepcopy_memo(root: nn.Module) -> Dict[int, Any]:
+    """A ``copy.deepcopy`` memo that answers, up front, what the deep copy of ``root`` would
+    compute at length for the values that need no copying work: each module's empty hook
+    tables (an empty ``dict`` / ``OrderedDict`` / ``set`` deep-copies to a new empty one of
+    the same type) and its tuples of plain numbers (``stride``, ``padding``: they copy to
+    themselves).  About a dozen empty tables per module are most of a module's copy time.
+    The copy is what ``copy.deepcopy(root)`` makes (``tests/test_engine.py`` pins it)."""
+    memo: Dict[int, Any] = {}
+    for m in root.modules():
+        for v in vars(m).values():
+            t = type(v)
+            if t in _EMPTY_CONTAINERS:
+                if not v and id(v) not in memo:
+                    memo[id(v)] = t()
+            elif t is tuple and all(type(i) in _ATOMS for i in v):
+                memo[id(v)] = v
+    return memo
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` that shares nothing mutable with it (graph, modules, parameters, hook
-    tables, meta): ``copy.deepcopy``.  A graph from ``torch.export`` keeps working
+    tables, meta): ``copy.deepcopy``, given a memo that answers the trivial parts of the
+    copy at once (:func:`_deepcopy_memo`).  A graph from ``torch.export`` keeps working
     ``train()`` / ``eval()`` methods on the copy."""
     with warnings.catch_warnings():
         # deep-copying an exported graph's pytree specs makes torch warn about a deprecated
         # spec class it builds itself; nothing the caller can act on
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-        new = copy.deepcopy(gm)
+        new = copy.deepcopy(gm, _deepcopy_memo(gm))
     make_exported_trainable(new, source=gm)
     return new
 

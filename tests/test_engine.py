@@ -131,6 +131,56 @@ def test_copy_shares_nothing_mutable_and_keeps_exported_graphs_trainable():
 
 
 @pytest.mark.parametrize("level", ["fx", "export"])
+def test_copy_memo_gives_what_deepcopy_gives(level):
+    """copy_graph_module answers deepcopy's trivial parts up front (each module's empty hook
+    tables, its tuples of numbers): pinned against a plain ``copy.deepcopy``: the same
+    modules with the same attributes, no container or tensor shared with the input, tables
+    shared inside the input stay shared inside the copy, and training the copy leaves the
+    input as it was."""
+    from collections import OrderedDict
+    m = ResNetLike().eval()
+    x = torch.randn(2, 1, 16, 16)
+    gm = qpasses.trace(m, (x,), mode=level)
+    convs = [mod for name, mod in gm.named_modules() if name]   # submodules (the root's extra
+    assert len(convs) > 2                                          # attributes are not copied)
+    convs[0].register_forward_hook(lambda *a: None)        # a non-empty hook table
+    shared = OrderedDict()
+    convs[0].extra_table = convs[-1].extra_table = shared  # one empty table held twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = copy.deepcopy(gm)
+        c = copy_graph_module(gm)
+    mods, refs = dict(gm.named_modules()), dict(ref.named_modules())
+    copies = dict(c.named_modules())
+    assert list(copies) == list(refs) == list(mods)
+    for name, cm in copies.items():
+        om, rm = mods[name], refs[name]
+        assert cm is not om and type(cm).__qualname__ == type(rm).__qualname__
+        # (an exported graph's copy gets working train() / eval(): make_exported_trainable)
+        assert set(vars(rm)) <= set(vars(cm)) and set(vars(cm)) - set(vars(rm)) <= {"train", "eval"}, name
+        for k, r in vars(rm).items():
+            v, o = vars(cm)[k], vars(om)[k]
+            assert type(v).__qualname__ == type(r).__qualname__, (name, k)
+            if isinstance(v, (dict, set, list)):
+                assert v is not o and len(v) == len(r), (name, k)
+            elif isinstance(v, tuple):
+                assert v == r, (name, k)
+    first = dict(c.named_modules())[next(k for k, v in mods.items() if v is convs[0])]
+    last = dict(c.named_modules())[next(k for k, v in mods.items() if v is convs[-1])]
+    assert first.extra_table is last.extra_table and first.extra_table is not shared
+    assert len(first._forward_hooks) == 1 and first._forward_hooks is not convs[0]._forward_hooks
+    assert all(p is not q for p, q in zip(c.parameters(), gm.parameters()))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    c.train()
+    opt = torch.optim.SGD(c.parameters(), lr=0.1)
+    c(x).sum().backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval()(x), gm(x))
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
 def test_a_converted_graph_survives_torch_export_with_one_node_per_quantizer(level):
     m = ResNetLike().eval()
     x = torch.randn(2, 1, 16, 16)
