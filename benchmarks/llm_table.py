@@ -93,12 +93,18 @@ def llmcompressor_rows(model, tok, alpha=0.5):
     ds = ds.map(tokenize, remove_columns=["text"])
     rows = []
 
-    def balanced(modifier):
+    def balanced(modifier, **oneshot_kw):
         m = copy.deepcopy(model)
         t = time.perf_counter()
-        oneshot(model=m.encoder, dataset=ds, recipe=[modifier], num_calibration_samples=len(CALIB_SENTENCES),
-                max_seq_length=128)
-        return m.eval(), time.perf_counter() - t
+        oneshot(model=m.encoder, dataset=ds, recipe=[modifier], processor=tok,
+                num_calibration_samples=len(CALIB_SENTENCES), max_seq_length=128, **oneshot_kw)
+        dt = time.perf_counter() - t
+        # llm-compressor leaves its hooks / wrappers on the model: copy the balanced weights into a
+        # clean copy of the float model (the same architecture, nothing else changed)
+        fresh = copy.deepcopy(model)
+        state = {k: v for k, v in m.encoder.state_dict().items() if k in fresh.encoder.state_dict()}
+        fresh.encoder.load_state_dict(state, strict=False)
+        return fresh.eval(), dt
 
     # BERT's layer names: llm-compressor has no mapping for it, so give the same groups ours finds
     sq_map = [[["re:.*attention.output.dense"], "re:.*attention.self.value"]]
@@ -116,9 +122,14 @@ def llmcompressor_rows(model, tok, alpha=0.5):
     try:
         from llmcompressor.modifiers.awq import AWQMapping
         awq_map = [AWQMapping("re:.*attention.self.value", ["re:.*attention.output.dense"])]
-        m, dt = balanced(AWQModifier(mappings=awq_map, scheme="W4A16", targets=["Linear"], ignore=[]))
-        # AWQModifier also quantizes (W4A16 group 128) in place: measure that model directly
-        rows.append(("llm-compressor AWQModifier W4A16 g128", embedding_cosine(model, m, ev), dt, 6))
+        m, dt = balanced(AWQModifier(mappings=awq_map, scheme="W4A16", targets=["Linear"], ignore=[]),
+                         pipeline="basic")
+        # the balanced float weights, then the same int4 g128 round-to-nearest as the qpasses rows
+        gm = qpasses.trace(m, data[0])
+        t = time.perf_counter()
+        q = qpasses.PassManager("w4a16", quiet=True, group_size=128).run(gm)
+        rows.append(("llm-compressor AWQModifier + w4a16 g128", embedding_cosine(model, q, ev),
+                     dt + time.perf_counter() - t, 6))
         print(rows[-1], flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"llm-compressor AWQModifier failed: {type(e).__name__}: {e}")
@@ -130,12 +141,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--no-llmcompressor", action="store_true")
+    ap.add_argument("--only-llmcompressor", action="store_true")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, tok = load_minilm()
-    rows = qpasses_rows(model, tok, quick=args.quick, alpha=args.alpha)
+    rows = [] if args.only_llmcompressor else qpasses_rows(model, tok, quick=args.quick, alpha=args.alpha)
     if not args.no_llmcompressor:
         rows += llmcompressor_rows(model, tok, alpha=args.alpha)
     print()
