@@ -82,6 +82,14 @@ def llmcompressor_rows(model, tok, alpha=0.5):
         return []
     from llmcompressor import oneshot
     from datasets import Dataset
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations, which a CPU-only torch refuses
+        # ("Cannot access accelerator device when none is available"): pinning only speeds up
+        # host-to-device copies, so on a CPU-only machine it is skipped
+        import llmcompressor.pipelines.cache as _cache
+        for _cls in vars(_cache).values():
+            if isinstance(_cls, type) and hasattr(_cls, "pin_memory"):
+                _cls.pin_memory = lambda self, *a, **k: None
     from qpasses.sentences import CALIB_SENTENCES
 
     data = calib_batches(tok)
