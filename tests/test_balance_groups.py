@@ -98,6 +98,11 @@ def test_rms_norm_fused_in_llama_export_graph():
     norms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.rms_norm.default]
     assert len(norms) == 5                                            # 2 layers x 2 + the final norm
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.rsqrt.default]
+    m = _model("llama")[0]
+    pm = qpasses.PassManager("canonicalize", verify=True, quiet=True)
+    pm.run(qpasses.trace(m, data[0]), data=data)
+    assert pm.report["fuse_rms_norm"].rewrites == 5
+    assert pm.report.verify[0]["value"] < 1e-5                           # the fused op computes the same
 
 
 @pytest.mark.slow
