@@ -74,7 +74,6 @@ def llmcompressor_rows(model, tok, alpha=0.5):
     sentences; the balanced float model is then quantized by qpasses' ptq_int8 / w4a16 (so the
     comparison is the balancing); its own mappings (name regexes) are what it uses for BERT."""
     try:
-        from llmcompressor import oneshot  # noqa: F401
         from llmcompressor.modifiers.awq import AWQModifier
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     except Exception as e:  # noqa: BLE001

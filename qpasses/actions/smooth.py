@@ -20,7 +20,7 @@ graph changes: a refused group leaves it as it was.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.fx as fx
