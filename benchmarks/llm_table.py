@@ -65,6 +65,8 @@ def qpasses_rows(model, tok, quick=False, alpha=0.5):
         if not quick:
             run(f"smoothquant {name} (alpha {alpha})", "smoothquant", alpha=alpha, **s)
         run(f"smoothquant {name} (alpha {alpha}), scale nodes", "smoothquant", alpha=alpha, scale_nodes=True, **s)
+    run("dynamic_int8 W8A8 per-token", "dynamic_int8")
+    run("smoothquant_dynamic W8A8 per-token", "smoothquant_dynamic", alpha=alpha)
     run("smoothquant_dynamic W8A8 per-token, scale nodes", "smoothquant_dynamic", alpha=alpha, scale_nodes=True)
     return rows
 
