@@ -94,3 +94,13 @@ def test_minilm_awq_beats_rtn():
     rtn = embedding_cosine(model, qpasses.PassManager("w4a16", quiet=True, group_size=128).run(gm), ev)
     awq = embedding_cosine(model, qpasses.PassManager("awq", quiet=True, group_size=128).run(gm, data=data), ev)
     assert awq > rtn
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_search_quantizer_is_the_weight_int4_one(symmetric):
+    from qpasses.steps.awq import int4_group_fake_quant
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * 0.1
+    w[3, 17] = 4.0
+    # the same grid points (the module's straight-through form rounds the last bit differently)
+    torch.testing.assert_close(int4_group_fake_quant(w, 64, symmetric), Int4GroupFakeQuantize.fit(w, 64, symmetric)(w),
+                               rtol=0, atol=1e-6)

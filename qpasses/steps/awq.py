@@ -39,7 +39,8 @@ from ..methods.balance import Group, find_groups, run_recording
 from ..ops import OpView, get_attr_value
 from .calibrate import iterate_batches
 
-__all__ = ["smooth_scales", "awq_scales", "collect_inputs", "smoothquant_scale", "awq_search"]
+__all__ = ["smooth_scales", "awq_scales", "collect_inputs", "smoothquant_scale", "awq_search",
+           "int4_group_fake_quant"]
 
 
 def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -172,13 +173,28 @@ def smooth_scales(ctx) -> None:
     ctx.info["alpha"] = alpha
 
 
+def int4_group_fake_quant(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
+    """What ``Int4GroupFakeQuantize.fit(w, group_size, symmetric)(w)`` returns, up to the last bit (the quantizer the
+    ``weight_int4`` family attaches; same qparams as ``packing.quantize_int4``), without packing the
+    codes: the search calls it for every candidate.  ``K`` must be a multiple of ``group_size``."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    if symmetric:
+        amax = wg.abs().amax(-1, keepdim=True)
+        sc = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+        return (torch.clamp(torch.round(wg / sc) + 8, 0, 15) - 8).mul_(sc).reshape(n, k)
+    lo = torch.minimum(wg.amin(-1, keepdim=True), torch.zeros(()))
+    hi = torch.maximum(wg.amax(-1, keepdim=True), torch.zeros(()))
+    sc = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+    z = torch.clamp(torch.round(-lo / sc), 0, 15)
+    return (torch.clamp(torch.round(wg / sc) + z, 0, 15) - z).mul_(sc).reshape(n, k)
+
+
 def awq_search(group: Group, weights: List[torch.Tensor], inputs: List[torch.Tensor], xmean: torch.Tensor,
                group_size: int, symmetric: bool, grid: int):
     """(best scale [C], best alpha, losses by alpha) of one group."""
-    from ..kernels.lowering import Int4GroupFakeQuantize
-
     def q(w):
-        return Int4GroupFakeQuantize.fit(w, group_size, symmetric)(w)
+        return int4_group_fake_quant(w, group_size, symmetric)
 
     refs = [x @ w.t() for x, w in zip(inputs, weights)]
     norm = sum(float(r.pow(2).sum()) for r in refs) or 1.0
