@@ -79,3 +79,73 @@ def constant_operand(ctx: MatchContext, op: fx.Node):
     other = view.get(names[1]) if len(names) > 1 else None
     ok = isinstance(_constant(ctx, other), torch.Tensor)
     return ok, "" if ok else f"the second operand of {op.name} is an activation"
+
+
+# ================================================================================ RMSNorm
+# HF's RMSNorm (Llama, Qwen2, Mistral, ...) is written out as
+#   weight * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))
+# and a torch.export graph keeps it as five nodes.  The `fuse_rms_norm` rule of
+# rules/canonicalize.yaml matches that chain and replaces it by one `rms_norm` node, so rules
+# that reason about normalisation layers (smoothing, balancing) see a single producer.
+# The op classes the pattern needs are registered here when no other module has them yet.
+from ..ops import OP_CLASSES, OpClass, register_op_class  # noqa: E402
+
+_aten = torch.ops.aten
+for _oc in (
+    OpClass("pow", ("input", "exponent"), functions=(torch.pow,), methods=("pow",),
+            spellings={_aten.pow.Tensor_Scalar: ("input", "exponent")}),
+    OpClass("mean", ("input", "dim", "keepdim", "dtype"), defaults={"keepdim": False, "dtype": None},
+            functions=(torch.mean,), methods=("mean",),
+            spellings={_aten.mean.dim: ("input", "dim", "keepdim", "dtype")}),
+    OpClass("rsqrt", ("input",), functions=(torch.rsqrt,), methods=("rsqrt",),
+            spellings={_aten.rsqrt.default: ("input",)}),
+):
+    if _oc.name not in OP_CLASSES:
+        register_op_class(_oc)
+
+
+def _number(v: Any):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+@action("fuse_rms_norm", replaces=True)
+def fuse_rms_norm(ctx: MatchContext, out: fx.Node, norm: fx.Node, r: fx.Node, x: fx.Node, pw: fx.Node,
+                  mean: fx.Node, eps_add: fx.Node, w: fx.Node):
+    """``w * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))`` becomes ``rms_norm(x, [C], w, eps)``.
+
+    Refused unless: the squared input is the normalised input, the exponent is 2, the mean is over
+    the last dim only with ``keepdim``, ``eps`` is a number and ``w`` a constant ``[C]`` vector
+    (``C`` the last dim of ``x``)."""
+    if ctx.view(pw).get("input") is not x:
+        raise Refuse(f"{pw.name} squares {ctx.view(pw).get('input')}, not the normalised input {x}")
+    if _number(ctx.view(pw).get("exponent")) != 2:
+        raise Refuse(f"{pw.name}: exponent {ctx.view(pw).get('exponent')!r} is not 2")
+    mv = ctx.view(mean)
+    dim, keep = mv.get("dim"), mv.get("keepdim")
+    shape = x.meta.get("val").shape if hasattr(x.meta.get("val"), "shape") else x.meta.get("qpasses.shape")
+    if shape is None:
+        raise Refuse(f"{x.name}: the input's shape is not recorded")
+    rank = len(shape)
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    if len(dims) != 1 or not isinstance(dims[0], int) or dims[0] % rank != rank - 1 or not keep:
+        raise Refuse(f"{mean.name}: mean over {dim} (keepdim={keep}), not over the last dim with keepdim")
+    if mv.get("dtype") is not None:
+        raise Refuse(f"{mean.name}: mean with a dtype cast")
+    ev = ctx.view(eps_add)
+    eps = [v for v in (ev.get("input"), ev.get("other")) if v is not mean]
+    if len(eps) != 1 or _number(eps[0]) is None or ev.get("alpha", 1) != 1:
+        raise Refuse(f"{eps_add.name}: eps is not a number")
+    weight = _constant(ctx, w)
+    C = shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(C, int) or weight.numel() != C:
+        raise Refuse(f"{out.name}: the scale {w} is not a constant [{C}] vector")
+    aten_level = isinstance(out.target, torch._ops.OpOverload)
+    if aten_level:
+        new = ctx.insert("call_function", torch.ops.aten.rms_norm.default, (x, [int(C)], w, float(eps[0])),
+                         before=out, like=out)
+    else:
+        new = ctx.insert("call_function", F.rms_norm, (x, [int(C)], w, float(eps[0])), before=out, like=out)
+    new.meta["qpasses.fused_from"] = "rms_norm: " + ", ".join(n.name for n in (pw, mean, eps_add, norm, out))
+    ctx.replace_uses(out, new)
+    for n in (out, norm, r, eps_add, mean, pw):
+        ctx.rewrite.erase_if_unused(n)

@@ -516,3 +516,10 @@ def _fold_bn(ctx, conv, bn):
     else:
         conv.inputs.append(bconst)
     replace_uses(ctx.graph, bn.outputs[0], conv.outputs[0])
+
+
+@onnx_action("fuse_rms_norm")
+def _fuse_rms_norm(ctx, *args, **kwargs):
+    """HF's written-out RMSNorm is fused on PyTorch graphs only: an ONNX graph keeps its
+    Pow / ReduceMean / Add / Sqrt / Div / Mul nodes (no RMSNormalization op before opset 23)."""
+    raise OnnxRefuse("RMSNorm is fused on PyTorch graphs only; the ONNX graph keeps the decomposed form")
