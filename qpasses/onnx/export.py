@@ -257,6 +257,10 @@ def _default_names(gm: fx.GraphModule, inputs, outputs_n: int, input_names, outp
 
 def _unsupported(ep, table) -> List[Tuple[str, str, str]]:
     """Every call of the exported program that torch.onnx cannot dispatch: (node, op, reason)."""
+    import logging
+    lg = logging.getLogger("torch.onnx")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
     try:
         from torch.onnx._internal.exporter import _core, _dispatching, _registration
         registry = _registration.ONNXRegistry.from_torchlib()
@@ -265,6 +269,8 @@ def _unsupported(ep, table) -> List[Tuple[str, str, str]]:
         prog = _core._prepare_exported_program_for_export(ep, registry=registry)
     except Exception:  # noqa: BLE001  private API moved: no list, the caller reports the first error
         return []
+    finally:
+        lg.setLevel(level)
     out = []
     for n in prog.graph.nodes:
         if n.op != "call_function":
