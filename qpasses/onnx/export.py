@@ -37,7 +37,8 @@ from ..frontend import as_inputs
 from ..numerics import FakeQuantize
 from . import translate as _tr
 
-__all__ = ["export_onnx", "ExportError", "build_model", "DEFAULT_OPSET", "MIN_OPSET", "quant_type", "int_tensor"]
+__all__ = ["export_onnx", "ExportError", "build_model", "DEFAULT_OPSET", "MIN_OPSET", "quant_type", "int_tensor",
+           "quantize_for_onnx"]
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
@@ -325,17 +326,25 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
     ds = _dynamic_shapes(work, args, dynamic_batch, torch.export.Dim.DYNAMIC)
     ep = None
     err: Optional[BaseException] = None
-    attempts = [ds, _dynamic_shapes(work, args, dynamic_batch, torch.export.Dim.AUTO)] if ds is not None else [None]
-    for i, shapes in enumerate(attempts):
-        if shapes is not None and i == 1:
-            shapes = tuple(None if s is None else {d: torch.export.Dim.AUTO for d in s} for s in shapes)
+    attempts: List[Tuple[Tuple[Any, ...], Any]] = []
+    if ds is not None:
+        # torch.export specialises a dimension of size 1: trace with 2 there (the example repeated)
+        grown = tuple(x.repeat(*[2 if (s is not None and d in s and x.shape[d] == 1) else 1 for d in range(x.dim())])
+                      if isinstance(x, torch.Tensor) and s is not None else x for x, s in zip(args, ds))
+        if any(g is not x for g, x in zip(grown, args)):
+            attempts.append((grown, ds))
+        attempts.append((args, ds))
+        attempts.append((args, tuple(None if s is None else {d: torch.export.Dim.AUTO for d in s} for s in ds)))
+    else:
+        attempts.append((args, None))
+    for ex_args, shapes in attempts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ep = torch.export.export(work, args, dynamic_shapes=shapes, strict=False)
+                ep = torch.export.export(work, ex_args, dynamic_shapes=shapes, strict=False)
             break
         except Exception as e:  # noqa: BLE001
-            err = e
+            err = e if err is None else err
     if ep is None:
         raise ExportError(f"torch.export failed on the graph: {type(err).__name__}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
@@ -471,3 +480,18 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Any, path: Optional[str] = N
             os.makedirs(d, exist_ok=True)
         onnx.save(model, os.fspath(path))
     return model
+
+
+def quantize_for_onnx(gm: fx.GraphModule, data: Any, recipe: str = "ptq_int8", **options: Any) -> fx.GraphModule:
+    """Quantize ``gm`` for an ONNX / onnxruntime deployment: ``PassManager(recipe, ort_fusable=True,
+    **options).run(gm, data=data)``.
+
+    ORT-fusable placement (the ``ort_placement`` rule family, on by default here) also observes the
+    outputs of weighted ops, adds, concatenations and ReLU-like ops (after a ReLU that is an op's
+    only user), so that the exported model has a ``DequantizeLinear -> op -> QuantizeLinear`` unit
+    around each Conv / Gemm / MatMul / Add, which onnxruntime fuses into QLinearConv /
+    QLinearMatMul / QLinearAdd.  Pass ``ort_fusable=False`` for ``ptq_int8``'s PyTorch placement
+    (inputs of weighted ops only)."""
+    from ..manager import PassManager
+    options.setdefault("ort_fusable", True)
+    return PassManager(recipe, **options).run(gm, data=data)
