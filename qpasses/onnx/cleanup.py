@@ -9,7 +9,9 @@
 2. a ``Transpose`` of such a dequantized weight (torchlib's ``linear`` on a 3-D input) is folded
    into the initializer (the ``axis`` follows), so the ``MatMul`` reads ``DequantizeLinear``
    directly -- the pattern onnxruntime fuses;
-3. ``Cast`` nodes to the type their input already has are removed;
+3. ``Cast`` nodes to the type their input already has are removed, and a ``Relu`` read only by
+   ``QuantizeLinear`` nodes whose zero point is the type minimum is dropped (exact: the
+   quantizer saturates negatives to 0.0), so the op before it is a fusable ``op -> Q`` unit;
 4. the ``qdq_cleanup`` rule family (``rules/qdq_cleanup.yaml``, the same file that runs on fx
    graphs) through the ONNX rule adapter :mod:`qpasses.onnx.rewrite`: back-to-back Q/DQ pairs with
    identical parameters collapse to one;
@@ -164,9 +166,37 @@ def drop_identity_casts(graph: gs.Graph) -> int:
     return n
 
 
+def fold_relu_into_quantize(graph: gs.Graph) -> int:
+    """``Relu -> QuantizeLinear`` whose zero point is the type's minimum (uint8 zp 0, every channel):
+    the ``QuantizeLinear`` saturates negative inputs to the zero point, i.e. to 0.0, so the Relu is
+    exact without being run and goes (when the Q nodes are its only readers).  The op before it
+    then feeds a ``QuantizeLinear`` directly, which onnxruntime fuses (QLinearAdd, QLinearConv)."""
+    n = 0
+    for r in [n for n in graph.nodes if n.op == "Relu"]:
+        y = r.outputs[0]
+        readers = list(y.outputs)
+        if not readers or y in graph.outputs or any(q.op != "QuantizeLinear" or len(q.inputs) < 3 for q in readers):
+            continue
+        ok = True
+        for q in readers:
+            z, sc = _const(q.inputs[2]), _const(q.inputs[1])
+            lo = _RANGE.get(z.dtype, (None,))[0] if z is not None else None
+            if lo is None or sc is None or np.any(z.astype(np.int64) != lo) or np.any(sc <= 0):
+                ok = False
+                break
+        if not ok:
+            continue
+        for q in readers:
+            q.inputs[0] = r.inputs[0]
+        r.outputs.clear()
+        n += 1
+    return n
+
+
 def cleanup_graph(graph: gs.Graph, rules: bool = True, fold: bool = True) -> gs.Graph:
     """Clean a graphsurgeon graph in place and return it (steps 3-6 of the module doc)."""
     drop_identity_casts(graph)
+    fold_relu_into_quantize(graph)
     if rules:
         from .rewrite import run_rules
         run_rules(graph, "qdq_cleanup")
