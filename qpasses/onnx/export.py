@@ -367,9 +367,14 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
         problems = _unsupported(ep, table)
         if problems:
             raise ExportError(_format(problems)) from e
-        cause = e.__cause__ or e
-        raise ExportError(f"torch.onnx could not translate the graph: {type(cause).__name__}: "
-                          f"{str(cause).strip()[:2000]}") from e
+        chain, c = [], e
+        while c is not None and len(chain) < 16:
+            chain.append(c)
+            c = c.__cause__ or c.__context__
+        root = next((c for c in chain if isinstance(c, _tr.TranslationError)), chain[-1])
+        where = next((str(c).strip().splitlines()[0] for c in chain if "Error when translating node" in str(c)), "")
+        raise ExportError(f"torch.onnx could not translate the graph: {type(root).__name__}: "
+                          f"{str(root).strip()[:1500]}" + (f" ({where[:300]})" if where else "")) from e
     model = prog.model_proto
     _rename_io(model, ins, outs)
     _rename_dims(model)
