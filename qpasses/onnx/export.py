@@ -360,7 +360,9 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
             lg.setLevel(logging.ERROR)
             try:
                 prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opts.opset,
-                                         custom_translation_table=table, optimize=optimize, verbose=False)
+                                         custom_translation_table=table, optimize=False, verbose=False)
+                if optimize:
+                    _optimize(prog)
             finally:
                 lg.setLevel(level)
     except Exception as e:  # noqa: BLE001
@@ -386,6 +388,38 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
             raise ExportError(f"the model exports at opset {opts.opset} (torch.onnx's lowest) but onnx's version "
                               f"converter cannot bring it down to opset {opset}: {type(e).__name__}: {e}") from e
     return model
+
+
+def _optimize(prog) -> None:
+    """onnxscript's optimizer (constant folding, its rewrite rules, CSE) as torch.onnx runs it,
+    except the rule that fuses BatchNormalization into Conv: the ONNX graph keeps the fx graph's
+    ops (the ONNX rule adapter folds BatchNorm itself; quantized graphs have none left)."""
+    try:
+        from onnxscript import ir as oir
+        from onnxscript import rewriter
+        import onnx_ir.passes.common as common_passes
+        from onnxscript.optimizer import _constant_folding
+        from onnxscript.rewriter import _fuse_batchnorm
+        skip = set(map(id, getattr(_fuse_batchnorm.rules, "rules", _fuse_batchnorm.rules)))
+        rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if id(r) not in skip]
+        passes = oir.passes.Sequential(
+            common_passes.InlinePass(),
+            oir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True,
+                                                                          input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                                                          output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                                    rewriter.RewritePass(rules), common_passes.RemoveUnusedNodesPass(),
+                                    common_passes.RemoveUnusedFunctionsPass(), common_passes.RemoveUnusedOpsetsPass()],
+                                   steps=2, early_stop=True),
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common_passes.LiftSubgraphInitializersToMainGraphPass(),
+            common_passes.DeduplicateInitializersPass(),
+            common_passes.CommonSubexpressionEliminationPass(),
+            common_passes.OutputFixPass(),
+            common_passes.NameFixPass())
+        passes(prog.model)
+    except (ImportError, AttributeError, TypeError):   # onnxscript moved its internals: its full optimizer
+        prog.optimize()
 
 
 def _rename_io(model: onnx.ModelProto, ins: Sequence[str], outs: Sequence[str]) -> None:
