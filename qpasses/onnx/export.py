@@ -380,6 +380,7 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
     model = prog.model_proto
     _rename_io(model, ins, outs)
     _rename_dims(model)
+    _name_nodes(model)
     if opset < opts.opset:
         try:
             from onnx import version_converter
@@ -454,6 +455,25 @@ def _rename_io(model: onnx.ModelProto, ins: Sequence[str], outs: Sequence[str]) 
         rename(old, new)
 
 
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Node names from the module path torch.onnx records (``fc/linear``, ``features.0/conv2d``),
+    so globs over ONNX node names (``skip=["*fc*"]``) find the layers by their PyTorch names."""
+    import ast
+    seen: Dict[str, int] = {}
+    for n in model.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes:
+            continue
+        try:
+            parts = [str(x) for x in ast.literal_eval(scopes)]
+        except (ValueError, SyntaxError):
+            continue
+        name = "/".join(parts) or n.name
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        n.name = name if k == 0 else f"{name}_{k}"
+
+
 def _rename_dims(model: onnx.ModelProto) -> None:
     """Symbolic dims get readable names: the first dim of the inputs ``N``, then ``L``, ``D2``, ..."""
     names: Dict[str, str] = {}
@@ -493,8 +513,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Any, path: Optional[str] = N
         int4_activations: use 4-bit Q/DQ types for activations with a 4-bit range too (opset 21).
             Off by default: onnxruntime's CPU integer kernels (QLinearConv, ...) reject 4-bit
             activations, so 4-bit activation codes go in uint8/int8 containers with a ``Clip``.
-        cleanup: fold weight quantizers into integer initializers and run the onnx-graphsurgeon
-            clean-up (:mod:`qpasses.onnx.cleanup`).
+        cleanup: run the onnx-graphsurgeon clean-up (:mod:`qpasses.onnx.cleanup`: ``qdq_cleanup``
+            rules, constant folding); weight quantizers are folded into integer initializers either way.
         check: run ``onnx.checker.check_model(full_check=True)``.
         dynamic_batch: keep the batch (and, for torch.export graphs, sequence) dimensions dynamic.
 
@@ -505,9 +525,9 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Any, path: Optional[str] = N
         ExportError: ops or parameters ONNX cannot express -- every such node, with its op and why.
     """
     model = build_model(gm, example_inputs, opset, dynamic_batch, input_names, output_names, int4_activations)
-    if cleanup:
-        from .cleanup import cleanup_model
-        model = cleanup_model(model, int4=int4, int4_activations=int4_activations)
+    from .cleanup import cleanup_model
+    # weights are always folded into integer initializers; cleanup=False skips the rules and folding
+    model = cleanup_model(model, rules=cleanup, fold=cleanup, int4=int4, int4_activations=int4_activations)
     if check:
         try:
             onnx.checker.check_model(model, full_check=True)
