@@ -459,19 +459,33 @@ def _name_nodes(model: onnx.ModelProto) -> None:
     """Node names from the module path torch.onnx records (``fc/linear``, ``features.0/conv2d``),
     so globs over ONNX node names (``skip=["*fc*"]``) find the layers by their PyTorch names."""
     import ast
-    seen: Dict[str, int] = {}
+    used = set()
     for n in model.graph.node:
         scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
         if not scopes:
+            used.add(n.name)
             continue
         try:
             parts = [str(x) for x in ast.literal_eval(scopes)]
         except (ValueError, SyntaxError):
+            used.add(n.name)
             continue
-        name = "/".join(parts) or n.name
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        n.name = name if k == 0 else f"{name}_{k}"
+        base = "/".join(parts) or n.name
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        n.name = name
+        used.add(name)
+    used = set()
+    for n in model.graph.node:
+        used.add(n.name)
+    if len(used) != len(model.graph.node):      # a clash with a node left unnamed by the scopes: suffix
+        seen: set = set()
+        for i, n in enumerate(model.graph.node):
+            if n.name in seen:
+                n.name = f"{n.name}__{i}"
+            seen.add(n.name)
 
 
 def _rename_dims(model: onnx.ModelProto) -> None:
