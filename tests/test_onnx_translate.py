@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import qpasses
-from qpasses import datasets
 from qpasses.onnx import ExportError, export_onnx, ort_session, quantize_for_onnx, run_onnx
 from qpasses.onnx import translate
 
