@@ -391,6 +391,12 @@ def build_model(gm: fx.GraphModule, example_inputs: Any, opset: int = DEFAULT_OP
     return model
 
 
+def _keep_qdq(node) -> Optional[bool]:
+    """Never constant-fold a Q/DQ node: a weight's Q is folded by qpasses' clean-up into an integer
+    initializer, its DQ stays (integer weights must stay integer)."""
+    return False if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
+
+
 def _optimize(prog) -> None:
     """onnxscript's optimizer (constant folding, its rewrite rules, CSE) as torch.onnx runs it,
     except the rule that fuses BatchNormalization into Conv: the ONNX graph keeps the fx graph's
@@ -407,7 +413,8 @@ def _optimize(prog) -> None:
             common_passes.InlinePass(),
             oir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True,
                                                                           input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                                                                          output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                                                                          output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                                                          should_fold=_keep_qdq),
                                     rewriter.RewritePass(rules), common_passes.RemoveUnusedNodesPass(),
                                     common_passes.RemoveUnusedFunctionsPass(), common_passes.RemoveUnusedOpsetsPass()],
                                    steps=2, early_stop=True),
