@@ -197,6 +197,12 @@ def cleanup_graph(graph: gs.Graph, rules: bool = True, fold: bool = True) -> gs.
     """Clean a graphsurgeon graph in place and return it (steps 3-6 of the module doc)."""
     drop_identity_casts(graph)
     fold_relu_into_quantize(graph)
+    for n in graph.nodes:       # torchlib writes the defaults out (block_size=0: not blocked); drop them
+        if n.op in _KEEP_OPS:
+            if n.attrs.get("block_size", None) == 0:
+                del n.attrs["block_size"]
+            if n.attrs.get("output_dtype", None) == 0:
+                del n.attrs["output_dtype"]
     if rules:
         from .rewrite import run_rules
         run_rules(graph, "qdq_cleanup")
