@@ -9,9 +9,9 @@
 2. a ``Transpose`` of such a dequantized weight (torchlib's ``linear`` on a 3-D input) is folded
    into the initializer (the ``axis`` follows), so the ``MatMul`` reads ``DequantizeLinear``
    directly -- the pattern onnxruntime fuses;
-3. ``Cast`` nodes to the type their input already has are removed, and a ``Relu`` read only by
-   ``QuantizeLinear`` nodes whose zero point is the type minimum is dropped (exact: the
-   quantizer saturates negatives to 0.0), so the op before it is a fusable ``op -> Q`` unit;
+3. ``Cast`` nodes to the type their input already has are removed (:func:`fold_relu_into_quantize`
+   is available but not run: onnxruntime fuses ``Relu -> Q`` itself, and the float twin of a model
+   with the Relu dropped would be wrong);
 4. the ``qdq_cleanup`` rule family (``rules/qdq_cleanup.yaml``, the same file that runs on fx
    graphs) through the ONNX rule adapter :mod:`qpasses.onnx.rewrite`: back-to-back Q/DQ pairs with
    identical parameters collapse to one;
@@ -196,7 +196,8 @@ def fold_relu_into_quantize(graph: gs.Graph) -> int:
 def cleanup_graph(graph: gs.Graph, rules: bool = True, fold: bool = True) -> gs.Graph:
     """Clean a graphsurgeon graph in place and return it (steps 3-6 of the module doc)."""
     drop_identity_casts(graph)
-    fold_relu_into_quantize(graph)
+    # fold_relu_into_quantize(graph): onnxruntime fuses Relu -> Q itself; a dropped Relu would make
+    # the float twin of the model (Q/DQ stripped, qpasses.onnx.inspect) wrong
     for n in graph.nodes:       # torchlib writes the defaults out (block_size=0: not blocked); drop them
         if n.op in _KEEP_OPS:
             if n.attrs.get("block_size", None) == 0:
