@@ -8,12 +8,20 @@ Same trained digits models, same 256 calibration images, same 500 test images.  
 * ``qpasses ptq_int8 (torch) -> export_onnx`` -- the PyTorch route;
 * ``qpasses quantize_onnx`` -- the ONNX route (rules on the ONNX graph, calibration in ORT);
 * ``qpasses int_only (integerize=false)`` -- also quantizes op outputs, so ORT can fuse
-  DQ -> Conv -> Q into integer kernels (QLinearConv).
+  DQ -> Conv -> Q into integer kernels (QLinearConv);
+* ``qpasses ptq_int8 ort_fusable`` -- ``ptq_int8`` with ORT-fusable placement (op outputs observed,
+  ``qpasses.onnx.quantize_for_onnx``), the default for the ONNX target.
+
+``--models resnet18``: a ResNet-18-shaped CNN (7x7/2 stem, max pool, 2-2-2-2 BasicBlocks of 64-512
+channels, 1000 classes; random weights, BatchNorm folded) on 224x224 images, calibrated on 8 random
+batches; "test acc" is then the top-1 agreement with the fp32 model on 32 random images, and the
+line after the table prints the latency ratio ``quantize_static / qpasses ort_fusable`` (>= 1: qpasses
+is at least as fast), measured side by side in the same run.
 
 Accuracy is measured in onnxruntime (CPU); latency is the best of 5 rounds' median over repeated runs of
 one ORT CPU session with one intra-op thread (batch 1 and batch 256).  Prints a markdown table.
 
-    python benchmarks/onnx_vs_ort.py [--repeat 200] [--models digits_cnn,mlp]
+    python benchmarks/onnx_vs_ort.py [--repeat 200] [--models digits_cnn,mlp,resnet18]
 """
 from __future__ import annotations
 
@@ -30,7 +38,21 @@ import torch
 
 import qpasses
 from qpasses import datasets, zoo
-from qpasses.onnx import export_onnx, ort_session, quantize_onnx
+from qpasses.onnx import export_onnx, ort_session, quantize_for_onnx, quantize_onnx
+
+
+def resnet18(num_classes: int = 1000) -> torch.nn.Module:
+    """ResNet-18's shape (He et al., 2016) from qpasses.zoo's BasicBlock: 7x7/2 stem + 3x3/2 max pool,
+    stages of 2 blocks with 64, 128, 256, 512 channels, global average pool, linear."""
+    nn = torch.nn
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    ch = 64
+    for i, width in enumerate((64, 128, 256, 512)):
+        for j in range(2):
+            layers.append(zoo.BasicBlock(ch, width, 2 if (i > 0 and j == 0) else 1))
+            ch = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(ch, num_classes)]
+    return nn.Sequential(*layers).eval()
 
 
 class _Reader:
@@ -52,13 +74,13 @@ def ort_static(fp32_path: str, out_path: str, batches) -> None:
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int):
+def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int, sizes=(1, 256)):
     sess = ort_session(path, threads=1, fuse_qdq=True)  # what a deployment runs
     name = sess.get_inputs()[0].name
     out = sess.run(None, {name: xt.numpy()})[0]
     acc = float((out.argmax(1) == yt.numpy()).mean())
     lat = {}
-    for bs in (1, 256):
+    for bs in sizes:
         feed = {name: xt[:bs].numpy()}
         for _ in range(10):
             sess.run(None, feed)
@@ -79,14 +101,18 @@ def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=200)
-    ap.add_argument("--models", default="digits_cnn,mlp")
+    ap.add_argument("--models", default="digits_cnn,mlp,resnet18")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     xt, yt = datasets.load_digits_tensors("test")
     calib = datasets.calib_batches()
     rows = []
+    ratios = {}
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
+            if name == "resnet18":
+                rows += run_resnet18(d, args.repeat, ratios)
+                continue
             torch.manual_seed(0)
             model = datasets.train_digits_cnn() if name == "digits_cnn" else datasets.train_digits_cnn(model=zoo.MLP())
             gm = qpasses.trace(model, xt[:1])
@@ -106,6 +132,10 @@ def main(argv=None):
             quantize_onnx(fp32, calib, path=qo)
             t_qo = time.perf_counter() - t
             t = time.perf_counter()
+            of_path = os.path.join(d, f"{name}_qpasses_ort_fusable.onnx")
+            export_onnx(quantize_for_onnx(gm, calib), xt[:1], of_path)
+            t_of = time.perf_counter() - t
+            t = time.perf_counter()
             io_path = os.path.join(d, f"{name}_qpasses_int_only.onnx")
             export_onnx(qpasses.PassManager("int_only", integerize=False).run(gm, data=calib), xt[:1], io_path)
             t_io = time.perf_counter() - t
@@ -113,18 +143,59 @@ def main(argv=None):
             for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
                                       ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
                                       ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
+                                      ("qpasses ptq_int8 ort_fusable -> export_onnx", of_path, t_of),
                                       ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io)):
                 acc, lat, nq, size = evaluate(path, xt, yt, args.repeat)
                 rows.append((name, label, acc, lat[1], lat[256], nq, size, secs))
             rows.append((name, "qpasses ptq_int8 fake-quant graph (torch)", fq_acc, None, None, None, None, None))
+    for name, r in ratios.items():
+        print(f"{name}: ORT quantize_static / qpasses ptq_int8 ort_fusable latency = {r:.2f} (>= 1: qpasses as fast)")
+    print()
     print(f"measured on a {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
           f"{datetime.date.today().isoformat()}, onnxruntime {__import__('onnxruntime').__version__}, 1 thread\n")
-    print("| model | method | test acc | ORT ms (batch 1) | ORT ms (batch 256) | Q nodes | file KiB | quantize s |")
+    print("| model | method | test acc | ORT ms (batch 1) | ORT ms (batch 256; resnet18: 8) | Q nodes | file KiB | quantize s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label, acc, l1, l256, nq, size, secs in rows:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(f"| {name} | {label} | {acc:.4f} | {f(l1, '.3f')} | {f(l256, '.2f')} | {f(nq, 'd')} | "
               f"{f(None if size is None else size / 1024, '.1f')} | {f(secs, '.2f')} |")
+
+
+def run_resnet18(d: str, repeat: int, ratios) -> list:
+    """fp32, quantize_static, ptq_int8 (inputs observed) and ptq_int8 ort_fusable on a ResNet-18 shape."""
+    torch.manual_seed(0)
+    model = resnet18()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(8)]
+    xt = torch.randn(32, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        yt = model(xt).argmax(1)
+    x1 = xt[:1]
+    gm = qpasses.trace(model, x1)
+    fp32 = os.path.join(d, "resnet18_fp32.onnx")
+    export_onnx(gm, x1, fp32)
+    t = time.perf_counter()
+    ort_path = os.path.join(d, "resnet18_ort.onnx")
+    ort_static(fp32, ort_path, calib)
+    t_ort = time.perf_counter() - t
+    t = time.perf_counter()
+    qp = os.path.join(d, "resnet18_qpasses.onnx")
+    export_onnx(qpasses.PassManager("ptq_int8").run(gm, data=calib), x1, qp)
+    t_qp = time.perf_counter() - t
+    t = time.perf_counter()
+    of = os.path.join(d, "resnet18_qpasses_ort_fusable.onnx")
+    export_onnx(quantize_for_onnx(gm, calib), x1, of)
+    t_of = time.perf_counter() - t
+    rows, lat1 = [], {}
+    n = max(5, repeat // 10)
+    for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+                              ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+                              ("qpasses ptq_int8 ort_fusable -> export_onnx", of, t_of)):
+        acc, lat, nq, size = evaluate(path, xt, yt, n, sizes=(1, 8))
+        lat1[label] = lat[1]
+        rows.append(("resnet18", label, acc, lat[1], lat[8], nq, size, secs))
+    ratios["resnet18"] = lat1["ort quantize_static (QDQ, per-channel)"] / lat1["qpasses ptq_int8 ort_fusable -> export_onnx"]
+    return rows
 
 
 if __name__ == "__main__":

@@ -334,3 +334,22 @@ def test_save_load_and_layer_table(tmp_path):
     rows = layer_table(q, (x,))
     assert len(rows) == 3 and all(r["w_bits"] == 8 and r["a_bits"] == 8 for r in rows)
     assert all(r["sqnr_db"] > 25 for r in rows)
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_export_onnx_of_a_w8a8_fp8_graph(activations):
+    """qpasses.export_onnx knows the fp8 quantizers (registered translations): FLOAT8E4M3FN
+    weight initializers, and the same outputs as the fake-quant graph in onnxruntime."""
+    import onnx
+    from qpasses.onnx import export_onnx, run_onnx
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    gm = qpasses.trace(m, (x,))
+    q = qpasses.PassManager("w8a8_fp8", activations=activations, progress=False).run(gm, data=[(x,)])
+    model = export_onnx(q, x)
+    f8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(f8) >= 2                                   # both weights stored as e4m3 codes
+    xt = torch.randn(6, 16)
+    y = torch.from_numpy(run_onnx(model, xt)[0])
+    torch.testing.assert_close(y, q(xt).detach(), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,12 @@ def ort_session(model: Union[str, onnx.ModelProto], threads: int = 1, optimize: 
     ``fuse_qdq=False`` (for validating what a model computes) keeps onnxruntime from fusing
     Q/DQ units into its integer kernels: on x86 CPUs without VNNI those accumulate uint8 x int8
     products in saturating int16 pairs, so their results depend on the machine (a ptq_int8 MLP
-    drifted by 14 quantization steps on an AVX2-only CPU).  Speed measurements pass True."""
+    drifted by 14 quantization steps on an AVX2-only CPU).  Speed measurements pass True.
+
+    Validation sessions also turn off onnxruntime's level-2 rule-based rewrites (``Level2_RuleBasedTransformer``:
+    its ``ReluQuantFusion`` rule cannot be disabled alone): that rule deletes a Relu
+    that feeds a QuantizeLinear with zero point 0, which is exact for uint8 but wrong for a
+    FLOAT8E4M3FN quantizer (negative values survive a float8 Q), seen on onnxruntime 1.22."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -27,7 +32,8 @@ def ort_session(model: Union[str, onnx.ModelProto], threads: int = 1, optimize: 
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    disabled = [] if fuse_qdq else ["Level2_RuleBasedTransformer"]
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def run_onnx(model: Any, *inputs: Any, session=None) -> List[np.ndarray]:
