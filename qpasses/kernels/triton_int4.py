@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import Launcher, cast_to, m_bucket
+from .triton_int8 import grouped_tile, Launcher, cast_to, m_bucket
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 GEMV_MAX_M = 4
@@ -63,14 +63,7 @@ def _int4_gemm_kernel(
 ):
     tl.static_assert(GROUP % BLOCK_K == 0)
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
