@@ -159,7 +159,7 @@ def test_when_on_a_recipe_step_switches_it_off(tmp_path):
         """)
     assert [u.family for u in qpasses.PassManager(str(f)).units] == ["canonicalize"]
     on = qpasses.PassManager(str(f), quantize=True)
-    assert [u.family for u in on.units] == ["canonicalize", "canonicalize", "observe", None, "convert"]
+    assert [u.family for u in on.units] == ["canonicalize", "canonicalize", "ort_placement", "observe", None, "convert"]
 
 
 def test_effective_parameters_of_shipped_recipes_match_the_snapshot():
