@@ -61,3 +61,32 @@ def pytest_collection_modifyitems(config, items):
         for it in items:
             if "slow" in it.keywords:
                 it.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- two gloo processes
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def spawn_two(worker, out_dir, what: str, timeout: float = 240) -> list:
+    """Run ``worker(rank, 2, port, out_dir)`` in two spawned processes (it saves
+    ``out_dir/rank{r}.pt``) and return both files' contents; fail the test after ``timeout`` s."""
+    import time
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"two-process {what} did not finish in {timeout} s")
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in (0, 1)]

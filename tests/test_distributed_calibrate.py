@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qpasses
+from conftest import spawn_two
 from qpasses.errors import StepError
 from qpasses.numerics import FakeQuantize
 from qpasses.numerics.observers import make_observer
@@ -86,14 +85,6 @@ def _sampled_observers(kind):
     return make_observer(kind, bits=8, max_samples=RESERVOIR, seed=0, **extra)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from qpasses.numerics.observers import sync_observers
@@ -126,17 +117,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def _spawn(tmp_path, timeout=240):
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"two-process calibration did not finish in {timeout} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return spawn_two(_worker, tmp_path, "calibration", timeout)
 
 
 @pytest.fixture(scope="module")

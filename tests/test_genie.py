@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qpasses
+from conftest import free_port as _free_port
 from qpasses.errors import OptionError, StepError
 from qpasses.methods.genie import (Generator, GenieWeightQuantizer, SwingConv1d, SwingConv2d, distill_batch,
                                    to_swing)
@@ -368,14 +368,6 @@ def test_reconstruct_needs_converted_graph():
 
 
 # ----------------------------------------------------------------------------- two processes (gloo)
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _ddp_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)

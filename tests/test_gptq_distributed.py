@@ -4,13 +4,11 @@ solve the problem one process solves: the same codes, scales and weights."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 
-import pytest
 import torch
 
 import qpasses
+from conftest import spawn_two
 from qpasses.kernels.lowering import Int4GroupFakeQuantize
 from qpasses.numerics import FakeQuantize
 
@@ -46,14 +44,6 @@ def _weights(q):
     return out
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -74,17 +64,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def _spawn(tmp_path, timeout=240):
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"two-process GPTQ did not finish in {timeout} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return spawn_two(_worker, tmp_path, "GPTQ", timeout)
 
 
 def test_two_processes_give_the_weights_of_one(tmp_path):
