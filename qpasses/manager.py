@@ -116,8 +116,10 @@ class PassManager:
                 t = time.perf_counter()
                 with _no_gc():
                     iters, rewrites, converged = self._run_stage(work, unit, state)
-                if rewrites:
-                    changed.append(unit.label)
+                if rewrites:  # named with the rules that rewrote, for a lint / codegen failure
+                    names = [r.name for r in unit.rules
+                             if self.report.rule(r.name, unit.family, unit.stage.name).rewrites]
+                    changed.append(f"{unit.label} (rules {', '.join(names)})" if names else unit.label)
                 self.report.stages.append(StageRecord(
                     unit.family, unit.stage.name, time.perf_counter() - t, iters, rewrites, converged))
                 if verifier is not None:

@@ -484,3 +484,30 @@ def test_inplace_write_to_a_match_input_still_refuses():
     pm.run(gm)
     assert pm.report["fold_bn"].rewrites == 0
     assert "mutated in place" in str(pm.report["fold_bn"].refused)
+
+
+def test_lint_failure_names_the_rule(tmp_path):
+    """A user action that leaves the graph out of order: the run stops with a RewriteError that
+    names the stage and the rule that rewrote, and the input graph is unchanged."""
+    from qpasses import action
+    from qpasses.errors import RewriteError
+
+    @action("test_use_before_def", replaces=False)
+    def _use_before_def(ctx, op):
+        first = next(iter(ctx.graph.nodes))
+        with ctx.graph.inserting_before(first):
+            ctx.graph.call_function(torch.neg, (op,))   # reads op before it is defined
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("version: 1\nfamily: bad\nstages:\n  - {name: s, mode: once}\nrules:\n"
+                 "  - name: break_order\n    stage: s\n    match: (relu $op ?x)\n    rewrite: test_use_before_def($op)\n")
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    gm = qpasses.trace(m, (torch.randn(2, 4),), mode="fx")
+    before = str(gm.graph)
+    from qpasses.lang.registry import ACTIONS
+    try:
+        with pytest.raises(RewriteError, match=r"bad\.s \(rules break_order\)"):
+            qpasses.PassManager(str(p), progress=False).run(gm)
+    finally:
+        ACTIONS.pop("test_use_before_def", None)   # the fuzz tests draw from the registry
+    assert str(gm.graph) == before
