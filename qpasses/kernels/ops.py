@@ -220,6 +220,17 @@ def _conv_out(x_q: Tensor, shape, dtype) -> Tensor:
 
 
 # ================================================================================ int8 linear
+def _scaled_rows(x_q: Tensor, K: int, N: int, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
+    """Check a scaled GEMM's per-row / per-column vectors; ``(leading dims, x as [M, K])``."""
+    lead = x_q.shape[:-1]
+    M = math.prod(lead)
+    _vec(x_scale, M, "x_scale")
+    _vec(w_scale, N, "w_scale")
+    if bias is not None:
+        _vec(bias, N, "bias", allow_scalar=False)
+    return lead, x_q.reshape(M, K)
+
+
 @torch.library.custom_op("qpasses::int8_linear", mutates_args=(), schema=SCHEMAS["int8_linear"])
 def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                 activation: str = "none", out_dtype: torch.dtype = torch.float32, x_zp: int = 0) -> Tensor:
@@ -245,13 +256,7 @@ def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
     K, N = _linear_common(x_q, w_q, x_zp != 0)
     _act(activation)
     _float_out(out_dtype)
-    lead = x_q.shape[:-1]
-    M = math.prod(lead)
-    _vec(x_scale, M, "x_scale")
-    _vec(w_scale, N, "w_scale")
-    if bias is not None:
-        _vec(bias, N, "bias", allow_scalar=False)
-    x2 = x_q.reshape(M, K)
+    lead, x2 = _scaled_rows(x_q, K, N, x_scale, w_scale, bias)
     if use_triton(x_q.device):
         y = _kmod("triton_int8").linear(x2, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp=x_zp)
     else:
@@ -611,13 +616,7 @@ def fp8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias:
     """
     K, N = _fp8_common(x_q, w_q)
     _float_out(out_dtype)
-    lead = x_q.shape[:-1]
-    M = math.prod(lead)
-    _vec(x_scale, M, "x_scale")
-    _vec(w_scale, N, "w_scale")
-    if bias is not None:
-        _vec(bias, N, "bias", allow_scalar=False)
-    x2 = x_q.reshape(M, K)
+    lead, x2 = _scaled_rows(x_q, K, N, x_scale, w_scale, bias)
     if _fp8_triton(x_q.device):
         y = _kmod("triton_fp8").linear(x2, x_scale, w_q, w_scale, bias, out_dtype)
     else:
