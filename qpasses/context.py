@@ -324,12 +324,12 @@ class RewriteContext:
 
     def insert(self, op: str, target: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None, *,
                before: Optional[fx.Node] = None, after: Optional[fx.Node] = None,
-               like: Optional[fx.Node] = None) -> fx.Node:
+               like: Optional[fx.Node] = None, name: Optional[str] = None) -> fx.Node:
         """A new node (``op``: call_function / call_module / call_method / get_attr) placed
         before or after the given node (else at the current insert point), with ``like``'s
-        shape and source records."""
+        shape and source records; ``name`` is a wish (fx makes it unique)."""
         with self._at(before, after):
-            n = self.graph.create_node(op, target, tuple(args), dict(kwargs or {}))
+            n = self.graph.create_node(op, target, tuple(args), dict(kwargs or {}), name=name)
         if like is not None:
             copy_meta(like, n)
         return n
