@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .errors import QPassesError
 from .ops import get_attr_value
+from .qnodes import quantizer_module
 
 __all__ = ["save_compressed", "compressed_entries", "CheckpointError", "LayerQuant"]
 
@@ -98,9 +99,7 @@ def _resolve(path: str, linears: Dict[str, nn.Linear], shape) -> str:
 
 def _input_quantizer(gm: fx.GraphModule, op: fx.Node, mods) -> Any:
     x = op.args[0] if op.args else None
-    if isinstance(x, fx.Node) and x.op == "call_module":
-        return mods.get(x.target)
-    return None
+    return quantizer_module(mods, x, None)
 
 
 def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[LayerQuant], List[str]]:
@@ -115,9 +114,9 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
     mods = dict(qgm.named_modules())
     out: Dict[str, LayerQuant] = {}
     for n in qgm.graph.nodes:
-        if n.op != "call_module":
+        mod = quantizer_module(mods, n, None)
+        if mod is None:
             continue
-        mod = mods.get(n.target)
         if isinstance(mod, DynamicQuantLinear):
             path = _module_path_of(n)
             if path is None:

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .frontend import make_exported_trainable
-from .ops import OpView, classify as _classify, mutated_inputs
+from .ops import OpView, _module_of, classify as _classify, holder_of, mutated_inputs
 
 __all__ = ["PROVENANCE_KEY", "Refuse", "ModuleLookup", "RewriteContext", "copy_meta", "copy_graph_module",
            "delete_unused_submodules"]
@@ -221,17 +221,17 @@ class RewriteContext:
 
     # ------------------------------------------------------------------ reading
     def module(self, node_or_target: Any) -> Optional[nn.Module]:
-        """The module a ``call_module`` node (or a dotted target) names, else None."""
+        """The module a ``call_module`` node calls, the holder module a quantizer op node reads
+        (:func:`qpasses.ops.holder_of`), or the module at a dotted target; else None."""
         if isinstance(node_or_target, fx.Node):
-            if node_or_target.op != "call_module":
-                return None
-            node_or_target = node_or_target.target
+            return _module_of(node_or_target, self.modules)
         return self.modules.get(node_or_target)
 
     def classify(self, node: fx.Node) -> Optional[str]:
         """The op class of ``node``, memoised: an entry holds the node's target (and, for a
         module call, the module found there) and is recomputed when either has changed."""
-        key = self.modules.get(node.target) if node.op == "call_module" else node.target
+        t = holder_of(node) if node.op in ("call_module", "call_function") else None
+        key = node.target if t is None else self.modules.get(t)
         hit = self._cls.get(node)
         if hit is not None and (hit[0] is key or hit[0] == key):
             return hit[1]
@@ -351,6 +351,21 @@ class RewriteContext:
             self._calls[node.target] = self._calls.get(node.target, 1) - 1
             self._calls[target] = self._calls.get(target, 0) + 1
         node.target = target
+
+    def rewrite_call(self, node: fx.Node, op: str, target: Any, args: tuple,
+                     kwargs: Optional[Dict[str, Any]] = None) -> None:
+        """Make ``node`` another call in place (same name, place and users): ``op``
+        (call_function / call_module / call_method), ``target``, ``args``, ``kwargs``."""
+        if self._calls is not None:
+            if node.op == "call_module":
+                self._calls[node.target] = self._calls.get(node.target, 1) - 1
+            if op == "call_module":
+                self._calls[target] = self._calls.get(target, 0) + 1
+        node.op, node.target = op, target
+        node.args, node.kwargs = tuple(args), dict(kwargs or {})
+        self._cls.pop(node, None)
+        if self._mutators is not None:
+            self._note_mutator(node)
 
     def erase(self, node: fx.Node) -> None:
         """Remove ``node`` (it must have no users)."""

@@ -91,7 +91,8 @@ def in_qdq_form(gm: fx.GraphModule) -> bool:
     """True when no quantizer of ``gm`` is a module call any more (the ``qdq`` family has run)."""
     types = _quantizer_module_types()
     mods = dict(gm.named_modules())
-    return not any(n.op == "call_module" and isinstance(mods.get(n.target), types) for n in gm.graph.nodes)
+    from .qnodes import quantizer_module
+    return not any(quantizer_module(mods, n, types) is not None for n in gm.graph.nodes)
 
 
 def _is(node: Any, target) -> bool:

@@ -26,6 +26,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .ops import classify
+from .qnodes import quantizer_module
 
 __all__ = ["to_networkx", "draw_graph", "svg_of", "module_path", "module_group"]
 
@@ -121,7 +122,7 @@ def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph
         elif cls in ("fake_quant", "observer") and n not in hidden:
             kind = cls
         elif n.meta.get("qpasses.quant") or wq or any(
-                a.op == "call_module" and cls_of[a] == "fake_quant" and a.all_input_nodes
+                cls_of[a] == "fake_quant" and a.all_input_nodes
                 and a.all_input_nodes[0].op == "get_attr" for a in n.all_input_nodes):
             kind = "quant_op"
         else:
@@ -129,7 +130,7 @@ def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph
         label = cls or (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
         detail = ""
         if wq:
-            detail = _quantizer_label(mods.get(wq[0].target)) if wq[0].op == "call_module" else "w q"
+            detail = _quantizer_label(quantizer_module(mods, wq[0], None))
         elif collapse_weights and any(a in hidden for a in n.all_input_nodes):
             detail = "w float"
         g.add_node(n.name, label=str(label), opclass=cls, kind=kind, group=groups[n], detail=detail)

@@ -41,7 +41,8 @@ from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
-from .ops import ALIASES, OpView, classify, get_attr_value
+from .ops import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
+from .qnodes import bypassed
 from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
@@ -81,9 +82,14 @@ def _float_linear(mod: DynamicQuantLinear):
 @contextlib.contextmanager
 def quantizers_off(gm: nn.Module):
     """Within the block every quantizer of ``gm`` is the identity (``DynamicQuantLinear``: a float
-    linear on its dequantized weight); their own forwards are back afterwards."""
+    linear on its dequantized weight); their own forwards are back afterwards.  Quantizer op
+    nodes (:mod:`qpasses.qnodes`) call a pass-through function meanwhile (the graph module's
+    code is regenerated on the way in and out)."""
     patched = []
+    stack = contextlib.ExitStack()
     try:
+        if isinstance(gm, fx.GraphModule):
+            stack.enter_context(bypassed(gm, list(gm.graph.nodes)))
         for m in gm.modules():
             if isinstance(m, BinaryActivation) and m.float_activation in _DROPPED:
                 m.forward = _DROPPED[m.float_activation]
@@ -98,6 +104,7 @@ def quantizers_off(gm: nn.Module):
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+        stack.close()
 
 
 def _outputs(gm: fx.GraphModule, example) -> Dict[str, torch.Tensor]:
@@ -116,9 +123,8 @@ def _outputs(gm: fx.GraphModule, example) -> Dict[str, torch.Tensor]:
 
 
 def _module_of(node: Any, mods: Dict[str, nn.Module]) -> Optional[nn.Module]:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return mods.get(node.target)
-    return None
+    """The module a node calls, or the holder a quantizer op node reads (else None)."""
+    return _node_module(node, mods) if isinstance(node, fx.Node) else None
 
 
 def _fmt_scale(s: Optional[torch.Tensor]) -> str:
@@ -240,7 +246,7 @@ def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optiona
         w = OpView(n, gm, cls, mods).get("weight")
         if hasattr(w, "op") and w.op == "call_function" and str(w.target).startswith(_FROZEN_QUANTIZERS):
             return True                                # the qdq family's frozen weight (Q/DQ or custom op)
-        wq = mods.get(w.target) if hasattr(w, "op") and w.op == "call_module" else None
+        wq = _module_of(w, mods)
         return wq is not None and quantizer_bits(wq) is not None
     if cls in ("addmm", "matmul"):
         v = OpView(n, gm, cls, mods)

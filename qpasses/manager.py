@@ -131,8 +131,14 @@ class PassManager:
                 if verifier is not None:
                     verifier.check(work, unit.label, "sqnr")
         with self._phase("prune"):
-            # submodules no node uses any more (a folded BatchNorm, a replaced observer) would
-            # still be in parameters() and the state_dict
+            # attribute reads nothing uses any more (an erased op's inputs), then the submodules
+            # no node uses (a folded BatchNorm, a replaced observer), which would still be in
+            # parameters() and the state_dict
+            dead = [n for n in work.graph.find_nodes(op="get_attr", sort=False) if not n.users]
+            for n in dead:
+                work.graph.erase_node(n)
+            if dead and not changed:
+                changed.append("prune")
             delete_unused_submodules(work)
         self._refresh(work, changed)
         self.report.coverage_of(work)   # "quantized 9/9 weighted ops", each one left in float with its reason

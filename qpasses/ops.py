@@ -351,10 +351,46 @@ def resolve_names(name: str) -> Tuple[str, ...]:
     raise KeyError(name)
 
 
-def _module_of(node: fx.Node, modules: Optional[Dict[str, nn.Module]]) -> Optional[nn.Module]:
-    if node.op != "call_module" or modules is None:
+#: ``call_function`` targets whose node reads its tensors from a *holder* module (qpasses'
+#: quantizer ops: ``op(x, get_attr holder.scale, get_attr holder.zero_point, ...)``) -> the
+#: index of the ``get_attr`` argument that names the holder
+_HOLDER_OPS: Dict[Any, int] = {}
+
+
+def register_holder_op(op: Any, attr_index: int = 1) -> None:
+    """Declare that a node calling ``op`` reads the tensors of one module through ``get_attr``
+    argument ``attr_index`` (``holder.name``): the node is then classified, viewed and looked up
+    as that module (:func:`holder_of`)."""
+    _HOLDER_OPS[op] = int(attr_index)
+
+
+def holder_of(node: fx.Node) -> Optional[str]:
+    """The module path a node stands for: a ``call_module`` node's target, or the holder module
+    of a :func:`register_holder_op` op call (the owner of the attribute its ``get_attr`` reads)."""
+    op = node.op
+    if op == "call_module":
+        return node.target
+    if op != "call_function":
         return None
-    return modules.get(node.target)
+    try:
+        i = _HOLDER_OPS.get(node.target)
+    except TypeError:  # unhashable target
+        return None
+    if i is None or len(node.args) <= i:
+        return None
+    a = node.args[i]
+    if isinstance(a, fx.Node) and a.op == "get_attr" and isinstance(a.target, str) and "." in a.target:
+        return a.target.rpartition(".")[0]
+    return None
+
+
+def _module_of(node: fx.Node, modules: Optional[Dict[str, nn.Module]]) -> Optional[nn.Module]:
+    if modules is None:
+        return None
+    if node.op == "call_module":
+        return modules.get(node.target)
+    t = holder_of(node) if node.op == "call_function" else None
+    return None if t is None else modules.get(t)
 
 
 def classify(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> Optional[str]:
@@ -370,6 +406,10 @@ def classify(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> O
             name = _BY_TARGET.get(node.target)
         except TypeError:  # unhashable target
             name = None
+        if name is None and holder_of(node) is not None:
+            mod = _module_of(node, modules)
+            if mod is not None:
+                name = _module_class(mod)
     elif op == "call_method":
         name = _BY_METHOD.get(node.target)
     elif op == "call_module":
@@ -470,8 +510,10 @@ class OpView:
                  modules: Optional[Dict[str, nn.Module]] = None):
         self.node = node
         self.gm = gm
-        if modules is None and gm is not None and node.op == "call_module":
-            modules = {node.target: get_attr_value(gm, node.target)}
+        if modules is None and gm is not None:
+            t = holder_of(node)
+            if t is not None:
+                modules = {t: get_attr_value(gm, t)}
         self.module = _module_of(node, modules)
         self.opclass = opclass or classify(node, modules)
         self.oc = OP_CLASSES.get(self.opclass) if self.opclass else None

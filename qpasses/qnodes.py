@@ -19,15 +19,17 @@ this form.  :func:`quantizer_module` reads both forms, which is what every consu
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import contextlib
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops registers the ops)
+from .ops import holder_of, register_holder_op
 
-__all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call",
+__all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
            "insert_quantizer", "QUANTIZER_TYPES"]
 
 _Q = torch.ops.qpasses
@@ -42,6 +44,10 @@ QUANTIZER_OPS = frozenset({
 QUANTIZER_TYPES: Tuple[type, ...] = (Observer, FakeQuantize)
 
 
+for _op in QUANTIZER_OPS:
+    register_holder_op(_op, 1)
+
+
 def is_quantizer_call(node: Any) -> bool:
     """``node`` is a ``call_function`` of a holder-backed quantizer op (:data:`QUANTIZER_OPS`)."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in QUANTIZER_OPS
@@ -50,15 +56,7 @@ def is_quantizer_call(node: Any) -> bool:
 def holder_target(node: Any) -> Optional[str]:
     """The module path behind a quantizer node: a ``call_module`` node's target, or, for a
     quantizer op call, the module whose ``scale`` its ``get_attr`` reads.  ``None`` otherwise."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_module":
-        return node.target
-    if node.op == "call_function" and node.target in QUANTIZER_OPS and len(node.args) > 1:
-        s = node.args[1]
-        if isinstance(s, fx.Node) and s.op == "get_attr" and isinstance(s.target, str) and "." in s.target:
-            return s.target.rsplit(".", 1)[0]
-    return None
+    return holder_of(node) if isinstance(node, fx.Node) else None
 
 
 def _lookup(modules: Any, target: str) -> Optional[nn.Module]:
@@ -92,6 +90,90 @@ def graph_call(fq: FakeQuantize) -> Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]
         return op.default, ("scale", "zero_point"), (int(fq.qmin), int(fq.qmax))
     op = _Q.fake_quant_lsq_per_channel if fq.learnable else _Q.fake_quant_per_channel
     return op.default, ("scale", "zero_point"), (int(fq.axis), int(fq.qmin), int(fq.qmax))
+
+
+def _attr_nodes(ctx: Any, target: str, names, before: fx.Node):
+    out = []
+    mod = ctx.modules.get(target)
+    for a in names:
+        n = ctx.get_attr(f"{target}.{a}", before=before)
+        t = getattr(mod, a)
+        n.meta["qpasses.shape"] = tuple(t.shape)
+        n.meta["qpasses.dtype"] = t.dtype
+        out.append(n)
+    return out
+
+
+def as_quantizer_call(ctx: Any, node: fx.Node) -> fx.Node:
+    """Turn ``node`` -- a ``call_module`` of a ``FakeQuantize``, or a quantizer op call whose holder
+    changed kind (e.g. LSQ frozen to fixed) -- into the op call of the module it names, in place
+    (same name, place and users).  Returns ``node``."""
+    target = holder_target(node)
+    fq = ctx.modules.get(target) if target is not None else None
+    if not isinstance(fq, FakeQuantize) or node.op not in ("call_module", "call_function"):
+        raise TypeError(f"{node.name} does not call a FakeQuantize")
+    x = node.args[0]
+    old = [a for a in node.args[1:] if isinstance(a, fx.Node)] if node.op == "call_function" else []
+    op, names, consts = graph_call(fq)
+    attrs = _attr_nodes(ctx, target, names, before=node)
+    ctx.rewrite_call(node, "call_function", op, (x, *attrs, *consts))
+    for a in old:
+        ctx.erase_if_unused(a)
+    return node
+
+
+def as_module_call(ctx: Any, node: fx.Node) -> fx.Node:
+    """Turn a quantizer op call into a ``call_module`` of its holder, in place: for data steps
+    that swap a quantizer for a stateful stand-in module at the same path (GENIE-M, LSQ's
+    first-batch initialisation).  :func:`as_quantizer_call` turns it back.  Returns ``node``."""
+    target = holder_target(node)
+    if target is None:
+        raise TypeError(f"{node.name} is not a quantizer node")
+    if node.op == "call_module":
+        return node
+    old = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+    ctx.rewrite_call(node, "call_module", target, (node.args[0],))
+    for a in old:
+        ctx.erase_if_unused(a)
+    return node
+
+
+def _passthrough(x, *args):
+    """What a bypassed quantizer node calls: its input, unchanged."""
+    return x
+
+
+@contextlib.contextmanager
+def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
+    """Within the block each quantizer op node of ``nodes`` returns its input (e.g. to run the
+    float graph, or to capture a layer's float input); ``gm``'s code is regenerated on the way in
+    and out.  Other nodes are left alone."""
+    saved = [(n, n.target) for n in nodes if is_quantizer_call(n)]
+    for n, _ in saved:
+        n.target = _passthrough
+    if saved:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for n, t in saved:
+            n.target = t
+        if saved:
+            gm.recompile()
+
+
+def drop_dead(ctx: Any, nodes) -> None:
+    """Erase each of ``nodes`` that is unused and is a ``get_attr``, a module call or a quantizer
+    op call (whose ``get_attr`` inputs then go too, when nothing else reads them)."""
+    for n in nodes:
+        if not isinstance(n, fx.Node) or n.graph is not ctx.graph or n.users:
+            continue
+        if n.op in ("get_attr", "call_module"):
+            ctx.erase(n)
+        elif is_quantizer_call(n):
+            ins = [a for a in n.all_input_nodes if a.op == "get_attr"]
+            ctx.erase(n)
+            drop_dead(ctx, ins)
 
 
 def insert_quantizer(ctx: Any, x: fx.Node, target: str, *, before: Optional[fx.Node] = None,

@@ -186,9 +186,20 @@ def test_a_converted_graph_survives_torch_export_with_one_node_per_quantizer(lev
     x = torch.randn(2, 1, 16, 16)
     gm = qpasses.trace(m, (x,), mode=level)
     q = qpasses.PassManager("ptq_int8").run(gm, data=[x])
-    n_quant = sum(1 for n in q.graph.nodes if n.op == "call_module"
-                  and isinstance(q.get_submodule(n.target), FakeQuantize))
+    from qpasses.qnodes import QUANTIZER_OPS
+    # every quantizer is one call_function of a custom op, its scale and zero point read by get_attr
+    # from the holder module; no FakeQuantize is called as a module
+    assert not any(n.op == "call_module" and isinstance(q.get_submodule(n.target), FakeQuantize)
+                   for n in q.graph.nodes)
+    calls = [n for n in q.graph.nodes if n.op == "call_function" and n.target in QUANTIZER_OPS]
+    n_quant = len(calls)
     assert n_quant > 0
+    for n in calls:
+        s, z = n.args[1], n.args[2]
+        assert s.op == z.op == "get_attr"
+        holder = s.target.rpartition(".")[0]
+        assert (s.target, z.target) == (f"{holder}.scale", f"{holder}.zero_point")
+        assert isinstance(q.get_submodule(holder), FakeQuantize)
     ep = torch.export.export(q, (x,))
     fq_nodes = [n for n in ep.graph.nodes if n.op == "call_function"
                 and ("fake_quant" in str(n.target))]

@@ -255,7 +255,7 @@ def hoist_quantize(ctx: MatchContext, q: fx.Node):
 def _weight_codes(ctx: MatchContext, op: fx.Node):
     v = ctx.view(op)
     wn = v.get("weight")
-    mod = ctx.view(wn).module if isinstance(wn, fx.Node) and wn.op == "call_module" else None
+    mod = ctx.module(wn) if isinstance(wn, fx.Node) else None
     if not isinstance(mod, FakeQuantize):
         raise Refuse(f"{op.name} does not read a fake-quantized weight (run convert first)")
     src = wn.args[0]
@@ -512,11 +512,11 @@ def round_bias_to_int32_grid(ctx: MatchContext, op: fx.Node):
         raise Refuse(f"{op.name}: bias already on the int32 grid")
     v = ctx.view(op)
     xin = v.input
-    xmod = ctx.view(xin).module if isinstance(xin, fx.Node) and xin.op == "call_module" else None
+    xmod = ctx.module(xin) if isinstance(xin, fx.Node) else None
     if not isinstance(xmod, FakeQuantize) or xmod.axis is not None:
         raise Refuse(f"the input of {op.name} is not per-tensor fake-quantized")
     wn = v.get("weight")
-    wmod = ctx.view(wn).module if isinstance(wn, fx.Node) and wn.op == "call_module" else None
+    wmod = ctx.module(wn) if isinstance(wn, fx.Node) else None
     if not isinstance(wmod, FakeQuantize):
         raise Refuse(f"{op.name} does not read a fake-quantized weight")
     b = v.get("bias")

@@ -39,15 +39,15 @@ from ..methods.dynamic import DynamicQuantLinear
 from ..numerics import FakeQuantize
 from ..ops import get_attr_value
 from .graphutil import add_param, copy_meta, matches_any
+from ..qnodes import drop_dead
 from .quant import QUANT_KEY
 
 LOWERED_KEY = "qpasses.lowered"
 
 
 def _module(ctx: MatchContext, node: Any):
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return ctx.modules.get(node.target)
-    return None
+    """The module a node calls, or the holder module of a quantizer op node (else None)."""
+    return ctx.module(node) if isinstance(node, fx.Node) else None
 
 
 def _weight_quantizer(ctx: MatchContext, op: fx.Node):
@@ -215,9 +215,7 @@ def _int8_operands(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp, packed_w: 
 
 
 def _drop_dead(ctx: MatchContext, nodes) -> None:
-    for n in nodes:
-        if isinstance(n, fx.Node) and n.graph is ctx.graph and not n.users and n.op in ("get_attr", "call_module"):
-            ctx.graph.erase_node(n)
+    drop_dead(ctx, nodes)
 
 
 def _lower_int4(ctx: MatchContext, op: fx.Node, wq: L.Int4GroupFakeQuantize, wsrc, w) -> None:

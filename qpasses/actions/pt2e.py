@@ -48,6 +48,7 @@ from ..lang.registry import action, constraint
 from ..matcher import MatchContext
 from ..methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_range
 from ..numerics import FakeQuantize
+from ..qnodes import drop_dead
 from ..ops import get_attr_value, register_module_class
 from .graphutil import copy_meta
 
@@ -71,9 +72,8 @@ CUSTOM_OPS = (QP.fake_quant_per_tensor.default, QP.fake_quant_per_channel.defaul
 
 # ------------------------------------------------------------------------------------------ helpers
 def _module(ctx: MatchContext, node: Any):
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return ctx.modules.get(node.target)
-    return None
+    """The module a node calls, or the holder module of a quantizer op node (else None)."""
+    return ctx.module(node) if isinstance(node, fx.Node) else None
 
 
 def _constant(ctx: MatchContext, node: Any) -> Optional[torch.Tensor]:
@@ -109,9 +109,7 @@ def _effective_scale(mod: FakeQuantize) -> torch.Tensor:
 
 
 def _drop(ctx: MatchContext, *nodes) -> None:
-    for n in nodes:
-        if isinstance(n, fx.Node) and n.graph is ctx.graph and not n.users and n.op in ("get_attr", "call_module"):
-            ctx.graph.erase_node(n)
+    drop_dead(ctx, nodes)
 
 
 def _tag(node: fx.Node, form: str, **info) -> None:

@@ -20,6 +20,7 @@ from ..methods.qat import QATConvBn2d, fold_qat_conv_bn, frozen_fake_quant
 from ..numerics import FakeQuantize
 from ..ops import register_module_class
 from .graphutil import add_module, add_param, copy_meta, is_shared_module
+from ..qnodes import insert_quantizer
 from .quant import QUANT_KEY
 
 register_module_class(QATConvBn2d, "qat_conv_bn")
@@ -73,8 +74,8 @@ def qat_fold_conv_bn(ctx: MatchContext, op: fx.Node):
     wn = add_param(ctx, "qat_weight", w, op)
     bn_ = add_param(ctx, "qat_bias", b, op)
     target = add_module(ctx, "weight_fq", fq)
+    wq = insert_quantizer(ctx, wn, target, before=op)
     with ctx.graph.inserting_before(op):
-        wq = ctx.graph.call_module(target, (wn,))
         new = ctx.graph.call_function(F.conv2d, (op.args[0], wq, bn_, tuple(mod.stride), tuple(mod.padding),
                                                  tuple(mod.dilation), int(mod.groups)))
     copy_meta(op, new)
@@ -98,8 +99,7 @@ def freeze_fake_quant(ctx: MatchContext, fq: fx.Node):
     mod = ctx.view(fq).module
     prefix = "weight_fq" if isinstance(fq.args[0], fx.Node) and fq.args[0].op == "get_attr" else "act_fq"
     target = add_module(ctx, prefix, frozen_fake_quant(mod))
-    with ctx.graph.inserting_before(fq):
-        new = ctx.graph.call_module(target, fq.args)
+    new = insert_quantizer(ctx, fq.args[0], target, before=fq)
     copy_meta(fq, new)
     fq.replace_all_uses_with(new)
     ctx.graph.erase_node(fq)

@@ -6,10 +6,12 @@ Representation (shared by every later rule, the integer back-ends and ONNX expor
   activation and the weighted ops that read it (one observer per value and config,
   shared by every weighted consumer; other consumers keep reading the float value);
 * convert: each observer module is replaced at its name by a
-  :class:`~qpasses.numerics.FakeQuantize` (per-tensor affine by default) and each weighted op
-  reads its weight through a per-channel symmetric ``FakeQuantize``:
-  ``F.conv2d(x_fq, weight_fq_N(get_attr weight), bias, ...)``.  Every quantizer is one node
-  of the graph, never hidden inside the op's module.
+  :class:`~qpasses.numerics.FakeQuantize` (per-tensor affine by default) and its node becomes
+  that quantizer's op call (:mod:`qpasses.qnodes`:
+  ``qpasses.fake_quant_per_tensor(x, get_attr act_q_N.scale, get_attr act_q_N.zero_point, ...)``);
+  each weighted op reads its weight through a per-channel symmetric ``FakeQuantize`` in the same
+  form: ``F.conv2d(x_fq, fake_quant_per_channel(get_attr weight, get_attr weight_fq_N.scale, ...),
+  bias, ...)``.  Every quantizer is one node of the graph, never hidden inside a module.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..context import Refuse
 from ..matcher import MatchContext
 from ..numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
 from ..ops import register_module_class
+from ..qnodes import as_quantizer_call, insert_quantizer, quantizer_module
 from .graphutil import add_module
 
 register_module_class(Observer, "observer")
@@ -42,7 +45,7 @@ _FUNCTIONAL = {
 
 
 def _is_quant_module(ctx: MatchContext, node: Any, kinds=(Observer, FakeQuantize)) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(ctx.modules.get(node.target), kinds)
+    return quantizer_module(ctx.modules, node, kinds) is not None
 
 
 def bits_for(ctx: MatchContext, node: fx.Node, kind: str, default: int) -> int:
@@ -125,10 +128,14 @@ def observe_input(ctx: MatchContext, op: fx.Node, index: int = 0, kind: str = "m
 
 
 def insert_input_quantizer(ctx: MatchContext, op: fx.Node, x: fx.Node, module: nn.Module) -> fx.Node:
-    """Register ``module`` as ``act_q_N`` and make ``op`` read ``x`` through its call (a new
-    node right after ``x``, with ``x``'s meta); returns that node."""
+    """Register ``module`` as ``act_q_N`` and make ``op`` read ``x`` through it (a new node right
+    after ``x``, with ``x``'s meta: the quantizer op call for a ``FakeQuantize``, a module call
+    for an observer); returns that node."""
     target = add_module(ctx, "act_q", module)
-    q = ctx.insert("call_module", target, (x,), after=x, like=x)
+    if isinstance(module, FakeQuantize):
+        q = insert_quantizer(ctx, x, target, after=x)
+    else:
+        q = ctx.insert("call_module", target, (x,), after=x, like=x)
     ctx.replace_input(op, x, q)
     return q
 
@@ -138,7 +145,7 @@ def observe_output(ctx: MatchContext, op: fx.Node, kind: str = "minmax", bits: i
                    signed: Optional[bool] = None, **extra):
     """Put an observer after ``op``: every user of ``op`` reads the observed value."""
     for u in op.users:
-        if u.op == "call_module" and isinstance(ctx.modules.get(u.target), (Observer, FakeQuantize)):
+        if _is_quant_module(ctx, u):
             raise Refuse(f"{op.name} is already observed by {u.name}")
     bits = bits_for(ctx, op, "a_bits", bits)
     cfg = _observer_config(kind, bits, symmetric, signed, **extra)
@@ -155,8 +162,9 @@ def to_fake_quant(ctx: MatchContext, obs: fx.Node, learnable: bool = False):
         raise Refuse(f"{obs.name} is not an observer")
     fq = _observer_fake_quant(f"{obs.target} ({obs.name})", mod, bool(learnable))
     fq.qpasses_config = getattr(mod, "qpasses_config", None)
-    # the observer's call now calls the fake quant: the graph stays as it is
+    # the observer's node becomes the fake quant's op call, reading its tensors from the module
     ctx.replace_module(obs.target, fq)
+    as_quantizer_call(ctx, obs)
 
 
 def _observer_fake_quant(where: str, mod: Observer, learnable: bool) -> FakeQuantize:
@@ -242,6 +250,8 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     """
     def wrap(wnode: fx.Node) -> fx.Node:
         target = add_module(ctx, prefix, module)
+        if isinstance(module, FakeQuantize):
+            return insert_quantizer(ctx, wnode, target, after=wnode)
         return ctx.insert("call_module", target, (wnode,), after=wnode, like=wnode)
 
     new = _functionalize(ctx, op, wrap)

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import QPassesError
 from ..frontend import as_inputs
 from ..numerics import FakeQuantize
+from ..qnodes import is_quantizer_call, quantizer_module
 from . import translate as _tr
 
 __all__ = ["export_onnx", "ExportError", "build_model", "DEFAULT_OPSET", "MIN_OPSET", "quant_type", "int_tensor",
@@ -138,6 +139,8 @@ class _Prep:
                 elif type(m).__name__ == "GenieWeightQuantizer" or type(m).__name__ == "GenieActQuantizer":
                     self.problems.append((node.name, type(m).__name__, "a reconstruction-time quantizer: "
                                           "export the graph the genie recipe returns"))
+            elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node), FakeQuantize):
+                self.fake_quant_call(node)
             elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
                     and node.target.namespace == "qpasses" and node.target not in _tr.translation_table():
                 self.problems.append((node.name, str(node.target),
@@ -158,6 +161,16 @@ class _Prep:
         if w is not None:   # a weight: fake-quantized by the module itself, so the folded codes are its own
             with torch.no_grad():
                 node.args = (self.attr(m(w.detach()), node),) + tuple(node.args[1:])
+
+    def fake_quant_call(self, node: fx.Node) -> None:
+        """A quantizer op node reading a constant weight reads it already fake-quantized by the
+        same op (so the integer codes folded later are exactly the graph's)."""
+        w = _const_value(self.gm, node.args[0])
+        if w is None:
+            return
+        rest = [_const_value(self.gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
+        with torch.no_grad():
+            node.args = (self.attr(node.target(w.detach(), *rest), node),) + tuple(node.args[1:])
 
     def group_int4(self, node: fx.Node, m) -> None:
         w = _const_value(self.gm, node.args[0])

@@ -37,6 +37,7 @@ of round-to-nearest, the samples / rows seen, the largest Hessian held, and the 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -54,6 +55,7 @@ from ..numerics import FakeQuantize
 from ..numerics.gptq import (HessianAccumulator, affine_group_fit, gptq_quantize, hessian_error,
                              round_to_nearest, symmetric_group_fit)
 from ..ops import OpView, classify
+from ..qnodes import bypassed as bypass_calls, holder_target, is_quantizer_call, quantizer_module
 from .calibrate import calibration_world, iterate_batches, progress_bar
 from .reconstruct import _capture
 
@@ -74,6 +76,7 @@ class GPTQTarget:
     quant_target: str            # module target of the weight quantizer
     quant: nn.Module
     geometry: Tuple              # im2col geometry (convolutions) or ("linear",)
+    quant_node: Optional[fx.Node] = None   # the weight quantizer's node
 
     @property
     def k(self) -> int:
@@ -145,8 +148,9 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
     calls: Dict[str, int] = {}
     attr_uses: Dict[int, int] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+        h = holder_target(n)
+        if h is not None:
+            calls[h] = calls.get(h, 0) + 1
         elif n.op == "get_attr":
             t = _get_attr(gm, n.target)
             if isinstance(t, torch.Tensor):
@@ -161,10 +165,9 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
             continue
         view = OpView(n, gm, oc, modules)
         wq = view.get("weight")
-        if not (isinstance(wq, fx.Node) and wq.op == "call_module"
-                and isinstance(modules.get(str(wq.target)), (FakeQuantize, Int4GroupFakeQuantize))):
+        quant = quantizer_module(modules, wq, (FakeQuantize, Int4GroupFakeQuantize))
+        if quant is None:
             continue  # not quantized by the rules: the report's coverage lists it
-        quant = modules[str(wq.target)]
         if oc not in _TAKEN:
             kept[n.name] = f"{oc}: no im2col form here (GPTQ takes linear, conv1d and conv2d)"
             continue
@@ -176,7 +179,7 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             kept[n.name] = "its weight is not a float tensor"
             continue
-        if calls.get(str(wq.target), 0) != 1 or attr_uses.get(id(w), 0) != 1:
+        if calls.get(holder_target(wq), 0) != 1 or attr_uses.get(id(w), 0) != 1:
             kept[n.name] = f"weight {src.target} (or its quantizer) is shared with another use: GPTQ would change it"
             continue
         if isinstance(quant, FakeQuantize):
@@ -192,7 +195,7 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
         except (ValueError, TypeError) as e:
             kept[n.name] = f"unsupported convolution geometry ({e})"
             continue
-        targets.append(GPTQTarget(n, oc, x, str(src.target), w, str(wq.target), quant, geom))
+        targets.append(GPTQTarget(n, oc, x, str(src.target), w, holder_target(wq), quant, geom, wq))
     return targets, kept
 
 
@@ -298,9 +301,12 @@ def gptq(ctx) -> None:
     bypassed: Dict[str, nn.Module] = {}
     # the targets' quantizers are bypassed while capturing: a weight GPTQ has written is on its
     # quantizer's grid already (the quantizer maps it to itself), one it has not is float
+    calls = contextlib.ExitStack()
+    calls.enter_context(bypass_calls(gm, [t.quant_node for t in targets if is_quantizer_call(t.quant_node)]))
     for t in targets:
-        bypassed[t.quant_target] = t.quant
-        gm.set_submodule(t.quant_target, nn.Identity())
+        if not is_quantizer_call(t.quant_node):
+            bypassed[t.quant_target] = t.quant
+            gm.set_submodule(t.quant_target, nn.Identity())
     pending: List[Tuple[GPTQTarget, torch.Tensor, Any]] = []
     layers: List[Dict[str, Any]] = []
     n_rows = 0
@@ -363,6 +369,7 @@ def gptq(ctx) -> None:
         bar.close()
         for target, mod in bypassed.items():
             gm.set_submodule(target, mod)
+        calls.close()
         set_training(gm, was_training)
     for t, qw, new_q in pending:
         _write(t, qw, new_q)

@@ -33,6 +33,8 @@ from ..errors import OptionError, StepError
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
 from ..numerics.rounding import BetaSchedule
+from ..context import RewriteContext
+from ..qnodes import as_module_call, as_quantizer_call, holder_target
 from .distill import DATA_SOURCE_ARG, GENIE_PRESETS, genie_setting, reads_real_data, step_data
 
 __all__ = ["reconstruct", "install_quantizers", "bake_quantizers"]
@@ -54,8 +56,10 @@ def install_quantizers(gm: fx.GraphModule, learn_w_scale: bool = True) -> Tuple[
     weights, acts = {}, {}
     calls: Dict[str, List[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(str(n.target), []).append(n)
+        h = holder_target(n)
+        if h is not None:
+            calls.setdefault(h, []).append(n)
+    rc = RewriteContext(gm)
     for target, nodes in calls.items():
         try:
             mod = gm.get_submodule(target)
@@ -73,6 +77,8 @@ def install_quantizers(gm: fx.GraphModule, learn_w_scale: bool = True) -> Tuple[
             q = GenieActQuantizer(mod)
             acts[target] = q
         gm.set_submodule(target, q)
+        for n in nodes:   # the stand-in is a stateful module: its nodes call it for the step
+            as_module_call(rc, n)
     return weights, acts
 
 
@@ -80,6 +86,7 @@ def bake_quantizers(gm: fx.GraphModule) -> int:
     """Replace GENIE-M quantizers by plain FakeQuantize modules (hard rounding written into the weights)."""
     from ..methods.genie import GenieActQuantizer, GenieWeightQuantizer
     n_baked = 0
+    rc = RewriteContext(gm)
     for n in list(gm.graph.nodes):
         if n.op != "call_module":
             continue
@@ -90,9 +97,11 @@ def bake_quantizers(gm: fx.GraphModule) -> int:
             with torch.no_grad():
                 t.copy_(w.to(t.dtype))
             gm.set_submodule(str(n.target), fq)
+            as_quantizer_call(rc, n)
             n_baked += 1
         elif isinstance(mod, GenieActQuantizer):
             gm.set_submodule(str(n.target), mod.bake())
+            as_quantizer_call(rc, n)
             n_baked += 1
     return n_baked
 
