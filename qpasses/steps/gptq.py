@@ -405,7 +405,7 @@ def gptq(ctx) -> None:
                         else "per_tensor" if t.quant.axis is None else "per_channel")
                 layers.append({"op": t.op.name, "weight": t.weight_target, "form": form,
                                "k": t.k, "n": t.n_out, "opclass": t.opclass, "error": err, "rtn_error": err_rtn,
-                               "dead_inputs": len(r)})
+                               "rows": acc.n, "dead_inputs": len(r)})
                 n_rows = max(n_rows, acc.n)
             accs = acc = h = None   # this group's Hessian is freed before the next one is made
             bar.update(1)
