@@ -241,7 +241,7 @@ def _layer_error(mod, x, dw):
 
 
 @pytest.mark.parametrize("kind,level", [("conv3d", "fx"), ("conv3d", "export"), ("transposed", "fx"),
-                                        ("transposed", "export"), ("mixed", "fx")])
+                                        ("transposed", "export"), ("mixed", "fx"), ("mixed", "export")])
 def test_recipe_on_conv3d_and_transposed_convolutions(kind, level):
     model = _model(kind)
     data = _data(kind)
