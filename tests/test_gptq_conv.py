@@ -357,3 +357,13 @@ def test_custom_op_quantizer_form_gives_the_same_weights(sequential):
                         for layer in ctx.info["per_layer"]])
     for (ta, wa), (tb, wb) in zip(*results):
         assert ta == tb and torch.equal(wa, wb)
+
+
+def test_export_graph_conv_transpose1d_is_classified():
+    """aten spells conv_transpose1d with its default overload (2-d / 3-d with ``.input``): the export
+    graph's op is a conv_transpose1d, so it is quantized rather than silently left in float."""
+    from qpasses.ops import classify
+    m = nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2)).eval()
+    gm = qpasses.trace(m, (torch.randn(1, 2, 5),), mode="export")
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and "conv_transpose1d" in str(n.target)]
+    assert len(ops) == 1 and classify(ops[0], dict(gm.named_modules())) == "conv_transpose1d"
