@@ -434,7 +434,11 @@ def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32",
                          f"quantizes per token)")
         activations = "dynamic"
     else:
-        what = "a float (not fp8-quantized) input" if amod is None else f"a {type(amod).__name__} input"
+        from ..qnodes import quantizer_module
+        other = quantizer_module(ctx.modules, x_fq)
+        if other is None and getattr(amod, "bits", None) is not None:
+            other = amod                                 # another method's quantizer module (call_module)
+        what = "a float (not fp8-quantized) input" if other is None else f"a {type(other).__name__} input"
         raise Refuse(f"no kernel for {op.name}: fp8 weights with {what} (no weight-only fp8 kernel)")
     bias = _const_bias(ctx, op)
     bias_node = view.get("bias")
