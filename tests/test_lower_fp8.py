@@ -118,8 +118,8 @@ def test_weights_stored_once_as_float8_buffers(activations):
 
 def integer_code_mlp(seed):
     """A linear stack whose fp8 codes are integers: every weight row and every input row holds a
-    +-448 and otherwise integers in [-16, 16], so every scale is exactly 1 and each fp32 sum is an
-    integer below 2**24, exact in any order (as in tests/kernels/test_fp8_gemm.py)."""
+    448 and otherwise integers in [-16, 16], so every scale is exactly 1, and with integer biases
+    each fp32 sum is an integer below 2**24, exact in any order (as in tests/kernels/test_fp8_gemm.py)."""
     g = torch.Generator().manual_seed(seed)
 
     def lin(n, k):
@@ -127,7 +127,7 @@ def integer_code_mlp(seed):
         w = torch.randint(-16, 17, (n, k), generator=g).float()
         w[torch.arange(n), torch.randint(0, k, (n,), generator=g)] = 448.0
         m.weight.data.copy_(w)
-        m.bias.data.copy_(torch.randn(n, generator=g))
+        m.bias.data.copy_(torch.randint(-8, 9, (n,), generator=g).float())
         return m
 
     model = nn.Sequential(lin(24, 40), lin(24, 24)).eval()
