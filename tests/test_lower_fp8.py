@@ -243,6 +243,13 @@ def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
     assert st.rewrites == 2 and "not per output channel (axis 0)" in st.refused[0][1]
     with torch.no_grad():
         assert close(low(x), fq(x))
+    # float64 models: the kernels' outputs are float32 / float16 / bfloat16
+    fq = fp8_graph(zoo.MLP().eval().double(), x.double(), "dynamic")
+    low, pm = lower(fq)
+    st = pm.report["lower_fp8_linear"]
+    assert st.rewrites == 0 and st.n_refused == 3 and "torch.float64 input" in st.refused[0][1]
+    with torch.no_grad():
+        assert torch.equal(low(x.double()), fq(x.double()))
 
 
 def test_skip_out_dtype_shared_input_and_second_run():

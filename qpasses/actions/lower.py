@@ -421,6 +421,9 @@ def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32",
     shape = x_fq.meta.get("qpasses.shape") if isinstance(x_fq, fx.Node) else None
     if shape is not None and (len(shape) < 1 or shape[-1] != codes.shape[1]):
         raise Refuse(f"no kernel for {op.name}: input shape {tuple(shape)} does not end in K={codes.shape[1]}")
+    xdt = x_fq.meta.get("qpasses.dtype") if isinstance(x_fq, fx.Node) else None
+    if isinstance(xdt, torch.dtype) and xdt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Refuse(f"no kernel for {op.name}: {xdt} input (the fp8 kernels take float32 / float16 / bfloat16)")
     if isinstance(amod, Fp8FakeQuantize):
         xs, why = L.fp8_act_scale(amod)
         if xs is None:
