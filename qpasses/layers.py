@@ -208,8 +208,8 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
     # constant after it; the activation scale: a float constant before it (int8_linear / int8_conv2d)
     vals = [get_attr_value(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in n.args]
     is_t = [isinstance(v, torch.Tensor) for v in vals]
-    iw = next((i for i, v in enumerate(vals) if is_t[i] and (not v.is_floating_point() or v.dtype == torch.float8_e4m3fn)
-               and v.dim() in (2, 4)), None)
+    iw = next((i for i, v in enumerate(vals) if is_t[i] and v.dim() in (2, 4)
+               and (not v.is_floating_point() or v.dtype == torch.float8_e4m3fn)), None)
     if iw is None:
         return None
     packed = vals[iw]
