@@ -198,7 +198,7 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
 
 
 def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
-    """A row for an integer kernel op (``lower``, integerized ``int_only``), or None.
+    """A row for an integer (or fp8) kernel op (``lower``, integerized ``int_only``), or None.
 
     Kernel ops have no float mode, so there is no SQNR (NaN); the size is the bytes the packed
     (padded) weight buffer holds, and "fp32" the same element count at 32 bits.
@@ -214,7 +214,8 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
     # constant after it; the activation scale: a float constant before it (int8_linear / int8_conv2d)
     vals = [get_attr_value(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in n.args]
     is_t = [isinstance(v, torch.Tensor) for v in vals]
-    iw = next((i for i, v in enumerate(vals) if is_t[i] and not v.is_floating_point() and v.dim() in (2, 4)), None)
+    iw = next((i for i, v in enumerate(vals) if is_t[i] and v.dim() in (2, 4)
+               and (not v.is_floating_point() or v.dtype == torch.float8_e4m3fn)), None)
     if iw is None:
         return None
     packed = vals[iw]
@@ -225,7 +226,7 @@ def _kernel_row(gm: fx.GraphModule, n: fx.Node) -> Optional[Dict[str, Any]]:
     nbytes = int(packed.numel() * packed.element_size())
     return {"layer": n.meta.get("qpasses.module", n.meta.get("qpasses.source", n.name)), "op": kernel,
             "w_bits": w_bits, "a_bits": a_bits, "w_scale": _fmt_scale(w_scale),
-            "a_scale": "dynamic" if kernel == "dynamic_int8_linear" else _fmt_scale(a_scale),
+            "a_scale": "dynamic" if kernel in ("dynamic_int8_linear", "dynamic_fp8_linear") else _fmt_scale(a_scale),
             "sqnr_db": float("nan"), "size_kib": nbytes / 1024, "fp32_kib": nbytes * 8 / w_bits * 4 / 1024}
 
 

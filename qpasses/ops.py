@@ -102,7 +102,9 @@ for _d, _mod, _mt in ((1, nn.Conv1d, nn.ConvTranspose1d), (2, nn.Conv2d, nn.Conv
     register_op_class(OpClass(
         f"conv_transpose{_d}d", _CONVT, defaults=dict(_CONVT_DEF), modules=(_mt,), weighted=True,
         functions=(getattr(F, f"conv_transpose{_d}d"), getattr(torch, f"conv_transpose{_d}d")),
-        spellings=_spell((_aten(f"conv_transpose{_d}d", "input"), _CONVT)),
+        # aten spells conv_transpose1d with the default overload, 2d / 3d with ``.input``
+        spellings=_spell((_aten(f"conv_transpose{_d}d", "input"), _CONVT),
+                         (_aten(f"conv_transpose{_d}d", "default"), _CONVT)),
     ))
 
 register_op_class(OpClass(

@@ -236,15 +236,16 @@ def _net_data(n_batches=6, seed=1):
 
 
 def _quantizers(gm):
+    """{op reading the weight: (weight quantizer, weight tensor)} (either quantizer-node form)."""
+    from qpasses.qnodes import quantizer_module
     out = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if isinstance(m, (FakeQuantize, Int4GroupFakeQuantize)):
-                obj = gm
-                for p in str(n.args[0].target).split("."):
-                    obj = getattr(obj, p)
-                out[next(iter(n.users)).name] = (m, obj)     # by the op that reads the weight
+        m = quantizer_module(gm, n, kinds=(FakeQuantize, Int4GroupFakeQuantize))
+        if m is not None and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr":
+            obj = gm
+            for p in str(n.args[0].target).split("."):
+                obj = getattr(obj, p)
+            out[next(iter(n.users)).name] = (m, obj)     # by the op that reads the weight
     return out
 
 

@@ -28,13 +28,12 @@ def _gm():
 
 
 def _weights(q):
-    """{op: (weight, scales or None)} of every quantized weight."""
+    """{op: (weight, scales or None)} of every quantized weight (either quantizer-node form)."""
+    from qpasses.qnodes import quantizer_module
     out = {}
     for n in q.graph.nodes:
-        if n.op != "call_module":
-            continue
-        m = q.get_submodule(n.target)
-        if not isinstance(m, (FakeQuantize, Int4GroupFakeQuantize)):
+        m = quantizer_module(q, n, kinds=(FakeQuantize, Int4GroupFakeQuantize))
+        if m is None or not (isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr"):
             continue
         obj = q
         for p in str(n.args[0].target).split("."):

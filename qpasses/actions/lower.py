@@ -10,6 +10,11 @@ the same thing:
 * ``linear <- Int4GroupFakeQuantize(constant)`` with a float input (``w4a16``) becomes
   ``torch.ops.qpasses.int4_weight_only_linear`` on packed nibbles.
 
+``lower_fp8_linear`` replaces a ``w8a8_fp8`` linear (weight through a per-channel
+``Fp8FakeQuantize``) by ``torch.ops.qpasses.fp8_linear`` behind a shared ``quantize_fp8`` node
+(static per-tensor input quantizer) or by ``dynamic_fp8_linear`` (dynamic per-token input), the
+weight stored once as a float8_e4m3fn buffer.
+
 ``lower_dynamic_linear`` replaces a ``DynamicQuantLinear`` call (``dynamic_int8``) by
 ``torch.ops.qpasses.dynamic_int8_linear``: the same per-call activation quantization, then the
 int8 GEMM with one zero point per row.
@@ -71,6 +76,8 @@ def _weight_device(ctx: MatchContext, op: fx.Node) -> Optional[torch.device]:
             return t.device
         return None
     _, _, _, w = _weight_quantizer(ctx, op)
+    if w is None:
+        w = _fp8_weight(ctx, op)[3]
     if w is None:
         w = ctx.view(op).tensor("weight")
     return w.device if isinstance(w, torch.Tensor) else None
@@ -335,3 +342,121 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
                                        None if od is torch.float32 else od))
     _finish(ctx, op, new, {"kernel": "dynamic_int8_linear", "w_bits": mod.w_bits, "a_bits": mod.a_bits,
                            "granularity": mod.granularity}, [])
+
+
+# ================================================================================ w8a8_fp8
+def _fp8_weight(ctx: MatchContext, op: fx.Node):
+    """``(weight node, its Fp8FakeQuantize, the constant get_attr node, the constant)`` or Nones."""
+    from ..numerics.fp8 import Fp8FakeQuantize
+    wnode = ctx.view(op).get("weight")
+    mod = _module(ctx, wnode)
+    if not isinstance(mod, Fp8FakeQuantize):
+        return wnode, None, None, None
+    src = wnode.args[0] if wnode.args else None
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return wnode, mod, None, None
+    return wnode, mod, src, get_attr_value(ctx.gm, src.target)
+
+
+def _add_buffer(ctx: MatchContext, prefix: str, value: torch.Tensor, before: fx.Node,
+                after: Optional[fx.Node] = None) -> fx.Node:
+    """Register ``value`` (a copy) as a buffer under a fresh name; a ``get_attr`` node reading it,
+    placed before ``before`` (or after ``after``).  Buffers, not parameters: a float8 weight and
+    its scales are constants of the deployed graph."""
+    rw = ctx.rewrite
+    name = rw.fresh_name(prefix)
+    ctx.gm.register_buffer(name, value.detach().clone())
+    n = rw.get_attr(name, before=None if after is not None else before, after=after)
+    n.meta["qpasses.shape"] = tuple(value.shape)
+    n.meta["qpasses.dtype"] = value.dtype
+    return n
+
+
+def _quantized_fp8_input(ctx: MatchContext, x_fq: fx.Node, scale: torch.Tensor):
+    """``(quantize_fp8 node, its scale get_attr node)``: one pair per static fp8 activation
+    quantizer, shared by every linear it feeds."""
+    src = x_fq.args[0]
+    target = torch.ops.qpasses.quantize_fp8.default
+    for u in (src.users if isinstance(src, fx.Node) else ()):
+        if (u.op == "call_function" and u.target is target
+                and u.meta.get("qpasses.lowered_from") == x_fq.name):
+            return u, u.args[1]                       # placed right after x_fq, so before every user of it
+    sn = _add_buffer(ctx, "lowered_xs8", scale, x_fq, after=x_fq)
+    with ctx.graph.inserting_after(sn):
+        node = ctx.graph.call_function(target, (src, sn))
+    if "qpasses.shape" in x_fq.meta:
+        node.meta["qpasses.shape"] = x_fq.meta["qpasses.shape"]
+    node.meta["qpasses.dtype"] = torch.float8_e4m3fn
+    node.meta["qpasses.lowered_from"] = x_fq.name
+    return node, sn
+
+
+@action("lower_fp8_linear", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
+def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
+    """Replace a ``w8a8_fp8`` linear by ``fp8_linear`` (static per-tensor fp8 input: a shared
+    ``quantize_fp8`` node in front) or ``dynamic_fp8_linear`` (dynamic per-token fp8 input), the
+    weight stored as a float8_e4m3fn buffer with its fp32 scales (see module doc)."""
+    from ..numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
+    if matches_any(op, skip):
+        raise Refuse(f"{op.name} is in skip: left in fake-quant form")
+    od = _out_dtype(out_dtype)
+    view = ctx.view(op)
+    if view.opclass != "linear":
+        raise Refuse(f"no kernel for {view.opclass} ({op.name}) with fp8 weights: fp8_linear / "
+                     f"dynamic_fp8_linear take linear layers only")
+    wnode, wq, wsrc, w = _fp8_weight(ctx, op)
+    if wq is None:
+        raise Refuse(f"the weight of {op.name} is not read through an Fp8FakeQuantize")
+    if not isinstance(w, torch.Tensor):
+        raise Refuse(f"no kernel for {op.name}: its weight is not a constant")
+    wc, why = L.fp8_weight_codes(wq, w)
+    if wc is None:
+        raise Refuse(f"no kernel for {op.name}: {why}")
+    codes, w_scale = wc
+    ins = view.inputs()
+    x_fq = ins[0] if ins else None
+    amod = _module(ctx, x_fq)
+    shape = x_fq.meta.get("qpasses.shape") if isinstance(x_fq, fx.Node) else None
+    if shape is not None and (len(shape) < 1 or shape[-1] != codes.shape[1]):
+        raise Refuse(f"no kernel for {op.name}: input shape {tuple(shape)} does not end in K={codes.shape[1]}")
+    xdt = x_fq.meta.get("qpasses.dtype") if isinstance(x_fq, fx.Node) else None
+    if isinstance(xdt, torch.dtype) and xdt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Refuse(f"no kernel for {op.name}: {xdt} input (the fp8 kernels take float32 / float16 / bfloat16)")
+    if isinstance(amod, Fp8FakeQuantize):
+        xs, why = L.fp8_act_scale(amod)
+        if xs is None:
+            raise Refuse(f"no kernel for {op.name}: {why}")
+        activations = "static"
+    elif isinstance(amod, Fp8DynamicQuantize):
+        if not amod.enabled:
+            raise Refuse(f"no kernel for {op.name}: its input fp8 quantizer is disabled")
+        if not amod.per_token:
+            raise Refuse(f"no kernel for {op.name}: dynamic per-tensor fp8 input (dynamic_fp8_linear "
+                         f"quantizes per token)")
+        activations = "dynamic"
+    else:
+        from ..qnodes import quantizer_module
+        other = quantizer_module(ctx.modules, x_fq)
+        if other is None and getattr(amod, "bits", None) is not None:
+            other = amod                                 # another method's quantizer module (call_module)
+        what = "a float (not fp8-quantized) input" if other is None else f"a {type(other).__name__} input"
+        raise Refuse(f"no kernel for {op.name}: fp8 weights with {what} (no weight-only fp8 kernel)")
+    bias = _const_bias(ctx, op)
+    bias_node = view.get("bias")
+    wn = _add_buffer(ctx, "lowered_w8", codes, op)
+    wsn = _add_buffer(ctx, "lowered_ws8", w_scale, op)
+    bn = _add_buffer(ctx, "lowered_b", bias, op) if bias is not None else None
+    if activations == "static":
+        xq, xsn = _quantized_fp8_input(ctx, x_fq, xs)
+        with ctx.graph.inserting_before(op):
+            new = ctx.graph.call_function(torch.ops.qpasses.fp8_linear.default, (xq, xsn, wn, wsn, bn, od))
+        kernel = "fp8_linear"
+    else:
+        with ctx.graph.inserting_before(op):
+            new = ctx.graph.call_function(torch.ops.qpasses.dynamic_fp8_linear.default,
+                                          (x_fq.args[0], wn, wsn, bn, None if od is torch.float32 else od))
+        kernel = "dynamic_fp8_linear"
+    _finish(ctx, op, new, {"kernel": kernel, "w_bits": 8, "a_bits": 8, "format": "float8_e4m3fn",
+                           "activations": activations,
+                           "w_granularity": "per_tensor" if wq.axis is None else "per_channel"}, [])
+    _drop_dead(ctx, [x_fq, wnode, wsrc, bias_node])

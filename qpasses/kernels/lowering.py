@@ -9,6 +9,11 @@
   recipe).  Its forward computes exactly the weight ``int4_weight_only_linear`` dequantizes.
 * :func:`int8_weight_codes`, :func:`act_int8_params`: read kernel operands off the FakeQuantize
   modules of a ``ptq_int8`` graph.
+* ``torch.ops.qpasses.quantize_fp8``: the static (per-tensor) fp8 activation quantizer a lowered
+  ``w8a8_fp8`` graph runs in front of ``fp8_linear``; its float8_e4m3fn codes are exactly those
+  the ``Fp8FakeQuantize`` it replaces dequantizes.
+* :func:`fp8_weight_codes`, :func:`fp8_act_scale`: read the fp8 GEMM's operands off the
+  ``Fp8FakeQuantize`` modules of a ``w8a8_fp8`` graph.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from torch import Tensor
 
 from . import packing
 
-__all__ = ["quantize_int8", "Int4GroupFakeQuantize", "act_int8_params", "int8_weight_codes"]
+__all__ = ["quantize_int8", "Int4GroupFakeQuantize", "act_int8_params", "int8_weight_codes", "quantize_fp8",
+           "fp8_weight_codes", "fp8_act_scale"]
 
 
 # ================================================================================ activation quantizer
@@ -137,3 +143,54 @@ class Int4GroupFakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits=4, group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+# ================================================================================ fp8 (e4m3)
+def _quantize_fp8_check(x: Tensor, scale: Tensor) -> None:
+    if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
+        raise ValueError(f"quantize_fp8 expects a float (not float8) tensor, got {x.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"quantize_fp8 takes one (per-tensor) scale, got {scale.numel()}")
+
+
+@torch.library.custom_op("qpasses::quantize_fp8", mutates_args=(), schema="(Tensor x, Tensor scale) -> Tensor")
+def quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    """float8_e4m3fn codes of ``clamp(x / scale, -448, 448)`` with one scale (static activations).
+
+    The codes are those ``torch.ops.qpasses.fp8_fake_quant_per_tensor(x, scale)`` (the
+    ``Fp8FakeQuantize`` this replaces in a lowered graph) multiplies back by ``scale``: both call
+    :func:`qpasses.numerics.fp8.fp8_cast` (float32 division, saturation, round to nearest even)."""
+    from ..numerics.fp8 import fp8_cast
+    _quantize_fp8_check(x, scale)
+    return fp8_cast(x, scale.to(torch.float32).reshape(()))
+
+
+@quantize_fp8.register_fake
+def _(x, scale):
+    _quantize_fp8_check(x, scale)
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn)
+
+
+def fp8_weight_codes(fq: nn.Module, w: Tensor) -> Tuple[Optional[Tuple[Tensor, Tensor]], str]:
+    """``((float8_e4m3fn codes [N, K], fp32 scale [N] or [1]), "")`` of an ``Fp8FakeQuantize``
+    reading the ``[N, K]`` weight ``w`` (per output channel, axis 0, or per tensor), else
+    ``(None, why)``: the codes times the scale are exactly the fake-quantized weight."""
+    if not getattr(fq, "enabled", True):
+        return None, "its fp8 weight quantizer is disabled"
+    if w.dim() != 2:
+        return None, f"its weight is {w.dim()}-d, not an [N, K] matrix"
+    axis = getattr(fq, "axis", None)
+    if axis is not None and axis not in (0, -2):
+        return None, f"its fp8 weight scales run along axis {axis}, not per output channel (axis 0)"
+    scale = fq.scale.detach().to(torch.float32).reshape(-1).clone()
+    codes = fq.codes(w.detach())
+    return (codes, scale), ""
+
+
+def fp8_act_scale(fq: nn.Module) -> Tuple[Optional[Tensor], str]:
+    """``(fp32 scale [1], "")`` of a static per-tensor activation ``Fp8FakeQuantize``, else ``(None, why)``."""
+    if not getattr(fq, "enabled", True):
+        return None, "its input fp8 quantizer is disabled"
+    if getattr(fq, "axis", None) is not None:
+        return None, f"its input fp8 quantizer has one scale per channel (axis {fq.axis}), not per tensor"
+    return fq.scale.detach().to(torch.float32).reshape(1).clone(), ""

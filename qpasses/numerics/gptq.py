@@ -27,18 +27,30 @@ e.g. fitted to the original weight) or fitted by ``fit`` to the current, already
 of a group when its first column comes up (the paper's choice; not with ``act_order``, where
 the permuted columns would no longer form contiguous groups).
 
+Convolutions (:class:`ConvGeometry`, :func:`conv_rows`, :func:`conv_weight_matrix`) reduce to
+that form through im2col: the rows of a convolution's input patches, times the flattened weight,
+give its output, so ``H`` is over the patch columns.  A transposed convolution is the direct
+convolution (stride 1) of its input with zeros inserted between samples (``stride - 1`` of them),
+padded by ``dilation * (kernel - 1) - padding`` (plus ``output_padding`` at the end; a negative pad
+crops), whose weight is the transposed one flipped in space with input and output channels
+swapped inside each group (the adjoint relation of Dumoulin and Visin, "A guide to convolution
+arithmetic for deep learning", 2016).  GPTQ solves for that direct weight; the map back to the
+transposed layout is a permutation of entries, so it is exact.
+
 Plain PyTorch; nothing here imports the rest of qpasses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "quantize_column", "hessian_error",
-           "symmetric_group_fit", "affine_group_fit", "round_to_nearest"]
+           "symmetric_group_fit", "affine_group_fit", "round_to_nearest", "ConvGeometry", "conv_rows",
+           "conv_weight_matrix", "conv_weight_from_matrix"]
 
 #: ``fit(w [N, k]) -> (scale [N], zero [N])``: qparams for one group of columns
 FitFn = Callable[[Tensor], Tuple[Tensor, Tensor]]
@@ -70,6 +82,119 @@ def affine_group_fit(qmax: int) -> FitFn:
         z = torch.clamp(torch.round(-lo / s), 0, qmax)
         return s, z
     return fit
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a convolution reads its input, as the direct convolution GPTQ solves for.
+
+    ``pads``: ``(before, after)`` per spatial dimension (negative: crop); ``insert``: the zero
+    insertion factor per dimension (a transposed convolution's stride; 1 for a direct one);
+    ``stride`` / ``dilation``: the direct convolution's (stride 1 for a transposed one).
+    Hashable: layers reading one value with one geometry share a Hessian."""
+    nd: int
+    kernel: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    pads: Tuple[Tuple[int, int], ...]
+    groups: int = 1
+    insert: Tuple[int, ...] = ()
+    transposed: bool = False
+
+    @staticmethod
+    def direct(kernel, stride, dilation, pads, groups: int = 1) -> "ConvGeometry":
+        """A ``conv{n}d``: ``pads`` per dimension as ``(before, after)``."""
+        nd = len(kernel)
+        return ConvGeometry(nd, tuple(map(int, kernel)), tuple(map(int, stride)), tuple(map(int, dilation)),
+                            tuple((int(a), int(b)) for a, b in pads), int(groups), (1,) * nd, False)
+
+    @staticmethod
+    def transpose(kernel, stride, padding, output_padding, dilation, groups: int = 1) -> "ConvGeometry":
+        """A ``conv_transpose{n}d`` as its equivalent direct convolution."""
+        nd = len(kernel)
+        pads = []
+        for k, p, op, d in zip(kernel, padding, output_padding, dilation):
+            full = int(d) * (int(k) - 1)
+            pads.append((full - int(p), full - int(p) + int(op)))
+        return ConvGeometry(nd, tuple(map(int, kernel)), (1,) * nd, tuple(map(int, dilation)), tuple(pads),
+                            int(groups), tuple(map(int, stride)), True)
+
+
+def _direct_input(x: Tensor, g: ConvGeometry) -> Tensor:
+    """The input of the direct convolution: zeros inserted (transposed), then padded / cropped."""
+    if x.dim() == g.nd + 1:          # an unbatched input
+        x = x.unsqueeze(0)
+    if x.dim() != g.nd + 2:
+        raise ValueError(f"a {g.nd}-d convolution reads [B, C, *{g.nd} dims], got shape {tuple(x.shape)}")
+    if any(s > 1 for s in g.insert):
+        size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], g.insert)]
+        z = x.new_zeros(*x.shape[:2], *size)
+        z[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in g.insert)] = x
+        x = z
+    flat = [p for pair in reversed(g.pads) for p in pair]      # F.pad order: last dimension first
+    if any(flat):
+        x = F.pad(x, flat)     # negative entries crop
+    return x
+
+
+def conv_rows(x: Tensor, g: ConvGeometry, max_elements: int = 1 << 24) -> Iterator[Tensor]:
+    """im2col of a convolution's input ``x [B, C, *spatial]`` in chunks of rows ``[m, C * prod(kernel)]``
+    (at most ``max_elements`` entries each, at least one output position).
+
+    Columns go in ``(c, k_1, ..., k_nd)`` order, so that ``rows @ conv_weight_matrix(w, g).T`` is the
+    convolution's output at those positions (batch, then output positions in row-major order).
+    Built from strided views (``Tensor.unfold`` per spatial dimension, then a step of ``dilation``
+    inside each window): only a chunk's rows are ever materialised."""
+    x = _direct_input(x, g)
+    v = x
+    for i, (k, s, d) in enumerate(zip(g.kernel, g.stride, g.dilation)):
+        span = d * (k - 1) + 1
+        if v.shape[2 + i] < span:
+            raise ValueError(f"input of size {v.shape[2 + i]} in dimension {i} (after padding) is smaller than the "
+                             f"kernel's span {span}")
+        v = v.unfold(2 + i, span, s)[..., ::d]                      # window dimension appended last
+    b, c = v.shape[:2]
+    out = v.shape[2:2 + g.nd]
+    nd = g.nd
+    # [B, C, o_1.., k_1..] -> [B, o_1.., C, k_1..]
+    perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    v = v.permute(perm)
+    width = c
+    for k in g.kernel:
+        width *= k
+    inner = 1
+    for o in out[1:]:
+        inner *= o
+    per_slice = max(1, int(max_elements) // max(1, inner * width))     # slices of the first output dim
+    for bi in range(b):
+        for o1 in range(0, out[0], per_slice):
+            yield v[bi, o1:o1 + per_slice].reshape(-1, width)
+
+
+def conv_weight_matrix(w: Tensor, g: ConvGeometry) -> Tensor:
+    """The direct convolution's weight as ``[C_out, C_in / groups * prod(kernel)]``.
+
+    A direct weight ``[C_out, C_in / G, *k]`` is reshaped; a transposed one ``[C_in, C_out / G, *k]``
+    is flipped in space and its channel axes are swapped inside each group."""
+    if not g.transposed:
+        return w.reshape(w.shape[0], -1)
+    G = g.groups
+    cin, cog = w.shape[:2]
+    k = tuple(w.shape[2:])
+    m = w.reshape(G, cin // G, cog, *k).transpose(1, 2).flip(tuple(range(3, 3 + g.nd)))
+    return m.reshape(G * cog, -1)
+
+
+def conv_weight_from_matrix(m: Tensor, w_shape, g: ConvGeometry) -> Tensor:
+    """The inverse of :func:`conv_weight_matrix`: ``m`` back to a weight of shape ``w_shape``."""
+    w_shape = tuple(int(s) for s in w_shape)
+    if not g.transposed:
+        return m.reshape(w_shape)
+    G = g.groups
+    cin, cog = w_shape[:2]
+    k = w_shape[2:]
+    t = m.reshape(G, cog, cin // G, *k).flip(tuple(range(3, 3 + g.nd))).transpose(1, 2)
+    return t.reshape(w_shape)
 
 
 def _expand_cols(p: Tensor, k: int, group_size: int) -> Tensor:

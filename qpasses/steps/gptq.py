@@ -5,17 +5,24 @@ It runs after rules that attached the quantizers (the ``gptq`` recipe: ``weight_
 linear layers in the w4a16 group form, then ``convert`` for the per-channel form), so the graph's
 form is decided by those rules; this step only changes numbers:
 
-1. **Targets.** Every linear / conv1d / conv2d whose weight is read as ``quantizer(get_attr W)``
-   with a per-channel :class:`~qpasses.numerics.FakeQuantize` or an
-   :class:`~qpasses.kernels.lowering.Int4GroupFakeQuantize`.  Ops GPTQ cannot take keep their
-   round-to-nearest weights and are listed with the reason in ``info["kept_rtn"]`` (a weight
-   tensor or quantizer shared by several ops, transposed / 3-d convolutions).  A grouped
-   convolution gets one Hessian block per group (its output channels see only their inputs).
+1. **Targets.** Every linear and every convolution (``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``)
+   whose weight is read as ``quantizer(get_attr W)`` with a per-channel (output channels: axis 0,
+   axis 1 for a transposed convolution's ``[C_in, C_out / groups, *k]`` weight) or per-tensor
+   :class:`~qpasses.numerics.FakeQuantize`, or, on a linear weight, an
+   :class:`~qpasses.kernels.lowering.Int4GroupFakeQuantize`; the quantizer node may be a module
+   call or its custom-op form (:func:`qpasses.qnodes.quantizer_module`).  Ops GPTQ cannot take
+   keep their round-to-nearest weights and are listed with the reason in ``info["kept_rtn"]``
+   (a weight tensor or quantizer shared by several ops, a weight axis that is not the output
+   channels, string padding on a transposed convolution).  Convolutions go through im2col
+   (:func:`qpasses.numerics.gptq.conv_rows`); a transposed one as its equivalent direct
+   convolution (zeros inserted by the stride, the weight flipped with channels swapped), whose
+   solved weight maps back to the transposed layout exactly.  A grouped convolution gets one
+   Hessian block per group (its output channels see only their inputs).
 2. **Layer by layer.** Targets are grouped by the activation they read (q, k and v share one
    Hessian) and visited in graph order.  For each group, a graph cut at that activation runs the
    calibration batches one at a time and each batch's rows (a linear layer's inputs flattened
-   over the leading dimensions, a convolution's im2col columns) go straight into ``X X^T`` in
-   float64: one layer's Hessian is alive at a time, and no activation is kept beyond a batch.
+   over the leading dimensions, a convolution's im2col columns in bounded chunks) go straight
+   into ``X X^T`` in float64: one layer's Hessian is alive at a time, and no activation is kept beyond a batch.
 3. **Data-parallel.** Under ``torch.distributed`` (see :func:`~.calibrate.calibration_world`)
    each rank runs its shard; ``X X^T`` and the row count are all-reduced before the solve, so
    every rank solves the same problem (``H`` is cast to float32 from the float64 sums).
@@ -37,7 +44,6 @@ of round-to-nearest, the samples / rows seen, the largest Hessian held, and the 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -45,24 +51,24 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import OptionError, StepError
 from ..frontend import input_arity, set_training
 from ..kernels.lowering import Int4GroupFakeQuantize
 from ..lang.registry import data_step
 from ..numerics import FakeQuantize
-from ..numerics.gptq import (HessianAccumulator, affine_group_fit, gptq_quantize, hessian_error,
-                             round_to_nearest, symmetric_group_fit)
+from ..numerics.gptq import (ConvGeometry, HessianAccumulator, affine_group_fit, conv_rows, conv_weight_from_matrix,
+                             conv_weight_matrix, gptq_quantize, hessian_error, round_to_nearest,
+                             symmetric_group_fit)
 from ..ops import OpView, classify
-from ..qnodes import bypassed as bypass_calls, holder_target, is_quantizer_call, quantizer_module
+from ..qnodes import holder_target, quantizer_module
 from .calibrate import calibration_world, iterate_batches, progress_bar
-from .reconstruct import _capture
 
 __all__ = ["gptq", "GPTQTarget", "find_targets"]
 
-_TAKEN = ("linear", "conv1d", "conv2d")
-_WEIGHTED = _TAKEN + ("conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_TAKEN = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_WEIGHTED = _TAKEN
+_QUANT_KINDS = (FakeQuantize, Int4GroupFakeQuantize)
 
 
 @dataclass
@@ -73,19 +79,38 @@ class GPTQTarget:
     x: fx.Node                   # the activation input
     weight_target: str           # get_attr target of the float weight
     weight: torch.Tensor         # the weight tensor (overwritten with the result)
-    quant_target: str            # module target of the weight quantizer
+    quant_target: str            # module path of the weight quantizer
     quant: nn.Module
-    geometry: Tuple              # im2col geometry (convolutions) or ("linear",)
-    quant_node: Optional[fx.Node] = None   # the weight quantizer's node
+    geometry: Any                # a ConvGeometry (convolutions) or ("linear",)
+    quant_node: Optional[fx.Node] = None   # the graph node applying the weight quantizer
+
+    def matrix(self) -> torch.Tensor:
+        """The weight as the ``[N, K]`` matrix GPTQ solves for (a transposed convolution's as the
+        equivalent direct convolution's)."""
+        w = self.weight.detach()
+        if isinstance(self.geometry, ConvGeometry):
+            return conv_weight_matrix(w, self.geometry)
+        return w.reshape(w.shape[0], -1)
 
     @property
     def k(self) -> int:
         """Inputs per output channel (per convolution group)."""
+        if isinstance(self.geometry, ConvGeometry) and self.geometry.transposed:
+            k = int(self.weight.shape[0]) // self.groups
+            for s in self.weight.shape[2:]:
+                k *= int(s)
+            return k
         return int(self.weight[0].numel())
 
     @property
+    def n_out(self) -> int:
+        if isinstance(self.geometry, ConvGeometry) and self.geometry.transposed:
+            return int(self.weight.shape[1]) * self.groups
+        return int(self.weight.shape[0])
+
+    @property
     def groups(self) -> int:
-        return int(self.geometry[5]) if self.geometry[0] == "conv" else 1
+        return int(self.geometry.groups) if isinstance(self.geometry, ConvGeometry) else 1
 
 
 def _tuple(v: Any, n: int) -> Tuple[int, ...]:
@@ -95,15 +120,25 @@ def _tuple(v: Any, n: int) -> Tuple[int, ...]:
     return (int(v),) * n
 
 
-def _geometry(view: OpView, w: torch.Tensor) -> Tuple:
-    """``("linear",)`` or ``("conv", kernel, stride, dilation, pads)`` with pads (l, r, t, b)."""
-    if view.opclass == "linear":
+def _geometry(view: OpView, w: torch.Tensor):
+    """``("linear",)`` or the :class:`ConvGeometry` of a convolution (transposed ones as their
+    equivalent direct convolution)."""
+    oc = view.opclass
+    if oc == "linear":
         return ("linear",)
-    nd = 1 if view.opclass == "conv1d" else 2
+    nd = int(oc[-2])
     kernel = tuple(int(s) for s in w.shape[2:])
+    if len(kernel) != nd:
+        raise ValueError(f"{oc} weight of shape {tuple(w.shape)}")
     stride = _tuple(view.get("stride", 1), nd)
     dilation = _tuple(view.get("dilation", 1), nd)
+    groups = int(view.get("groups", 1) or 1)
     padding = view.get("padding", 0)
+    if oc.startswith("conv_transpose"):
+        if isinstance(padding, str):
+            raise ValueError(f"padding={padding!r}")
+        return ConvGeometry.transpose(kernel, stride, _tuple(padding, nd), _tuple(view.get("output_padding", 0), nd),
+                                      dilation, groups)
     if isinstance(padding, str):
         if padding == "valid":
             pads = [(0, 0)] * nd
@@ -116,23 +151,20 @@ def _geometry(view: OpView, w: torch.Tensor) -> Tuple:
             raise ValueError(f"padding={padding!r}")
     else:
         pads = [(p, p) for p in _tuple(padding, nd)]
-    if nd == 1:  # as a 2-d convolution of height 1
-        kernel, stride, dilation, pads = (1,) + kernel, (1,) + stride, (1,) + dilation, [(0, 0)] + pads
-    flat = (pads[1][0], pads[1][1], pads[0][0], pads[0][1])   # F.pad order: last dim first
-    return ("conv", kernel, stride, dilation, flat, int(view.get("groups", 1) or 1))
+    return ConvGeometry.direct(kernel, stride, dilation, pads, groups)
 
 
-def _rows(x: torch.Tensor, geom: Tuple) -> torch.Tensor:
-    """The layer's input as rows ``[m, K]`` (``y = rows @ W.reshape(N, K).T`` up to layout)."""
-    if geom[0] == "linear":
-        return x.reshape(-1, x.shape[-1])
-    _, kernel, stride, dilation, pads = geom[:5]
-    if x.dim() == 3:
-        x = x.unsqueeze(2)
-    if any(pads):
-        x = F.pad(x, pads)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)       # [B, C*kh*kw, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def _row_chunks(x: torch.Tensor, geom, max_elements: int = 1 << 24):
+    """The layer's input as chunks of rows ``[m, K]`` (``y = rows @ W.reshape(N, K).T`` up to layout)."""
+    if isinstance(geom, ConvGeometry):
+        yield from conv_rows(x, geom, max_elements)
+    else:
+        yield x.reshape(-1, x.shape[-1])
+
+
+def _rows(x: torch.Tensor, geom) -> torch.Tensor:
+    """All of :func:`_row_chunks` in one tensor."""
+    return torch.cat(list(_row_chunks(x, geom)), 0)
 
 
 def _get_attr(gm: fx.GraphModule, target: str):
@@ -142,16 +174,24 @@ def _get_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+def _axis_ok(oc: str, axis: Optional[int]) -> bool:
+    """The per-channel axis GPTQ takes: output channels (0; 1 for a transposed convolution's
+    ``[C_in, C_out / groups, *k]`` weight), or per tensor."""
+    if axis is None:
+        return True
+    return axis == (1 if oc.startswith("conv_transpose") else 0)
+
+
 def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
     """(targets in graph order, {op name: why round-to-nearest is kept}) of a quantized graph."""
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
     attr_uses: Dict[int, int] = {}
     for n in gm.graph.nodes:
-        h = holder_target(n)
-        if h is not None:
-            calls[h] = calls.get(h, 0) + 1
-        elif n.op == "get_attr":
+        if quantizer_module(modules, n, kinds=_QUANT_KINDS) is not None:
+            t = holder_target(n)
+            calls[t] = calls.get(t, 0) + 1
+        if n.op == "get_attr":
             t = _get_attr(gm, n.target)
             if isinstance(t, torch.Tensor):
                 attr_uses[id(t)] = attr_uses.get(id(t), 0) + len(n.users)
@@ -165,12 +205,10 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
             continue
         view = OpView(n, gm, oc, modules)
         wq = view.get("weight")
-        quant = quantizer_module(modules, wq, (FakeQuantize, Int4GroupFakeQuantize))
+        quant = quantizer_module(modules, wq, kinds=_QUANT_KINDS)
         if quant is None:
             continue  # not quantized by the rules: the report's coverage lists it
-        if oc not in _TAKEN:
-            kept[n.name] = f"{oc}: no im2col form here (GPTQ takes linear, conv1d and conv2d)"
-            continue
+        qt = holder_target(wq)
         src = wq.args[0] if wq.args else None
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):
             kept[n.name] = "its weight is not a get_attr constant"
@@ -179,13 +217,17 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             kept[n.name] = "its weight is not a float tensor"
             continue
-        if calls.get(holder_target(wq), 0) != 1 or attr_uses.get(id(w), 0) != 1:
+        if calls.get(qt, 0) != 1 or attr_uses.get(id(w), 0) != 1:
             kept[n.name] = f"weight {src.target} (or its quantizer) is shared with another use: GPTQ would change it"
             continue
         if isinstance(quant, FakeQuantize):
-            if quant.axis not in (None, 0) or not quant.enabled:
-                kept[n.name] = f"weight quantizer axis={quant.axis}, enabled={quant.enabled} (GPTQ needs per output channel)"
+            if not _axis_ok(oc, quant.axis) or not quant.enabled:
+                kept[n.name] = (f"weight quantizer axis={quant.axis}, enabled={quant.enabled} (GPTQ needs one scale "
+                                f"per output channel or per tensor)")
                 continue
+        elif oc != "linear":
+            kept[n.name] = f"{type(quant).__name__} on a {oc} weight (GPTQ takes int4 groups on linear weights)"
+            continue
         x = view.input
         if not isinstance(x, fx.Node):
             kept[n.name] = "its input is not a graph value"
@@ -195,13 +237,13 @@ def find_targets(gm: fx.GraphModule) -> Tuple[List[GPTQTarget], Dict[str, str]]:
         except (ValueError, TypeError) as e:
             kept[n.name] = f"unsupported convolution geometry ({e})"
             continue
-        targets.append(GPTQTarget(n, oc, x, str(src.target), w, holder_target(wq), quant, geom, wq))
+        targets.append(GPTQTarget(n, oc, x, str(src.target), w, qt, quant, geom, wq))
     return targets, kept
 
 
 def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_order: bool):
     """GPTQ for one target; returns (Q [N, K] float32, new int4 scales / zeros or None, errors)."""
-    w = t.weight.detach().reshape(t.weight.shape[0], -1).float()
+    w = t.matrix().float()
     q = t.quant
     if isinstance(q, Int4GroupFakeQuantize):
         gs = int(q.group_size)
@@ -218,8 +260,13 @@ def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_orde
         new_q = (r.scale, None if q.zeros is None else r.zero)
     else:   # per channel (or per tensor): the static scales convert fitted to the original weight
         n_out = w.shape[0]
-        scale = q.scale.detach().float().reshape(-1).expand(n_out) if q.axis is None else q.scale.detach().float()
-        zp = q.zero_point.float().reshape(-1).expand(n_out) if q.axis is None else q.zero_point.float()
+        scale = q.scale.detach().float().reshape(-1)
+        zp = q.zero_point.detach().float().reshape(-1)
+        if q.axis is None:
+            scale, zp = scale.expand(n_out), zp.expand(n_out)
+        elif scale.numel() != n_out:   # a grouped transposed convolution's axis 1: C_out / groups channels
+            reps = n_out // scale.numel()
+            scale, zp = scale.repeat(reps), zp.repeat(reps)
         if h.dim() == 3:   # a grouped convolution: output channels of group g see only its inputs (block h[g])
             per = n_out // h.shape[0]
             parts = [(slice(g * per, (g + 1) * per), h[g]) for g in range(h.shape[0])]
@@ -242,6 +289,8 @@ def _solve(t: GPTQTarget, h: torch.Tensor, blocksize: int, damp: float, act_orde
 
 def _write(t: GPTQTarget, qw: torch.Tensor, new_q) -> None:
     with torch.no_grad():
+        if isinstance(t.geometry, ConvGeometry):
+            qw = conv_weight_from_matrix(qw, t.weight.shape, t.geometry)
         t.weight.copy_(qw.reshape(t.weight.shape).to(t.weight.dtype))
         if new_q is not None:
             t.quant.scales.copy_(new_q[0].to(t.quant.scales.dtype))
@@ -262,7 +311,7 @@ def _bool(v: Any, name: str) -> bool:
 
 @data_step("gptq")
 def gptq(ctx) -> None:
-    """GPTQ on every quantized linear / conv1d / conv2d weight, layer by layer (see the module docstring)."""
+    """GPTQ on every quantized linear / convolution weight, layer by layer (see the module docstring)."""
     gm = ctx.gm
     blocksize = int(ctx.arg("blocksize", 128))
     damp = float(ctx.arg("damp", 0.01))
@@ -298,15 +347,9 @@ def gptq(ctx) -> None:
     t0 = time.perf_counter()
     was_training = gm.training
     set_training(gm, False)
-    bypassed: Dict[str, nn.Module] = {}
     # the targets' quantizers are bypassed while capturing: a weight GPTQ has written is on its
     # quantizer's grid already (the quantizer maps it to itself), one it has not is float
-    calls = contextlib.ExitStack()
-    calls.enter_context(bypass_calls(gm, [t.quant_node for t in targets if is_quantizer_call(t.quant_node)]))
-    for t in targets:
-        if not is_quantizer_call(t.quant_node):
-            bypassed[t.quant_target] = t.quant
-            gm.set_submodule(t.quant_target, nn.Identity())
+    bypass = [t.quant_node for t in targets]
     pending: List[Tuple[GPTQTarget, torch.Tensor, Any]] = []
     layers: List[Dict[str, Any]] = []
     n_rows = 0
@@ -314,11 +357,11 @@ def gptq(ctx) -> None:
     bar = progress_bar(ctx.progress, total=len(group_list), desc="gptq", unit="group")
     try:
         for x_node, group in group_list:
-            cap = _capture(gm, [x_node])
+            cap = _capture(gm, x_node, bypass)
             # made up front: a rank whose shard is empty still takes part in every all-reduce
             # (one per geometry: layers reading the same value the same way share it)
-            accs: Dict[Tuple, HessianAccumulator] = {}
-            first: Dict[Tuple, GPTQTarget] = {}
+            accs: Dict[Any, HessianAccumulator] = {}
+            first: Dict[Any, GPTQTarget] = {}
             for t in group:
                 if t.geometry not in accs:
                     accs[t.geometry] = HessianAccumulator(t.k, device=t.weight.device, groups=t.groups)
@@ -330,11 +373,11 @@ def gptq(ctx) -> None:
                         raise StepError(f"gptq: the input {x_node.name} of {group[0].op.name} is not a float tensor")
                     for geom, acc in accs.items():
                         t = first[geom]
-                        rows = _rows(x.detach(), geom)
-                        if rows.shape[1] != t.k * t.groups:
-                            raise StepError(f"gptq: {t.op.name} reads rows of width {rows.shape[1]} but its weight "
-                                            f"has {t.k} inputs in each of {t.groups} group(s)")
-                        acc.add(rows)
+                        for rows in _row_chunks(x.detach(), geom):
+                            if rows.shape[1] != t.k * t.groups:
+                                raise StepError(f"gptq: {t.op.name} reads rows of width {rows.shape[1]} but its "
+                                                f"weight has {t.k} inputs in each of {t.groups} group(s)")
+                            acc.add(rows)
             del cap
             for geom, acc in accs.items():
                 max_h_bytes = max(max_h_bytes, acc.sum.numel() * acc.sum.element_size())
@@ -358,18 +401,16 @@ def gptq(ctx) -> None:
                     _write(t, qw, new_q)
                 else:
                     pending.append((t, qw, new_q))
-                layers.append({"op": t.op.name, "weight": t.weight_target, "form":
-                               "int4_group" if isinstance(t.quant, Int4GroupFakeQuantize) else "per_channel",
-                               "k": t.k, "n": int(t.weight.shape[0]), "error": err, "rtn_error": err_rtn,
-                               "dead_inputs": len(r)})
+                form = ("int4_group" if isinstance(t.quant, Int4GroupFakeQuantize)
+                        else "per_tensor" if t.quant.axis is None else "per_channel")
+                layers.append({"op": t.op.name, "weight": t.weight_target, "form": form,
+                               "k": t.k, "n": t.n_out, "opclass": t.opclass, "error": err, "rtn_error": err_rtn,
+                               "rows": acc.n, "dead_inputs": len(r)})
                 n_rows = max(n_rows, acc.n)
             accs = acc = h = None   # this group's Hessian is freed before the next one is made
             bar.update(1)
     finally:
         bar.close()
-        for target, mod in bypassed.items():
-            gm.set_submodule(target, mod)
-        calls.close()
         set_training(gm, was_training)
     for t, qw, new_q in pending:
         _write(t, qw, new_q)
@@ -381,6 +422,22 @@ def gptq(ctx) -> None:
                     max_hessian_bytes=max_h_bytes, world_size=size, seconds=round(time.perf_counter() - t0, 3),
                     error=tot, rtn_error=tot_rtn, error_ratio=(tot / tot_rtn) if tot_rtn > 0 else 1.0,
                     per_layer=layers)
+
+
+def _capture(gm: fx.GraphModule, x_node: fx.Node, bypass: List[fx.Node]) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s modules and tensors that computes ``x_node``, with each node
+    of ``bypass`` (a weight quantizer, call_module or custom-op form) replaced by its input.
+    ``gm``'s own graph is not changed."""
+    g = fx.Graph()
+    vmap: Dict[fx.Node, fx.Node] = {}
+    g.graph_copy(gm.graph, vmap)
+    for n in bypass:
+        vmap[n].replace_all_uses_with(vmap[n.args[0]])
+    g.output((vmap[x_node],))
+    sub = fx.GraphModule(gm, g)
+    sub.graph.eliminate_dead_code()
+    sub.recompile()
+    return sub
 
 
 def _broadcast(qw: torch.Tensor, new_q) -> None:
