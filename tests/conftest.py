@@ -27,8 +27,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _is_act_fake_quant(gm, n) -> bool:
     from qpasses.numerics import FakeQuantize
+    from qpasses.qnodes import quantizer_module
     src = n.args[0] if n.args else None
-    return isinstance(gm.get_submodule(n.target), FakeQuantize) and not (
+    return isinstance(quantizer_module(gm, n, None), FakeQuantize) and not (
         isinstance(src, torch.fx.Node) and src.op == "get_attr")
 
 
@@ -36,14 +37,18 @@ def duplicate_act_fake_quants(gm: torch.fx.GraphModule) -> int:
     """Put a copy of every activation FakeQuantize right after it (a redundant Q/DQ pair for the
     clean-up rules to remove); recompiles ``gm`` and returns how many were duplicated."""
     import copy
+    from qpasses.context import RewriteContext
+    from qpasses.qnodes import holder_target, insert_quantizer
+    rc = RewriteContext(gm)
     count = 0
     for n in list(gm.graph.nodes):
-        if n.op == "call_module" and _is_act_fake_quant(gm, n):
-            gm.add_submodule(n.target + "_dup", copy.deepcopy(gm.get_submodule(n.target)))
-            with gm.graph.inserting_after(n):
-                d = gm.graph.call_module(n.target + "_dup", (n,))
-            n.replace_all_uses_with(d)
-            d.args = (n,)
+        if _is_act_fake_quant(gm, n):
+            t = holder_target(n)
+            gm.add_submodule(t + "_dup", copy.deepcopy(gm.get_submodule(t)))
+            users = list(n.users)
+            d = insert_quantizer(rc, n, t + "_dup", after=n)
+            for u in users:
+                u.replace_input_with(n, d)
             count += 1
     gm.recompile()
     return count

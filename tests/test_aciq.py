@@ -15,6 +15,7 @@ from qpasses.methods.aciq import ChannelBitsFakeQuant, aciq_weight_quantizer, ef
 from qpasses.numerics.aciq import aciq_alpha, aciq_mse, allocate_bits, bias_correct_weight, fit_laplace_b
 
 from conftest import randomize_bn
+from qpasses.qnodes import quantizer_module
 
 # ------------------------------------------------------------------------------ closed form
 
@@ -170,7 +171,7 @@ def test_recipe_matches_refuses_and_stays_close(net_data, level):
     st = pm.report["aciq.aciq_weight"]
     assert st.rewrites == 3 and st.n_refused == 1
     assert "not a constant" in st.refused[0][1]
-    fqs = [n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target),
+    fqs = [n for n in q.graph.nodes if isinstance(quantizer_module(q, n, None),
                                                                               ChannelBitsFakeQuant)]
     assert len(fqs) == 3
     assert pm.report["convert.weight_fake_quant"].rewrites == 0  # ACIQ weights are left alone by convert

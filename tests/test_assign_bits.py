@@ -12,6 +12,7 @@ from qpasses.errors import OptionError
 from qpasses.numerics import FakeQuantize
 
 from conftest import randomize_bn
+from qpasses.qnodes import quantizer_module
 
 
 def _setup(level="fx"):
@@ -28,9 +29,9 @@ def _weight_bits(q):
         if n.op != "call_function" or "weight" not in n.meta.get("qpasses.quant", {}):
             continue
         w, x = n.args[1], n.args[0]
-        wb = q.get_submodule(w.target).bits
-        ab = q.get_submodule(x.target).bits if x.op == "call_module" and isinstance(
-            q.get_submodule(x.target), FakeQuantize) else None
+        wb = quantizer_module(q, w, None).bits
+        ab = quantizer_module(q, x, None).bits if x.op == "call_module" and isinstance(
+            quantizer_module(q, x, None), FakeQuantize) else None
         out[n.meta.get("qpasses.module") or layer_name(n)] = (wb, ab)
     return out
 

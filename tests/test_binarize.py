@@ -13,10 +13,11 @@ from qpasses.methods.binary import (BinaryActivation, BinaryWeight, PackedBinary
 from qpasses.numerics import FakeQuantize, Observer
 
 from conftest import randomize_bn
+from qpasses.qnodes import quantizer_module
 
 
 def _mods(gm, kind):
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+    return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
 
 
 def _digits_bnn(level="fx", width=8, **opts):
@@ -77,14 +78,14 @@ def test_bnn_structure_on_digits_cnn():
     assert pm.report["keep_edge_layers"].rewrites == 2                    # first conv and fc
     assert pm.report["binarize_weight"].rewrites == 2
     assert pm.report["drop_relu_before_sign"].rewrites == 2
-    bn = [n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), nn.BatchNorm2d)]
+    bn = [n for n in q.graph.nodes if isinstance(quantizer_module(q, n, None), nn.BatchNorm2d)]
     assert len(bn) == 3                                                   # BatchNorm kept
     weighted = [n for n in q.graph.nodes if n.target in (torch.conv2d, F.conv2d, torch._C._nn.linear, F.linear)]
     bits = [n.meta["qpasses.bits"] for n in weighted]
     assert bits == [{"w_bits": 8, "a_bits": 8}, {"w_bits": 1, "a_bits": 1}, {"w_bits": 1, "a_bits": 1},
                     {"w_bits": 8, "a_bits": 8}]
     fq = _mods(q, FakeQuantize)
-    assert len(fq) == 4 and all(q.get_submodule(n.target).bits == 8 for n in fq)
+    assert len(fq) == 4 and all(quantizer_module(q, n, None).bits == 8 for n in fq)
     assert not _mods(q, Observer)
     assert q(x[:4]).shape == (4, 10)
 
@@ -139,7 +140,7 @@ def test_keep_first_last_off_and_no_scale():
     pm = qpasses.PassManager("bnn", keep_first_last=False, bin_scale=False)
     q = pm.run(gm)                           # no kept layers: no calibration, no data needed
     assert len(_mods(q, BinaryWeight)) == 3 and not _mods(q, FakeQuantize)
-    assert all(not q.get_submodule(n.target).scale for n in _mods(q, BinaryWeight))
+    assert all(not quantizer_module(q, n, None).scale for n in _mods(q, BinaryWeight))
 
 
 def test_bnn_kept_layers_without_data_wait_for_their_first_batch():

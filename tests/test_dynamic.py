@@ -12,10 +12,11 @@ import qpasses
 from qpasses import zoo
 from qpasses.errors import OptionError
 from qpasses.methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_qparams
+from qpasses.qnodes import quantizer_module
 
 
 def _mods(gm, kind):
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+    return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
 
 
 def _cos(a, b):

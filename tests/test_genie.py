@@ -17,6 +17,7 @@ from qpasses.numerics import FakeQuantize
 from qpasses.numerics.rounding import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 
 from conftest import randomize_bn
+from qpasses.qnodes import quantizer_module
 
 torch.set_num_threads(1)
 
@@ -305,7 +306,7 @@ def test_adaround_recipe_reconstruction_helps():
     assert not any(isinstance(m, (GenieWeightQuantizer, GenieActQuantizer)) for m in q.modules())
     for n in q.graph.nodes:
         if n.op == "call_module" and str(n.target).startswith("weight_fq"):
-            fq = q.get_submodule(n.target)
+            fq = quantizer_module(q, n, None)
             w = q.get_parameter(n.args[0].target) if n.args[0].op == "get_attr" else None
             assert w is not None and torch.allclose(fq(w), w, atol=1e-6)
 

@@ -320,9 +320,9 @@ def _to_custom_op_form(gm: fx.GraphModule) -> int:
     form (scale / zero point read by get_attr from the holder module); returns how many."""
     count = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), FakeQuantize):
+        if n.op != "call_module" or not isinstance(quantizer_module(gm, n, None), FakeQuantize):
             continue
-        fq = gm.get_submodule(n.target)
+        fq = quantizer_module(gm, n, None)
         op, names, consts = graph_call(fq)
         with gm.graph.inserting_before(n):
             attrs = [gm.graph.get_attr(f"{n.target}.{a}") for a in names]

@@ -18,6 +18,7 @@ from qpasses.errors import QPassesError  # noqa: E402
 from qpasses.kernels import ops as kops  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
+from qpasses.qnodes import quantizer_module
 
 torch.set_num_threads(1)
 
@@ -31,7 +32,7 @@ def kernel_targets(gm):
 
 def fake_quant_modules(gm):
     return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), (FakeQuantize, Int4GroupFakeQuantize))]
+            and isinstance(quantizer_module(gm, n, None), (FakeQuantize, Int4GroupFakeQuantize))]
 
 
 def rule_row(pm, name):
@@ -154,7 +155,7 @@ def test_w4a16_lowered_to_int4_kernel(group_size, symmetric):
     x = digits(32)
     gm = qpasses.trace(model, (x[:2],))
     fq = qpasses.PassManager("w4a16", group_size=group_size, symmetric=symmetric).run(gm)
-    mods = [fq.get_submodule(n.target) for n in fake_quant_modules(fq)]
+    mods = [quantizer_module(fq, n, None) for n in fake_quant_modules(fq)]
     assert len(mods) == 3 and all(isinstance(m, Int4GroupFakeQuantize) and m.group_size == group_size for m in mods)
     low = qpasses.PassManager("lower", device="cpu").run(fq)
     assert kernel_targets(low).count(Q.int4_weight_only_linear.default) == 3
@@ -346,7 +347,7 @@ def test_dynamic_lowering_skip_out_dtype_and_export():
     dyn = qpasses.PassManager("dynamic_int8", granularity="per_tensor", symmetric=True).run(
         qpasses.trace(model, (x,)))
     first = next(n for n in dyn.graph.nodes if n.op == "call_module"
-                 and isinstance(dyn.get_submodule(n.target), DynamicQuantLinear))
+                 and isinstance(quantizer_module(dyn, n, None), DynamicQuantLinear))
     pm = qpasses.PassManager("lower", device="cpu", skip=[first.name])
     low = pm.run(dyn)
     assert sum(isinstance(m, DynamicQuantLinear) for m in low.modules()) == 1

@@ -18,6 +18,7 @@ import qpasses  # noqa: E402
 from qpasses import zoo  # noqa: E402
 from qpasses.kernels import ops as kops  # noqa: E402
 from qpasses.numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize  # noqa: E402
+from qpasses.qnodes import quantizer_module
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,7 @@ def kernel_targets(gm):
 
 def fp8_modules(gm):
     return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), (Fp8FakeQuantize, Fp8DynamicQuantize))]
+            and isinstance(quantizer_module(gm, n, None), (Fp8FakeQuantize, Fp8DynamicQuantize))]
 
 
 def close(got, want, rel=1e-5):
@@ -100,8 +101,8 @@ def test_weights_stored_once_as_float8_buffers(activations):
     assert len(f8) == 3 and not any(p.dtype == F8 for p in low.parameters())
     assert not any(p.requires_grad for p in low.parameters())
     # the stored codes times the scales are exactly the fake-quantized weights
-    wq = {n.args[0].target: fq.get_submodule(n.target) for n in fq.graph.nodes
-          if n.op == "call_module" and isinstance(fq.get_submodule(n.target), Fp8FakeQuantize)
+    wq = {n.args[0].target: quantizer_module(fq, n, None) for n in fq.graph.nodes
+          if isinstance(quantizer_module(fq, n, None), Fp8FakeQuantize)
           and n.args[0].op == "get_attr"}
     lowered = [n for n in low.graph.nodes if n.target is FP8_OPS[activations]]
     windex = 2 if activations == "static" else 1
@@ -206,8 +207,8 @@ def test_conv_layers_refused_with_reason_and_linear_lowered():
 
 
 def _first(gm, cls, pred=lambda m: True):
-    return next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)
-                and pred(gm.get_submodule(n.target)))
+    return next(n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), cls)
+                and pred(quantizer_module(gm, n, None)))
 
 
 def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
@@ -237,7 +238,7 @@ def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
     fq = fp8_graph(model, x, "static")
     wn = _first(fq, Fp8FakeQuantize, lambda m: m.axis == 0)
     w = fq.get_parameter(wn.args[0].target)
-    fq.get_submodule(wn.target).__init__(Fp8FakeQuantize.fit(w, 1).scale, axis=1)
+    quantizer_module(fq, wn, None).__init__(Fp8FakeQuantize.fit(w, 1).scale, axis=1)
     low, pm = lower(fq)
     st = pm.report["lower_fp8_linear"]
     assert st.rewrites == 2 and "not per output channel (axis 0)" in st.refused[0][1]

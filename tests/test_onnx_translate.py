@@ -10,6 +10,7 @@ import torch
 import qpasses
 from qpasses.onnx import ExportError, export_onnx, ort_session, quantize_for_onnx, run_onnx
 from qpasses.onnx import translate
+from qpasses.qnodes import quantizer_module
 
 torch.set_num_threads(1)
 Q = torch.ops.qpasses
@@ -177,7 +178,7 @@ def test_ort_fusable_placement_fuses_every_conv():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
     gm = qpasses.trace(zoo.ResNetLike(in_ch=3).eval(), x)
-    n_conv = sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+    n_conv = sum(1 for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None),
                                                                                      torch.nn.Conv2d))
 
     def fused(qgm, path):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import qpasses
 from qpasses.errors import QPassesError
 from qpasses.lang.rules import parse_text
+from qpasses.qnodes import quantizer_module
 
 C = 4
 
@@ -170,7 +171,7 @@ def test_canonicalize_keeps_numerics_on_random_graphs(plan, level):
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     if n_bn:
         remaining = sum(1 for n in out.graph.nodes if "batch_norm" in str(n.target) or
-                        (n.op == "call_module" and isinstance(out.get_submodule(n.target), nn.BatchNorm2d)))
+                        (isinstance(quantizer_module(out, n, None), nn.BatchNorm2d)))
         assert remaining <= n_bn
 
 

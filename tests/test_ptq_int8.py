@@ -19,6 +19,7 @@ from qpasses.numerics import FakeQuantize, Observer, sqnr
 from qpasses.ops import classify
 
 from conftest import randomize_bn
+from qpasses.qnodes import quantizer_module
 
 MODELS = ["resnet", "mobilenetv2", "mlp", "digits_cnn"]
 
@@ -33,7 +34,7 @@ def _trace(model, x, level):
 
 
 def _quant_modules(gm, kind):
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+    return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
 
 
 def _snapshot(gm):
@@ -90,7 +91,7 @@ def test_every_observer_kind_runs_end_to_end(kind):
     gm = _trace(m, x, "fx")
     q = qpasses.PassManager("ptq_int8", observer=kind).run(gm, data=[x[:16], x[16:]])
     d = q  # weight quantizers as nodes
-    fqs = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize)]
+    fqs = [quantizer_module(d, n, None) for n in _quant_modules(d, FakeQuantize)]
     assert fqs and all(torch.isfinite(f.scale).all() and (f.scale > 0).all() for f in fqs)
     assert sqnr(m(x), q(x)) > 20.0  # dB; 8-bit on random inputs
 
@@ -113,7 +114,7 @@ def test_convert_fake_quantizes_weights_per_channel(level):
     pm = qpasses.PassManager("ptq_int8")
     q = pm.run(gm, data=[x])
     d = q
-    wq = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize) if n.args[0].op == "get_attr"]
+    wq = [quantizer_module(d, n, None) for n in _quant_modules(d, FakeQuantize) if n.args[0].op == "get_attr"]
     n_weighted = pm.report["weight_fake_quant"].rewrites
     assert len(wq) == n_weighted > 0
     for fq in wq:  # symmetric, narrow range, one scale per output channel
@@ -122,7 +123,7 @@ def test_convert_fake_quantizes_weights_per_channel(level):
     # graph outputs stay float: the output is not read through a quantizer
     out_node = next(n for n in q.graph.nodes if n.op == "output")
     for a in out_node.all_input_nodes:
-        assert not (a.op == "call_module" and isinstance(q.get_submodule(a.target), (FakeQuantize, Observer)))
+        assert not (isinstance(quantizer_module(q, a, None), (FakeQuantize, Observer)))
     assert q(x).dtype == torch.float32
     assert sqnr(m(x), q(x)) > 25.0
     # idempotent: converting again finds nothing to do
@@ -207,7 +208,7 @@ def test_bits_option_changes_the_grid():
     for bits in (8, 4):
         q = qpasses.PassManager("ptq_int8", w_bits=bits, a_bits=bits).run(gm, data=[x])
         d = q  # weight quantizers as nodes
-        fq = [d.get_submodule(n.target) for n in _quant_modules(d, FakeQuantize)]
+        fq = [quantizer_module(d, n, None) for n in _quant_modules(d, FakeQuantize)]
         assert all(f.qmax - f.qmin + 1 <= 2 ** bits for f in fq)
         errs[bits] = sqnr(m(x), q(x))
     assert errs[8] > errs[4] + 10  # ~6 dB per bit
@@ -331,7 +332,7 @@ def test_torch_nn_attention_modules_are_quantized_inside():
     assert 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()) > 30
     opaque = qpasses.trace(m, (x,), mode="fx")            # asked for: fx, the modules left as calls
     assert graph_level(opaque) == "fx"
-    assert any(n.op == "call_module" and isinstance(opaque.get_submodule(n.target), torch.nn.TransformerEncoder)
+    assert any(isinstance(quantizer_module(opaque, n, None), torch.nn.TransformerEncoder)
                for n in opaque.graph.nodes)
 
 

@@ -9,6 +9,7 @@ import qpasses
 from qpasses.errors import OptionError
 from qpasses.methods.qat import QATConvBn2d, freeze_bn
 from qpasses.numerics import FakeQuantize
+from qpasses.qnodes import quantizer_module
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,7 @@ def test_convert_gives_ptq_form_and_integerizes():
         opt.step()
     q.eval()
     c = qpasses.PassManager("qat_convert").run(q)
-    used = [c.get_submodule(n.target) for n in c.graph.nodes if n.op == "call_module"]
+    used = [quantizer_module(c, n, None) for n in c.graph.nodes if n.op == "call_module"]
     assert not any(isinstance(mm, QATConvBn2d) for mm in used)
     assert not any(isinstance(mm, FakeQuantize) and mm.learnable for mm in used)
     assert any(isinstance(mm, FakeQuantize) for mm in used)

@@ -68,7 +68,7 @@ def _targets(gm):
 def _quantizer_modules(gm):
     from qpasses.deploy import _quantizer_module_types
     types = _quantizer_module_types()
-    return [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)]
+    return [n.name for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), types)]
 
 
 def _freeze(qgm):
