@@ -338,7 +338,7 @@ def gptq(ctx) -> None:
                     raise StepError("gptq got an empty data iterable (on every rank)")
                 if not bool(torch.isfinite(acc.sum).all()):
                     raise StepError(f"gptq: the calibration inputs of {first[geom].op.name} ({x_node.name}) are not "
-                                    f"finite: the data has NaN / inf, or the model overflows before this layer")
+                                    f"finite: the model overflows before this layer (the data itself is finite)")
             for t in group:
                 acc = accs[t.geometry]
                 h = acc.hessian(torch.float32)
