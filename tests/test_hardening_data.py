@@ -65,3 +65,22 @@ def test_iterate_batches_checks_numpy_batches_too():
         list(iterate_batches([good, bad], desc="calibrate (onnxruntime)"))
     with pytest.raises(StepError, match="batch 0 has NaN or inf in input 1"):     # the second input of a tuple
         list(iterate_batches([(torch.ones(2), torch.tensor([float("nan")]))]))
+
+
+def test_a_bit_map_alias_bomb_is_refused_fast(tmp_path):
+    """bit_map_file is read from a file someone may hand you (docs/security.md): YAML aliases
+    are refused before anything is expanded, so a bomb fails at once instead of eating memory."""
+    import time
+    from qpasses.actions.bits import load_bit_map
+    from qpasses.errors import OptionError
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, 9)]   # 9**9 leaves
+    p = tmp_path / "bits.yaml"
+    p.write_text("\n".join(lines) + "\nconv1: {w_bits: 4}\n")
+    t0 = time.process_time()
+    with pytest.raises(OptionError, match=r"line 2: YAML aliases \(\*a0\) are not supported"):
+        load_bit_map(str(p))
+    assert time.process_time() - t0 < 1.0
+    good = tmp_path / "good.yaml"
+    good.write_text("conv1: {w_bits: 4, a_bits: 8}\nfc: {w_bits: 2}\n")
+    assert load_bit_map(str(good))["fc"]["w_bits"] == 2
