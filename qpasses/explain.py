@@ -198,12 +198,12 @@ def explain_in_plan(plan: Plan, rule: Any, node: fx.Node, gm: fx.GraphModule) ->
                                    nearest(rule, names))
     else:
         occurrences = [(u, rule.bind(u.params)) for u in plan.units if u.rules
-                       if any(r.name == rule.name and r.loc == rule.loc for r in u.rules)]
+                       if any(r.name == rule.name and str(r.loc) == str(rule.loc) for r in u.rules)]
         occurrences = occurrences or [(None, rule.bind(plan.params))]
     out: List[Explanation] = []
     seen = []
     for unit, r in occurrences:
-        key = (r.name, r.loc, r.param_values)
+        key = (r.name, str(r.loc), r.param_values)
         if key in seen:        # the same rule bound to the same values: the same answer
             continue
         seen.append(key)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import qpasses
-from qpasses.lang.rules import find_named
+from qpasses.lang.rules import Rule, find_named, load_file
 from qpasses.ops import node_paths
 
 
@@ -74,9 +74,19 @@ def test_explain_sees_the_skip_of_a_nested_with(tmp_path, setup):
     assert "skip=['conv1'] from with: of recipe step 'ptq_int8'" in e.bindings and f"{f}:7:" in e.bindings
     assert "r.yaml:7:" in str(e)
     # a Rule object (unbound, as loaded) is bound as the run binds it
-    rule = next(r for r in find_named("convert").rules if r.name == "weight_fake_quant")
+    convert = find_named("convert")
+    rule = next(r for r in convert.rules if r.name == "weight_fake_quant")
     e2 = pm.explain(rule, conv1, gm)
-    assert (e2.matched, e2.step, e2.reason) == (e.matched, e.step, e.reason)
+    assert (e2.matched, e2.step, e2.reason, e2.bindings) == (e.matched, e.step, e.reason, e.bindings)
+    # ... also when loaded again from its file (another object, the same rule)
+    again = next(r for r in load_file(convert.path).rules if r.name == "weight_fake_quant")
+    assert again is not rule
+    e3 = pm.explain(again, conv1, gm)
+    assert (e3.matched, e3.reason) == (e.matched, e.reason)
+    # a rule the plan does not run is bound to the run's own values
+    other = Rule(name="other_wfq", match="(weighted $op ...)", unless=["skipped($op, ${skip})"],
+                 rewrite="quantize_weight($op, bits=${w_bits})")
+    assert pm.explain(other, conv1, gm).matched
     assert pm.explain("weight_fake_quant", conv2, gm).matched
     # the run refuses conv1 for exactly the reason explain gives, and rewrites conv2
     pm.run(gm, data=[x])
