@@ -1,5 +1,7 @@
 """The rule driver, shared by fx and ONNX graphs: apply a bound rule to every candidate
-(:func:`apply_rule`), or say why it does or does not rewrite one node (:func:`explain_rule`).
+(:func:`apply_rule`), or say why it does or does not rewrite one node (:func:`explain_rule`;
+:func:`explain_in_plan` binds the rule as a plan's run does), and warn about ``skip`` patterns
+that name nothing (:func:`skip_warnings`).
 
 Both read the graph through an IR adapter (:class:`qpasses.matcher.FxIR`,
 :class:`qpasses.onnx.rewrite.OnnxIR`), so ``when``, ``where`` / ``unless``, the soundness
@@ -8,7 +10,7 @@ guards, refusals (:class:`qpasses.context.Refuse`) and the report mean the same 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch.fx as fx
 
@@ -20,7 +22,7 @@ from .matcher import FxIR, Match, MatchFailure, Matcher
 from .ops import node_paths
 from .plan import Plan, Unit, truthy
 
-__all__ = ["Explanation", "explain", "explain_in_plan", "explain_rule", "apply_rule", "first_match",
+__all__ = ["Explanation", "explain_in_plan", "explain_rule", "apply_rule", "first_match",
            "failing_constraint", "skip_warnings"]
 
 
@@ -165,11 +167,6 @@ def explain_rule(ir: Any, rule: Rule, node: Any) -> Explanation:
     if why:
         return Explanation(rule.name, node.name, False, "soundness guard", why)
     return Explanation(rule.name, node.name, True, "", "")
-
-
-def explain(rule: Rule, node: fx.Node, gm: fx.GraphModule, params: Dict[str, Any]) -> Explanation:
-    """Why bound rule ``rule`` does (not) rewrite ``node`` of ``gm``."""
-    return explain_rule(FxIR(RewriteContext(gm), params), rule, node)
 
 
 def _bindings(unit: Optional[Unit], rule: Rule) -> str:
