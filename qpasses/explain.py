@@ -1,5 +1,7 @@
 """The rule driver, shared by fx and ONNX graphs: apply a bound rule to every candidate
-(:func:`apply_rule`), or say why it does or does not rewrite one node (:func:`explain_rule`).
+(:func:`apply_rule`), or say why it does or does not rewrite one node (:func:`explain_rule`;
+:func:`explain_in_plan` binds the rule as a plan's run does), and warn about ``skip`` patterns
+that name nothing (:func:`skip_warnings`).
 
 Both read the graph through an IR adapter (:class:`qpasses.matcher.FxIR`,
 :class:`qpasses.onnx.rewrite.OnnxIR`), so ``when``, ``where`` / ``unless``, the soundness
@@ -7,33 +9,48 @@ guards, refusals (:class:`qpasses.context.Refuse`) and the report mean the same 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import fnmatch
+from typing import Any, List, Optional, Tuple
 
 import torch.fx as fx
 
 from .context import Refuse, RewriteContext
-from .errors import MatchError, QPassesError, RewriteError
+from .errors import Location, MatchError, QPassesError, RewriteError, UnknownNameError, nearest
 from .lang.registry import ACTIONS, CONSTRAINTS, constraint_result
 from .lang.rules import Rule
 from .matcher import FxIR, Match, MatchFailure, Matcher
-from .plan import truthy
+from .ops import node_paths
+from .plan import Plan, Unit, truthy
 
-__all__ = ["Explanation", "explain", "explain_rule", "apply_rule", "first_match", "failing_constraint"]
+__all__ = ["Explanation", "explain_in_plan", "explain_rule", "apply_rule", "first_match",
+           "failing_constraint", "skip_warnings"]
 
 
 class Explanation:
-    """Answer of :meth:`PassManager.explain`."""
+    """Answer of :meth:`PassManager.explain`.
 
-    def __init__(self, rule: str, node: str, matched: bool, step: str, reason: str):
+    ``bindings`` says where the rule's parameters came from when a ``with:`` of a recipe step
+    rebound them (``"skip=['conv1'] from with: of recipe step 'ptq_int8' (r.yaml:7:11)"``).  A
+    rule that runs more than once in a plan with different parameters (a family run by two
+    nested recipes) is explained once per binding: this object is the first, ``others`` the rest.
+    """
+
+    def __init__(self, rule: str, node: str, matched: bool, step: str, reason: str, bindings: str = ""):
         self.rule, self.node, self.matched, self.step, self.reason = rule, node, matched, step, reason
+        self.bindings = bindings
+        self.others: List["Explanation"] = []
 
     def __bool__(self) -> bool:
         return self.matched
 
-    def __str__(self) -> str:
+    def _line(self) -> str:
+        with_ = f" [{self.bindings}]" if self.bindings else ""
         if self.matched:
-            return f"rule {self.rule!r} matches node {self.node} and would rewrite it"
-        return f"rule {self.rule!r} does not apply to node {self.node}: {self.step}: {self.reason}"
+            return f"rule {self.rule!r} matches node {self.node} and would rewrite it{with_}"
+        return f"rule {self.rule!r} does not apply to node {self.node}: {self.step}: {self.reason}{with_}"
+
+    def __str__(self) -> str:
+        return "\n".join([self._line()] + ["also " + o._line() for o in self.others])
 
     __repr__ = __str__
 
@@ -152,6 +169,73 @@ def explain_rule(ir: Any, rule: Rule, node: Any) -> Explanation:
     return Explanation(rule.name, node.name, True, "", "")
 
 
-def explain(rule: Rule, node: fx.Node, gm: fx.GraphModule, params: Dict[str, Any]) -> Explanation:
-    """Why bound rule ``rule`` does (not) rewrite ``node`` of ``gm``."""
-    return explain_rule(FxIR(RewriteContext(gm), params), rule, node)
+def _bindings(unit: Optional[Unit], rule: Rule) -> str:
+    """The parameters of bound ``rule`` that a ``with:`` around ``unit`` rebound, with where."""
+    if unit is None:
+        return ""
+    parts = []
+    for name in rule.param_values:
+        value, origin = unit.binding(name)
+        if origin:
+            parts.append(f"{name}={value!r} from {origin}")
+    return "; ".join(parts)
+
+
+def explain_in_plan(plan: Plan, rule: Any, node: fx.Node, gm: fx.GraphModule) -> Explanation:
+    """Why ``rule`` (a name, or a :class:`Rule`) does (not) rewrite ``node`` of ``gm`` when
+    ``plan`` runs: the rule as the run binds it, in each unit that runs it (the parameters of
+    that unit, ``with:`` of the recipe steps around it included).  A rule the plan does not
+    run is bound to the plan's parameters."""
+    occurrences: List[Tuple[Optional[Unit], Rule]] = []
+    if isinstance(rule, str):
+        occurrences = [(u, r) for u in plan.units if u.rules for r in u.rules if r.name == rule]
+        if not occurrences:
+            names = [r.name for u in plan.units if u.rules for r in u.rules]
+            raise UnknownNameError(f"no rule named {rule!r} in this PassManager", Location("<explain>"),
+                                   nearest(rule, names))
+    else:
+        occurrences = [(u, rule.bind(u.params)) for u in plan.units if u.rules
+                       if any(r.name == rule.name and str(r.loc) == str(rule.loc) for r in u.rules)]
+        occurrences = occurrences or [(None, rule.bind(plan.params))]
+    out: List[Explanation] = []
+    seen = []
+    for unit, r in occurrences:
+        key = (r.name, str(r.loc), r.param_values)
+        if key in seen:        # the same rule bound to the same values: the same answer
+            continue
+        seen.append(key)
+        params = unit.params if unit is not None else plan.params
+        e = explain_rule(FxIR(RewriteContext(gm), params), r, node)
+        e.bindings = _bindings(unit, r)
+        out.append(e)
+    first = out[0]
+    first.others = out[1:]
+    return first
+
+
+def skip_warnings(plan: Plan, gm: fx.GraphModule) -> List[str]:
+    """Warnings for ``skip`` patterns that name no node of ``gm`` (a typo there would quantize
+    the layer the user meant to keep in float), over the ``skip`` values the run binds
+    (:meth:`Plan.uses`: the options, and ``with:`` of nested recipe steps); and for a ``skip``
+    value the run never uses because ``with:`` rebinds it wherever it is read."""
+    uses = plan.uses("skip")
+    names = None
+    out: List[str] = []
+    done = set()
+    for value, origin, _units in uses:
+        if not value or not isinstance(value, (list, tuple)):
+            continue
+        if names is None:
+            names = {name for n in gm.graph.nodes for name in node_paths(n)}
+        for p in value:
+            if (str(p), origin) in done or any(fnmatch.fnmatchcase(name, str(p)) for name in names):
+                continue
+            done.add((str(p), origin))
+            src = f" ({origin})" if origin else ""
+            out.append(f"skip pattern {str(p)!r}{src} matches no node name or module path of the graph "
+                       f"(nothing is skipped by it)")
+    outer = plan.params.get("skip")
+    if outer and uses and all(origin for _, origin, _ in uses):
+        out.append(f"skip={outer!r} (the run's value) skips nothing: "
+                   f"{'; '.join(sorted({o for _, o, _ in uses}))} rebinds skip wherever it is read")
+    return out

@@ -7,7 +7,6 @@ changed through :mod:`qpasses.context`, numerics are checked by :mod:`qpasses.ve
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gc
 import time
 from typing import Any, Dict, List, Optional, Union
@@ -15,12 +14,11 @@ from typing import Any, Dict, List, Optional, Union
 import torch.fx as fx
 
 from .context import PROVENANCE_KEY, Refuse, RewriteContext, copy_graph_module, delete_unused_submodules
-from .errors import Location, MatchError, OptionError, QPassesError, RewriteError, StepError, UnknownNameError, nearest
-from .explain import Explanation, apply_rule, explain
+from .errors import MatchError, OptionError, QPassesError, RewriteError, StepError, nearest
+from .explain import Explanation, apply_rule, explain_in_plan, skip_warnings
 from .lang.registry import DATA_STEPS
 from .lang.rules import Rule, Step
 from .matcher import FxIR, Matcher
-from .ops import node_paths
 from .plan import Plan, Unit
 from .report import Report, StageRecord, StepRecord
 from .verify import Verifier
@@ -77,6 +75,7 @@ class PassManager:
         self.verify_tol = verify_tol
         self.progress = bool(progress) and not quiet
         plan = Plan(rules, options)
+        self.plan = plan
         self.specs = plan.specs
         self.params = plan.params
         self.units: List[Unit] = plan.units
@@ -127,7 +126,7 @@ class PassManager:
                     verifier.check(work, unit.label, unit.stage.verify)
             else:
                 self._refresh(work, changed)
-                work = self._run_step(work, unit.step, data)
+                work = self._run_step(work, unit.step, data, unit.params)
                 if verifier is not None:
                     verifier.check(work, unit.label, "sqnr")
         with self._phase("prune"):
@@ -146,16 +145,9 @@ class PassManager:
         return work
 
     def _check_skip(self, gm: fx.GraphModule) -> None:
-        """Warn (in the report) about ``skip`` patterns that name no node of the graph: a typo
-        there would otherwise quantize the layer the user meant to keep in float."""
-        skip = self.params.get("skip")
-        if not skip or not isinstance(skip, (list, tuple)):
-            return
-        names = {name for n in gm.graph.nodes for name in node_paths(n)}
-        for p in skip:
-            if not any(fnmatch.fnmatchcase(name, str(p)) for name in names):
-                self.report.warnings.append(f"skip pattern {str(p)!r} matches no node name or module path "
-                                            f"of the graph (nothing is skipped by it)")
+        """Warn (in the report) about ``skip`` patterns that name no node of the graph, over the
+        values the run binds (:func:`qpasses.explain.skip_warnings`)."""
+        self.report.warnings.extend(skip_warnings(self.plan, gm))
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -193,7 +185,7 @@ class PassManager:
         total = 0
         limit = stage.max_iterations if stage.mode == "fixpoint" else 1
         with RewriteContext(gm, state) as rc:
-            matcher = Matcher(FxIR(rc, self.params))
+            matcher = Matcher(FxIR(rc, unit.params if unit.params is not None else self.params))
             for it in range(1, limit + 1):
                 changed = 0
                 for rule in unit.rules:
@@ -211,10 +203,11 @@ class PassManager:
                     stage: str) -> int:
         return apply_rule(matcher.ir, matcher, rule, self.report.rule(rule.name, family, stage))
 
-    def _run_step(self, gm: fx.GraphModule, step: Step, data: Any) -> fx.GraphModule:
+    def _run_step(self, gm: fx.GraphModule, step: Step, data: Any, params: Optional[Dict[str, Any]] = None
+                  ) -> fx.GraphModule:
         reg = DATA_STEPS[step.name]
         record: Dict[str, Any] = {}
-        ctx = StepContext(gm, data, self.params, step.args, self.report, self, record)
+        ctx = StepContext(gm, data, self.params if params is None else params, step.args, self.report, self, record)
         t = time.perf_counter()
         try:
             out = reg.fn(ctx)
@@ -234,16 +227,12 @@ class PassManager:
                 ) -> Explanation:
         """Why ``rule`` does (not) rewrite ``node``: the pattern step, constraint or guard that fails.
 
+        The rule is bound as the run binds it (``with:`` of the recipe steps around it included);
+        a rule the run applies with different parameters in several places is explained for each
+        (:class:`Explanation` ``.others``).
+
         ``gm`` defaults to the graph the node belongs to, else the last graph given to ``run``.
         """
-        if isinstance(rule, str):
-            hits = [r for r in self.rules if r.name == rule]
-            if not hits:
-                raise UnknownNameError(f"no rule named {rule!r} in this PassManager", Location("<explain>"),
-                                       nearest(rule, [r.name for r in self.rules]))
-            r = hits[0]
-        else:
-            r = rule.bind(self.params)
         if isinstance(node, fx.Node):
             gm = gm or node.graph.owning_module
         gm = gm or self._last_input
@@ -255,7 +244,7 @@ class PassManager:
                 raise MatchError(f"no node named {node!r} in the graph "
                                  f"(did you mean {nearest(node, [n.name for n in gm.graph.nodes])!r}?)")
             node = found[0]
-        return explain(r, node, gm, self.params)
+        return explain_in_plan(self.plan, rule, node, gm)
 
 
 @contextlib.contextmanager

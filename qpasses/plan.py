@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from .errors import ArgumentError, Location, OptionError, RuleError, UnknownNameError, nearest
 from .lang.registry import DATA_STEPS
@@ -19,7 +19,7 @@ from .lang.rules import (MAX_RECIPE_DEPTH, ParamSpec, Recipe, Rule, RuleFamily, 
                          find_named, recipe_params, step_target)
 from .lang.syntax import substitute
 
-__all__ = ["Unit", "Plan", "truthy"]
+__all__ = ["Unit", "Plan", "Binding", "truthy"]
 
 
 def truthy(v: Any) -> bool:
@@ -27,6 +27,14 @@ def truthy(v: Any) -> bool:
     if isinstance(v, str):
         return v.lower() not in ("", "0", "false", "no", "off", "none")
     return bool(v)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A parameter value bound by the ``with:`` of a recipe's ``rules:`` / ``recipe:`` step."""
+    value: Any
+    #: where: ``with: of recipe step 'ptq_int8' (r.yaml:7:11)``
+    origin: str
 
 
 @dataclass
@@ -40,6 +48,17 @@ class Unit:
     #: the parameter values this unit was bound with (the run's, rebound by ``with:`` of the
     #: recipe / rule steps around it)
     params: Optional[Dict[str, Any]] = None
+    #: the names among ``params`` that a ``with:`` around the unit rebound, and where
+    bound: Dict[str, Binding] = field(default_factory=dict)
+    #: the parameters the unit reads: the ``${name}`` references of a stage's rules; None for a
+    #: data step (its code may read any parameter)
+    reads: Optional[FrozenSet[str]] = None
+
+    def binding(self, name: str) -> Tuple[Any, str]:
+        """(value, origin) of parameter ``name`` for this unit: origin is the ``with:`` that
+        rebound it, or ``""`` for the run's own value (an option or a declared default)."""
+        b = self.bound.get(name)
+        return (b.value, b.origin) if b is not None else ((self.params or {}).get(name), "")
 
     @property
     def label(self) -> str:
@@ -167,8 +186,8 @@ class Plan:
             before.add(u.step.name)
         return False
 
-    def _scope_params(self, i: int, memo: Dict[int, Tuple[Dict[str, Any], bool, Dict[str, Any]]]):
-        """(parameter values, active, names rebound by with: -> value) of scope ``i``."""
+    def _scope_params(self, i: int, memo: Dict[int, Tuple[Dict[str, Any], bool, Dict[str, Binding]]]):
+        """(parameter values, active, names rebound by with: -> :class:`Binding`) of scope ``i``."""
         if i in memo:
             return memo[i]
         sc = self._scopes[i]
@@ -188,7 +207,8 @@ class Plan:
                 why = spec.check(val)
                 if why:
                     raise ArgumentError(f"with: {sc.what} {st.name!r}: {why}", st.value_loc(k))
-                params[k] = bound[k] = val
+                params[k] = val
+                bound[k] = Binding(val, f"with: of {sc.what} step {st.name!r} ({st.value_loc(k)})")
         memo[i] = (params, active, bound)
         return memo[i]
 
@@ -200,13 +220,16 @@ class Plan:
             if not active:
                 continue
             if kind == "rule":
-                units.append(Unit("stage", None, StageSpec(obj.stage), [obj.bind(params)], params=params))
+                rule = obj.bind(params)
+                units.append(Unit("stage", None, StageSpec(obj.stage), [rule], params=params,
+                                  bound=bound, reads=_reads([rule])))
             elif kind == "family":
                 bound_rules = [r.bind(params) for r in obj.rules]
                 for stage in obj.stages:
                     rs = [r for r in bound_rules if r.stage == stage.name]
                     if rs:
-                        units.append(Unit("stage", obj.name, stage, rs, params=params))
+                        units.append(Unit("stage", obj.name, stage, rs, params=params, bound=bound,
+                                          reads=_reads(rs)))
             else:
                 st: Step = obj
                 where = f" (step {st.name})"
@@ -216,9 +239,32 @@ class Plan:
                 # a data step reads an argument it is not given from the run's parameters
                 # (StepContext.arg): the values a with: around it rebound travel as arguments
                 reg = DATA_STEPS.get(st.name)
-                for k, v in bound.items():
+                for k, b in bound.items():
                     if k not in args and (reg is None or not reg.declared or k in reg.args):
-                        args[k] = v
+                        args[k] = b.value
                 units.append(Unit("step", None, step=Step(st.kind, st.name, args, True, st.loc, st.arg_locs),
-                                  params=params))
+                                  params=params, bound=bound))
         return units
+
+    def uses(self, name: str) -> List[Tuple[Any, str, List[Unit]]]:
+        """The values of parameter ``name`` that the run uses: ``(value, origin, units)`` per
+        distinct binding, over the units that read it (origin: see :meth:`Unit.binding`), in
+        plan order.  ``explain`` and the unmatched-``skip`` warning read parameters here, so
+        they see what the run binds, ``with:`` of nested recipe steps included."""
+        out: List[Tuple[Any, str, List[Unit]]] = []
+        for u in self.units:
+            if u.reads is not None and name not in u.reads:
+                continue
+            value, origin = u.binding(name)
+            for entry in out:
+                if entry[1] == origin and entry[0] == value:
+                    entry[2].append(u)
+                    break
+            else:
+                out.append((value, origin, [u]))
+        return out
+
+
+def _reads(rules: List[Rule]) -> FrozenSet[str]:
+    """The parameters bound ``rules`` read (those :meth:`Rule.bind` substituted)."""
+    return frozenset(k for r in rules for k in r.param_values)

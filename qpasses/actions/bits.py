@@ -88,9 +88,18 @@ def load_bit_map(path: str) -> Dict[str, Dict[str, Optional[int]]]:
     try:
         if p.endswith((".yaml", ".yml")):
             import yaml
+            # aliases are refused before anything is built: a few hundred bytes of nested
+            # aliases (an "alias bomb") would expand to gigabytes
+            for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+                if isinstance(ev, yaml.AliasEvent):
+                    m = ev.start_mark
+                    raise OptionError(f"bit map file {p!r}, line {m.line + 1}: YAML aliases (*{ev.anchor}) are not "
+                                      f"supported in bit maps; write the values out")
             raw = yaml.safe_load(text)
         else:
             raw = json.loads(text)
+    except OptionError:
+        raise
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
         raise OptionError(f"bit map file {p!r} is not valid {'YAML' if p.endswith(('yaml', 'yml')) else 'JSON'}: "
                           f"{e}") from None

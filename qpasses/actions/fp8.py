@@ -24,6 +24,7 @@ from ..matcher import MatchContext
 from ..numerics import Observer
 from ..numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from ..ops import register_module_class
+from ..steps.calibrate import CALIBRATE_ARGS
 from .quant import QUANT_KEY, attach_weight_quantizer, insert_input_quantizer, new_observer, weight_axis
 
 register_module_class(Fp8FakeQuantize, "fp8_fake_quant")
@@ -135,7 +136,7 @@ def fp8_weight(ctx: MatchContext, op: fx.Node):
     attach_weight_quantizer(ctx, op, fq, "weight_fp8", {"format": "fp8", "bits": 8, "axis": axis})
 
 
-@data_step("calibrate_observers")
+@data_step("calibrate_observers", args=CALIBRATE_ARGS)
 def calibrate_observers(ctx) -> None:
     """``calibrate`` when the graph holds observers (static activations), nothing otherwise
     (dynamic activations need no data; data given anyway is not run)."""

@@ -834,6 +834,8 @@ class Rule:
         self.doc = str(doc)
         self.keeps = [str(k).lstrip("$") for k in ([keeps] if isinstance(keeps, str) else keeps)]
         self.family = family
+        #: after :meth:`bind`: the parameter values the rule was bound with, by name
+        self.param_values: Dict[str, Any] = {}
         self._validate()
 
     def _validate(self) -> None:
@@ -897,6 +899,8 @@ class Rule:
         r.where = [substitute(c, params, where) for c in self.where]
         r.unless = [substitute(c, params, where) for c in self.unless]
         r.when = substitute(self.when, params, where)
+        # binding a bound rule (no references left) keeps the values it was bound with
+        r.param_values = {p.name: params[p.name] for p in self.params()} or dict(self.param_values)
 
         def resolve(v: Any) -> Tuple[bool, Any, str]:
             refs = param_refs(v)

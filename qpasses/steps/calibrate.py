@@ -53,7 +53,9 @@ def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", prog
 
     ``arity``: the model's number of positional inputs; longer batches (a ``DataLoader``'s
     ``(inputs, labels)``) give their leading ``arity`` items.  ``rank`` / ``world_size``: yield
-    only batches ``rank, rank + world_size, ...`` (``limit`` counts all batches).
+    only batches ``rank, rank + world_size, ...`` (``limit`` counts all batches).  A float input
+    with NaN or inf raises a StepError that says the data is not finite (every data step reads
+    its batches here, so none reports bad data as an overflow of the model).
     """
     if data is None:
         raise StepError(f"{desc or 'this step'} needs data: call run(gm, data=batches) with an iterable of "
@@ -75,9 +77,26 @@ def iterate_batches(data: Any, limit: Optional[int] = None, desc: str = "", prog
             bar.update(1)
             if i % world_size != rank:
                 continue
-            yield as_inputs(batch, arity)
+            inputs = as_inputs(batch, arity)
+            for k, t in enumerate(inputs):
+                if _not_finite(t):
+                    step = f" ({desc})" if desc else ""
+                    raise StepError(f"calibration batch {i} has NaN or inf in input {k}{step}: the data is not "
+                                    f"finite (this is not an overflow inside the model)")
+            yield inputs
     finally:
         bar.close()
+
+
+def _not_finite(t: Any) -> bool:
+    """Whether ``t`` is a float tensor or array holding NaN or inf."""
+    if isinstance(t, torch.Tensor):
+        return t.is_floating_point() and not bool(torch.isfinite(t).all())
+    kind = getattr(getattr(t, "dtype", None), "kind", None)   # a NumPy array (ONNX calibration data)
+    if kind == "f":
+        import numpy as np
+        return not bool(np.isfinite(t).all())
+    return False
 
 
 def calibration_world(ctx) -> tuple:
@@ -182,10 +201,6 @@ def run_calibration(ctx, data: Any, desc: str) -> None:
             # other rank receives its grids before binning anything
             pending = bool(hists)
             for inputs in batches:
-                for k, t in enumerate(inputs):
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        raise StepError(f"calibration batch {n_batches} has NaN or inf in input {k}: the data is "
-                                        f"not finite (this is not an overflow inside the model)")
                 if pending and rank != 0:
                     _share_histogram_grid(hists, rank)
                     pending = False

@@ -309,7 +309,23 @@ def _bool(v: Any, name: str) -> bool:
     return bool(v)
 
 
-@data_step("gptq")
+#: the arguments the step reads (``with:`` values, else the run's parameters), checked at load
+GPTQ_ARGS = {
+    "blocksize": {"type": int, "min": 1, "max": 65536, "default": 128, "doc": "columns per lazy batch of updates"},
+    "damp": {"type": float, "min": 0.0, "max": 10.0, "default": 0.01,
+             "doc": "dampening added to the Hessian diagonal, as a fraction of its mean"},
+    "act_order": {"type": bool, "default": False, "doc": "quantize columns in order of decreasing Hessian diagonal"},
+    "sequential": {"type": bool, "default": True, "doc": "later layers see the outputs of already-quantized ones"},
+    "w_bits": {"type": int, "min": 2, "max": 16, "default": None,
+               "doc": "weight bit-width (the int4 group form needs 4)"},
+    "calib_batches": {"type": int, "min": 1, "default": None, "doc": "at most this many batches (default all)"},
+    "distributed": {"type": "any", "choices": ("auto", True, False), "default": "auto",
+                    "doc": "data-parallel over torch.distributed (auto: when a process group is up)"},
+    "shard_data": {"type": bool, "default": True, "doc": "distributed: each rank reads its share of the batches"},
+}
+
+
+@data_step("gptq", args=GPTQ_ARGS)
 def gptq(ctx) -> None:
     """GPTQ on every quantized linear / convolution weight, layer by layer (see the module docstring)."""
     gm = ctx.gm
@@ -387,7 +403,7 @@ def gptq(ctx) -> None:
                     raise StepError("gptq got an empty data iterable (on every rank)")
                 if not bool(torch.isfinite(acc.sum).all()):
                     raise StepError(f"gptq: the calibration inputs of {first[geom].op.name} ({x_node.name}) are not "
-                                    f"finite: the data has NaN / inf, or the model overflows before this layer")
+                                    f"finite: the model overflows before this layer (the data itself is finite)")
             for t in group:
                 acc = accs[t.geometry]
                 h = acc.hessian(torch.float32)
