@@ -106,7 +106,10 @@ def to_networkx(gm: fx.GraphModule, collapse_weights: bool = True) -> nx.DiGraph
         return False
 
     hidden = {n for n in gm.graph.nodes if collapse_weights and weight_chain(n)}
-    groups = _groups(gm, {n for n in gm.graph.nodes if cls_of[n] in ("fake_quant", "observer")})
+    quantizers = {n for n in gm.graph.nodes if cls_of[n] in ("fake_quant", "observer")}
+    # with their scale / zero-point reads (attributes of the root-level holder module)
+    quantizers |= {a for n in quantizers for a in n.all_input_nodes[1:] if a.op == "get_attr"}
+    groups = _groups(gm, quantizers)
     g = nx.DiGraph()
     for n in gm.graph.nodes:
         if n in hidden:

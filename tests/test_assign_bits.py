@@ -30,7 +30,7 @@ def _weight_bits(q):
             continue
         w, x = n.args[1], n.args[0]
         wb = quantizer_module(q, w, None).bits
-        ab = quantizer_module(q, x, None).bits if x.op == "call_module" and isinstance(
+        ab = quantizer_module(q, x, None).bits if isinstance(
             quantizer_module(q, x, None), FakeQuantize) else None
         out[n.meta.get("qpasses.module") or layer_name(n)] = (wb, ab)
     return out

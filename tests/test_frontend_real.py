@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import qpasses
 from qpasses.ops import classify
+from qpasses.qnodes import quantizer_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -214,7 +215,7 @@ def test_conv1d_weight_axis_is_out_dim():
     mods = dict(q.named_modules())
     lin = [n for n in q.graph.nodes if classify(n, mods) == "linear" and "qpasses.transposed_from" in n.meta]
     c_fc = next(n for n in lin if "c_fc" in n.meta["qpasses.transposed_from"])
-    fq = mods[c_fc.args[1].target]
+    fq = quantizer_module(mods, c_fc.args[1])
     assert isinstance(fq, FakeQuantize) and fq.axis == 0 and fq.scale.numel() == 128   # c_fc: [32, 128]
     w_t = fq(getattr(q, c_fc.args[1].args[0].target))
     torch.testing.assert_close(w_t.t(), m.transformer.h[0].mlp.c_fc.weight, atol=fq.scale.max().item(), rtol=0)

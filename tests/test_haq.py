@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import qpasses
+from qpasses.qnodes import quantizer_module
 from qpasses import datasets, zoo
 from qpasses.actions.bits import load_bit_map
 from qpasses.errors import OptionError, StepError
@@ -31,7 +32,7 @@ def _canon(gm):
 
 def _fq_bits(q):
     """weight bits of the converted weighted ops, in graph order."""
-    return [q.get_submodule(n.args[1].target).bits for n in q.graph.nodes
+    return [quantizer_module(q, n.args[1], None).bits for n in q.graph.nodes
             if n.op == "call_function" and "weight" in n.meta.get("qpasses.quant", {})]
 
 

@@ -18,7 +18,7 @@ from qpasses.errors import QPassesError  # noqa: E402
 from qpasses.kernels import ops as kops  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
-from qpasses.qnodes import quantizer_module
+from qpasses.qnodes import QUANTIZER_OPS, quantizer_module
 
 torch.set_num_threads(1)
 
@@ -27,12 +27,13 @@ INT8_TARGETS = {Q.int8_linear.default, Q.int8_conv2d.default}
 
 
 def kernel_targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("qpasses.")]
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("qpasses.")
+            and n.target not in QUANTIZER_OPS]
 
 
 def fake_quant_modules(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(quantizer_module(gm, n, None), (FakeQuantize, Int4GroupFakeQuantize))]
+    return [n for n in gm.graph.nodes if
+            isinstance(quantizer_module(gm, n, None), (FakeQuantize, Int4GroupFakeQuantize))]
 
 
 def rule_row(pm, name):
@@ -346,8 +347,8 @@ def test_dynamic_lowering_skip_out_dtype_and_export():
     x = digits(4)
     dyn = qpasses.PassManager("dynamic_int8", granularity="per_tensor", symmetric=True).run(
         qpasses.trace(model, (x,)))
-    first = next(n for n in dyn.graph.nodes if n.op == "call_module"
-                 and isinstance(quantizer_module(dyn, n, None), DynamicQuantLinear))
+    first = next(n for n in dyn.graph.nodes if
+                 isinstance(quantizer_module(dyn, n, None), DynamicQuantLinear))
     pm = qpasses.PassManager("lower", device="cpu", skip=[first.name])
     low = pm.run(dyn)
     assert sum(isinstance(m, DynamicQuantLinear) for m in low.modules()) == 1

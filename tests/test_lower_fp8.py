@@ -32,8 +32,8 @@ def kernel_targets(gm):
 
 
 def fp8_modules(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(quantizer_module(gm, n, None), (Fp8FakeQuantize, Fp8DynamicQuantize))]
+    return [n for n in gm.graph.nodes if
+            isinstance(quantizer_module(gm, n, None), (Fp8FakeQuantize, Fp8DynamicQuantize))]
 
 
 def close(got, want, rel=1e-5):

@@ -92,7 +92,7 @@ def test_convert_gives_ptq_form_and_integerizes():
         opt.step()
     q.eval()
     c = qpasses.PassManager("qat_convert").run(q)
-    used = [quantizer_module(c, n, None) for n in c.graph.nodes if n.op == "call_module"]
+    used = [m for m in (quantizer_module(c, n, None) for n in c.graph.nodes) if m is not None]
     assert not any(isinstance(mm, QATConvBn2d) for mm in used)
     assert not any(isinstance(mm, FakeQuantize) and mm.learnable for mm in used)
     assert any(isinstance(mm, FakeQuantize) for mm in used)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import qpasses
+from qpasses.qnodes import quantizer_module
 from qpasses import zoo
 from qpasses.numerics import FakeQuantize
 
@@ -127,7 +128,7 @@ def test_each_reader_gets_its_own_dequantize():
 
     torch.manual_seed(0)
     q = qpasses.PassManager("ptq_int8").run(qpasses.trace(Two().eval(), (torch.randn(2, 8),)), data=_data((4, 8)))
-    shared = [n for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("act_q")]
+    shared = [n for n in q.graph.nodes if n.name.startswith("act_q") and quantizer_module(q, n) is not None]
     d, _ = _freeze(q)
     quants = [n for n in d.graph.nodes if n.target is QD.quantize_per_tensor.default]
     deqs = [n for n in d.graph.nodes if n.target is QD.dequantize_per_tensor.default]
