@@ -25,7 +25,7 @@ from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.numerics.gptq import (ConvGeometry, conv_rows, conv_weight_from_matrix,  # noqa: E402
                                    conv_weight_matrix)
 from qpasses.ops import OpView  # noqa: E402
-from qpasses.qnodes import graph_call, quantizer_module  # noqa: E402
+from qpasses.qnodes import quantizer_module  # noqa: E402
 from qpasses.steps.gptq import _geometry, _get_attr  # noqa: E402
 
 torch.set_num_threads(1)
@@ -315,29 +315,24 @@ def test_reported_error_is_the_first_layers_output_error(kind):
     assert exact < exact_rtn
 
 
-def _to_custom_op_form(gm: fx.GraphModule) -> int:
-    """Rewrite every ``call_module`` FakeQuantize node into the ``torch.ops.qpasses.fake_quant_*``
-    form (scale / zero point read by get_attr from the holder module); returns how many."""
-    count = 0
-    for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not isinstance(quantizer_module(gm, n, None), FakeQuantize):
-            continue
-        fq = quantizer_module(gm, n, None)
-        op, names, consts = graph_call(fq)
-        with gm.graph.inserting_before(n):
-            attrs = [gm.graph.get_attr(f"{n.target}.{a}") for a in names]
-            new = gm.graph.call_function(op, (n.args[0], *attrs, *consts))
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
-        count += 1
+def _to_module_form(gm: fx.GraphModule) -> int:
+    """Rewrite every FakeQuantize op node into a ``call_module`` of its holder (the form data steps
+    use for stateful stand-ins); returns how many."""
+    from qpasses.context import RewriteContext
+    from qpasses.qnodes import as_module_call, is_quantizer_call
+    rc = RewriteContext(gm)
+    nodes = [n for n in gm.graph.nodes if is_quantizer_call(n)]
+    for n in nodes:
+        as_module_call(rc, n)
     gm.recompile()
-    return count
+    return len(nodes)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_custom_op_quantizer_form_gives_the_same_weights(sequential):
-    """The step finds weight quantizers in their custom-op form too (``qpasses.qnodes``) and bypasses
-    them while capturing: the written weights equal those of the call_module form bit for bit."""
+    """The step finds weight quantizers in their custom-op form and in the call_module form
+    (``qpasses.qnodes``) and bypasses them while capturing: the written weights are the same bit
+    for bit."""
     from qpasses.steps.gptq import gptq
     model = _model("transposed")
     data = _data("transposed")[:3]
@@ -346,8 +341,8 @@ def test_custom_op_quantizer_form_gives_the_same_weights(sequential):
     results = []
     for custom in (False, True):
         gm = copy.deepcopy(base)
-        if custom:
-            assert _to_custom_op_form(gm) == 2
+        if not custom:
+            assert _to_module_form(gm) == 2
         args = dict(sequential=sequential)
         ctx = SimpleNamespace(gm=gm, data=data, info={}, progress=False,
                               arg=lambda name, default=None: args.get(name, default))
