@@ -3,7 +3,7 @@
     python examples/04_qat.py [--w-bits 4] [--a-bits 4] [--epochs 3]
 
 PTQ at the requested bit-width first (``ptq_int8``), then the ``qat`` recipe: conv+BN pairs
-become QATConvBn2d (BN folded during training, frozen after 40 steps), scales are initialised
+become the QAT conv + BatchNorm graph pattern (BN folded during training, frozen after 40 steps), scales are initialised
 by calibration and learned with LSQ; the graph is trained with a plain PyTorch loop written out
 below, converted with ``qat_convert`` and finally lowered to integer ops with ``integerize``.
 """

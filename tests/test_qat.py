@@ -7,9 +7,9 @@ import torch.nn as nn
 
 import qpasses
 from qpasses.errors import OptionError
-from qpasses.methods.qat import QATConvBn2d, freeze_bn
+from qpasses.methods.qat import QATBatchNorm2d, freeze_bn
 from qpasses.numerics import FakeQuantize
-from qpasses.qnodes import quantizer_module
+from qpasses.qnodes import QUANTIZER_OPS, bypassed, quantizer_module
 
 torch.set_num_threads(1)
 
@@ -41,37 +41,58 @@ def test_lsq_gradient_matches_formula():
     assert torch.allclose(fq.scale.grad, per.sum() * g, atol=1e-5)
 
 
+def _pattern_conv(q):
+    """The conv2d node of the QAT conv + BatchNorm pattern and its weight quantizer module."""
+    conv = next(n for n in q.graph.nodes if n.meta.get("qpasses.qat_interior") and "conv2d" in str(n.target))
+    return conv, quantizer_module(q, conv.args[1])
+
+
 def test_prepare_builds_trainable_graph_and_gradients_reach_scales():
     m, gm, q, pm, data = _prepared(w_bits=4, a_bits=4)
-    mods = [mm for mm in q.modules() if isinstance(mm, QATConvBn2d)]
-    assert len(mods) == 1 and mods[0].weight_fq.learnable
+    bns = [mm for mm in q.modules() if isinstance(mm, QATBatchNorm2d)]
+    conv, wfq = _pattern_conv(q)
+    assert len(bns) == 1 and wfq.learnable and wfq.bits == 4
+    # no module hides a quantizer: the conv + BatchNorm pattern is graph nodes, the weight
+    # quantizer one custom-op call reading the conv's own weight (scaled by the BN factor)
+    assert conv.args[1].op == "call_function" and conv.args[1].target in QUANTIZER_OPS
+    assert {"0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var"} <= set(q.state_dict())
     fqs = [mm for mm in q.modules() if isinstance(mm, FakeQuantize)]
     assert all(f.learnable for f in fqs) and len(fqs) >= 3
     q.train()
     q(data[0]).pow(2).mean().backward()
     assert all(f.scale.grad is not None and float(f.scale.grad.abs().sum()) > 0 for f in fqs)
-    assert mods[0].weight.grad is not None and mods[0].bn_weight.grad is not None
+    assert q.get_submodule("0").weight.grad is not None and bns[0].weight.grad is not None
     assert str(gm.graph) != str(q.graph)
-    assert not any(isinstance(mm, QATConvBn2d) for mm in gm.modules())   # input untouched
+    assert not any(isinstance(mm, QATBatchNorm2d) for mm in gm.modules())   # input untouched
 
 
-def test_bn_folding_matches_conv_bn_in_training():
+@pytest.mark.parametrize("bias", [True, False])
+def test_pattern_is_conv_bn_in_training_and_the_folded_conv_in_eval(bias):
     torch.manual_seed(0)
-    conv, bn = nn.Conv2d(2, 3, 3, bias=True), nn.BatchNorm2d(3)
-    mod = QATConvBn2d(conv, bn, w_bits=8)
-    mod.weight_fq.enabled = False
-    mod.train(), bn.train()
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3, bias=bias), nn.BatchNorm2d(3)).eval()
+    with torch.no_grad():
+        ref[1].running_mean.uniform_(-1, 1), ref[1].running_var.uniform_(0.5, 2), ref[1].weight.uniform_(0.5, 2)
     x = torch.randn(4, 2, 5, 5)
-    assert torch.allclose(mod(x), bn(conv(x)), atol=1e-5)
-    assert torch.allclose(mod.running_mean, bn.running_mean, atol=1e-6)
-    assert torch.allclose(mod.running_var, bn.running_var, atol=1e-5)
-    mod.eval(), bn.eval()
-    assert torch.allclose(mod(x), bn(conv(x)), atol=1e-5)
+    q = qpasses.PassManager("qat_prepare").run(qpasses.trace(ref, (x,)))
+    wq = [n for n in q.graph.nodes if n.op == "call_function" and n.target in QUANTIZER_OPS]
+    assert len(wq) == 1
+    with bypassed(q, wq):       # weight quantizer off: the pattern is exactly conv -> BatchNorm
+        q.train(), ref.train()
+        torch.testing.assert_close(q(x), ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q.get_submodule("1").running_mean, ref[1].running_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(q.get_submodule("1").running_var, ref[1].running_var, atol=1e-5, rtol=0)
+        q.eval(), ref.eval()
+        torch.testing.assert_close(q(x), ref(x), atol=1e-5, rtol=1e-5)
+    # in eval mode the pattern (quantizer on) equals its folded conv, which qat_convert builds
+    c = qpasses.PassManager("qat_convert").run(q)
+    assert not any(isinstance(quantizer_module(c, n, None), QATBatchNorm2d) for n in c.graph.nodes)
+    assert sum(1 for n in c.graph.nodes if "conv2d" in str(n.target)) == 1
+    torch.testing.assert_close(c(x), q(x), atol=1e-5, rtol=1e-5)
 
 
 def test_bn_freezes_after_configured_steps():
     m, gm, q, pm, data = _prepared(freeze_bn_after=2)
-    mod = [mm for mm in q.modules() if isinstance(mm, QATConvBn2d)][0]
+    mod = [mm for mm in q.modules() if isinstance(mm, QATBatchNorm2d)][0]
     q.train()
     stats = []
     for i in range(4):
@@ -93,7 +114,7 @@ def test_convert_gives_ptq_form_and_integerizes():
     q.eval()
     c = qpasses.PassManager("qat_convert").run(q)
     used = [m for m in (quantizer_module(c, n, None) for n in c.graph.nodes) if m is not None]
-    assert not any(isinstance(mm, QATConvBn2d) for mm in used)
+    assert not any(isinstance(mm, QATBatchNorm2d) for mm in used)
     assert not any(isinstance(mm, FakeQuantize) and mm.learnable for mm in used)
     assert any(isinstance(mm, FakeQuantize) for mm in used)
     assert torch.allclose(c(data[0]), q(data[0]), atol=1e-5)
@@ -169,7 +190,7 @@ def test_qat_prepare_modules_stay_in_eval_mode_like_the_batchnorm_they_replace()
     torch.manual_seed(0)
     gm = qpasses.trace(_model(), (torch.randn(2, 1, 6, 6),))
     out = qpasses.PassManager("qat_prepare").run(gm)
-    mods = [mod for mod in out.modules() if isinstance(mod, QATConvBn2d)]
+    mods = [mod for mod in out.modules() if isinstance(mod, QATBatchNorm2d)]
     assert mods and not any(mod.training for mod in mods)
     before = [mod.running_mean.clone() for mod in mods]
     with torch.no_grad():  # an eval forward leaves the running statistics alone

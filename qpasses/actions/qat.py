@@ -1,14 +1,26 @@
 """Actions of the ``qat_prepare`` / ``qat_convert`` families (quantization-aware training).
 
-``qat_prepare`` swaps ``conv2d -> batch_norm`` for :class:`~qpasses.methods.qat.QATConvBn2d`
-(BatchNorm folded during training, LSQ weight quantizer) and observes its input;
-``qat_convert`` turns a trained graph into the PTQ fake-quant form: ``QATConvBn2d`` becomes
-``F.conv2d(x, weight_fq(W_folded), b_folded)`` and every learnable ``FakeQuantize`` a fixed one
-with the learned scale, so ``integerize`` (``PassManager(["qat_convert", "integerize"])``)
-lowers it like a PTQ graph.
+``qat_prepare`` rewrites ``conv2d -> batch_norm`` (module calls) into a graph pattern, as PT2E's
+QAT does, with ``s = gamma / sqrt(running_var + eps)`` read from the BatchNorm's tensors::
+
+    s      = bn.weight / sqrt(bn.running_var + eps)
+    w_q    = qpasses.fake_quant_lsq_per_channel(conv.weight * s[:, None, None, None], <weight_fq_N>)
+    y      = conv2d(x, w_q, None, stride, padding, dilation, groups) / s[None, :, None, None]
+    y      = y + conv.bias[None, :, None, None]           (when the conv has a bias)
+    out    = bn(y)                                         (a QATBatchNorm2d: freezable statistics)
+
+Every tensor stays where it was (``conv.weight``, ``bn.running_var`` ...: the state_dict keys do
+not change), the weight quantizer is one node like any other, and no module holds a quantizer.
+``qat_convert`` folds the pattern into ``F.conv2d(x, weight_fq(W * s), beta + (b - mean) * s)``
+with the running statistics and a fixed weight quantizer carrying the learned scales, and makes
+every learnable ``FakeQuantize`` a fixed one, so ``integerize``
+(``PassManager(["qat_convert", "integerize"])``) lowers it like a PTQ graph.
 """
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,14 +28,16 @@ import torch.nn.functional as F
 from ..lang.registry import action, constraint
 from ..context import Refuse
 from ..matcher import MatchContext
-from ..methods.qat import QATConvBn2d, fold_qat_conv_bn, frozen_fake_quant
+from ..methods.qat import QATBatchNorm2d, fold_conv_bn, frozen_fake_quant
 from ..numerics import FakeQuantize
-from ..ops import register_module_class
+from ..qnodes import insert_quantizer, quantizer_module
 from .graphutil import add_module, add_param, copy_meta, is_shared_module
-from ..qnodes import insert_quantizer
 from .quant import QUANT_KEY
 
-register_module_class(QATConvBn2d, "qat_conv_bn")
+#: node meta of a QAT pattern's BatchNorm node: the pattern's parts, by node name
+QAT_KEY = "qpasses.qat_conv_bn"
+#: node meta marking the nodes inside a QAT pattern (not outputs of their own)
+QAT_INTERIOR = "qpasses.qat_interior"
 
 
 @constraint("bn_module_pair")
@@ -40,50 +54,105 @@ def bn_module_pair(ctx: MatchContext, bn: fx.Node, conv: fx.Node):
 @action("qat_fuse_conv_bn", replaces=True, args={"w_bits": {"min": 2, "max": 16}, "freeze_bn_after": {"type": int, "min": 0}})
 def qat_fuse_conv_bn(ctx: MatchContext, bn: fx.Node, conv: fx.Node, w_bits: int = 8, learnable: bool = True,
                      freeze_bn_after=None):
-    """``bn(conv(x))`` -> ``QATConvBn2d(x)`` (BatchNorm folded into the fake-quantized weight)."""
-    from .quant import bits_for
+    """``bn(conv(x))`` -> the QAT conv + BatchNorm pattern (see the module docstring)."""
+    from .quant import bits_for, weight_fake_quant
     cm, bm = ctx.view(conv).module, ctx.view(bn).module
+    if cm.padding_mode != "zeros":
+        raise Refuse(f"{conv.name}: padding_mode={cm.padding_mode!r} is not supported")
+    if bm.num_features != cm.out_channels or not bm.affine or not bm.track_running_stats:
+        raise Refuse(f"{bn.name}: BatchNorm must be affine, track running statistics and match the conv's channels")
+    if len(conv.args) != 1 or conv.kwargs:
+        raise Refuse(f"{conv.name} is called with extra arguments")
     bits = bits_for(ctx, conv, "w_bits", w_bits)
-    try:
-        mod = QATConvBn2d(cm, bm, w_bits=bits, learnable=bool(learnable),
-                          freeze_bn_after=None if freeze_bn_after is None else int(freeze_bn_after))
-    except ValueError as e:
-        raise Refuse(f"{conv.name}: {e}") from None
-    mod.train(bm.training)  # the mode of the BatchNorm it replaces (a new module starts in training mode)
-    target = add_module(ctx, "qat_conv_bn", mod)
-    with ctx.graph.inserting_before(bn):
-        new = ctx.graph.call_module(target, conv.args[:1])
-    copy_meta(bn, new)
-    for k in ("qpasses.bits",):
-        if k in conv.meta:
-            new.meta[k] = conv.meta[k]
-    new.meta[QUANT_KEY] = {"weight": {"bits": bits, "axis": 0}}
-    bn.replace_all_uses_with(new)
-    ctx.graph.erase_node(bn)
-    ctx.graph.erase_node(conv)
+    w0, _ = fold_conv_bn(cm.weight, cm.bias, bm)
+    fq = weight_fake_quant(w0, "conv2d", cm.groups, bits, True, learnable=bool(learnable))
+    qbn = QATBatchNorm2d.from_bn(bm, None if freeze_bn_after is None else int(freeze_bn_after))
+    ctx.rewrite.replace_module(str(bn.target), qbn)
+    made = []
+
+    def call(fn, *args, like=None):
+        n = ctx.rewrite.insert("call_function", fn, args, before=bn, like=like)
+        made.append(n)
+        return n
+
+    def attr(target):
+        n = ctx.rewrite.get_attr(target, before=bn)
+        made.append(n)
+        return n
+
+    x = conv.args[0]
+    w = attr(f"{conv.target}.weight")
+    var = attr(f"{bn.target}.running_var")
+    gamma = attr(f"{bn.target}.weight")
+    s = call(torch.div, gamma, call(torch.sqrt, call(torch.add, var, float(qbn.eps))))
+    ws = call(torch.mul, w, call(torch.reshape, s, (-1, 1, 1, 1)), like=w)
+    target = add_module(ctx, "weight_fq", fq)
+    wq = insert_quantizer(ctx, ws, target, before=bn)
+    made.append(wq)
+    y = call(F.conv2d, x, wq, None, tuple(cm.stride), tuple(cm.padding), tuple(cm.dilation), int(cm.groups),
+             like=conv)
+    y.meta[QUANT_KEY] = {"weight": {"bits": bits, "axis": 0}}
+    if "qpasses.bits" in conv.meta:
+        y.meta["qpasses.bits"] = conv.meta["qpasses.bits"]
+    y.meta["qpasses.module"] = str(conv.target)
+    y.meta["qpasses.module_type"] = type(cm).__name__
+    out = call(operator.truediv, y, call(torch.reshape, s, (1, -1, 1, 1)), like=conv)
+    if cm.bias is not None:
+        out = call(operator.add, out, call(torch.reshape, attr(f"{conv.target}.bias"), (1, -1, 1, 1)), like=conv)
+    for n in made:
+        n.meta[QAT_INTERIOR] = True
+    bn.args = (out,)
+    bn.meta[QAT_KEY] = {"conv": str(conv.target), "conv_node": y.name, "weight_fq": target,
+                        "nodes": [n.name for n in made]}
+    ctx.rewrite.erase(conv)
+
+
+@constraint("qat_interior")
+def qat_interior(ctx: MatchContext, node: fx.Node):
+    """The node is inside a QAT conv + BatchNorm pattern (its output is not one of the model's)."""
+    return bool(node.meta.get(QAT_INTERIOR)), f"{node.name} is inside a QAT conv + BatchNorm pattern"
+
+
+@constraint("qat_conv_bn")
+def qat_conv_bn(ctx: MatchContext, bn: fx.Node):
+    """The node is the BatchNorm of a QAT conv + BatchNorm pattern."""
+    info = bn.meta.get(QAT_KEY)
+    ok = isinstance(info, dict) and isinstance(ctx.rewrite.module(bn), QATBatchNorm2d)
+    return ok, f"{bn.name} is not the BatchNorm of a QAT conv + BatchNorm pattern"
 
 
 @action("qat_fold_conv_bn", replaces=True)
-def qat_fold_conv_bn(ctx: MatchContext, op: fx.Node):
-    """``QATConvBn2d(x)`` -> ``F.conv2d(x, weight_fq(W_folded), b_folded)`` with the running statistics
-    and a fixed weight quantizer carrying the learned scales (the PTQ convert form)."""
-    mod = ctx.view(op).module
-    if not isinstance(mod, QATConvBn2d):
-        raise Refuse(f"{op.name} is not a QATConvBn2d")
-    w, b, fq = fold_qat_conv_bn(mod)
-    wn = add_param(ctx, "qat_weight", w, op)
-    bn_ = add_param(ctx, "qat_bias", b, op)
+def qat_fold_conv_bn(ctx: MatchContext, bn: fx.Node):
+    """The QAT conv + BatchNorm pattern -> ``F.conv2d(x, weight_fq(W * s), beta + (b - mean) * s)`` with the
+    running statistics and a fixed weight quantizer carrying the learned scales (the PTQ convert form)."""
+    info = bn.meta.get(QAT_KEY)
+    bm = ctx.rewrite.module(bn)
+    if not isinstance(info, dict) or not isinstance(bm, QATBatchNorm2d):
+        raise Refuse(f"{bn.name} is not the BatchNorm of a QAT conv + BatchNorm pattern")
+    by_name = {n.name: n for n in ctx.graph.nodes}
+    y = by_name.get(info["conv_node"])
+    cm = ctx.modules.get(info["conv"])
+    wfq = quantizer_module(ctx.modules, y.args[1], (FakeQuantize,)) if y is not None else None
+    if y is None or not isinstance(cm, nn.Conv2d) or wfq is None:
+        raise Refuse(f"{bn.name}: the QAT pattern around it was changed (conv {info['conv']})")
+    w, b = fold_conv_bn(cm.weight, cm.bias, bm)
+    fq = frozen_fake_quant(wfq)
+    wn = add_param(ctx, "qat_weight", w, bn)
+    bn_ = add_param(ctx, "qat_bias", b, bn)
     target = add_module(ctx, "weight_fq", fq)
-    wq = insert_quantizer(ctx, wn, target, before=op)
-    with ctx.graph.inserting_before(op):
-        new = ctx.graph.call_function(F.conv2d, (op.args[0], wq, bn_, tuple(mod.stride), tuple(mod.padding),
-                                                 tuple(mod.dilation), int(mod.groups)))
-    copy_meta(op, new)
+    wq = insert_quantizer(ctx, wn, target, before=bn)
+    # the conv's input as it is now (an observer or quantizer may have been put on it since)
+    new = ctx.rewrite.insert("call_function", F.conv2d, (y.args[0], wq, bn_, *y.args[3:]), before=bn, like=bn)
+    for k in (QUANT_KEY, "qpasses.bits", "qpasses.module", "qpasses.module_type"):
+        if k in y.meta:
+            new.meta[k] = y.meta[k]
     new.meta[QUANT_KEY] = {"weight": {"bits": fq.bits, "axis": fq.axis}}
-    if "qpasses.bits" in op.meta:
-        new.meta["qpasses.bits"] = op.meta["qpasses.bits"]
-    op.replace_all_uses_with(new)
-    ctx.graph.erase_node(op)
+    bn.replace_all_uses_with(new)
+    ctx.rewrite.erase(bn)
+    dead = [by_name[n] for n in reversed(info["nodes"]) if n in by_name]
+    for n in dead:   # users before their inputs (the list is in creation order)
+        if not n.users and n.graph is ctx.graph:
+            ctx.rewrite.erase(n)
 
 
 @constraint("learnable_fake_quant")

@@ -1,18 +1,14 @@
-"""Quantization-aware training: a Conv+BatchNorm module folded during training (Jacob et al.,
-CVPR 2018, sec. 3.2) whose folded weight goes through an LSQ fake quantizer.
+"""Quantization-aware training: the conv + BatchNorm graph pattern's BatchNorm, BN folding, LSQ
+initialisation on the first batch.
 
-:class:`QATConvBn2d` replaces ``conv2d -> batch_norm`` in a graph prepared by the ``qat`` recipe:
-
-* training, BatchNorm not frozen: the batch statistics of ``conv(x, W)`` are computed (one extra
-  float convolution), the running statistics are updated, and the output is
-  ``conv(x, fq(W * gamma / sigma_B)) + beta + (b - mu_B) * gamma / sigma_B`` -- the weight is
-  folded with the BatchNorm scale *before* weight fake quantization, as it will be at inference;
-* frozen (after ``freeze_bn_after`` training steps, or :func:`freeze_bn`) or eval: the running
-  statistics are used and no longer updated (Jacob's "freeze BN statistics" schedule).
-
-The weight quantizer is a per-output-channel symmetric :class:`~qpasses.numerics.FakeQuantize`
-(learnable scale = LSQ by default).  :func:`fold_qat_conv_bn` gives the inference form: the
-folded weight and bias, and a fixed (non-learnable) weight quantizer with the learned scales.
+``qat_prepare`` (:mod:`qpasses.actions.qat`) rewrites ``conv2d -> batch_norm`` into a graph
+pattern, as PT2E's QAT does: the conv reads its weight scaled by the BatchNorm's running factor
+``s = gamma / sqrt(running_var + eps)`` and fake-quantized (per output channel, LSQ), its output
+is divided by ``s`` again (plus the conv bias), and the BatchNorm (a :class:`QATBatchNorm2d`)
+normalises that -- with batch statistics while training, so the quantized weight is the folded one
+the deployed conv will use (Jacob et al., CVPR 2018, sec. 3.2), and with the running statistics
+once frozen or in eval mode, where the pattern equals the folded conv exactly.
+:func:`fold_conv_bn` gives that folded conv (``qat_convert``).
 
 :class:`FirstBatchFakeQuantize` lets a training recipe run without calibration data
 (``PassManager("qat").run(gm)``): an activation quantizer whose scale comes from the first
@@ -30,91 +26,69 @@ import torch.nn.functional as F
 
 from ..numerics import FakeQuantize
 
-__all__ = ["QATConvBn2d", "freeze_bn", "fold_qat_conv_bn", "frozen_fake_quant", "FirstBatchFakeQuantize",
+__all__ = ["QATBatchNorm2d", "bn_scale", "fold_conv_bn", "freeze_bn", "frozen_fake_quant", "FirstBatchFakeQuantize",
            "lsq_init_scale"]
 
 
-class QATConvBn2d(nn.Module):
-    """Conv2d + BatchNorm2d with BN folded into the fake-quantized weight during training.
+class QATBatchNorm2d(nn.BatchNorm2d):
+    """The BatchNorm of a QAT conv + BatchNorm pattern: a ``BatchNorm2d`` whose statistics can be
+    frozen (Jacob et al. 2018's schedule).
 
-    Args:
-        conv: the ``nn.Conv2d`` (weights are copied; ``padding_mode`` must be ``"zeros"``).
-        bn: the ``nn.BatchNorm2d`` (affine parameters and running statistics are copied).
-        w_bits: weight bit-width (symmetric, narrow range, per output channel).
-        learnable: LSQ-learnable weight scales.
-        freeze_bn_after: after this many training forward passes use (and stop updating) the
-            running statistics; ``None`` never freezes automatically.
+    Training and not frozen, it is a ``BatchNorm2d``: batch statistics, running statistics
+    updated.  Frozen (after ``freeze_bn_after`` training forward passes, or :func:`freeze_bn`)
+    or in eval mode, it uses the running statistics and no longer updates them.  It holds no
+    quantizer; the graph around it does (see :mod:`qpasses.actions.qat`).
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, w_bits: int = 8, learnable: bool = True,
-                 freeze_bn_after: Optional[int] = None):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported")
-        if bn.num_features != conv.out_channels or not bn.affine or not bn.track_running_stats:
-            raise ValueError("BatchNorm must be affine, track running statistics and match the conv's channels")
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.weight = nn.Parameter(conv.weight.detach().clone())
-        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
-        self.bn_weight = nn.Parameter(bn.weight.detach().clone())
-        self.bn_bias = nn.Parameter(bn.bias.detach().clone())
-        self.register_buffer("running_mean", bn.running_mean.detach().clone())
-        self.register_buffer("running_var", bn.running_var.detach().clone())
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.eps = float(bn.eps)
-        self.momentum = 0.1 if bn.momentum is None else float(bn.momentum)
-        self.freeze_bn_after = None if freeze_bn_after is None or freeze_bn_after < 0 else int(freeze_bn_after)
-        self.bn_frozen = False
-        from ..actions.quant import weight_fake_quant
-        w0, _ = self.folded(self.running_mean, self.running_var)
-        self.weight_fq = weight_fake_quant(w0.detach(), "conv2d", self.groups, int(w_bits), True,
-                                           learnable=bool(learnable))
-
-    # ------------------------------------------------------------------ folding
-    def _conv(self, x, w, b=None):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def folded(self, mean: torch.Tensor, var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(W * gamma / sigma, beta + (b - mean) * gamma / sigma)`` for the given statistics."""
-        scale = self.bn_weight / torch.sqrt(var + self.eps)
-        w = self.weight * scale.reshape(-1, 1, 1, 1)
-        b0 = self.bias if self.bias is not None else torch.zeros_like(mean)
-        return w, self.bn_bias + (b0 - mean) * scale
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, freeze_bn_after: Optional[int] = None) -> "QATBatchNorm2d":
+        """A copy of ``bn`` (parameters, statistics, eps, momentum, mode) with the freeze schedule."""
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        new.to(device=bn.weight.device if bn.weight is not None else None)
+        new.train(bn.training)
+        new.freeze_bn_after = None if freeze_bn_after is None or freeze_bn_after < 0 else int(freeze_bn_after)
+        new.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=new.running_mean.device))
+        new.bn_frozen = False
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fold BN (batch statistics while training and not frozen, else running statistics) into
-        the weight, fake-quantize the folded weight, convolve, add the folded bias."""
         if self.training:
             self.steps += 1
             if self.freeze_bn_after is not None and int(self.steps) > self.freeze_bn_after:
                 self.bn_frozen = True
         if self.training and not self.bn_frozen:
-            y = self._conv(x, self.weight, self.bias)
-            mean = y.mean(dim=(0, 2, 3))
-            var = y.var(dim=(0, 2, 3), unbiased=False)
-            n = y.numel() // y.shape[1]
-            with torch.no_grad():
-                unbiased = var * (n / max(n - 1, 1))
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach())
-                self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.detach())
-            w, b = self.folded(mean, var)
-        else:
-            w, b = self.folded(self.running_mean, self.running_var)
-        return self._conv(x, self.weight_fq(w), b)
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
-        """Conv geometry and the BN-freeze state."""
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
-                f"stride={self.stride}, padding={self.padding}, freeze_bn_after={self.freeze_bn_after}, "
-                f"bn_frozen={self.bn_frozen}")
+        return f"{super().extra_repr()}, freeze_bn_after={self.freeze_bn_after}, bn_frozen={self.bn_frozen}"
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)``: the per-channel factor a BatchNorm's running statistics
+    put on its input."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+def fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(W * s, beta + (b - mean) * s)`` with ``s`` = :func:`bn_scale`: the conv that computes
+    ``bn(conv(x, W, b))`` with the running statistics."""
+    with torch.no_grad():
+        s = bn_scale(bn)
+        w = weight * s.reshape(-1, *([1] * (weight.dim() - 1)))
+        b0 = bias if bias is not None else torch.zeros_like(bn.running_mean)
+        return w.detach().clone(), (bn.bias + (b0 - bn.running_mean) * s).detach().clone()
 
 
 def freeze_bn(module: nn.Module, frozen: bool = True) -> int:
-    """Freeze (or unfreeze) the BatchNorm statistics of every :class:`QATConvBn2d` in ``module``;
-    returns how many were changed."""
+    """Freeze (or unfreeze) the BatchNorm statistics of every QAT conv + BatchNorm pattern
+    (:class:`QATBatchNorm2d`) in ``module``; returns how many were changed."""
     n = 0
     for m in module.modules():
-        if isinstance(m, QATConvBn2d):
+        if isinstance(m, QATBatchNorm2d):
             m.bn_frozen = bool(frozen)
             n += 1
     return n
@@ -136,14 +110,6 @@ def frozen_fake_quant(fq: FakeQuantize) -> FakeQuantize:
     if cfg is not None:
         out.qpasses_config = cfg  # type: ignore[attr-defined]
     return out
-
-
-def fold_qat_conv_bn(m: QATConvBn2d) -> Tuple[torch.Tensor, torch.Tensor, FakeQuantize]:
-    """Inference form of ``m``: folded weight and bias (running statistics) and a frozen copy of
-    its weight quantizer."""
-    with torch.no_grad():
-        w, b = m.folded(m.running_mean, m.running_var)
-    return w.detach().clone(), b.detach().clone(), frozen_fake_quant(m.weight_fq)
 
 
 # ----------------------------------------------------------------------------- first-batch init

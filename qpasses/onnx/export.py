@@ -6,7 +6,8 @@
    ``ChannelBitsFakeQuant`` -> per-channel quantizer); a weight quantizer reading a constant
    reads that constant already fake-quantized by the module itself, so the integer codes folded
    later are exactly the module's; observers are dropped; disabled quantizers are the identity.
-   Anything that cannot export (a ``QATConvBn2d``, an integer kernel op) is collected.
+   Anything that cannot export (a QAT training pattern's ``QATBatchNorm2d``, an integer kernel op) is
+   collected.
 2. **torch.export** with the batch / sequence dimensions dynamic where the fx graph is
    (``gm.meta["qpasses.dynamic_dims"]`` from :func:`qpasses.trace`; dimension 0 of every input of
    an fx-level graph).
@@ -117,7 +118,7 @@ class _Prep:
         from ..kernels.lowering import Int4GroupFakeQuantize
         from ..methods.aciq import ChannelBitsFakeQuant
         from ..methods.dynamic import DynamicQuantLinear
-        from ..methods.qat import QATConvBn2d
+        from ..methods.qat import QATBatchNorm2d
         from ..numerics.observers import Observer
         for node in list(self.g.nodes):
             if node.op == "call_module":
@@ -133,9 +134,10 @@ class _Prep:
                 elif isinstance(m, Observer):
                     node.replace_all_uses_with(node.args[0])
                     self.g.erase_node(node)
-                elif isinstance(m, QATConvBn2d):
-                    self.problems.append((node.name, "QATConvBn2d", "a QAT training module: run "
-                                          "PassManager('qat_convert') on the trained graph first (qat_convert)"))
+                elif isinstance(m, QATBatchNorm2d):
+                    self.problems.append((node.name, "QATBatchNorm2d", "the BatchNorm of a QAT conv + BatchNorm "
+                                          "training pattern: run PassManager('qat_convert') on the trained graph "
+                                          "first (qat_convert)"))
                 elif type(m).__name__ == "GenieWeightQuantizer" or type(m).__name__ == "GenieActQuantizer":
                     self.problems.append((node.name, type(m).__name__, "a reconstruction-time quantizer: "
                                           "export the graph the genie recipe returns"))
