@@ -77,6 +77,10 @@ def test_hf_models_awq(name):
     q = pm.run(gm, data=data)
     info = [st for st in pm.report.steps if st.name == "awq_scales"][0].info
     assert len(info["groups"]) == EXPECTED_GROUPS[name]
+    # two layers: q and k (GPT-2: the fused c_attn) of each feed attention scores and are not clipped
+    assert len(info["not_clipped"]) == (2 if name == "gpt2" else 4)
+    clipped = [st for st in pm.report.steps if st.name == "awq_clip"][0].info
+    assert sorted(clipped["clipped"]) == sorted(info["clip"]) and clipped["not_clipped"] == {}
     assert [r for r in pm.report.verify if r["after"] == "smooth.smooth"][0]["value"] < 1e-4
     with torch.no_grad():
         a, b = gm(*data[1]), q(*data[1])

@@ -358,7 +358,7 @@ def awq_scales(ctx) -> None:
     max_rows = int(ctx.arg("max_rows", 512))
     clip = bool(ctx.arg("clip", True))
     ratios = clip_ratios(int(ctx.arg("clip_grid", 20)), float(ctx.arg("clip_min", 0.5))) if clip else []
-    clip_rows = int(ctx.arg("clip_samples", 256))
+    clip_rows = int(ctx.arg("clip_samples", 512))
     for node in gm.graph.nodes:
         node.meta.pop(CLIP_KEY, None)
     groups, refused = find_groups(gm, _first_inputs(ctx, gm), scale_nodes=bool(ctx.arg("scale_nodes", False)))
