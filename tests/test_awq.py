@@ -152,7 +152,7 @@ def test_clip_search_lowers_output_error_with_ratios_on_the_grid(symmetric):
     hi0 = wg.abs().amax(-1) if symmetric else wg.amax(-1).clamp(min=0)
     torch.testing.assert_close(res["hi"], hi0 * res["ratio"])
     # one (output channel, group) recomputed by hand: the chosen ratio minimises its partial error
-    o, gi = int(res["ratio"].min(1).values.argmin()), None
+    o = int(res["ratio"].min(1).values.argmin())
     gi = int(res["ratio"][o].argmin())
     xs, ws = x[:, gi * 32:(gi + 1) * 32], w[o:o + 1, :]
     errs = []
@@ -323,3 +323,17 @@ def test_awq_clip_leaves_a_weight_it_did_not_search_alone(tmp_path):
     for name in info["clipped"]:
         after = qpasses.steps.awq._weight(g3, n3[name])
         assert bool((after.abs() <= before[name].abs()).all())
+
+
+def test_awq_clip_leaves_skipped_linears_unclipped():
+    model = Block(gain=40.0).eval()
+    data = _data()
+    gm = qpasses.trace(model, data[0])
+    pm = qpasses.PassManager("awq", group_size=32, skip=["fc3"], quiet=True)
+    q = pm.run(gm, data=data)
+    info = [st for st in pm.report.steps if st.name == "awq_clip"][0].info
+    assert "skip" in info["not_clipped"]["fc3"] and sorted(info["clipped"]) == ["fc1", "fc2"]
+    # fc3 stays float (no int4 quantizer) with its folded, unclamped weight: the model's function on it is exact
+    plain = qpasses.PassManager("awq", group_size=32, skip=["fc3"], clip=False, quiet=True).run(gm, data=data)
+    torch.testing.assert_close(q.get_submodule("fc3").weight, plain.get_submodule("fc3").weight)
+    assert not torch.equal(q.get_submodule("fc2").weight, plain.get_submodule("fc2").weight)

@@ -463,7 +463,8 @@ def awq_clip(ctx) -> None:
                 and torch.allclose(wg.abs().sum((1, 2)), plan["absum"] * row[:, 0], rtol=1e-4, atol=tol * k)):
             skipped[node.name] = "its weight changed since awq_scales searched it (its group was not folded?)"
             continue
-        new = torch.minimum(torch.maximum(wg, (glo * ratio)[..., None]), (ghi * ratio)[..., None]).reshape(n, k).to(w.dtype)
+        new = torch.minimum(torch.maximum(wg, (glo * ratio)[..., None]), (ghi * ratio)[..., None])
+        new = new.reshape(n, k).to(w.dtype)
         writes.append((node, owner, name, w, new))
     for node, owner, name, old, new in writes:          # all computed first: nothing half-written
         if isinstance(old, nn.Parameter):
