@@ -421,7 +421,7 @@ def _weight_slot(gm: fx.GraphModule, node: fx.Node):
     return owner, path[-1]
 
 
-@data_step("awq_clip", args={}, needs_data=False)
+@data_step("awq_clip", args={"skip": {"type": "any"}}, needs_data=False)
 def awq_clip(ctx) -> None:
     """Clamp the weights ``awq_scales`` chose clipping ranges for (after the ``smooth`` family has
     folded the scales, before ``weight_int4``).  A weight that no longer spans the range the search
