@@ -25,7 +25,9 @@ line after the table prints the latency ratio ``quantize_static / qpasses ort_fu
 is at least as fast), measured side by side in the same run.
 
 Accuracy is measured in onnxruntime (CPU); latency is the best of 5 rounds' median over repeated runs of
-one ORT CPU session with one intra-op thread (batch 1 and batch 256).  Prints a markdown table.
+one ORT CPU session per model with one intra-op thread (batch 1 and batch 256), each round timing every
+model of the table in turn, so that models compared side by side see the same machine load.  Prints a
+markdown table.
 
     python benchmarks/onnx_vs_ort.py [--repeat 200] [--models digits_cnn,mlp,resnet18]
 """
@@ -99,28 +101,38 @@ def kernels(path: str) -> str:
     return fused + (f"; float: {left}" if left else "")
 
 
-def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int, sizes=(1, 256)):
-    sess = ort_session(path, threads=1, fuse_qdq=True)  # what a deployment runs
-    name = sess.get_inputs()[0].name
-    out = sess.run(None, {name: xt.numpy()})[0]
-    acc = float((out.argmax(1) == yt.numpy()).mean())
-    lat = {}
+def evaluate(paths, xt: torch.Tensor, yt: torch.Tensor, repeat: int, sizes=(1, 256)):
+    """Accuracy, latency per batch size, Q nodes, file size and kernels of each model in ``paths``.
+
+    Latency: one ORT CPU session per model (one thread, Q/DQ fusion on: what a deployment runs);
+    5 rounds, each timing every model in turn (``repeat`` runs at batch 1, ``repeat // 10`` at larger
+    batches), so all models see the same load; the best of the 5 rounds' medians."""
+    sessions = [ort_session(p, threads=1, fuse_qdq=True) for p in paths]
+    out = []
+    for p, sess in zip(paths, sessions):
+        name = sess.get_inputs()[0].name
+        pred = sess.run(None, {name: xt.numpy()})[0]
+        ops = [n.op_type for n in onnx.load(p).graph.node]
+        out.append([float((pred.argmax(1) == yt.numpy()).mean()), {}, ops.count("QuantizeLinear"),
+                    os.path.getsize(p), kernels(p)])
     for bs in sizes:
-        feed = {name: xt[:bs].numpy()}
-        for _ in range(10):
-            sess.run(None, feed)
-        n = repeat if bs == 1 else max(10, repeat // 10)
-        medians = []
-        for _ in range(5):  # shared machine: the best of 5 rounds' medians
-            ts = []
-            for _ in range(n):
-                t = time.perf_counter()
+        feeds = [{sess.get_inputs()[0].name: xt[:bs].numpy()} for sess in sessions]
+        for sess, feed in zip(sessions, feeds):
+            for _ in range(10):
                 sess.run(None, feed)
-                ts.append(time.perf_counter() - t)
-            medians.append(statistics.median(ts))
-        lat[bs] = min(medians) * 1e3
-    ops = [n.op_type for n in onnx.load(path).graph.node]
-    return acc, lat, ops.count("QuantizeLinear"), os.path.getsize(path), kernels(path)
+        n = repeat if bs == 1 else max(10, repeat // 10)
+        medians = [[] for _ in paths]
+        for _ in range(5):  # shared machine: rounds interleave the models; the best round's median
+            for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+                ts = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    sess.run(None, feed)
+                    ts.append(time.perf_counter() - t)
+                medians[i].append(statistics.median(ts))
+        for i in range(len(paths)):
+            out[i][1][bs] = min(medians[i]) * 1e3
+    return out
 
 
 def main(argv=None):
@@ -169,17 +181,19 @@ def main(argv=None):
             export_onnx(qpasses.PassManager("int_only", integerize=False).run(gm, data=calib), xt[:1], io_path)
             t_io = time.perf_counter() - t
             fq_acc = float((qgm(xt).argmax(1) == yt).float().mean())
-            for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
-                                      ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
-                                      ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
-                                      ("qpasses ptq_int8 ort_fusable -> export_onnx", of_path, t_of),
-                                      ("qpasses ptq_int8 ort_fusable w_bits=7 -> export_onnx", of7_path, t_of7),
-                                      ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io)):
-                acc, lat, nq, size, kern = evaluate(path, xt, yt, args.repeat)
+            models = (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+                      ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+                      ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
+                      ("qpasses ptq_int8 ort_fusable -> export_onnx", of_path, t_of),
+                      ("qpasses ptq_int8 ort_fusable w_bits=7 -> export_onnx", of7_path, t_of7),
+                      ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io))
+            results = evaluate([m[1] for m in models], xt, yt, args.repeat)
+            for (label, _, secs), (acc, lat, nq, size, kern) in zip(models, results):
                 rows.append((name, label, acc, lat[1], lat[256], nq, size, secs, kern))
             rows.append((name, "qpasses ptq_int8 fake-quant graph (torch)", fq_acc, None, None, None, None, None, None))
     for name, r in ratios.items():
-        print(f"{name}: ORT quantize_static / qpasses ptq_int8 ort_fusable latency = {r:.2f} (>= 1: qpasses as fast)")
+        print(f"{name}: ORT quantize_static / qpasses ptq_int8 ort_fusable latency = {r[0]:.2f} at batch 1, "
+              f"{r[1]:.2f} at batch 8 (>= 1: qpasses as fast)")
     print()
     print(f"measured on a {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
           f"{datetime.date.today().isoformat()}, onnxruntime {__import__('onnxruntime').__version__}, 1 thread\n")
@@ -217,15 +231,16 @@ def run_resnet18(d: str, repeat: int, ratios) -> list:
     of = os.path.join(d, "resnet18_qpasses_ort_fusable.onnx")
     export_onnx(quantize_for_onnx(gm, calib), x1, of)
     t_of = time.perf_counter() - t
-    rows, lat1 = [], {}
-    n = max(5, repeat // 10)
-    for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
-                              ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
-                              ("qpasses ptq_int8 ort_fusable -> export_onnx", of, t_of)):
-        acc, lat, nq, size, kern = evaluate(path, xt, yt, n, sizes=(1, 8))
-        lat1[label] = lat[1]
+    rows = []
+    models = (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+              ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+              ("qpasses ptq_int8 ort_fusable -> export_onnx", of, t_of))
+    results = evaluate([m[1] for m in models], xt, yt, max(5, repeat // 10), sizes=(1, 8))
+    for (label, _, secs), (acc, lat, nq, size, kern) in zip(models, results):
         rows.append(("resnet18", label, acc, lat[1], lat[8], nq, size, secs, kern))
-    ratios["resnet18"] = lat1["ort quantize_static (QDQ, per-channel)"] / lat1["qpasses ptq_int8 ort_fusable -> export_onnx"]
+    ort_lab, qp_lab = "ort quantize_static (QDQ, per-channel)", "qpasses ptq_int8 ort_fusable -> export_onnx"
+    lat = {r[1]: r[3:5] for r in rows}
+    ratios["resnet18"] = (lat[ort_lab][0] / lat[qp_lab][0], lat[ort_lab][1] / lat[qp_lab][1])
     return rows
 
 
