@@ -222,6 +222,8 @@ def _bias_scale(node: gs.Node) -> Optional[np.ndarray]:
     if node.op == "Conv":
         n_out, out_axis = codes.shape[0], 0
     else:                                   # Gemm: W is [N, K] with transB, else [K, N]; no transA check needed
+        if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return None                     # alpha * A B + beta * C: another grid
         out_axis = 0 if int(node.attrs.get("transB", 0)) else 1
         n_out = codes.shape[out_axis]
     if sw.size != 1 and (sw.size != n_out or _axis_of(dw, codes.ndim) != out_axis):
