@@ -233,8 +233,9 @@ def _bias_scale(node: gs.Node) -> Optional[np.ndarray]:
 
 
 def _quantized_output(graph: gs.Graph, y: gs.Variable, relu: bool = True) -> bool:
-    """``y`` is read by ``QuantizeLinear`` nodes only, or (``relu``) by one ``Relu`` that is (onnxruntime
-    drops a ``Relu`` before a ``QuantizeLinear`` whose zero point is the type's minimum, then fuses)."""
+    """``y`` is read by ``QuantizeLinear`` nodes only, or (``relu``) by one ``Relu`` whose output is
+    (onnxruntime drops a ``Relu`` before a ``QuantizeLinear`` that cannot represent a negative value --
+    zero point at the type's minimum -- and then fuses the unit)."""
     if y in graph.outputs or not y.outputs:
         return False
     if relu and len(y.outputs) == 1 and y.outputs[0].op == "Relu":
@@ -250,7 +251,7 @@ def quantize_unit_biases(graph: gs.Graph) -> int:
 
     Only units whose output is read by ``QuantizeLinear`` nodes alone, directly or through one ``Relu``
     (the ones onnxruntime fuses), are changed, and only when the bias already lies on the int32 grid
-    (up to float32 rounding), so the model computes exactly what it did: ``ptq_int8`` with
+    (up to float32 rounding), so the model computes what it did up to float32 rounding: ``ptq_int8`` with
     ``ort_fusable`` (``qpasses.onnx.quantize_for_onnx``) and ``int_only`` put their biases there (the
     ``int_bias`` rules).  A bias off the grid (plain ``ptq_int8``) stays float and its unit unfused.
     Returns the number of biases quantized."""
