@@ -12,6 +12,7 @@ calibration sentences.  Time: seconds of the whole recipe run (trace not include
 
     python benchmarks/llm_table.py            # qpasses rows (+ llm-compressor rows if importable)
     python benchmarks/llm_table.py --quick    # fewer rows
+    python benchmarks/llm_table.py --awq --no-llmcompressor   # only the W4 rows (RTN, awq)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from _common import markdown_table  # noqa: E402
 SETTINGS = {"W8A8": dict(w_bits=8, a_bits=8), "W8A6": dict(w_bits=8, a_bits=6), "W4A8": dict(w_bits=4, a_bits=8)}
 
 
-def qpasses_rows(model, tok, quick=False, alpha=0.5):
+def qpasses_rows(model, tok, quick=False, alpha=0.5, awq_only=False):
     data = calib_batches(tok)
     ev = eval_batch(tok)
     gm = qpasses.trace(model, data[0])
@@ -56,8 +57,12 @@ def qpasses_rows(model, tok, quick=False, alpha=0.5):
         return pm
 
     run("w4a16 RTN g128", "w4a16", group_size=128)
+    run("awq W4 g128, no clipping", "awq", group_size=128, clip=False)
     run("awq W4 g128", "awq", group_size=128)
+    run("awq W4 g128, scale nodes, no clipping", "awq", group_size=128, scale_nodes=True, clip=False)
     run("awq W4 g128, scale nodes", "awq", group_size=128, scale_nodes=True)
+    if awq_only:
+        return rows
     for name, s in SETTINGS.items():
         if quick and name != "W8A8":
             continue
@@ -149,6 +154,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--awq", action="store_true", help="only the W4 rows: RTN and awq with / without clipping")
     ap.add_argument("--no-llmcompressor", action="store_true")
     ap.add_argument("--only-llmcompressor", action="store_true")
     args = ap.parse_args(argv)
@@ -156,7 +162,8 @@ def main(argv=None):
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, tok = load_minilm()
-    rows = [] if args.only_llmcompressor else qpasses_rows(model, tok, quick=args.quick, alpha=args.alpha)
+    rows = [] if args.only_llmcompressor else qpasses_rows(model, tok, quick=args.quick, alpha=args.alpha,
+                                                                     awq_only=args.awq)
     if not args.no_llmcompressor:
         rows += llmcompressor_rows(model, tok, alpha=args.alpha)
     print()

@@ -10,7 +10,13 @@ Same trained digits models, same 256 calibration images, same 500 test images.  
 * ``qpasses int_only (integerize=false)`` -- also quantizes op outputs, so ORT can fuse
   DQ -> Conv -> Q into integer kernels (QLinearConv);
 * ``qpasses ptq_int8 ort_fusable`` -- ``ptq_int8`` with ORT-fusable placement (op outputs observed,
-  ``qpasses.onnx.quantize_for_onnx``), the default for the ONNX target.
+  biases on the int32 grid, ``qpasses.onnx.quantize_for_onnx``), the default for the ONNX target;
+* ``qpasses ptq_int8 ort_fusable w_bits=7`` (digits models) -- the same with 7-bit weights, onnxruntime's
+  ``reduce_range``: the fused u8 x s8 kernels of x86 CPUs without VNNI add pairs of products in
+  saturating int16, which 7-bit weights can never overflow (2 * 255 * 63 < 2^15).
+
+The last column lists the integer kernels in onnxruntime's optimised graph of each model
+(``SessionOptions.optimized_model_filepath``) and the float Conv / Gemm / MatMul / Add left.
 
 ``--models resnet18``: a ResNet-18-shaped CNN (7x7/2 stem, max pool, 2-2-2-2 BasicBlocks of 64-512
 channels, 1000 classes; random weights, BatchNorm folded) on 224x224 images, calibrated on 8 random
@@ -19,7 +25,9 @@ line after the table prints the latency ratio ``quantize_static / qpasses ort_fu
 is at least as fast), measured side by side in the same run.
 
 Accuracy is measured in onnxruntime (CPU); latency is the best of 5 rounds' median over repeated runs of
-one ORT CPU session with one intra-op thread (batch 1 and batch 256).  Prints a markdown table.
+one ORT CPU session per model with one intra-op thread (batch 1 and batch 256), each round timing every
+model of the table in turn, so that models compared side by side see the same machine load.  Prints a
+markdown table.
 
     python benchmarks/onnx_vs_ort.py [--repeat 200] [--models digits_cnn,mlp,resnet18]
 """
@@ -74,28 +82,57 @@ def ort_static(fp32_path: str, out_path: str, batches) -> None:
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-def evaluate(path: str, xt: torch.Tensor, yt: torch.Tensor, repeat: int, sizes=(1, 256)):
-    sess = ort_session(path, threads=1, fuse_qdq=True)  # what a deployment runs
-    name = sess.get_inputs()[0].name
-    out = sess.run(None, {name: xt.numpy()})[0]
-    acc = float((out.argmax(1) == yt.numpy()).mean())
-    lat = {}
+_FUSED = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QLinearAdd")
+_FLOAT = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add")
+
+
+def kernels(path: str) -> str:
+    """The integer kernels and the float Conv / Gemm / MatMul / Add left in onnxruntime's optimised graph
+    (``SessionOptions.optimized_model_filepath``, Q/DQ fusion on), e.g. ``20 QLinearConv, 1 QGemm``."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = path.replace(".onnx", "_ortopt.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    fused = ", ".join(f"{ops.count(k)} {k}" for k in _FUSED if k in ops) or "-"
+    left = ", ".join(f"{ops.count(k)} {k}" for k in _FLOAT if k in ops)
+    return fused + (f"; float: {left}" if left else "")
+
+
+def evaluate(paths, xt: torch.Tensor, yt: torch.Tensor, repeat: int, sizes=(1, 256)):
+    """Accuracy, latency per batch size, Q nodes, file size and kernels of each model in ``paths``.
+
+    Latency: one ORT CPU session per model (one thread, Q/DQ fusion on: what a deployment runs);
+    5 rounds, each timing every model in turn (``repeat`` runs at batch 1, ``repeat // 10`` at larger
+    batches), so all models see the same load; the best of the 5 rounds' medians."""
+    sessions = [ort_session(p, threads=1, fuse_qdq=True) for p in paths]
+    out = []
+    for p, sess in zip(paths, sessions):
+        name = sess.get_inputs()[0].name
+        pred = sess.run(None, {name: xt.numpy()})[0]
+        ops = [n.op_type for n in onnx.load(p).graph.node]
+        out.append([float((pred.argmax(1) == yt.numpy()).mean()), {}, ops.count("QuantizeLinear"),
+                    os.path.getsize(p), kernels(p)])
     for bs in sizes:
-        feed = {name: xt[:bs].numpy()}
-        for _ in range(10):
-            sess.run(None, feed)
-        n = repeat if bs == 1 else max(10, repeat // 10)
-        medians = []
-        for _ in range(5):  # shared machine: the best of 5 rounds' medians
-            ts = []
-            for _ in range(n):
-                t = time.perf_counter()
+        feeds = [{sess.get_inputs()[0].name: xt[:bs].numpy()} for sess in sessions]
+        for sess, feed in zip(sessions, feeds):
+            for _ in range(10):
                 sess.run(None, feed)
-                ts.append(time.perf_counter() - t)
-            medians.append(statistics.median(ts))
-        lat[bs] = min(medians) * 1e3
-    ops = [n.op_type for n in onnx.load(path).graph.node]
-    return acc, lat, ops.count("QuantizeLinear"), os.path.getsize(path)
+        n = repeat if bs == 1 else max(10, repeat // 10)
+        medians = [[] for _ in paths]
+        for _ in range(5):  # shared machine: rounds interleave the models; the best round's median
+            for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+                ts = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    sess.run(None, feed)
+                    ts.append(time.perf_counter() - t)
+                medians[i].append(statistics.median(ts))
+        for i in range(len(paths)):
+            out[i][1][bs] = min(medians[i]) * 1e3
+    return out
 
 
 def main(argv=None):
@@ -136,29 +173,37 @@ def main(argv=None):
             export_onnx(quantize_for_onnx(gm, calib), xt[:1], of_path)
             t_of = time.perf_counter() - t
             t = time.perf_counter()
+            of7_path = os.path.join(d, f"{name}_qpasses_ort_fusable_w7.onnx")
+            export_onnx(quantize_for_onnx(gm, calib, w_bits=7), xt[:1], of7_path)
+            t_of7 = time.perf_counter() - t
+            t = time.perf_counter()
             io_path = os.path.join(d, f"{name}_qpasses_int_only.onnx")
             export_onnx(qpasses.PassManager("int_only", integerize=False).run(gm, data=calib), xt[:1], io_path)
             t_io = time.perf_counter() - t
             fq_acc = float((qgm(xt).argmax(1) == yt).float().mean())
-            for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
-                                      ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
-                                      ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
-                                      ("qpasses ptq_int8 ort_fusable -> export_onnx", of_path, t_of),
-                                      ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io)):
-                acc, lat, nq, size = evaluate(path, xt, yt, args.repeat)
-                rows.append((name, label, acc, lat[1], lat[256], nq, size, secs))
-            rows.append((name, "qpasses ptq_int8 fake-quant graph (torch)", fq_acc, None, None, None, None, None))
+            models = (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+                      ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+                      ("qpasses quantize_onnx (ONNX route)", qo, t_qo),
+                      ("qpasses ptq_int8 ort_fusable -> export_onnx", of_path, t_of),
+                      ("qpasses ptq_int8 ort_fusable w_bits=7 -> export_onnx", of7_path, t_of7),
+                      ("qpasses int_only (integerize=false) -> export_onnx", io_path, t_io))
+            results = evaluate([m[1] for m in models], xt, yt, args.repeat)
+            for (label, _, secs), (acc, lat, nq, size, kern) in zip(models, results):
+                rows.append((name, label, acc, lat[1], lat[256], nq, size, secs, kern))
+            rows.append((name, "qpasses ptq_int8 fake-quant graph (torch)", fq_acc, None, None, None, None, None, None))
     for name, r in ratios.items():
-        print(f"{name}: ORT quantize_static / qpasses ptq_int8 ort_fusable latency = {r:.2f} (>= 1: qpasses as fast)")
+        print(f"{name}: ORT quantize_static / qpasses ptq_int8 ort_fusable latency = {r[0]:.2f} at batch 1, "
+              f"{r[1]:.2f} at batch 8 (>= 1: qpasses as fast)")
     print()
     print(f"measured on a {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
           f"{datetime.date.today().isoformat()}, onnxruntime {__import__('onnxruntime').__version__}, 1 thread\n")
-    print("| model | method | test acc | ORT ms (batch 1) | ORT ms (batch 256; resnet18: 8) | Q nodes | file KiB | quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, label, acc, l1, l256, nq, size, secs in rows:
+    print("| model | method | test acc | ORT ms (batch 1) | ORT ms (batch 256; resnet18: 8) | Q nodes | file KiB | quantize s "
+          "| ORT kernels (optimised graph) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, label, acc, l1, l256, nq, size, secs, kern in rows:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(f"| {name} | {label} | {acc:.4f} | {f(l1, '.3f')} | {f(l256, '.2f')} | {f(nq, 'd')} | "
-              f"{f(None if size is None else size / 1024, '.1f')} | {f(secs, '.2f')} |")
+              f"{f(None if size is None else size / 1024, '.1f')} | {f(secs, '.2f')} | {kern or '-'} |")
 
 
 def run_resnet18(d: str, repeat: int, ratios) -> list:
@@ -186,15 +231,16 @@ def run_resnet18(d: str, repeat: int, ratios) -> list:
     of = os.path.join(d, "resnet18_qpasses_ort_fusable.onnx")
     export_onnx(quantize_for_onnx(gm, calib), x1, of)
     t_of = time.perf_counter() - t
-    rows, lat1 = [], {}
-    n = max(5, repeat // 10)
-    for label, path, secs in (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
-                              ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
-                              ("qpasses ptq_int8 ort_fusable -> export_onnx", of, t_of)):
-        acc, lat, nq, size = evaluate(path, xt, yt, n, sizes=(1, 8))
-        lat1[label] = lat[1]
-        rows.append(("resnet18", label, acc, lat[1], lat[8], nq, size, secs))
-    ratios["resnet18"] = lat1["ort quantize_static (QDQ, per-channel)"] / lat1["qpasses ptq_int8 ort_fusable -> export_onnx"]
+    rows = []
+    models = (("fp32", fp32, None), ("ort quantize_static (QDQ, per-channel)", ort_path, t_ort),
+              ("qpasses ptq_int8 -> export_onnx", qp, t_qp),
+              ("qpasses ptq_int8 ort_fusable -> export_onnx", of, t_of))
+    results = evaluate([m[1] for m in models], xt, yt, max(5, repeat // 10), sizes=(1, 8))
+    for (label, _, secs), (acc, lat, nq, size, kern) in zip(models, results):
+        rows.append(("resnet18", label, acc, lat[1], lat[8], nq, size, secs, kern))
+    ort_lab, qp_lab = "ort quantize_static (QDQ, per-channel)", "qpasses ptq_int8 ort_fusable -> export_onnx"
+    lat = {r[1]: r[3:5] for r in rows}
+    ratios["resnet18"] = (lat[ort_lab][0] / lat[qp_lab][0], lat[ort_lab][1] / lat[qp_lab][1])
     return rows
 
 

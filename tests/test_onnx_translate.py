@@ -168,8 +168,8 @@ def test_integer_kernel_graphs_are_refused_naming_every_op():
 
 
 def test_ort_fusable_placement_fuses_every_conv():
-    """quantize_for_onnx (ptq_int8 with ort_fusable): each Conv / Add is DQ -> op -> Q, which
-    onnxruntime turns into QLinearConv / QLinearAdd; plain ptq_int8's placement leaves float convs."""
+    """quantize_for_onnx (ptq_int8 with ort_fusable): each Conv / Add / Gemm is DQ -> op -> Q, which
+    onnxruntime turns into QLinearConv / QLinearAdd / QGemm; plain ptq_int8's placement leaves float convs."""
     import os
     import tempfile
 
@@ -193,6 +193,8 @@ def test_ort_fusable_placement_fuses_every_conv():
         q = quantize_for_onnx(gm, [x, x * 0.5])
         model, ops = fused(q, os.path.join(d, "a.onnx"))
         assert ops.count("QLinearConv") == n_conv == 10 and ops.count("QLinearAdd") == 4, ops
+        # the classifier too: its bias is on the int32 grid (int_bias), stored as int32, so Gemm -> QGemm
+        assert ops.count("QGemm") == 1 and not {"Conv", "FusedConv", "Gemm", "FusedGemm"} & set(ops), ops
         got = run_onnx(model, x, session=ort_session(model))[0]      # validation: Q/DQ not fused
         np.testing.assert_allclose(got, q(x).detach().numpy(), atol=1e-5)
         _, plain = fused(qpasses.PassManager("ptq_int8").run(gm, data=[x, x * 0.5]), os.path.join(d, "b.onnx"))

@@ -15,9 +15,14 @@
 4. the ``qdq_cleanup`` rule family (``rules/qdq_cleanup.yaml``, the same file that runs on fx
    graphs) through the ONNX rule adapter :mod:`qpasses.onnx.rewrite`: back-to-back Q/DQ pairs with
    identical parameters collapse to one;
-5. constant folding of float-only sub-graphs (never of ``DequantizeLinear``: integer weights
+5. the float bias of a ``DequantizeLinear -> Conv / Gemm -> QuantizeLinear`` unit, when it lies on
+   the int32 grid ``s_x * s_w`` (``int_bias`` rules), becomes an INT32 initializer read by a
+   ``DequantizeLinear`` (:func:`quantize_unit_biases`): onnxruntime fuses a unit into
+   ``QLinearConv`` / ``QGemm`` only when *every* input comes from a ``DequantizeLinear`` (a float
+   bias leaves the whole unit in float);
+6. constant folding of float-only sub-graphs (never of ``DequantizeLinear``: integer weights
    must stay integer);
-6. dead nodes and unused initializers removed, nodes put in topological order.
+7. dead nodes and unused initializers removed, nodes put in topological order.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["cleanup_model", "cleanup_graph", "fold_weight_quantizers"]
+__all__ = ["cleanup_model", "cleanup_graph", "fold_weight_quantizers", "quantize_unit_biases"]
 
 _KEEP_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127), np.dtype(np.uint16): (0, 65535),
@@ -193,8 +198,95 @@ def fold_relu_into_quantize(graph: gs.Graph) -> int:
     return n
 
 
+def _dq_producer(t) -> Optional[gs.Node]:
+    if isinstance(t, gs.Constant) or len(t.inputs) != 1 or t.inputs[0].op != "DequantizeLinear":
+        return None
+    return t.inputs[0]
+
+
+def _bias_scale(node: gs.Node) -> Optional[np.ndarray]:
+    """``s_x * s_w`` per output channel of a Conv / Gemm whose activation and weight inputs are
+    dequantized (8-bit per-tensor activation, 8-bit per-tensor or per-output-channel integer weight
+    constant), else ``None``."""
+    dx, dw = _dq_producer(node.inputs[0]), _dq_producer(node.inputs[1])
+    if dx is None or dw is None or len(dx.inputs) < 2 or len(dw.inputs) < 2:
+        return None
+    sx, codes, sw = _const(dx.inputs[1]), _const(dw.inputs[0]), _const(dw.inputs[1])
+    zx = _const(dx.inputs[2]) if len(dx.inputs) > 2 else np.zeros((), np.uint8)
+    if sx is None or codes is None or sw is None or zx is None or sx.size != 1:
+        return None
+    if zx.dtype not in (np.uint8, np.int8) or codes.dtype not in (np.uint8, np.int8) or codes.ndim < 2:
+        return None
+    if dx.attrs.get("block_size") or dw.attrs.get("block_size"):
+        return None
+    if node.op == "Conv":
+        n_out, out_axis = codes.shape[0], 0
+    else:                                   # Gemm: W is [N, K] with transB, else [K, N]; no transA check needed
+        if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return None                     # alpha * A B + beta * C: another grid
+        out_axis = 0 if int(node.attrs.get("transB", 0)) else 1
+        n_out = codes.shape[out_axis]
+    if sw.size != 1 and (sw.size != n_out or _axis_of(dw, codes.ndim) != out_axis):
+        return None
+    acc = sx.astype(np.float64).reshape(()) * np.broadcast_to(sw.astype(np.float64).reshape(-1), (n_out,))
+    return acc if np.all(acc > 0) else None
+
+
+def _quantized_output(graph: gs.Graph, y: gs.Variable, relu: bool = True) -> bool:
+    """``y`` is read by ``QuantizeLinear`` nodes only, or (``relu``) by one ``Relu`` whose output is
+    (onnxruntime drops a ``Relu`` before a ``QuantizeLinear`` that cannot represent a negative value --
+    zero point at the type's minimum -- and then fuses the unit)."""
+    if y in graph.outputs or not y.outputs:
+        return False
+    if relu and len(y.outputs) == 1 and y.outputs[0].op == "Relu":
+        return _quantized_output(graph, y.outputs[0].outputs[0], relu=False)
+    return all(r.op == "QuantizeLinear" for r in y.outputs)
+
+
+def quantize_unit_biases(graph: gs.Graph) -> int:
+    """Store the float bias of each ``DequantizeLinear -> Conv / Gemm -> QuantizeLinear`` unit as INT32
+    codes ``round(b / (s_x s_w))`` read by a ``DequantizeLinear`` (scale ``s_x s_w`` per output channel,
+    zero point 0, axis 0) -- the bias form onnxruntime's QDQ selectors require (all inputs of the op
+    dequantized) and the int32 bias its integer kernels add to the accumulator.
+
+    Only units whose output is read by ``QuantizeLinear`` nodes alone, directly or through one ``Relu``
+    (the ones onnxruntime fuses), are changed, and only when the bias already lies on the int32 grid
+    (up to float32 rounding), so the model computes what it did up to float32 rounding: ``ptq_int8`` with
+    ``ort_fusable`` (``qpasses.onnx.quantize_for_onnx``) and ``int_only`` put their biases there (the
+    ``int_bias`` rules).  A bias off the grid (plain ``ptq_int8``) stays float and its unit unfused.
+    Returns the number of biases quantized."""
+    n = 0
+    for op in [n for n in graph.nodes if n.op in ("Conv", "Gemm")]:
+        if len(op.inputs) < 3 or not isinstance(op.inputs[2], gs.Constant):
+            continue
+        b = _const(op.inputs[2])
+        if b is None or not np.issubdtype(b.dtype, np.floating) or b.ndim != 1:
+            continue
+        if not _quantized_output(graph, op.outputs[0]):
+            continue
+        acc = _bias_scale(op)
+        if acc is None or acc.shape[0] != b.shape[0]:
+            continue
+        r = b.astype(np.float64) / acc
+        q = np.rint(r)
+        # on the grid up to float32 rounding of the stored bias (relative 2^-24 of |b|)
+        if np.any(np.abs(q) > np.iinfo(np.int32).max) or np.any(np.abs(r - q) > 1e-3 + 1e-6 * np.abs(r)):
+            continue
+        base = f"{op.name or op.inputs[2].name}_bias"
+        scale = acc.astype(np.float32)
+        deq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=list(b.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{base}_DequantizeLinear", attrs={"axis": 0},
+                                   inputs=[gs.Constant(f"{base}_int32", q.astype(np.int32)),
+                                           gs.Constant(f"{base}_scale", scale),
+                                           gs.Constant(f"{base}_zero_point", np.zeros(b.shape, np.int32))],
+                                   outputs=[deq]))
+        op.inputs[2] = deq
+        n += 1
+    return n
+
+
 def cleanup_graph(graph: gs.Graph, rules: bool = True, fold: bool = True) -> gs.Graph:
-    """Clean a graphsurgeon graph in place and return it (steps 3-6 of the module doc)."""
+    """Clean a graphsurgeon graph in place and return it (steps 3-7 of the module doc)."""
     drop_identity_casts(graph)
     # fold_relu_into_quantize(graph): onnxruntime fuses Relu -> Q itself; a dropped Relu would make
     # the float twin of the model (Q/DQ stripped, qpasses.onnx.inspect) wrong
@@ -207,6 +299,7 @@ def cleanup_graph(graph: gs.Graph, rules: bool = True, fold: bool = True) -> gs.
     if rules:
         from .rewrite import run_rules
         run_rules(graph, "qdq_cleanup")
+    quantize_unit_biases(graph)
     if fold:
         try:
             graph.fold_constants(fold_shapes=True, error_ok=True,

@@ -18,7 +18,22 @@ stage checked ``verify: exact``.
   output error ``sum_i ||(X_i / s) Q(W_i s)^T - X_i W_i^T||^2`` on calibration rows, with ``Q``
   the same int4 group quantizer the ``weight_int4`` family applies afterwards.  ``alpha = 0``
   (no scaling: round-to-nearest) is on the grid, so the chosen scales never do worse than RTN on
-  the calibration rows.  (AWQ's weight-clipping search is not done here.)
+  the calibration rows.
+* AWQ's weight clipping (option ``clip``, default on; the second search of Lin et al. and of
+  AutoAWQ / llm-compressor): for every consumer of a balanced group, after its scale, a clipping
+  ratio ``r`` per output channel and per int4 group, on a grid of ``clip_grid`` points from 1
+  down to ``clip_min`` (0.5), chosen to minimise that group's share of the layer's output error
+  ``mean_t (x_t,g . (w_o,g - Q(clamp(w_o,g, r lo, r hi))))^2`` on ``clip_samples`` calibration rows
+  of the scaled input; ``r = 1`` (no clipping) is on the grid, so each chosen range does no worse
+  than the full one on those rows.  ``awq_scales`` records the ranges on the consumers, and the
+  ``awq_clip`` step clamps the folded weights to them after the ``smooth`` family, before
+  ``weight_int4`` fits its int4 scales (which then are ``r`` times the full range's).  A consumer
+  that is also the producer of another group (``v`` of ``v -> o``, ``up`` of ``up -> down``) has
+  its rows scaled by that group's ``1/s`` too: the best ratio of a scaled row is the same, so the
+  ratios are searched once and applied to the range of the folded weight.  Linears whose
+  output reaches attention scores as a query or key are not clipped (AutoAWQ's practice: their
+  error is amplified by the softmax, which the linear's output error does not see); they are found
+  from the graph, not by name.
 
 Both record, in ``pm.report.steps``, each group (``producer -> consumers``) and each producer
 refused with its reason; the rule counters of the ``smooth`` family say the same per node.
@@ -26,21 +41,24 @@ refused with its reason; the rule counters of the ``smooth`` family say the same
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..actions.smooth import NODE_KEY, PLAN_KEY, REFUSED_KEY
 from ..errors import StepError
 from ..frontend import input_arity
 from ..lang.registry import data_step
 from ..methods.balance import Group, find_groups, run_recording
-from ..ops import OpView, get_attr_value
+from ..ops import OpView, classify, get_attr_value, matches_any
 from .calibrate import iterate_batches
 
-__all__ = ["smooth_scales", "awq_scales", "collect_inputs", "smoothquant_scale", "awq_search",
-           "int4_group_fake_quant"]
+__all__ = ["smooth_scales", "awq_scales", "awq_clip", "collect_inputs", "smoothquant_scale", "awq_search",
+           "int4_group_fake_quant", "clip_ratios", "clip_search", "attention_score_input"]
+
+CLIP_KEY = "qpasses.awq_clip"   # on a consumer: the clipping range awq_scales chose for its scaled weight
 
 
 def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -219,20 +237,134 @@ def awq_search(group: Group, weights: List[torch.Tensor], inputs: List[torch.Ten
     return best[1], best[2], losses
 
 
+def clip_ratios(grid: int, lowest: float) -> List[float]:
+    """The clipping candidates: ``grid`` ratios from 1 down to ``lowest``, evenly spaced."""
+    if grid < 1 or not 0.0 < lowest <= 1.0:
+        raise ValueError(f"clip grid needs grid >= 1 and 0 < clip_min <= 1, got {grid}, {lowest}")
+    if grid == 1:
+        return [1.0]
+    return [1.0 - i * (1.0 - lowest) / (grid - 1) for i in range(grid)]
+
+
+def _group_range(wg: torch.Tensor, symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) [N, G] of weights grouped [N, G, group_size]: the range the int4 quantizer spans."""
+    if symmetric:
+        hi = wg.abs().amax(-1)
+        return -hi, hi
+    return wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0)
+
+
+def clip_search(w: torch.Tensor, x: torch.Tensor, group_size: int, symmetric: bool, ratios: List[float],
+                max_elems: int = 1 << 22) -> Dict[str, torch.Tensor]:
+    """AWQ's clipping search for one linear ``y = x w^T`` (weight ``w`` [N, K], rows ``x`` [T, K]).
+
+    For every output channel ``o`` and int4 group ``g`` of inputs, the ratio ``r`` of ``ratios``
+    whose clamped range ``[r lo, r hi]`` minimises ``mean_t (x_t,g . w_o,g - x_t,g . Q(clamp(w_o,g)))^2``
+    (the group's share of the output error; ``Q``: the ``weight_int4`` quantizer).  Output channels
+    go in chunks so that the partial outputs held at once stay under ``max_elems`` elements.
+    Returns ``lo``, ``hi`` (the clamp bounds [N, G]), ``ratio`` [N, G], ``err`` (the chosen error)
+    and ``err_full`` (the error of the full range, ``r = 1``), both [N, G]."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"{k} inputs are not a multiple of group_size={group_size}")
+    g = k // group_size
+    wg = w.detach().float().reshape(n, g, group_size)
+    xg = x.detach().float().reshape(-1, g, group_size).transpose(0, 1).contiguous()   # [G, T, gs]
+    t = xg.shape[1]
+    lo0, hi0 = _group_range(wg, symmetric)
+    out = {name: torch.empty(n, g) for name in ("lo", "hi", "ratio", "err", "err_full")}
+    chunk = max(1, min(n, max_elems // max(1, g * t)))
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        wc, lo, hi = wg[a:b], lo0[a:b], hi0[a:b]
+        ref = torch.bmm(xg, wc.permute(1, 2, 0))                                      # [G, T, c]
+        best = torch.full((b - a, g), math.inf)
+        best_r = torch.ones(b - a, g)
+        full = None
+        for r in ratios:
+            clamped = torch.minimum(torch.maximum(wc, (lo * r)[..., None]), (hi * r)[..., None])
+            q = int4_group_fake_quant(clamped.reshape(b - a, k), group_size, symmetric).reshape(b - a, g, group_size)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(1).t()          # [c, G]
+            if r == 1.0:
+                full = err
+            better = err < best
+            best = torch.where(better, err, best)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        out["lo"][a:b], out["hi"][a:b] = lo * best_r, hi * best_r
+        out["ratio"][a:b], out["err"][a:b] = best_r, best
+        out["err_full"][a:b] = full if full is not None else torch.nan
+    return out
+
+
+_PASS_THROUGH_STOP = ("linear", "conv1d", "conv2d", "conv3d", "layer_norm", "rms_norm", "batch_norm",
+                      "group_norm", "softmax")
+
+
+def _from_softmax(v, modules, hops: int = 6) -> bool:
+    for _ in range(hops):
+        if not isinstance(v, fx.Node):
+            return False
+        cls = classify(v, modules)
+        if cls == "softmax":
+            return True
+        ins = v.all_input_nodes
+        if len(ins) != 1:
+            return False
+        v = ins[0]
+    return False
+
+
+def attention_score_input(gm: fx.GraphModule, node: fx.Node, modules=None) -> Optional[str]:
+    """Where ``node``'s output reaches attention scores as a query or key (``sdpa``'s ``query`` /
+    ``key``, a ``matmul`` / ``bmm`` that is not ``softmax(...) @ v``), the name of that op, else None.
+    Followed forward through anything but weighted ops, norms and softmax."""
+    modules = modules if modules is not None else dict(gm.named_modules())
+    seen, stack = {node}, [node]
+    while stack and len(seen) < 4096:
+        n = stack.pop()
+        for u in n.users:
+            cls = classify(u, modules)
+            if cls == "scaled_dot_product_attention":
+                ins = OpView(u, gm, cls, modules).inputs()
+                if n is ins[0] or n is ins[1]:
+                    return u.name
+                continue
+            if cls in ("matmul", "bmm"):
+                ins = OpView(u, gm, cls, modules).inputs()
+                if n is ins[1] and n is not ins[0] and _from_softmax(ins[0], modules):
+                    continue      # the value side of probs @ v
+                return u.name
+            if cls in _PASS_THROUGH_STOP or u.op == "output" or u in seen:
+                continue
+            seen.add(u)
+            stack.append(u)
+    return None
+
+
 @data_step("awq_scales", args={"group_size": {"type": int, "min": 32, "max": 8192},
                                "symmetric": {"type": bool}, "grid": {"type": int, "min": 1, "max": 100},
                                "max_rows": {"type": int, "min": 16}, "scale_nodes": {"type": bool},
+                               "clip": {"type": bool}, "clip_grid": {"type": int, "min": 1, "max": 100},
+                               "clip_min": {"type": float, "min": 0.05, "max": 1.0},
+                               "clip_samples": {"type": int, "min": 16},
                                "calib_batches": {"type": int}})
 def awq_scales(ctx) -> None:
-    """AWQ's scales: a grid search over alpha per group against the int4 output error."""
+    """AWQ's scales: a grid search over alpha per group against the int4 output error; with
+    ``clip``, then the clipping ranges of the scaled weights (applied by ``awq_clip``)."""
     gm = ctx.gm
     gs = int(ctx.arg("group_size", 128))
     sym = bool(ctx.arg("symmetric", True))
     grid = int(ctx.arg("grid", 20))
     max_rows = int(ctx.arg("max_rows", 512))
+    clip = bool(ctx.arg("clip", True))
+    ratios = clip_ratios(int(ctx.arg("clip_grid", 20)), float(ctx.arg("clip_min", 0.5))) if clip else []
+    clip_rows = int(ctx.arg("clip_samples", 512))
+    for node in gm.graph.nodes:
+        node.meta.pop(CLIP_KEY, None)
     groups, refused = find_groups(gm, _first_inputs(ctx, gm), scale_nodes=bool(ctx.arg("scale_nodes", False)))
     stats = collect_inputs(ctx, gm, groups, keep_rows=max_rows, desc="awq_scales")
-    scales, alphas = {}, {}
+    modules = dict(gm.named_modules())
+    scales, alphas, clips, unclipped = {}, {}, {}, {}
     for i, g in enumerate(groups):
         ws, xs = [], []
         xmean = torch.zeros(g.size)
@@ -250,5 +382,99 @@ def awq_scales(ctx) -> None:
         s, a, _ = awq_search(g, ws, xs, xmean, gs, sym, grid)
         scales[i] = s
         alphas[g.producer.name] = a
+        if not clip:
+            continue
+        for c, w, x in zip(g.consumers, ws, xs):
+            qk = attention_score_input(gm, c.node, modules)
+            if qk is not None:
+                unclipped[c.node.name] = f"its output is a query or key of {qk}"
+                continue
+            sc = s[c.channels].float()
+            ws_ = w * sc[None, :]                       # the weight as the smooth family folds it
+            if x.shape[0] > clip_rows:                  # evenly spaced rows of the (shuffled) sample
+                x = x[torch.linspace(0, x.shape[0] - 1, clip_rows).round().long()]
+            rows = x / sc[None, :]                      # the rows it reads once the scale is folded
+            res = clip_search(ws_, rows, gs, sym, ratios)
+            lo, hi = _group_range(ws_.reshape(ws_.shape[0], -1, gs), sym)
+            c.node.meta[CLIP_KEY] = {"ratio": res["ratio"], "range": (lo, hi), "absum": ws_.abs().sum(1),
+                                     "group_size": gs, "symmetric": sym}
+            full = float(res["err_full"].sum())
+            clips[c.node.name] = {"mean_ratio": round(float(res["ratio"].mean()), 4),
+                                  "clipped": round(float((res["ratio"] < 1).float().mean()), 4),
+                                  "error_vs_full": round(float(res["err"].sum()) / full, 4) if full > 0 else 1.0}
     _plan(gm, groups, refused, scales, ctx)
     ctx.info["alpha"] = alphas
+    if clip:
+        ctx.info["clip"] = clips
+        ctx.info["not_clipped"] = unclipped
+
+
+def _weight_slot(gm: fx.GraphModule, node: fx.Node):
+    """(owner object, attribute name) holding ``node``'s linear weight."""
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target)), "weight"
+    v = OpView(node, gm, "linear").get("weight")
+    if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+        return None, None
+    path = str(v.target).rsplit(".", 1)
+    owner = gm.get_submodule(path[0]) if len(path) == 2 else gm
+    return owner, path[-1]
+
+
+@data_step("awq_clip", args={"skip": {"type": "any"}}, needs_data=False)
+def awq_clip(ctx) -> None:
+    """Clamp the weights ``awq_scales`` chose clipping ranges for (after the ``smooth`` family has
+    folded the scales, before ``weight_int4``).  A weight that no longer spans the range the search
+    saw (its group was not folded, or it changed since) is left as it is, with the reason."""
+    gm = ctx.gm
+    skip = ctx.arg("skip") or ()
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    writes, skipped = [], {}
+    for node in gm.graph.nodes:
+        plan = node.meta.get(CLIP_KEY)
+        if plan is None:
+            continue
+        hit = matches_any(node, skip)
+        if hit:
+            skipped[node.name] = f"matches skip pattern {hit!r}: its weight stays float, unclipped"
+            continue
+        owner, name = _weight_slot(gm, node)
+        w = getattr(owner, name, None) if owner is not None else None
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            skipped[node.name] = "its weight is not a constant matrix"
+            continue
+        gs = plan["group_size"]
+        n, k = w.shape
+        ratio = plan["ratio"]
+        if k % gs or ratio.shape != (n, k // gs):
+            skipped[node.name] = f"its weight {tuple(w.shape)} does not match the clipping ratios {tuple(ratio.shape)}"
+            continue
+        wg = w.detach().float().reshape(n, k // gs, gs)
+        elo, ehi = plan["range"]
+        glo, ghi = _group_range(wg, bool(plan["symmetric"]))
+        # the weight as searched, up to a positive factor per output row (the row scale of a group
+        # it produces for, folded by the same smooth stage): the int4 grid and the best ratio are
+        # the same for a scaled row
+        den = (ehi - elo).sum(1, keepdim=True)
+        row = torch.where(den > 0, (ghi - glo).sum(1, keepdim=True) / den.clamp(min=1e-30), torch.ones_like(den))
+        tol = 1e-5 * float((ghi - glo).abs().max().clamp(min=1e-12))
+        if not (bool((row > 0).all()) and torch.allclose(glo, elo * row, rtol=1e-4, atol=tol)
+                and torch.allclose(ghi, ehi * row, rtol=1e-4, atol=tol)
+                and torch.allclose(wg.abs().sum((1, 2)), plan["absum"] * row[:, 0], rtol=1e-4, atol=tol * k)):
+            skipped[node.name] = "its weight changed since awq_scales searched it (its group was not folded?)"
+            continue
+        new = torch.minimum(torch.maximum(wg, (glo * ratio)[..., None]), (ghi * ratio)[..., None])
+        new = new.reshape(n, k).to(w.dtype)
+        writes.append((node, owner, name, w, new))
+    for node, owner, name, old, new in writes:          # all computed first: nothing half-written
+        if isinstance(old, nn.Parameter):
+            setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        elif name in getattr(owner, "_buffers", {}):
+            owner._buffers[name] = new
+        else:
+            setattr(owner, name, new)
+        node.meta.pop(CLIP_KEY, None)
+    for node in gm.graph.nodes:
+        node.meta.pop(CLIP_KEY, None)
+    ctx.info["clipped"] = [w[0].name for w in writes]
+    ctx.info["not_clipped"] = skipped
