@@ -483,4 +483,4 @@ def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32",
     _finish(ctx, op, new, {"kernel": kernel, "w_bits": 8, "a_bits": 8, "format": "float8_e4m3fn",
                            "activations": activations,
                            "w_granularity": "per_tensor" if wq.axis is None else "per_channel"}, [])
-    _drop_dead(ctx, [x_fq, wnode, bias_node])   # the weight get_attr goes with its quantizer
+    _drop_dead(ctx, [x_fq, wnode, wsrc, bias_node])
