@@ -1,6 +1,11 @@
 """Dynamic quantization modules: int8 weights quantized once, activations quantized per batch.
 
-* :class:`DynamicQuantLinear` -- a linear layer whose weight is stored as an integer tensor
+* :class:`DynamicQuantLinear` -- *not a graph form*: no rule produces it.  The ``dynamic`` family
+  writes PT2E's dynamic form instead, ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (graph nodes; see
+  :func:`dynamic_linear_quantizers`), and ``lower`` turns that into ``dynamic_int8_linear``.  It is
+  kept as an eager, exact-integer reference of the same numbers: ``benchmarks/kernels.py`` times
+  it as the eager baseline of ``dynamic_int8_linear``, and tests compare the graph form with it.
+  A linear layer whose weight is stored as an integer tensor
   (per-output-channel symmetric, narrow range, e.g. ``[-127, 127]``) with one fp32 scale per
   channel, computed once when the module is built.  At every call the activation's range is
   measured on the batch itself (per tensor, or per token = per row of the ``[..., K]`` input),
