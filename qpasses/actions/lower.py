@@ -316,8 +316,7 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
 # ================================================================================ dynamic_int8
 @action("lower_dynamic_linear", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
 def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
-    """Replace ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (``dynamic_int8``) by
-    ``torch.ops.qpasses.dynamic_int8_linear``.
+    """``linear(DynamicFakeQuant(x), fq_w(W), b)`` (dynamic_int8) -> ``qpasses::dynamic_int8_linear``.
 
     The input quantizer must be a per-token (``reduce_dim=-1``) or per-tensor ``DynamicFakeQuant``
     of at most 8 bits, the weight quantizer symmetric per output channel with at most 8 bits and

@@ -388,7 +388,7 @@ def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, red
 
 @action("freeze_dynamic_fq")
 def freeze_dynamic_fq(ctx: MatchContext, q: fx.Node):
-    """``DynamicFakeQuant`` (dynamic_int8's matmul operands) -> ``qpasses::fake_quant_per_token`` call."""
+    """``DynamicFakeQuant`` (linear inputs, matmul operands) -> ``qpasses::fake_quant_per_token``."""
     mod = _module(ctx, q)
     if not isinstance(mod, DynamicFakeQuant) or len(q.args) != 1 or q.kwargs:
         raise Refuse(f"{q.name} is not a plain DynamicFakeQuant call")
