@@ -240,8 +240,8 @@ def bench_int8(timer: Timer, m_values, shapes) -> Dict:
 
 def bench_dynamic(timer: Timer, m_values, shapes) -> Dict:
     """``dynamic_int8_linear`` (per-token activation quantization in torch + the Triton int8 GEMM
-    with per-row zero points) against a bf16 ``torch.matmul`` and against the ``DynamicQuantLinear``
-    module it replaces (same quantization, ``torch._int_mm`` where cuBLASLt takes the shape, else
+    with per-row zero points) against a bf16 ``torch.matmul`` and against the eager ``DynamicQuantLinear``
+    module (the exact-integer reference; not a graph form any more: same quantization, ``torch._int_mm`` where cuBLASLt takes the shape, else
     an exact fp32 GEMM), bf16 activations in and out."""
     from qpasses.kernels import packing
     from qpasses.methods.dynamic import DynamicQuantLinear

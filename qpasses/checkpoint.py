@@ -106,7 +106,7 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
     """``(quantized layers, linear layers left in float)`` of ``qgm`` in terms of ``hf_model``'s
     module names.  Raises :class:`CheckpointError` for quantizers the format cannot hold."""
     from .kernels.lowering import Int4GroupFakeQuantize
-    from .methods.dynamic import DynamicQuantLinear
+    from .methods.dynamic import dynamic_linear_quantizers
     from .numerics import FakeQuantize
     from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 
@@ -116,21 +116,6 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
     for n in qgm.graph.nodes:
         mod = quantizer_module(mods, n, None)
         if mod is None:
-            continue
-        if isinstance(mod, DynamicQuantLinear):
-            path = _module_path_of(n)
-            if path is None:
-                raise CheckpointError(f"{n.name}: cannot tell which module this dynamic linear replaced")
-            name = _resolve(path, linears, (mod.out_features, mod.in_features))
-            if mod.w_bits != 8 or mod.a_bits != 8 or mod.granularity != "per_token":
-                raise CheckpointError(f"{name}: compressed-tensors W8A8 int8 is 8-bit weights with 8-bit per-token "
-                                      f"activations; this layer has w_bits={mod.w_bits}, a_bits={mod.a_bits}, "
-                                      f"{mod.granularity}")
-            s = mod.weight_scale.detach().float().reshape(-1, 1)
-            w = mod.dequantized_weight().detach().float()
-            out[name] = LayerQuant(name, "int8_dynamic", w, s,
-                                   act={"dynamic": True, "strategy": "token", "symmetric": bool(mod.symmetric),
-                                        "type": "int"})
             continue
         if not isinstance(mod, (Int4GroupFakeQuantize, Fp8FakeQuantize, FakeQuantize)):
             continue
@@ -164,6 +149,21 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
             else:
                 act = {}
             out[name] = LayerQuant(name, "fp8", wq, s, act=act)
+        elif ops_reading and all(dynamic_linear_quantizers(mods, u) is not None for u in ops_reading):
+            # dynamic_int8's linear(DynamicFakeQuant(x), fq_w(W), b): W8A8 int8, dynamic per-token input
+            dq = dynamic_linear_quantizers(mods, ops_reading[0])[0]
+            per_token = dq.reduce_dim == -1
+            if mod.bits != 8 or dq.bits != 8 or not per_token:
+                raise CheckpointError(f"{name}: compressed-tensors W8A8 int8 is 8-bit weights with 8-bit per-token "
+                                      f"activations; this layer has w_bits={mod.bits}, a_bits={dq.bits}, "
+                                      f"{'per_token' if per_token else 'per_tensor'}")
+            if mod.axis != 0 or bool((mod.zero_point != 0).any()):
+                raise CheckpointError(f"{name}: W8A8 int8 weights are symmetric per output channel; this "
+                                      f"quantizer has axis {mod.axis} and a non-zero zero point")
+            s = mod.scale.detach().float().reshape(-1, 1)
+            out[name] = LayerQuant(name, "int8_dynamic", wq, s,
+                                   act={"dynamic": True, "strategy": "token", "symmetric": bool(dq.symmetric),
+                                        "type": "int"})
         else:
             raise CheckpointError(f"{name}: integer FakeQuantize weights ({mod.bits} bits, axis {mod.axis}) are "
                                   f"not written here: use w4a16, dynamic_int8 (per_token) or w8a8_fp8")

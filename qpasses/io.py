@@ -94,7 +94,7 @@ def save(gm: torch.nn.Module, path: "str | os.PathLike[str]", example_inputs: An
     inputs = _example_inputs(gm, example_inputs)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            # modules that cache derived tensors in __dict__ (e.g. DynamicQuantLinear's int8
+            # modules that cache derived tensors in __dict__ (e.g. packed int8
             # operands) refill the cache while tracing: harmless here, the cache is not state
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             gm(*inputs)  # once eagerly: checks the inputs and fills lazy caches outside the export trace

@@ -11,15 +11,15 @@ module                       made by                     bits / scale shown
 ``ChannelBitsFakeQuant``     aciq4                       per-channel bits (``min-max``)
 ``BinaryWeight``             bnn                         1
 ``BinaryActivation``         bnn                         1
-``DynamicFakeQuant``         dynamic_int8 (matmuls)      ``bits`` (scale: per call)
-``DynamicQuantLinear``       dynamic_int8 (linears)      the layer's own bits and scales
+``DynamicFakeQuant``         dynamic_int8                ``bits`` (scale: per call)
 ``PackedBinaryLinear/Conv``  lower after bnn             1, ``alpha``
 ===========================  ==========================  ==============================
 
 SQNR is the layer output of the quantized graph against the same graph with every quantizer
-switched off (replaced by the identity; a sign that replaced a ReLU by the ReLU; a ``DynamicQuantLinear`` by a float linear on its
-dequantized weight, whose float original is not kept, so only its activation error counts;
-a packed binary layer keeps its 1-bit weights, for the same reason).  The size is the weight's
+switched off (replaced by the identity; a sign that replaced a ReLU by the ReLU; a packed binary
+layer keeps its 1-bit weights, whose float original is not kept).  ``dynamic_int8``'s linears are
+``linear(DynamicFakeQuant(x), fq_w(W), b)``: their row is ``linear (per_token dynamic)`` (or
+``per_tensor``), activation scale ``dynamic``.  The size is the weight's
 element count times its bits (per channel for ``ChannelBitsFakeQuant``).  Integer kernel ops
 (after ``lower``, or ``int_only``'s integerized layers) get a row too, without SQNR: they have no
 float mode.
@@ -38,7 +38,7 @@ from .frontend import as_inputs
 from .kernels.lowering import Int4GroupFakeQuantize
 from .methods.aciq import ChannelBitsFakeQuant
 from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
-from .methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
+from .methods.dynamic import DynamicFakeQuant, dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .ops import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
@@ -72,17 +72,9 @@ def quantizer_bits(mod: Any) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
     return None
 
 
-def _float_linear(mod: DynamicQuantLinear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        b = mod.bias.to(x.dtype) if mod.bias is not None else None
-        return F.linear(x, mod.dequantized_weight().to(x.dtype), b)
-    return forward
-
-
 @contextlib.contextmanager
 def quantizers_off(gm: nn.Module):
-    """Within the block every quantizer of ``gm`` is the identity (``DynamicQuantLinear``: a float
-    linear on its dequantized weight); their own forwards are back afterwards.  Quantizer op
+    """Within the block every quantizer of ``gm`` is the identity; their own forwards are back afterwards.  Quantizer op
     nodes (:mod:`qpasses.qnodes`) call a pass-through function meanwhile (the graph module's
     code is regenerated on the way in and out)."""
     patched = []
@@ -96,9 +88,6 @@ def quantizers_off(gm: nn.Module):
                 patched.append(m)
             elif isinstance(m, _QUANTIZERS):
                 m.forward = lambda x, *a, **k: x
-                patched.append(m)
-            elif isinstance(m, DynamicQuantLinear):
-                m.forward = _float_linear(m)
                 patched.append(m)
         yield
     finally:
@@ -171,11 +160,8 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             w_bits, w_scale = wi if wi is not None else (32, None)
             a_bits, a_scale = ai if ai is not None else (32, None)
             a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) else _fmt_scale(a_scale)
-        elif isinstance(layer, DynamicQuantLinear):
-            numel = int(layer.weight_q.numel())
-            wq, w_bits, w_scale = None, layer.w_bits, layer.weight_scale.detach().float()
-            a_bits, a_text = layer.a_bits, "dynamic"
-            cls = f"linear ({layer.granularity} dynamic)"
+            if isinstance(aq, DynamicFakeQuant) and cls == "linear":   # dynamic_int8's linear
+                cls = f"linear ({'per_token' if aq.reduce_dim == -1 else 'per_tensor'} dynamic)"
         elif isinstance(layer, PackedBinaryLinear):
             numel = int(layer.out_features * layer.in_features)
             wq, w_bits, w_scale = None, 1, layer.alpha.detach().float()
@@ -260,7 +246,7 @@ def _is_quantized_weighted(gm, n, mods, quantizer_bits, kernel_types) -> Optiona
 def weighted_coverage(gm: Any, report: Any = None) -> Coverage:
     """The :class:`Coverage` of (quantized) graph module ``gm``; reasons for the ops left in float
     come from ``report`` (a rule's refusal or failure on that node), else say no rule took them."""
-    kernel_types = tuple(t for t in (DynamicQuantLinear, PackedBinaryLinear) if t is not None)
+    kernel_types = tuple(t for t in (PackedBinaryLinear,) if t is not None)
     mods = dict(gm.named_modules())
     reasons: Dict[str, str] = {}
     if report is not None:
@@ -274,6 +260,8 @@ def weighted_coverage(gm: Any, report: Any = None) -> Coverage:
             continue
         name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
         cls = classify(n, mods)
+        if cls == "linear" and dynamic_linear_quantizers(mods, n) is not None:
+            cls = "dynamic_linear"                     # dynamic_int8's linear(DynamicFakeQuant(x), fq_w(W), b)
         if q:
             cov.quantized.append(name)
             cov.quantized_ops.append(cls)

@@ -14,8 +14,9 @@ pytest.importorskip("compressed_tensors")
 
 from qpasses.checkpoint import CheckpointError, save_compressed  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
-from qpasses.methods.dynamic import DynamicQuantLinear  # noqa: E402
+from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.numerics.fp8 import Fp8FakeQuantize  # noqa: E402
+from qpasses.qnodes import quantizer_module  # noqa: E402
 
 
 def tiny_llama():
@@ -34,17 +35,12 @@ def llama_graph():
 
 
 def graph_weights(q):
-    """{get_attr path of the weight (or replaced module): fake-quantized weight} read off the graph."""
-    mods = dict(q.named_modules())
+    """{get_attr path of the weight: fake-quantized weight} read off the graph (dynamic_int8's
+    weights are per-channel FakeQuantize nodes, like every other weight quantizer)."""
     out = {}
     for n in q.graph.nodes:
-        if n.op != "call_module":
-            continue
-        mod = mods[n.target]
-        if isinstance(mod, DynamicQuantLinear):
-            path = n.meta.get("qpasses.module") or list(n.meta["nn_module_stack"].values())[-1][0]
-            out[path] = mod.dequantized_weight().float()
-        elif isinstance(mod, (Int4GroupFakeQuantize, Fp8FakeQuantize)) and n.args[0].op == "get_attr":
+        mod = quantizer_module(q, n, (Int4GroupFakeQuantize, Fp8FakeQuantize, FakeQuantize))
+        if mod is not None and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr":
             t = n.args[0].target
             w = dict(q.named_parameters()).get(t)
             w = w if w is not None else q.get_buffer(t)

@@ -11,12 +11,18 @@ import torch.nn.functional as F
 import qpasses
 from qpasses import zoo
 from qpasses.errors import OptionError
-from qpasses.methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_qparams
+from qpasses.methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_linear_quantizers, dynamic_qparams
+from qpasses.numerics import FakeQuantize
 from qpasses.qnodes import quantizer_module
 
 
 def _mods(gm, kind):
     return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
+
+
+def _dyn_linears(gm):
+    """dynamic_int8's linears: ``linear(DynamicFakeQuant(x), fq_w(W), b)`` nodes."""
+    return [n for n in gm.graph.nodes if dynamic_linear_quantizers(gm, n) is not None]
 
 
 def _cos(a, b):
@@ -56,8 +62,10 @@ def test_encoder_export_level_cosine(encoder, granularity):
     assert gm.code == before  # input graph untouched
     assert pm.report["dynamic.dynamic_linear"].rewrites == 6
     assert pm.report["dynamic.dynamic_matmul"].rewrites == 2
-    assert len(_mods(q, DynamicQuantLinear)) == 6
-    assert all(n.target is not torch.ops.aten.linear.default for n in q.graph.nodes)
+    assert len(_dyn_linears(q)) == 6
+    assert not any(isinstance(m, DynamicQuantLinear) for m in q.modules())   # no module hides a quantizer
+    lin = [n for n in q.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert lin and set(lin) == set(_dyn_linears(q))   # every linear reads both quantizers
     with torch.no_grad():
         ref, y = m(x), q(x)
     assert _cos(ref, y) >= 0.995
@@ -163,8 +171,11 @@ def test_skip_and_linear_only(encoder):
     _, _, gm = encoder
     pm = qpasses.PassManager("dynamic_int8", skip=["fc*"], quantize_matmul=False)
     q = pm.run(gm)
-    assert len(_mods(q, DynamicQuantLinear)) == 4
-    assert not _mods(q, DynamicFakeQuant)
+    assert len(_dyn_linears(q)) == 4
+    # the only dynamic quantizers are the linears' inputs (one per distinct input value)
+    fqs = _mods(q, DynamicFakeQuant)
+    assert fqs and all(u in _dyn_linears(q) for f in fqs for u in f.users)
+    assert len(fqs) == len({dynamic_linear_quantizers(q, n)[2] for n in _dyn_linears(q)})
 
 
 @pytest.mark.parametrize("bad", [dict(w_bits=0), dict(a_bits=0), dict(a_bits=17), dict(w_bits=9),
@@ -183,18 +194,20 @@ def test_weight_quantized_once():
 
 
 def test_conv_optional(level):
-    from qpasses.numerics import FakeQuantize
     torch.manual_seed(0)
     m = zoo.DigitsCNN().eval()
     x = torch.randn(4, 1, 8, 8)
     gm = qpasses.trace(m, (x,), mode=level)
     pm = qpasses.PassManager("dynamic_int8")
     q = pm.run(gm)
-    assert pm.report["dynamic.dynamic_conv"].disabled and not _mods(q, FakeQuantize)  # off by default
+    n_lin = len(_dyn_linears(q))                  # the classifier's linear(s): dynamic_linear
+    assert n_lin == pm.report["dynamic.dynamic_linear"].rewrites > 0
+    # off by default: the only weight quantizers are the linears'
+    assert pm.report["dynamic.dynamic_conv"].disabled and len(_mods(q, FakeQuantize)) == n_lin
     pm = qpasses.PassManager("dynamic_int8", quantize_conv=True)
     q = pm.run(gm)
     assert pm.report["dynamic.dynamic_conv"].rewrites == 3
-    assert len(_mods(q, DynamicFakeQuant)) == 3 and len(_mods(q, FakeQuantize)) == 3
+    assert len(_mods(q, DynamicFakeQuant)) == 3 + n_lin and len(_mods(q, FakeQuantize)) == 3 + n_lin
     with torch.no_grad():
         assert _cos(m(x), q(x)) > 0.999
         x2 = 10 * torch.randn(4, 1, 8, 8)  # other range, no calibration
@@ -211,7 +224,8 @@ def test_per_token_protects_tokens_from_an_outlier_token():
     x[:, 0] *= 100
     with torch.no_grad():
         ref = lin(x)[:, 1:]
-        cos = {g: _cos(DynamicQuantLinear(lin.weight, lin.bias, granularity=g)(x)[:, 1:], ref)
+        gm = qpasses.trace(nn.Sequential(lin).eval(), (x,))
+        cos = {g: _cos(qpasses.PassManager("dynamic_int8", granularity=g).run(gm)(x)[:, 1:], ref)
                for g in ("per_tensor", "per_token")}
     assert cos["per_token"] > 0.9999 and cos["per_tensor"] < 0.99
 
@@ -284,3 +298,52 @@ def test_baddbmm_operands_quantized_bias_kept(level):
                             beta=0.5, alpha=0.25)
         torch.testing.assert_close(q(x, bias), ref, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(q(x, bias), m(x, bias), atol=1e-6)           # it did quantize
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_linear_graph_form(level, granularity):
+    """PT2E's dynamic form: ``linear(DynamicFakeQuant(x), fake_quant_per_channel(get_attr W), b)``.
+    The module's parameters stay where they were (state_dict keys and tensors unchanged), the
+    weight quantizer has exactly the per-channel scales of ``quantize_weight_per_channel``, one
+    activation quantizer is shared by the linears reading the same value, and the graph equals the
+    exact integer computation (``DynamicQuantLinear``) up to fp32 GEMM rounding."""
+    from qpasses.methods.dynamic import quantize_weight_per_channel
+
+    class Fan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(40, 24), nn.Linear(40, 24, bias=False)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    torch.manual_seed(0)
+    m = Fan().eval()
+    x = torch.randn(3, 5, 40) * 3 + 1
+    gm = qpasses.trace(m, (x,), mode=level)
+    keys = {k: v.clone() for k, v in gm.state_dict().items()}
+    pm = qpasses.PassManager("dynamic_int8", granularity=granularity)
+    q = pm.run(gm)
+    assert pm.report["dynamic.dynamic_linear"].rewrites == 2
+    lins = _dyn_linears(q)
+    assert len(lins) == 2
+    qk = {k: v for k, v in q.state_dict().items() if not k.startswith("weight_fq")}
+    assert qk.keys() == keys.keys() and all(torch.equal(qk[k], keys[k]) for k in keys)
+    dqs = {dynamic_linear_quantizers(q, n)[2] for n in lins}
+    assert len(dqs) == 1                                    # shared per (value, configuration)
+    for n in lins:
+        dq, wq, _, wnode = dynamic_linear_quantizers(q, n)
+        assert wnode.op == "call_function" and wnode.args[0].op == "get_attr"   # a holder-backed op node
+        assert dq.reduce_dim == (-1 if granularity == "per_token" else None) and dq.bits == 8
+        assert n.meta["qpasses.quant"]["dynamic"]["granularity"] == granularity
+        assert n.meta["qpasses.quant"]["weight"] == {"bits": 8, "axis": 0}
+        w = q.get_parameter(wnode.args[0].target)
+        _, scale = quantize_weight_per_channel(w, 8)
+        assert isinstance(wq, FakeQuantize) and wq.axis == 0 and torch.equal(wq.scale, scale)
+        assert (wq.qmin, wq.qmax) == (-127, 127) and not bool(wq.zero_point.any())
+    with torch.no_grad():
+        ref = sum(DynamicQuantLinear(lin.weight, lin.bias, granularity=granularity)(x) for lin in (m.q, m.k))
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+        x2 = 5 * torch.randn_like(x)                        # qparams follow the data
+        ref2 = sum(DynamicQuantLinear(lin.weight, lin.bias, granularity=granularity)(x2) for lin in (m.q, m.k))
+        torch.testing.assert_close(q(x2), ref2, rtol=1e-5, atol=1e-5)

@@ -200,34 +200,42 @@ def test_w4a16_group_weights_stay_fake_quant_per_group():
         torch.testing.assert_close(d(xs), q(xs), rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_int8_linear_within_float_gemm_rounding():
-    """``DynamicQuantLinear`` sums integer products exactly and scales once; the frozen form runs
-    the float ``linear`` on the same dequantized operands.  Both have the same per-token codes, so
-    they differ only by fp32 GEMM rounding: |err| <= K * u * sum_k |x_k w_k| (u = 2^-24) plus
-    a few ulps of the scaling."""
+def test_dynamic_int8_linear_frozen_exactly_and_within_gemm_rounding_of_the_integer_kernel():
+    """dynamic_int8's linear is ``linear(DynamicFakeQuant(x), fq_w(W), b)``: ``freeze_weight``
+    freezes its weight quantizer and ``freeze_dynamic_fq`` its input quantizer, bit-exactly.  The
+    integer kernel (``dynamic_int8_linear``) sums the same integer products exactly and scales once;
+    the float ``linear`` on the same dequantized operands differs only by fp32 GEMM rounding:
+    |err| <= K * u * sum_k |x_k w_k| (u = 2^-24) plus a few ulps of the scaling."""
+    from qpasses.kernels.packing import pack_int8_weight
+    from qpasses.kernels.lowering import int8_weight_codes
+    from qpasses.methods.dynamic import dynamic_linear_quantizers
     torch.manual_seed(0)
     mlp = zoo.MLP().eval()
     x = zoo.example_input("mlp", batch=8)
     q = qpasses.PassManager("dynamic_int8").run(qpasses.trace(mlp, (x,)))
-    lin = [n for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("dyn_linear")]
+    lin = [n for n in q.graph.nodes if dynamic_linear_quantizers(q, n) is not None]
     d, pm = _freeze(q)
-    assert pm.report["freeze_dynamic_linear"].rewrites == len(lin) == 3
+    assert len(lin) == 3 and pm.report["freeze_weight"].rewrites == 3
+    assert pm.report["freeze_dynamic_fq"].rewrites == 3
     assert _targets(d).count(QP.fake_quant_per_token.default) == 3
-    # one layer, checked against the bound
-    mod = q.get_submodule(lin[0].target)
-    xin = torch.randn(32, mod.in_features) * 2
-    frozen = qpasses.PassManager("qdq").run(qpasses.trace(nn.Sequential(copy.deepcopy(mod)).eval(), (xin,)))
-    with torch.no_grad():
-        want = mod(xin)
-        got = frozen(xin)
-        xq = QP.fake_quant_per_token.default(xin, 0, 255, False)
-        bound = xq.abs() @ mod.dequantized_weight().abs().t()
-    K = mod.in_features
-    tol = (K + 4) * 2.0 ** -24 * bound + 4 * 2.0 ** -24 * want.abs()
-    assert bool(((got - want).abs() <= tol).all())
     with torch.no_grad():
         xs = zoo.example_input("mlp", batch=16, seed=2)
-        torch.testing.assert_close(d(xs), q(xs), rtol=1e-5, atol=1e-5)
+        assert torch.equal(d(xs), q(xs))                  # freezing is exact
+    # one layer: the fake-quant form against the exact integer kernel, within the bound
+    dq, wfq, _, wnode = dynamic_linear_quantizers(q, lin[0])
+    w = q.get_parameter(wnode.args[0].target).detach()
+    b = q.get_parameter(lin[0].args[2].target).detach()
+    codes, w_scale = int8_weight_codes(wfq, w)
+    K = w.shape[1]
+    xin = torch.randn(32, K) * 2
+    with torch.no_grad():
+        want = QP.dynamic_int8_linear.default(xin, pack_int8_weight(codes), w_scale, b, 8, False, True, None)
+        xq = QP.fake_quant_per_token.default(xin, 0, 255, False)
+        assert torch.equal(xq, dq(xin))
+        got = torch.nn.functional.linear(xq, wfq(w), b)
+        bound = xq.abs() @ wfq(w).abs().t()
+    tol = (K + 4) * 2.0 ** -24 * bound + 4 * 2.0 ** -24 * want.abs()
+    assert bool(((got - want).abs() <= tol).all())
 
 
 @pytest.mark.slow

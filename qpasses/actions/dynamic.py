@@ -2,10 +2,13 @@
 
 Representation after ``dynamic`` (both graph levels):
 
-* a linear op with a constant weight (``nn.Linear`` call, ``F.linear``, ``aten.linear``) becomes
-  one ``call_module`` :class:`~qpasses.methods.dynamic.DynamicQuantLinear` (op class
-  ``dynamic_linear``) holding the int8 per-channel weight, quantized once here; the float
-  weight / bias ``get_attr`` nodes are dropped when nothing else reads them;
+* a linear op with a constant weight (``nn.Linear`` call, ``F.linear``, ``aten.linear``) reads its
+  input through a :class:`~qpasses.methods.dynamic.DynamicFakeQuant` (``call_module``, op class
+  ``dynamic_fq``; per token: ``reduce_dim=-1``, per tensor: ``None``) and its weight through a
+  holder-backed per-output-channel symmetric narrow-range ``FakeQuantize`` node
+  (``fake_quant_per_channel`` on ``get_attr`` weight, scale and zero point), PT2E's dynamic
+  convention: ``linear(dyn_fq(x), fq_w(W), b)``.  An ``nn.Linear`` call becomes ``F.linear`` on
+  the module's own ``get_attr`` weight / bias, so ``state_dict`` keys are unchanged;
 * each input of an activation x activation ``matmul`` / ``bmm`` goes through a
   :class:`~qpasses.methods.dynamic.DynamicFakeQuant` (op class ``dynamic_fq``): per tensor, or
   with ``per_token`` one range per row of the left operand and per column of the right one.
@@ -17,17 +20,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from ..lang.registry import action, constraint
 from ..context import Refuse
 from ..matcher import MatchContext
-from ..methods.dynamic import DynamicFakeQuant, DynamicQuantLinear
+from ..methods.dynamic import DynamicFakeQuant, quantize_weight_per_channel
+from ..numerics import FakeQuantize
 from ..ops import register_module_class
-from .graphutil import add_module, copy_meta, erase_if_unused
+from .graphutil import add_module, copy_meta
 from .quant import QUANT_KEY
 
-register_module_class(DynamicQuantLinear, "dynamic_linear")
 register_module_class(DynamicFakeQuant, "dynamic_fq")
 
 
@@ -70,34 +74,42 @@ def activation_operands(ctx: MatchContext, node: fx.Node):
 @action("dynamic_linear", args={"w_bits": {"min": 2, "max": 8}, "a_bits": {"min": 2, "max": 8}, "granularity": {"choices": ("per_tensor", "per_token")}})
 def dynamic_linear(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8,
                    granularity: str = "per_token", symmetric: bool = False):
-    """Replace a constant-weight linear by a :class:`DynamicQuantLinear` module call."""
+    """Make a constant-weight linear read ``DynamicFakeQuant(x)`` and a per-channel weight quantizer.
+
+    PT2E's dynamic form: ``linear(dyn_fq(x), fake_quant_per_channel(get_attr W, ...), b)``.  The
+    weight quantizer is a holder-backed ``FakeQuantize`` (symmetric, narrow range, axis 0) with the
+    scales of :func:`~qpasses.methods.dynamic.quantize_weight_per_channel`; a module call becomes
+    ``F.linear`` on the module's own ``get_attr`` weight / bias (``state_dict`` keys unchanged).
+    The activation quantizer is shared per (value, configuration)."""
+    from .quant import attach_weight_quantizer
     view = ctx.view(op)
     w = view.tensor("weight")
     if w is None:
         raise Refuse(f"the weight of {op.name} is not a constant")
     if w.dim() != 2:
         raise Refuse(f"{op.name}: weight of shape {tuple(w.shape)} is not 2-D")
-    b = view.tensor("bias")
-    if view.get("bias") is not None and b is None:
+    if view.get("bias") is not None and view.tensor("bias") is None:
         raise Refuse(f"the bias of {op.name} is not a constant")
     x = view.inputs()[0]
     if not isinstance(x, fx.Node):
         raise Refuse(f"{op.name} has no activation input")
-    mod = DynamicQuantLinear(w, b, int(w_bits), int(a_bits), str(granularity), bool(symmetric))
-    old = [view.get("weight"), view.get("bias")] if view.module is None else []
-    target = add_module(ctx, "dyn_linear", mod)
-    with ctx.graph.inserting_before(op):
-        new = ctx.graph.call_module(target, (x,))
-    copy_meta(op, new)
-    new.meta[QUANT_KEY] = {"dynamic": {"w_bits": int(w_bits), "a_bits": int(a_bits),
-                                       "granularity": str(granularity), "symmetric": bool(symmetric)},
-                           "weight": {"bits": int(w_bits), "axis": 0}}
-    if op.op == "call_module":
-        new.meta["qpasses.module"] = str(op.target)
-    op.replace_all_uses_with(new)
-    ctx.graph.erase_node(op)
-    for n in old:
-        erase_if_unused(ctx, n)
+    if view.module is not None and (len(op.args) != 1 or op.kwargs):
+        raise Refuse(f"{op.name} is called with extra arguments")
+    fq = weight_quantizer_per_channel(w, int(w_bits))
+    new = attach_weight_quantizer(ctx, op, fq, "weight_fq", {"bits": int(w_bits), "axis": 0})
+    _dynamic_fq_on(ctx, new, x, int(a_bits), bool(symmetric), -1 if granularity == "per_token" else None)
+    quant = dict(new.meta.get(QUANT_KEY) or {})
+    quant["dynamic"] = {"w_bits": int(w_bits), "a_bits": int(a_bits), "granularity": str(granularity),
+                        "symmetric": bool(symmetric)}
+    new.meta[QUANT_KEY] = quant
+
+
+def weight_quantizer_per_channel(w, bits: int) -> FakeQuantize:
+    """The per-output-channel symmetric narrow-range ``FakeQuantize`` of a 2-D weight, with exactly
+    the scales :func:`~qpasses.methods.dynamic.quantize_weight_per_channel` computes."""
+    _, scale = quantize_weight_per_channel(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    return FakeQuantize(scale, torch.zeros_like(scale), -qmax, qmax, axis=0, bits=bits, symmetric=True)
 
 
 def _dynamic_fq_on(ctx: MatchContext, op: fx.Node, x: fx.Node, bits: int, symmetric: bool,

@@ -15,7 +15,7 @@ the same thing:
 (static per-tensor input quantizer) or by ``dynamic_fp8_linear`` (dynamic per-token input), the
 weight stored once as a float8_e4m3fn buffer.
 
-``lower_dynamic_linear`` replaces a ``DynamicQuantLinear`` call (``dynamic_int8``) by
+``lower_dynamic_linear`` replaces ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (``dynamic_int8``) by
 ``torch.ops.qpasses.dynamic_int8_linear``: the same per-call activation quantization, then the
 int8 GEMM with one zero point per row.
 
@@ -40,7 +40,7 @@ from ..kernels import packing
 from ..lang.registry import action, constraint
 from ..context import Refuse
 from ..matcher import MatchContext
-from ..methods.dynamic import DynamicQuantLinear
+from ..methods.dynamic import DynamicFakeQuant
 from ..numerics import FakeQuantize
 from ..ops import get_attr_value
 from .graphutil import add_param, copy_meta, matches_any
@@ -316,32 +316,55 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
 # ================================================================================ dynamic_int8
 @action("lower_dynamic_linear", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
 def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
-    """Replace a ``DynamicQuantLinear`` call by ``torch.ops.qpasses.dynamic_int8_linear``.
+    """``linear(DynamicFakeQuant(x), fq_w(W), b)`` (dynamic_int8) -> ``qpasses::dynamic_int8_linear``.
 
-    The output keeps the input's dtype (as the module's does) unless ``out_dtype`` is
-    ``float16`` / ``bfloat16``.
+    The input quantizer must be a per-token (``reduce_dim=-1``) or per-tensor ``DynamicFakeQuant``
+    of at most 8 bits, the weight quantizer symmetric per output channel with at most 8 bits and
+    a constant weight.  The output keeps the input's dtype (as the fake-quant graph's does) unless
+    ``out_dtype`` is ``float16`` / ``bfloat16``.
     """
     if matches_any(op, skip):
-        raise Refuse(f"{op.name} is in skip: left as a DynamicQuantLinear module")
+        raise Refuse(f"{op.name} is in skip: left in fake-quant form")
     od = _out_dtype(out_dtype)
-    mod = _module(ctx, op)
-    if not isinstance(mod, DynamicQuantLinear):
-        raise Refuse(f"{op.name} is not a DynamicQuantLinear call")
-    if len(op.args) != 1 or op.kwargs:
-        raise Refuse(f"{op.name} is called with extra arguments")
+    view = ctx.view(op)
+    if view.opclass != "linear":
+        raise Refuse(f"no kernel for {view.opclass} ({op.name}): dynamic_int8_linear is a linear kernel")
+    ins = view.inputs()
+    x_fq = ins[0] if ins else None
+    dq = _module(ctx, x_fq)
+    if not isinstance(dq, DynamicFakeQuant):
+        raise Refuse(f"the input of {op.name} is not dynamically quantized")
+    if dq.reduce_dim not in (None, -1) or dq.bits > 8:
+        raise Refuse(f"no kernel for {op.name}: its input quantizer ({dq.extra_repr()}) is not per token or "
+                     f"per tensor with at most 8 bits")
+    wnode, wfq, wsrc, w = _weight_quantizer(ctx, op)
+    if not isinstance(wfq, FakeQuantize) or not isinstance(w, torch.Tensor):
+        raise Refuse(f"no kernel for {op.name}: its weight is not a constant read through a FakeQuantize")
+    if int(wfq.bits) > 8:
+        raise Refuse(f"no kernel for {op.name}: {wfq.bits}-bit weights (int8 kernels take <= 8 bits)")
+    wc = L.int8_weight_codes(wfq, w)
+    if wc is None:
+        raise Refuse(f"no kernel for {op.name}: weight quantizer ({wfq.extra_repr()}) is not symmetric int8 "
+                     f"per output channel")
+    codes, w_scale = wc
+    if w_scale.numel() == 1:                                 # a per-tensor weight scale: one per channel
+        w_scale = w_scale.expand(codes.shape[0]).clone()
     from ..kernels.ops import MAX_K_INT8_ZP
-    if mod.in_features > MAX_K_INT8_ZP:
-        raise Refuse(f"no kernel for {op.name}: K={mod.in_features} could overflow the int32 accumulator")
-    wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(mod.weight_q), op)
-    ws = add_param(ctx, "lowered_ws", mod.weight_scale, op, requires_grad=False)
-    bn = add_param(ctx, "lowered_b", mod.bias, op, requires_grad=False) if mod.bias is not None else None
-    per_token = mod.granularity == "per_token"
+    if codes.shape[1] > MAX_K_INT8_ZP:
+        raise Refuse(f"no kernel for {op.name}: K={codes.shape[1]} could overflow the int32 accumulator")
+    bias = _const_bias(ctx, op)
+    wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(codes), op)
+    ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
+    bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
+    per_token = dq.reduce_dim == -1
+    bias_node = view.get("bias")
     with ctx.graph.inserting_before(op):
         new = ctx.graph.call_function(torch.ops.qpasses.dynamic_int8_linear.default,
-                                      (op.args[0], wp, ws, bn, mod.a_bits, mod.symmetric, per_token,
+                                      (x_fq.args[0], wp, ws, bn, int(dq.bits), bool(dq.symmetric), per_token,
                                        None if od is torch.float32 else od))
-    _finish(ctx, op, new, {"kernel": "dynamic_int8_linear", "w_bits": mod.w_bits, "a_bits": mod.a_bits,
-                           "granularity": mod.granularity}, [])
+    _finish(ctx, op, new, {"kernel": "dynamic_int8_linear", "w_bits": int(wfq.bits), "a_bits": int(dq.bits),
+                           "granularity": "per_token" if per_token else "per_tensor"}, [])
+    _drop_dead(ctx, [x_fq, wnode, bias_node])   # the weight get_attr goes with its quantizer
 
 
 # ================================================================================ w8a8_fp8

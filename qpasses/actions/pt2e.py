@@ -46,7 +46,7 @@ from ..context import Refuse
 from ..kernels.lowering import Int4GroupFakeQuantize
 from ..lang.registry import action, constraint
 from ..matcher import MatchContext
-from ..methods.dynamic import DynamicFakeQuant, DynamicQuantLinear, dynamic_range
+from ..methods.dynamic import DynamicFakeQuant, dynamic_range
 from ..numerics import FakeQuantize
 from ..qnodes import drop_dead
 from ..ops import get_attr_value, register_module_class
@@ -388,7 +388,7 @@ def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, red
 
 @action("freeze_dynamic_fq")
 def freeze_dynamic_fq(ctx: MatchContext, q: fx.Node):
-    """``DynamicFakeQuant`` (dynamic_int8's matmul operands) -> ``qpasses::fake_quant_per_token`` call."""
+    """``DynamicFakeQuant`` (linear inputs, matmul operands) -> ``qpasses::fake_quant_per_token``."""
     mod = _module(ctx, q)
     if not isinstance(mod, DynamicFakeQuant) or len(q.args) != 1 or q.kwargs:
         raise Refuse(f"{q.name} is not a plain DynamicFakeQuant call")
@@ -398,36 +398,6 @@ def freeze_dynamic_fq(ctx: MatchContext, q: fx.Node):
     out = _dynamic_call(ctx, q.args[0], mod.bits, mod.symmetric, rd, q, q)
     q.replace_all_uses_with(out)
     ctx.graph.erase_node(q)
-
-
-@action("freeze_dynamic_linear")
-def freeze_dynamic_linear(ctx: MatchContext, op: fx.Node):
-    """``DynamicQuantLinear`` -> ``qpasses::fake_quant_per_token`` on the input, then ``linear``
-    reading its int8 weight through ``dequantize_per_channel`` (axis 0)."""
-    mod = _module(ctx, op)
-    if not isinstance(mod, DynamicQuantLinear) or len(op.args) != 1 or op.kwargs:
-        raise Refuse(f"{op.name} is not a plain DynamicQuantLinear call")
-    x = op.args[0]
-    rd = -1 if mod.granularity == "per_token" else None
-    xq = _dynamic_call(ctx, x, mod.a_bits, mod.symmetric, rd, op, op)
-    qmax = 2 ** (mod.w_bits - 1) - 1
-    cn = ctx.rewrite.add_param(f"{op.target}_weight_int8".replace(".", "_"), mod.weight_q, op)
-    sn = ctx.rewrite.add_param(f"{op.target}_weight_scale".replace(".", "_"), mod.weight_scale, op,
-                               requires_grad=False)
-    zn = ctx.rewrite.add_param(f"{op.target}_weight_zero_point".replace(".", "_"),
-                               torch.zeros(mod.out_features, dtype=torch.int64), op)
-    bn = (ctx.rewrite.add_param(f"{op.target}_bias".replace(".", "_"), mod.bias, op, requires_grad=False)
-          if mod.bias is not None else None)
-    with ctx.graph.inserting_before(op):
-        dq = ctx.graph.call_function(DQ_CHANNEL, (cn, sn, zn, 0, -128, 127, torch.int8))
-        xf = ctx.graph.call_method("float", (xq,))
-        lin = ctx.graph.call_function(torch.nn.functional.linear, (xf, dq, bn))
-        out = ctx.graph.call_method("type_as", (lin, x))      # the module returns its input's dtype
-    _tag(dq, "int_weight", dtype="int8", qmin=-qmax, qmax=qmax, axis=0)
-    copy_meta(op, lin)
-    lin.meta["qpasses.module"] = str(op.target)
-    op.replace_all_uses_with(out)
-    ctx.graph.erase_node(op)
 
 
 @action("no_qdq_form")

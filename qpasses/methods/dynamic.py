@@ -1,6 +1,11 @@
 """Dynamic quantization modules: int8 weights quantized once, activations quantized per batch.
 
-* :class:`DynamicQuantLinear` -- a linear layer whose weight is stored as an integer tensor
+* :class:`DynamicQuantLinear` -- *not a graph form*: no rule produces it.  The ``dynamic`` family
+  writes PT2E's dynamic form instead, ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (graph nodes; see
+  :func:`dynamic_linear_quantizers`), and ``lower`` turns that into ``dynamic_int8_linear``.  It is
+  kept as an eager, exact-integer reference of the same numbers: ``benchmarks/kernels.py`` times
+  it as the eager baseline of ``dynamic_int8_linear``, and tests compare the graph form with it.
+  A linear layer whose weight is stored as an integer tensor
   (per-output-channel symmetric, narrow range, e.g. ``[-127, 127]``) with one fp32 scale per
   channel, computed once when the module is built.  At every call the activation's range is
   measured on the batch itself (per tensor, or per token = per row of the ``[..., K]`` input),
@@ -39,7 +44,7 @@ import torch.nn as nn
 
 from ..numerics.qparams import dynamic_qparams  # noqa: F401  re-exported here (its home is numerics)
 
-__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_qparams", "quantize_dynamic", "dynamic_range",
+__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_linear_quantizers", "LINEAR_TARGETS", "dynamic_qparams", "quantize_dynamic", "dynamic_range",
            "quantize_weight_per_channel", "GRANULARITIES", "int_mm_is_exact"]
 
 GRANULARITIES = ("per_tensor", "per_token")
@@ -246,3 +251,25 @@ class DynamicFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, reduce_dim={self.reduce_dim}"
+
+
+#: the call targets of a functional linear (the graph form of ``dynamic_int8``'s linears)
+LINEAR_TARGETS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def dynamic_linear_quantizers(modules, node):
+    """``(DynamicFakeQuant, weight FakeQuantize, input node, weight node)`` when ``node`` is
+    ``dynamic_int8``'s linear -- ``linear(DynamicFakeQuant(x), fq_w(W), b)`` with ``fq_w`` a
+    holder-backed (or module) ``FakeQuantize`` -- else None.  ``modules``: a GraphModule or its
+    ``named_modules()`` dict."""
+    from ..numerics import FakeQuantize
+    from ..qnodes import quantizer_module
+    if getattr(node, "op", None) != "call_function" or node.target not in LINEAR_TARGETS:
+        return None
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    dq = quantizer_module(modules, x, (DynamicFakeQuant,)) if x is not None else None
+    wq = quantizer_module(modules, w, (FakeQuantize,)) if w is not None else None
+    if not isinstance(dq, DynamicFakeQuant) or not isinstance(wq, FakeQuantize):
+        return None
+    return dq, wq, x, w

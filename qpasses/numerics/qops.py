@@ -45,7 +45,7 @@ Dynamic (per token), qparams measured on the input itself, one range per row (la
 
 Their qparams are :func:`~qpasses.numerics.qparams.dynamic_range_qparams` (the range widened to hold
 0; symmetric ``s = amax / qmax``, ``z = 0``; affine ``s = (max - min) / (qmax - qmin)``, integer
-``z``) and codes use ``x / s`` (a division), exactly as ``DynamicQuantLinear`` and the integer
+``z``) and codes use ``x / s`` (a division), exactly as ``DynamicFakeQuant`` and the integer
 kernels (``qpasses::dynamic_int8_linear``) compute them.
 
 The ops are registered when this module is imported (``import qpasses`` does), which is what

@@ -2,7 +2,6 @@
 
 1. **Prepare** (on a copy; the caller's graph is never touched): quantizer modules that are not
    one custom-op call become one (``Int4GroupFakeQuantize`` -> ``qpasses::fake_quant_per_group``,
-   ``DynamicQuantLinear`` -> per-token fake quantization + a per-channel weight quantizer + linear,
    ``ChannelBitsFakeQuant`` -> per-channel quantizer); a weight quantizer reading a constant
    reads that constant already fake-quantized by the module itself, so the integer codes folded
    later are exactly the module's; observers are dropped; disabled quantizers are the identity.
@@ -117,7 +116,6 @@ class _Prep:
     def run(self) -> None:
         from ..kernels.lowering import Int4GroupFakeQuantize
         from ..methods.aciq import ChannelBitsFakeQuant
-        from ..methods.dynamic import DynamicQuantLinear
         from ..methods.qat import QATBatchNorm2d
         from ..numerics.observers import Observer
         for node in list(self.g.nodes):
@@ -129,8 +127,6 @@ class _Prep:
                     self.group_int4(node, m)
                 elif isinstance(m, ChannelBitsFakeQuant):
                     self.channel_bits(node, m)
-                elif isinstance(m, DynamicQuantLinear):
-                    self.dynamic_linear(node, m)
                 elif isinstance(m, Observer):
                     node.replace_all_uses_with(node.args[0])
                     self.g.erase_node(node)
@@ -217,25 +213,6 @@ class _Prep:
         if torch.any(offset != 0):
             new = self.call(torch.ops.aten.add.Tensor, (new, self.attr(offset, node, "_onnx_offset")), node)
         node.replace_all_uses_with(new)
-        self.g.erase_node(node)
-
-    def dynamic_linear(self, node: fx.Node, m) -> None:
-        from ..methods.dynamic import DynamicFakeQuant
-        x = node.args[0]
-        name = node.target.replace(".", "_") + "_act"
-        self.gm.add_submodule(name, DynamicFakeQuant(m.a_bits, m.symmetric,
-                                                     -1 if m.granularity == "per_token" else None))
-        with self.g.inserting_before(node):
-            xq = self.g.call_module(name, (x,))
-        qmax = 2 ** (m.w_bits - 1) - 1
-        scale = m.weight_scale.float()
-        wf = m.weight_q.float() * scale[:, None]
-        wq = self.call(_QOPS.fake_quant_per_channel.default,
-                       (self.attr(wf, node), self.attr(scale, node, "_onnx_scale"),
-                        self.attr(torch.zeros_like(scale, dtype=torch.int32), node, "_onnx_zp"), 0, -qmax, qmax), node)
-        bias = self.attr(m.bias, node, "_onnx_bias") if m.bias is not None else None
-        y = self.call(torch.nn.functional.linear, (xq, wq, bias), node)
-        node.replace_all_uses_with(y)
         self.g.erase_node(node)
 
 
