@@ -313,7 +313,7 @@ def bench_llm(timer: Timer) -> Dict:
     * fp8: ``fp8_linear`` on pre-quantized e4m3 activations and ``dynamic_fp8_linear`` (per-token
       quantization included); ``torch._scaled_mm`` (cuBLASLt fp8) as a second baseline where it runs.
       Needs an sm_89+ GPU (else the fp8 rows are skipped and say so)."""
-    from qpasses.kernels import ops, packing
+    from qpasses.kernels import library as ops, packing
     import qpasses.numerics.fp8  # noqa: F401  registers quantize_fp8_per_token
     records, rows = [], []
 
@@ -601,7 +601,7 @@ def write_docs(path: Path, results: Dict, device: str) -> None:
 # ================================================================================ compile check
 def _compile_variants():
     """(kernel, pointer types, constexprs, config) for every kernel x autotune config x epilogue."""
-    from qpasses.kernels.ops import _kmod            # (re)builds the modules for the current TRITON_INTERPRET
+    from qpasses.kernels.library import _kmod            # (re)builds the modules for the current TRITON_INTERPRET
     T8, T4, TB = _kmod("triton_int8"), _kmod("triton_int4"), _kmod("triton_binary")
     TF8 = _kmod("triton_fp8")
     out = []

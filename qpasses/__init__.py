@@ -19,7 +19,7 @@ from .io import load, save
 from .deploy import compile  # noqa: A004  qpasses.compile: int8 on x86 CPUs through Inductor
 from . import actions  # noqa: F401  registers actions and constraints
 from . import steps  # noqa: F401  registers data steps
-from . import layers  # noqa: F401  registers the coverage count of reports
+from . import layer_report  # noqa: F401  registers the coverage count of reports
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import QPassesError
-from .ops import get_attr_value
+from .opclasses import get_attr_value
 from .qnodes import quantizer_module
 
 __all__ = ["save_compressed", "compressed_entries", "CheckpointError", "LayerQuant"]

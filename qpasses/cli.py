@@ -686,8 +686,8 @@ def explain(model, rule, node, recipe, options, shape, weights=None):
 # ----------------------------------------------------------------------------- report
 
 def layer_table(qgm, example) -> List[Dict[str, Any]]:
-    """Per weighted layer: op, bits, scales, output SQNR, size (:func:`qpasses.layers.layer_table`)."""
-    from .layers import layer_table as table
+    """Per weighted layer: op, bits, scales, output SQNR, size (:func:`qpasses.layer_report.layer_table`)."""
+    from .layer_report import layer_table as table
     return table(qgm, example)
 
 

@@ -1,7 +1,7 @@
 """The rewrite context: the one way actions change a graph, and the vocabulary they share.
 
 This module sits below the matcher, the manager and every action (it imports only torch
-and :mod:`qpasses.ops`).  A :class:`RewriteContext` lives for one ``PassManager.run``; it
+and :mod:`qpasses.opclasses`).  A :class:`RewriteContext` lives for one ``PassManager.run``; it
 
 * looks modules up by target (:class:`ModuleLookup`: always the module the graph module
   holds *now*, so a module swapped by any code, a user's action included, is seen at once);
@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .frontend import make_exported_trainable
-from .ops import OpView, _module_of, classify as _classify, holder_of, mutated_inputs
+from .opclasses import OpView, _module_of, classify as _classify, holder_of, mutated_inputs
 
 __all__ = ["PROVENANCE_KEY", "Refuse", "ModuleLookup", "RewriteContext", "copy_meta", "copy_graph_module",
            "delete_unused_submodules"]
@@ -222,7 +222,7 @@ class RewriteContext:
     # ------------------------------------------------------------------ reading
     def module(self, node_or_target: Any) -> Optional[nn.Module]:
         """The module a ``call_module`` node calls, the holder module a quantizer op node reads
-        (:func:`qpasses.ops.holder_of`), or the module at a dotted target; else None."""
+        (:func:`qpasses.opclasses.holder_of`), or the module at a dotted target; else None."""
         if isinstance(node_or_target, fx.Node):
             return _module_of(node_or_target, self.modules)
         return self.modules.get(node_or_target)
@@ -254,7 +254,7 @@ class RewriteContext:
         return self._calls.get(target, 0)
 
     def mutators(self, value: fx.Node) -> List[fx.Node]:
-        """The in-place ops that write ``value`` (:func:`qpasses.ops.mutated_inputs`).
+        """The in-place ops that write ``value`` (:func:`qpasses.opclasses.mutated_inputs`).
 
         Indexed with one scan the first time it is asked, then kept current as nodes are
         created, so the soundness guard costs O(match size) even where a value has thousands

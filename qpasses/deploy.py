@@ -100,7 +100,7 @@ def _is(node: Any, target) -> bool:
 
 
 def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
-    from .ops import get_attr_value
+    from .opclasses import get_attr_value
     if isinstance(node, fx.Node) and node.op == "get_attr":
         v = get_attr_value(gm, node.target)
         return v if isinstance(v, torch.Tensor) else None
@@ -136,7 +136,7 @@ def int8_candidates(gm: fx.GraphModule) -> CompileReport:
     (conv1d / conv2d / linear: uint8 per-tensor input, int8 symmetric per-channel axis-0 weight)
     and the rest, each with the reason."""
     from .actions.pt2e import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, QDQ_KEY
-    from .ops import OpView, classify
+    from .opclasses import OpView, classify
     mods = dict(gm.named_modules())
     rep = CompileReport()
     for n in gm.graph.nodes:

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import networkx as nx
 import torch.fx as fx
 
-from .ops import classify
+from .opclasses import classify
 from .qnodes import quantizer_module
 
 __all__ = ["to_networkx", "draw_graph", "svg_of", "module_path", "module_group"]

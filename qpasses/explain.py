@@ -19,7 +19,7 @@ from .errors import Location, MatchError, QPassesError, RewriteError, UnknownNam
 from .lang.registry import ACTIONS, CONSTRAINTS, constraint_result
 from .lang.rules import Rule
 from .matcher import FxIR, Match, MatchFailure, Matcher
-from .ops import node_paths
+from .opclasses import node_paths
 from .plan import Plan, Unit, truthy
 
 __all__ = ["Explanation", "explain_in_plan", "explain_rule", "apply_rule", "first_match",

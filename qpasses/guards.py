@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .ops import is_inplace
+from .opclasses import is_inplace
 
 # ``ctx`` below is a qpasses.matcher.MatchContext (not imported: the matcher calls the guards)
 

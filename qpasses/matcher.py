@@ -16,7 +16,7 @@ import torch.fx as fx
 from .lang.syntax import AnyPat, BindPat, Call, BindingRef, LiteralPat, NodePat, Pattern, ValuePat
 from .context import PROVENANCE_KEY, RewriteContext
 from .guards import check_guards
-from .ops import OP_CLASSES, OpView
+from .opclasses import OP_CLASSES, OpView
 
 __all__ = ["Match", "MatchFailure", "Matcher", "MatchContext", "FxIR"]
 

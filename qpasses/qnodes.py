@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops registers the ops)
-from .ops import holder_of, register_holder_op
+from .opclasses import holder_of, register_holder_op
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
            "insert_quantizer", "QUANTIZER_TYPES"]

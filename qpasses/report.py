@@ -112,13 +112,13 @@ class Coverage:
 
 
 #: the function computing a run's :class:`Coverage` (``fn(gm, report)``): registered by
-#: :mod:`qpasses.layers`, the layer that knows the quantizer and kernel module classes, so the
+#: :mod:`qpasses.layer_report`, the layer that knows the quantizer and kernel module classes, so the
 #: report (and the manager that fills it) need not
 _COVERAGE_FN: Optional[Any] = None
 
 
 def set_coverage_function(fn) -> None:
-    """Register ``fn(gm, report) -> Coverage`` (done by :mod:`qpasses.layers` on import)."""
+    """Register ``fn(gm, report) -> Coverage`` (done by :mod:`qpasses.layer_report` on import)."""
     global _COVERAGE_FN
     _COVERAGE_FN = fn
 

@@ -211,16 +211,16 @@ def _attn_data(n=6, seed=0):
 @pytest.mark.parametrize("sdpa", [False, True])
 @pytest.mark.parametrize("mode", ["fx", "export"])
 def test_query_and_key_projections_are_found_from_the_graph(mode, sdpa):
-    from qpasses.ops import OpView
+    from qpasses.opclasses import OpView
     from qpasses.steps.awq import attention_score_input
     model = _Attn(sdpa=sdpa).eval()
     gm = qpasses.PassManager("canonicalize", quiet=True).run(qpasses.trace(model, _attn_data()[0], mode=mode))
-    lin = [n for n in gm.graph.nodes if qpasses.ops.classify(n, dict(gm.named_modules())) == "linear"]
+    lin = [n for n in gm.graph.nodes if qpasses.opclasses.classify(n, dict(gm.named_modules())) == "linear"]
     # graph order of the linears: q, k, v, o, up, down (weights identify them in both graph forms)
     names = {}
     for n in lin:
         w = OpView(n, gm, "linear").get("weight")
-        w = qpasses.ops.get_attr_value(gm, str(w.target)) if isinstance(w, torch.fx.Node) else w
+        w = qpasses.opclasses.get_attr_value(gm, str(w.target)) if isinstance(w, torch.fx.Node) else w
         for nm in ("q", "k", "v", "o", "up", "down"):
             if torch.equal(w, getattr(model, nm).weight):
                 names[nm] = n

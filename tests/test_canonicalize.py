@@ -12,7 +12,7 @@ from conftest import randomize_bn
 
 
 def count(gm, cls_name):
-    from qpasses.ops import classify
+    from qpasses.opclasses import classify
     mods = dict(gm.named_modules())
     return sum(1 for n in gm.graph.nodes if classify(n, mods) == cls_name)
 
@@ -82,7 +82,7 @@ def test_fold_refuses_with_reasons(level):
 
 
 def count_one(gm, node):
-    from qpasses.ops import classify
+    from qpasses.opclasses import classify
     return classify(node, dict(gm.named_modules()))
 
 

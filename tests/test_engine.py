@@ -231,7 +231,7 @@ def test_symmetric_qparams_equal_calc_qparams():
 
 
 def test_module_attr_is_getattr():
-    from qpasses.ops import module_attr
+    from qpasses.opclasses import module_attr
 
     class WithProp(torch.nn.Module):
         flag = "class"
@@ -351,7 +351,7 @@ def test_set_training_matches_train():
 
 def test_module_classification_memo_follows_registration():
     import torch.nn as nn
-    from qpasses import ops
+    from qpasses import opclasses as ops
 
     class MyAct(nn.ReLU):
         pass
@@ -457,7 +457,7 @@ class _ResidualInplace(torch.nn.Module):
 
 @pytest.mark.parametrize("level", ["fx", "export"])
 def test_inplace_add_writes_its_first_operand_only(level):
-    from qpasses.ops import mutated_inputs
+    from qpasses.opclasses import mutated_inputs
     m = _ResidualInplace().eval()
     m.bn.running_mean.uniform_(-1, 1)
     x = torch.randn(2, 4, 8, 8)

@@ -321,7 +321,7 @@ def test_onnx_qdq_fp8_cnn_runs_in_onnxruntime(tmp_path, activations):
 
 def test_save_load_and_layer_table(tmp_path):
     """The fp8 graph goes through a torch.export archive (no pickle) and the layer table."""
-    from qpasses.layers import layer_table
+    from qpasses.layer_report import layer_table
     m = small_cnn()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     q = qpasses.PassManager("w8a8_fp8", activations="dynamic").run(qpasses.trace(m, (x,)))

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qpasses
-from qpasses.ops import classify
+from qpasses.opclasses import classify
 from qpasses.qnodes import quantizer_module
 
 transformers = pytest.importorskip("transformers")

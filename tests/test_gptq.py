@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import qpasses  # noqa: E402
 from qpasses.errors import OptionError, StepError  # noqa: E402
-from qpasses.kernels import ops as kops  # noqa: E402
+from qpasses.kernels import library as kops  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.numerics.gptq import (HessianAccumulator, affine_group_fit, gptq_quantize, hessian_error,  # noqa: E402
@@ -189,7 +189,7 @@ def test_dead_inputs_and_bad_arguments():
 def test_im2col_rows_reproduce_the_convolution(spec):
     """A convolution's Hessian rows: rows @ W.reshape(N, -1).T is the convolution's output, so
     ||WX - QX|| is the layer's output error."""
-    from qpasses.ops import OpView
+    from qpasses.opclasses import OpView
     from qpasses.steps.gptq import _geometry, _rows
     kind, kw, xshape, wshape = spec
     torch.manual_seed(0)

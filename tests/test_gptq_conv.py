@@ -24,7 +24,7 @@ from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.numerics.gptq import (ConvGeometry, conv_rows, conv_weight_from_matrix,  # noqa: E402
                                    conv_weight_matrix)
-from qpasses.ops import OpView  # noqa: E402
+from qpasses.opclasses import OpView  # noqa: E402
 from qpasses.qnodes import quantizer_module  # noqa: E402
 from qpasses.steps.gptq import _geometry, _get_attr  # noqa: E402
 
@@ -357,7 +357,7 @@ def test_custom_op_quantizer_form_gives_the_same_weights(sequential):
 def test_export_graph_conv_transpose1d_is_classified():
     """aten spells conv_transpose1d with its default overload (2-d / 3-d with ``.input``): the export
     graph's op is a conv_transpose1d, so it is quantized rather than silently left in float."""
-    from qpasses.ops import classify
+    from qpasses.opclasses import classify
     m = nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2)).eval()
     gm = qpasses.trace(m, (torch.randn(1, 2, 5),), mode="export")
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and "conv_transpose1d" in str(n.target)]

@@ -1,4 +1,4 @@
-"""qpasses.layers: the per-layer table reads every kind of quantizer, and switching the
+"""qpasses.layer_report: the per-layer table reads every kind of quantizer, and switching the
 quantizers off gives back the float function."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import qpasses
 from qpasses import datasets, zoo
-from qpasses.layers import layer_table, quantizers_off
+from qpasses.layer_report import layer_table, quantizers_off
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ import torch.nn as nn  # noqa: E402
 import qpasses  # noqa: E402
 from qpasses import datasets, zoo  # noqa: E402
 from qpasses.errors import QPassesError  # noqa: E402
-from qpasses.kernels import ops as kops  # noqa: E402
+from qpasses.kernels import library as kops  # noqa: E402
 from qpasses.kernels.lowering import Int4GroupFakeQuantize  # noqa: E402
 from qpasses.numerics import FakeQuantize  # noqa: E402
 from qpasses.qnodes import QUANTIZER_OPS, quantizer_module

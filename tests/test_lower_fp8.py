@@ -16,7 +16,7 @@ import torch.nn as nn  # noqa: E402
 
 import qpasses  # noqa: E402
 from qpasses import zoo  # noqa: E402
-from qpasses.kernels import ops as kops  # noqa: E402
+from qpasses.kernels import library as kops  # noqa: E402
 from qpasses.numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize  # noqa: E402
 from qpasses.qnodes import quantizer_module
 
@@ -112,7 +112,7 @@ def test_weights_stored_once_as_float8_buffers(activations):
         scale = getattr(low, n.args[windex + 1].target)
         assert codes.dtype == F8 and codes.shape == w.shape
         assert torch.equal(codes.float() * scale[:, None], q(w))
-    rows = __import__("qpasses.layers", fromlist=["layer_table"]).layer_table(low, (x,))
+    rows = __import__("qpasses.layer_report", fromlist=["layer_table"]).layer_table(low, (x,))
     assert [r["op"] for r in rows] == [str(FP8_OPS[activations]).split(".")[1]] * 3
     assert sum(r["size_kib"] for r in rows) == n_w / 1024 and all(r["w_bits"] == 8 for r in rows)
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import qpasses
 from qpasses.lang.rules import Rule, find_named, load_file
-from qpasses.ops import node_paths
+from qpasses.opclasses import node_paths
 
 
 class Net(nn.Module):

@@ -16,7 +16,7 @@ import qpasses
 from qpasses import zoo
 from qpasses.errors import OptionError, QPassesError, StepError
 from qpasses.numerics import FakeQuantize, Observer, sqnr
-from qpasses.ops import classify
+from qpasses.opclasses import classify
 
 from conftest import randomize_bn
 from qpasses.qnodes import quantizer_module

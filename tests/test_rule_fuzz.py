@@ -31,7 +31,7 @@ from qpasses.errors import QPassesError, RuleError  # noqa: E402
 from qpasses.lang.registry import ACTIONS, CONSTRAINTS  # noqa: E402
 from qpasses.lang.rules import Recipe, decode_text, parse_text  # noqa: E402
 from qpasses.lang.syntax import format_value  # noqa: E402
-from qpasses.ops import all_class_names  # noqa: E402
+from qpasses.opclasses import all_class_names  # noqa: E402
 
 FILE = "fuzz.yaml"
 #: load + bind must finish within this many seconds of CPU time (a bomb or a super-linear parse

@@ -15,7 +15,7 @@ from ..lang.registry import action
 from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.aciq import ChannelBitsFakeQuant, aciq_weight_quantizer
-from ..ops import register_module_class
+from ..opclasses import register_module_class
 from .quant import attach_weight_quantizer, bits_for, weight_axis
 
 register_module_class(ChannelBitsFakeQuant, "channel_bits_fq")

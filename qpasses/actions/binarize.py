@@ -24,7 +24,7 @@ from ..numerics.observers import OBSERVER_KIND, BITS
 from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.binary import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear)
-from ..ops import register_module_class
+from ..opclasses import register_module_class
 from .graphutil import add_module, copy_meta
 from .quant import QUANT_KEY, attach_weight_quantizer, observe_input, quantize_weight, weight_axis
 
@@ -198,7 +198,7 @@ def pack_binary_layer(ctx: MatchContext, op: fx.Node):
     src = wnode.args[0]
     if not (isinstance(src, fx.Node) and src.op == "get_attr"):
         raise Refuse(f"the latent weight of {op.name} is not a constant")
-    from ..ops import get_attr_value
+    from ..opclasses import get_attr_value
     w = get_attr_value(ctx.gm, src.target).detach().float()
     alpha = bw.alpha(w) if bw.scale else None
     bias = view.tensor("bias")

@@ -178,7 +178,7 @@ def apply_bit_map(gm: fx.GraphModule, bit_map: Any, check: bool = True) -> Dict[
     Returns ``{layer_name: annotation}`` for the annotated ops. Prefer the ``assign_bits`` rule
     family (``PassManager("assign_bits", bit_map=...)``), which works on a copy and reports.
     """
-    from ..ops import classify
+    from ..opclasses import classify
     bm = load_bit_map(bit_map) if isinstance(bit_map, (str, os.PathLike)) else normalize_bit_map(bit_map)
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes if classify(n, mods) in _WEIGHTED]

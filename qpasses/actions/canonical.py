@@ -88,7 +88,7 @@ def constant_operand(ctx: MatchContext, op: fx.Node):
 # rules/canonicalize.yaml matches that chain and replaces it by one `rms_norm` node, so rules
 # that reason about normalisation layers (smoothing, balancing) see a single producer.
 # The op classes the pattern needs are registered here when no other module has them yet.
-from ..ops import OP_CLASSES, OpClass, register_op_class  # noqa: E402
+from ..opclasses import OP_CLASSES, OpClass, register_op_class  # noqa: E402
 
 _aten = torch.ops.aten
 for _oc in (

@@ -28,7 +28,7 @@ from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.dynamic import DynamicFakeQuant, quantize_weight_per_channel
 from ..numerics import FakeQuantize
-from ..ops import register_module_class
+from ..opclasses import register_module_class
 from .graphutil import add_module, copy_meta
 from .quant import QUANT_KEY
 

@@ -12,7 +12,7 @@ __all__ = ["edge_weighted", "set_bits"]
 @constraint("edge_weighted", args={"which": {"choices": ("both", "first", "last")}})
 def edge_weighted(ctx: MatchContext, node: fx.Node, which: str = "both"):
     """``node`` is the first (``which="first"``), last (``"last"``) or either (``"both"``) weighted op in graph order."""
-    from ..ops import resolve_names
+    from ..opclasses import resolve_names
     key = (id(ctx.graph), len(ctx.graph.nodes))
     cached = ctx.state.get("edge_weighted")
     if cached is None or cached[0] != key:

@@ -23,7 +23,7 @@ from ..lang.registry import action, constraint, data_step
 from ..matcher import MatchContext
 from ..numerics import Observer
 from ..numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
-from ..ops import register_module_class
+from ..opclasses import register_module_class
 from ..steps.calibrate import CALIBRATE_ARGS
 from .quant import QUANT_KEY, attach_weight_quantizer, insert_input_quantizer, new_observer, weight_axis
 

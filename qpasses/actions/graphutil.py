@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..context import copy_meta
 from ..matcher import MatchContext
-from ..ops import matches_any, node_paths  # noqa: F401  (re-exported)
+from ..opclasses import matches_any, node_paths  # noqa: F401  (re-exported)
 
 __all__ = ["add_module", "add_param", "node_paths", "erase_if_unused", "copy_meta", "is_shared_module", "retarget",
            "matches_any"]

@@ -30,7 +30,7 @@ from .. import kernels as _kernels  # noqa: F401  registers the int8 kernel ops
 from ..methods import int_only as io
 from ..numerics import FakeQuantize
 from ..numerics.fixed_point import quantize_multiplier_tensor
-from ..ops import OpClass, register_op_class
+from ..opclasses import OpClass, register_op_class
 from .graphutil import add_param, copy_meta, erase_if_unused
 
 INT_KEY = "qpasses.int"
@@ -261,7 +261,7 @@ def _weight_codes(ctx: MatchContext, op: fx.Node):
     src = wn.args[0]
     if not (isinstance(src, fx.Node) and src.op == "get_attr"):
         raise Refuse(f"the weight of {op.name} is not a constant")
-    from ..ops import get_attr_value
+    from ..opclasses import get_attr_value
     w = get_attr_value(ctx.gm, src.target).detach().float()
     if mod.qmin < -128 or mod.qmax > 127:
         raise Refuse(f"{op.name}: {mod.bits}-bit weights do not fit int8")
@@ -317,7 +317,7 @@ def fuse_weighted(ctx: MatchContext, q: fx.Node, op: fx.Node, dq: fx.Node, round
     if rounding not in ("gemmlowp", "single"):
         raise Refuse(f"unknown rounding {rounding!r}")
     from ..kernels import pack_int8_conv_weight, pack_int8_weight
-    from ..kernels.ops import MAX_K_INT8_ZP
+    from ..kernels.library import MAX_K_INT8_ZP
     cls = ctx.classify(op)
     x, s_x, z_x = dq.args
     v, wn, codes, sw, bias = _weight_codes(ctx, op)
@@ -507,7 +507,7 @@ def round_bias_to_int32_grid(ctx: MatchContext, op: fx.Node):
     ``round(b / (s_x s_w)) * s_x s_w`` that the integer kernel will use, so the fake-quant graph
     models the integer graph's bias exactly (the rounding is up to ``0.5 * M`` output steps, which
     matters at low bit-widths where ``M = s_x s_w / s_y`` approaches 1)."""
-    from ..ops import get_attr_value
+    from ..opclasses import get_attr_value
     if op.meta.get("qpasses.int_bias"):
         raise Refuse(f"{op.name}: bias already on the int32 grid")
     v = ctx.view(op)

@@ -42,7 +42,7 @@ from ..context import Refuse
 from ..matcher import MatchContext
 from ..methods.dynamic import DynamicFakeQuant
 from ..numerics import FakeQuantize
-from ..ops import get_attr_value
+from ..opclasses import get_attr_value
 from .graphutil import add_param, copy_meta, matches_any
 from ..qnodes import drop_dead
 from .quant import QUANT_KEY
@@ -179,7 +179,7 @@ def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.d
     out_zp = qp[1] - qp[4]                                   # activation zero point in the int8 domain
     if view.opclass == "linear":
         K = codes.shape[1]
-        from ..kernels.ops import MAX_K_INT8_ZP
+        from ..kernels.library import MAX_K_INT8_ZP
         if K > MAX_K_INT8_ZP:
             raise Refuse(f"no kernel for {op.name}: K={K} could overflow the int32 accumulator")
         xq, wp, xs, ws, bn = _int8_operands(ctx, op, x_fq, qp, packing.pack_int8_weight(codes), w_scale, bias)
@@ -349,7 +349,7 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
     codes, w_scale = wc
     if w_scale.numel() == 1:                                 # a per-tensor weight scale: one per channel
         w_scale = w_scale.expand(codes.shape[0]).clone()
-    from ..kernels.ops import MAX_K_INT8_ZP
+    from ..kernels.library import MAX_K_INT8_ZP
     if codes.shape[1] > MAX_K_INT8_ZP:
         raise Refuse(f"no kernel for {op.name}: K={codes.shape[1]} could overflow the int32 accumulator")
     bias = _const_bias(ctx, op)

@@ -49,7 +49,7 @@ from ..matcher import MatchContext
 from ..methods.dynamic import DynamicFakeQuant, dynamic_range
 from ..numerics import FakeQuantize
 from ..qnodes import drop_dead
-from ..ops import get_attr_value, register_module_class
+from ..opclasses import get_attr_value, register_module_class
 from .graphutil import copy_meta
 
 register_module_class(Int4GroupFakeQuantize, "group_fq")

@@ -28,7 +28,7 @@ from ..numerics.observers import OBSERVER_KIND, BITS
 from ..context import Refuse
 from ..matcher import MatchContext
 from ..numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
-from ..ops import register_module_class
+from ..opclasses import register_module_class
 from ..qnodes import as_quantizer_call, insert_quantizer, quantizer_module
 from .graphutil import add_module
 

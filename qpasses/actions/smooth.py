@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..context import Refuse
 from ..lang.registry import action, constraint
 from ..matcher import MatchContext
-from ..ops import get_attr_value
+from ..opclasses import get_attr_value
 
 PLAN_KEY = "qpasses.balance"            # on a producer: {"group": Group, "scale": Tensor}
 REFUSED_KEY = "qpasses.balance_refused"  # on a producer: the reason it is no group

@@ -183,7 +183,7 @@ def linear(x: torch.Tensor, w_packed: torch.Tensor, K: int, alpha, bias, x_packe
     a_arg = alpha.reshape(-1).to(torch.float32).contiguous() if alpha is not None else out
     b_arg = bias.reshape(-1).to(torch.float32).contiguous() if bias is not None else out
     a_stride = 0 if alpha is None or alpha.numel() == 1 else 1
-    from .ops import XNOR_MAX_M
+    from .library import XNOR_MAX_M
     xnor = (x_packed and M <= XNOR_MAX_M) if force_xnor is None else (force_xnor and x_packed)
     if xnor:
         bm = max(1, triton.next_power_of_2(min(M, XNOR_MAX_M)))

@@ -1,6 +1,6 @@
 """Triton int8 x int8 -> int32 GEMM and implicit-GEMM conv2d with fused epilogues.
 
-Kernels (host wrappers at the bottom; ``qpasses.kernels.ops`` validates arguments first):
+Kernels (host wrappers at the bottom; ``qpasses.kernels.library`` validates arguments first):
 
 * ``_int8_gemm_kernel``: ``x[M, K] @ w[N, K]^T`` with int8 tensor-core dots and an int32
   accumulator, tiles visited in grouped ("super-grouping") order for L2 reuse (the technique of

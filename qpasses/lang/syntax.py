@@ -355,7 +355,7 @@ class _Parser:
         return LiteralPat(self.value(), t.loc)
 
     def node_pattern(self) -> NodePat:
-        from ..ops import resolve_names, all_class_names  # late: ops registry may grow
+        from ..opclasses import resolve_names, all_class_names  # late: ops registry may grow
         open_tok = self.expect("(")
         self.enter(open_tok)
         names: List[str] = []

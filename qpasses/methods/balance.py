@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import OpView, classify, get_attr_value
+from ..opclasses import OpView, classify, get_attr_value
 
 __all__ = ["Group", "Refusal", "find_groups", "run_recording", "group_label"]
 

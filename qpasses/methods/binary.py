@@ -47,7 +47,7 @@ class BinaryActivation(nn.Module):
     ``float_activation`` (``None``, ``"relu"`` or ``"relu6"``) names the activation a rewrite
     dropped in front of it because ``sign`` made it redundant (``sign(relu(x))`` is constant, so
     the ReLU goes); the float function of the layer is that activation, not the identity
-    (:func:`qpasses.layers.quantizers_off` uses it).
+    (:func:`qpasses.layer_report.quantizers_off` uses it).
     """
 
     float_activation = None

@@ -33,7 +33,7 @@ class Block:
     nodes: List[fx.Node] = field(default_factory=list)
 
     def weighted(self, classify) -> List[fx.Node]:
-        from ..ops import resolve_names
+        from ..opclasses import resolve_names
         w = set(resolve_names("weighted"))
         return [n for n in self.nodes if classify(n) in w]
 

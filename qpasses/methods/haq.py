@@ -102,7 +102,7 @@ def extract_layers(gm: fx.GraphModule) -> Tuple[List[Layer], List[fx.Node]]:
     """The weighted ops of ``gm`` in graph order (needs the shapes ``qpasses.trace`` records)."""
     from ..actions.bits import layer_name
     from ..frontend import node_shape
-    from ..ops import OpView, classify
+    from ..opclasses import OpView, classify
     mods = dict(gm.named_modules())
     layers, nodes = [], []
     for n in gm.graph.nodes:
@@ -302,7 +302,7 @@ class QuantSim:
         from ..actions.quant import _observer_config, new_observer, weight_fake_quant
         from ..frontend import set_training
         from ..context import copy_graph_module
-        from ..ops import OpView, classify
+        from ..opclasses import OpView, classify
         self.gm = copy_graph_module(gm)
         set_training(self.gm, False)
         self.layers = list(layers)
@@ -564,7 +564,7 @@ def hutchinson_traces(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
     ``E_v[v^T H v]`` with Rademacher ``v``; Avron & Toledo 2011, HAWQ-v2)."""
     from ..frontend import set_training
     from ..context import copy_graph_module
-    from ..ops import OpView, classify
+    from ..opclasses import OpView, classify
     g = copy_graph_module(gm)
     set_training(g, False)
     mods = dict(g.named_modules())

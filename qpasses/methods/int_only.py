@@ -322,7 +322,7 @@ INT_OPS = {
 
 def integer_ops_report(gm) -> dict:
     """Counts of node kinds in a lowered graph: integer ops, kernels, and float compute left."""
-    from ..ops import classify
+    from ..opclasses import classify
     modules = dict(gm.named_modules())
     int_targets = set(INT_OPS.values()) | {torch.ops.qpasses.int8_conv2d_requant.default,
                                            torch.ops.qpasses.int8_linear_requant.default}

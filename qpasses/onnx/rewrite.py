@@ -133,7 +133,7 @@ _MISSING = object()
 
 
 class OnnxView:
-    """Normalised arguments of a graphsurgeon node, like :class:`qpasses.ops.OpView`."""
+    """Normalised arguments of a graphsurgeon node, like :class:`qpasses.opclasses.OpView`."""
 
     def __init__(self, node: gs.Node, opclass: Optional[str] = None):
         self.node = node

@@ -52,7 +52,7 @@ from ..errors import StepError
 from ..frontend import input_arity
 from ..lang.registry import data_step
 from ..methods.balance import Group, find_groups, run_recording
-from ..ops import OpView, classify, get_attr_value, matches_any
+from ..opclasses import OpView, classify, get_attr_value, matches_any
 from .calibrate import iterate_batches
 
 __all__ = ["smooth_scales", "awq_scales", "awq_clip", "collect_inputs", "smoothquant_scale", "awq_search",

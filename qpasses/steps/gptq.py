@@ -60,7 +60,7 @@ from ..numerics import FakeQuantize
 from ..numerics.gptq import (ConvGeometry, HessianAccumulator, affine_group_fit, conv_rows, conv_weight_from_matrix,
                              conv_weight_matrix, gptq_quantize, hessian_error, round_to_nearest,
                              symmetric_group_fit)
-from ..ops import OpView, classify
+from ..opclasses import OpView, classify
 from ..qnodes import holder_target, quantizer_module
 from .calibrate import calibration_world, iterate_batches, progress_bar
 

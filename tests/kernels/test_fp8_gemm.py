@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from qpasses.kernels import ops  # noqa: E402
+from qpasses.kernels import library as ops  # noqa: E402
 from qpasses.kernels import reference as R  # noqa: E402
 import qpasses.numerics.fp8  # noqa: E402,F401
 

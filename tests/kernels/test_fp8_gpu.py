@@ -10,7 +10,7 @@ Run on a GPU machine with ``python -m pytest tests/kernels/test_fp8_gpu.py``.
 import pytest
 import torch
 
-from qpasses.kernels import ops
+from qpasses.kernels import library as ops
 from qpasses.kernels import reference as R
 import qpasses.numerics.fp8  # noqa: F401
 

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from qpasses.kernels import ops
+from qpasses.kernels import library as ops
 from qpasses.kernels import packing as P
 from qpasses.kernels import reference as R
 

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import qpasses.kernels  # noqa: E402,F401  (registers the ops)
-from qpasses.kernels import ops  # noqa: E402
+from qpasses.kernels import library as ops  # noqa: E402
 from qpasses.kernels import packing as P  # noqa: E402
 from qpasses.kernels import reference as R  # noqa: E402
 

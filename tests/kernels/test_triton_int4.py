@@ -6,7 +6,7 @@ os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from qpasses.kernels import ops  # noqa: E402
+from qpasses.kernels import library as ops  # noqa: E402
 from qpasses.kernels import packing as P  # noqa: E402
 from qpasses.kernels import reference as R  # noqa: E402
 

@@ -41,7 +41,7 @@ from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic import DynamicFakeQuant, dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
-from .ops import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
+from .opclasses import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
 from .qnodes import bypassed
 from .report import Coverage, set_coverage_function
 
