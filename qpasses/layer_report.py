@@ -78,10 +78,8 @@ def quantizers_off(gm: nn.Module):
     nodes (:mod:`qpasses.qnodes`) call a pass-through function meanwhile (the graph module's
     code is regenerated on the way in and out)."""
     patched = []
-    stack = contextlib.ExitStack()
+    ops_off = bypassed(gm, list(gm.graph.nodes)) if isinstance(gm, fx.GraphModule) else contextlib.nullcontext()
     try:
-        if isinstance(gm, fx.GraphModule):
-            stack.enter_context(bypassed(gm, list(gm.graph.nodes)))
         for m in gm.modules():
             if isinstance(m, BinaryActivation) and m.float_activation in _DROPPED:
                 m.forward = _DROPPED[m.float_activation]
@@ -89,11 +87,11 @@ def quantizers_off(gm: nn.Module):
             elif isinstance(m, _QUANTIZERS):
                 m.forward = lambda x, *a, **k: x
                 patched.append(m)
-        yield
+        with ops_off:
+            yield
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
-        stack.close()
 
 
 def _outputs(gm: fx.GraphModule, example) -> Dict[str, torch.Tensor]:

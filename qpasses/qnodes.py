@@ -187,15 +187,5 @@ def insert_quantizer(ctx: Any, x: fx.Node, target: str, *, before: Optional[fx.N
     if not isinstance(fq, FakeQuantize):
         raise TypeError(f"{target} holds {type(fq).__name__}, not a FakeQuantize")
     op, names, consts = graph_call(fq)
-    if after is not None:
-        first = ctx.get_attr(f"{target}.{names[0]}", after=after)
-    else:
-        first = ctx.get_attr(f"{target}.{names[0]}", before=before)
-    attrs = [first]
-    for a in names[1:]:
-        attrs.append(ctx.get_attr(f"{target}.{a}", after=attrs[-1]))
-    for n, a in zip(attrs, names):
-        t = getattr(fq, a)
-        n.meta["qpasses.shape"] = tuple(t.shape)
-        n.meta["qpasses.dtype"] = t.dtype
+    attrs = _attr_nodes(ctx, target, names, before=after.next if after is not None else before)
     return ctx.insert("call_function", op, (x, *attrs, *consts), after=attrs[-1], like=x, name=target.replace(".", "_"))

@@ -138,7 +138,7 @@ def _finish(ctx: MatchContext, op: fx.Node, new: fx.Node, info: dict, dead) -> N
     new.meta[LOWERED_KEY] = info
     op.replace_all_uses_with(new)
     ctx.graph.erase_node(op)
-    _drop_dead(ctx, dead)
+    drop_dead(ctx, dead)
 
 
 def _quantized_input(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp) -> fx.Node:
@@ -206,7 +206,7 @@ def _lower_int8(ctx: MatchContext, op: fx.Node, wfq, wsrc, w, out_dtype: torch.d
         raise Refuse(f"no kernel for {view.opclass} ({op.name}): int8 kernels exist for linear and conv2d only")
     bias_node = view.get("bias")
     _finish(ctx, op, new, {"kernel": kernel, "w_bits": int(wfq.bits), "a_zero_point": out_zp}, [])
-    _drop_dead(ctx, [x_fq, ctx.state.get("lower.wnode"), wsrc, bias_node])
+    drop_dead(ctx, [x_fq, ctx.state.get("lower.wnode"), wsrc, bias_node])
 
 
 def _int8_operands(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp, packed_w: torch.Tensor,
@@ -219,10 +219,6 @@ def _int8_operands(ctx: MatchContext, op: fx.Node, x_fq: fx.Node, qp, packed_w: 
     ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
     bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
     return xq, wp, xs, ws, bn
-
-
-def _drop_dead(ctx: MatchContext, nodes) -> None:
-    drop_dead(ctx, nodes)
 
 
 def _lower_int4(ctx: MatchContext, op: fx.Node, wq: L.Int4GroupFakeQuantize, wsrc, w) -> None:
@@ -245,7 +241,7 @@ def _lower_int4(ctx: MatchContext, op: fx.Node, wq: L.Int4GroupFakeQuantize, wsr
         new = ctx.graph.call_function(torch.ops.qpasses.int4_weight_only_linear.default,
                                       (x, wp, sn, zn, wq.group_size, bn))
     _finish(ctx, op, new, {"kernel": "int4_weight_only_linear", "w_bits": 4, "group_size": wq.group_size}, [])
-    _drop_dead(ctx, [ctx.state.get("lower.wnode"), wsrc, bias_node])
+    drop_dead(ctx, [ctx.state.get("lower.wnode"), wsrc, bias_node])
 
 
 _OUT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -364,7 +360,7 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
                                        None if od is torch.float32 else od))
     _finish(ctx, op, new, {"kernel": "dynamic_int8_linear", "w_bits": int(wfq.bits), "a_bits": int(dq.bits),
                            "granularity": "per_token" if per_token else "per_tensor"}, [])
-    _drop_dead(ctx, [x_fq, wnode, bias_node])   # the weight get_attr goes with its quantizer
+    drop_dead(ctx, [x_fq, wnode, bias_node])   # the weight get_attr goes with its quantizer
 
 
 # ================================================================================ w8a8_fp8
@@ -482,4 +478,4 @@ def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32",
     _finish(ctx, op, new, {"kernel": kernel, "w_bits": 8, "a_bits": 8, "format": "float8_e4m3fn",
                            "activations": activations,
                            "w_granularity": "per_tensor" if wq.axis is None else "per_channel"}, [])
-    _drop_dead(ctx, [x_fq, wnode, wsrc, bias_node])
+    drop_dead(ctx, [x_fq, wnode, wsrc, bias_node])

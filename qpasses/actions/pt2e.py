@@ -108,10 +108,6 @@ def _effective_scale(mod: FakeQuantize) -> torch.Tensor:
     return torch.clamp(s.abs(), min=_F32_EPS) if mod.learnable else s
 
 
-def _drop(ctx: MatchContext, *nodes) -> None:
-    drop_dead(ctx, nodes)
-
-
 def _tag(node: fx.Node, form: str, **info) -> None:
     node.meta[QDQ_KEY] = dict(form=form, **info)
 
@@ -254,7 +250,7 @@ def freeze_weight(ctx: MatchContext, q: fx.Node):
     _tag(dq, "int_weight", dtype=str(dtype).replace("torch.", ""), qmin=int(mod.qmin), qmax=int(mod.qmax),
          axis=None if mod.axis is None else int(axis))
     _replace(ctx, q, dq)
-    _drop(ctx, src)
+    drop_dead(ctx, (src,))
 
 
 def _base(node: fx.Node) -> str:
@@ -359,7 +355,7 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
          reason="group-wise int4 weights: quantized_decomposed has no exact group-wise form for int4 codes",
          exact=bool(torch.equal(direct, y)))
     _replace(ctx, q, fq)
-    _drop(ctx, src)
+    drop_dead(ctx, (src,))
 
 
 def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, reduce_dim: Optional[int],

@@ -34,7 +34,7 @@ from ..qnodes import insert_quantizer, quantizer_module
 from .graphutil import add_module, add_param, copy_meta, is_shared_module
 from .quant import QUANT_KEY
 
-#: node meta of a QAT pattern's BatchNorm node: the pattern's parts, by node name
+#: node meta of a QAT pattern's BatchNorm node: the conv module's path and the weight quantizer's holder
 QAT_KEY = "qpasses.qat_conv_bn"
 #: node meta marking the nodes inside a QAT pattern (not outputs of their own)
 QAT_INTERIOR = "qpasses.qat_interior"
@@ -102,8 +102,7 @@ def qat_fuse_conv_bn(ctx: MatchContext, bn: fx.Node, conv: fx.Node, w_bits: int 
     for n in made:
         n.meta[QAT_INTERIOR] = True
     bn.args = (out,)
-    bn.meta[QAT_KEY] = {"conv": str(conv.target), "conv_node": y.name, "weight_fq": target,
-                        "nodes": [n.name for n in made]}
+    bn.meta[QAT_KEY] = {"conv": str(conv.target), "weight_fq": target}
     ctx.rewrite.erase(conv)
 
 
@@ -129,8 +128,8 @@ def qat_fold_conv_bn(ctx: MatchContext, bn: fx.Node):
     bm = ctx.rewrite.module(bn)
     if not isinstance(info, dict) or not isinstance(bm, QATBatchNorm2d):
         raise Refuse(f"{bn.name} is not the BatchNorm of a QAT conv + BatchNorm pattern")
-    by_name = {n.name: n for n in ctx.graph.nodes}
-    y = by_name.get(info["conv_node"])
+    interior = _pattern_nodes(bn)
+    y = next((n for n in interior if n.op == "call_function" and n.target is F.conv2d), None)
     cm = ctx.modules.get(info["conv"])
     wfq = quantizer_module(ctx.modules, y.args[1], (FakeQuantize,)) if y is not None else None
     if y is None or not isinstance(cm, nn.Conv2d) or wfq is None:
@@ -149,10 +148,25 @@ def qat_fold_conv_bn(ctx: MatchContext, bn: fx.Node):
     new.meta[QUANT_KEY] = {"weight": {"bits": fq.bits, "axis": fq.axis}}
     bn.replace_all_uses_with(new)
     ctx.rewrite.erase(bn)
-    dead = [by_name[n] for n in reversed(info["nodes"]) if n in by_name]
-    for n in dead:   # users before their inputs (the list is in creation order)
-        if not n.users and n.graph is ctx.graph:
+    while True:      # the pattern's nodes, users before their inputs
+        dead = [n for n in interior if not n.users]
+        if not dead:
+            break
+        for n in dead:
             ctx.rewrite.erase(n)
+            interior.remove(n)
+
+
+def _pattern_nodes(bn: fx.Node) -> list:
+    """The nodes of the QAT pattern feeding ``bn``: those marked :data:`QAT_INTERIOR`, reached
+    backwards from it (the walk stops at the conv's input and at anything added since)."""
+    seen, todo = [], list(bn.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.meta.get(QAT_INTERIOR) and n not in seen:
+            seen.append(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 @constraint("learnable_fake_quant")
