@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .errors import RewriteError
 from .frontend import make_exported_trainable
 from .opclasses import OpView, _module_of, classify as _classify, holder_of, mutated_inputs
 
@@ -112,32 +113,117 @@ def copy_meta(src: fx.Node, dst: fx.Node) -> None:
 
 _ATOMS = (int, float, bool, str, type(None))
 _EMPTY_CONTAINERS = (dict, OrderedDict, set)
+_STATE_TABLES = ("_parameters", "_buffers", "_modules")
 
 
 def _deepcopy_memo(root: nn.Module) -> Dict[int, Any]:
-    """A ``copy.deepcopy`` memo that answers, up front, what the deep copy of ``root`` would
-    compute at length for the values that need no copying work: each module's empty hook
-    tables (an empty ``dict`` / ``OrderedDict`` / ``set`` deep-copies to a new empty one of
-    the same type) and its tuples of plain numbers (``stride``, ``padding``: they copy to
-    themselves).  About a dozen empty tables per module are most of a module's copy time.
-    The copy is what ``copy.deepcopy(root)`` makes (``tests/test_engine.py`` pins it)."""
+    """A ``copy.deepcopy`` memo that holds, up front, the copies of ``root``'s submodules, made
+    by :func:`_copy_module` (what ``copy.deepcopy`` makes, with the generic machinery skipped
+    where it does no work): deep-copying ``root`` with it copies only the root itself.  The
+    copy is what ``copy.deepcopy(root)`` makes (``tests/test_engine.py`` pins it)."""
     memo: Dict[int, Any] = {}
+    storages: Dict[Tuple[str, int], int] = {}
     for m in root.modules():
         for v in vars(m).values():
-            t = type(v)
-            if t in _EMPTY_CONTAINERS:
-                if not v and id(v) not in memo:
-                    memo[id(v)] = t()
-            elif t is tuple and all(type(i) in _ATOMS for i in v):
-                memo[id(v)] = v
+            if isinstance(v, torch.Tensor):
+                _count_storage(v, storages)
+        for table in (m._parameters, m._buffers):
+            for t in table.values():
+                if t is not None:
+                    _count_storage(t, storages)
+    for child in root.children():
+        _copy_module(child, memo, storages)
     return memo
+
+
+def _count_storage(t: torch.Tensor, storages: Dict[Tuple[str, int], int]) -> None:
+    try:
+        key = (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (subclass, meta)
+        return
+    storages[key] = storages.get(key, 0) + 1
+
+
+_MODULE_PROTOCOL = (nn.Module.__getstate__, nn.Module.__reduce_ex__, nn.Module.__reduce__)
+
+
+def _copy_module(m: nn.Module, memo: Dict[int, Any], storages: Dict[Tuple[str, int], int]) -> nn.Module:
+    """``copy.deepcopy(m, memo)``, with the generic protocol's work done directly for the common
+    case: a module class using ``nn.Module``'s pickling protocol (else ``copy.deepcopy``).  Like
+    deepcopy it builds ``cls.__new__(cls)``, copies the state ``__getstate__`` gives and hands it
+    to ``__setstate__``; tensors it can clone exactly (:func:`_copy_tensor`) are cloned, and
+    everything else in the state goes through ``copy.deepcopy`` with the same memo (so what is
+    shared stays shared)."""
+    hit = memo.get(id(m))
+    if hit is not None:
+        return hit
+    cls = type(m)
+    if (getattr(cls, "__deepcopy__", None) is not None or isinstance(m, torch.jit.ScriptModule)
+            or (cls.__getstate__, cls.__reduce_ex__, cls.__reduce__) != _MODULE_PROTOCOL):
+        return copy.deepcopy(m, memo)
+    new = cls.__new__(cls)
+    memo[id(m)] = new
+    state = m.__getstate__()
+    out: Dict[str, Any] = {}
+    for k, v in state.items():
+        t = type(v)
+        if t in _ATOMS:
+            out[k] = v
+        elif k in _STATE_TABLES and t in (dict, OrderedDict) and id(v) not in memo:
+            table = t()
+            memo[id(v)] = table
+            for name, item in v.items():
+                if item is None:
+                    table[name] = None
+                elif k == "_modules":
+                    table[name] = _copy_module(item, memo, storages)
+                else:
+                    table[name] = _copy_tensor(item, memo, storages)
+            out[k] = table
+        elif t in _EMPTY_CONTAINERS and not v:
+            c = memo.get(id(v))
+            if c is None:
+                c = memo[id(v)] = t()
+            out[k] = c
+        elif t is tuple and all(type(i) in _ATOMS for i in v):
+            out[k] = v
+        else:
+            out[k] = copy.deepcopy(v, memo)
+    new.__setstate__(out)
+    return new
+
+
+def _copy_tensor(t: torch.Tensor, memo: Dict[int, Any], storages: Dict[Tuple[str, int], int]) -> torch.Tensor:
+    """``copy.deepcopy(t, memo)`` for a parameter or buffer: a clone where that is exactly what
+    deepcopy gives (a plain ``nn.Parameter``: deepcopy clones its data; a plain dense tensor that
+    is the only one on its storage and spans it, with no grad or attributes), else deepcopy."""
+    hit = memo.get(id(t))
+    if hit is not None:
+        return hit
+    cls = type(t)
+    if cls is nn.Parameter:
+        c = nn.Parameter(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
+    elif (cls is torch.Tensor and t.is_leaf and t.layout == torch.strided and t.device.type in ("cpu", "cuda")
+          and not t.is_quantized and not t.is_conj() and not t.is_neg() and t.grad is None and not t.__dict__
+          and t.storage_offset() == 0 and t.is_contiguous()
+          and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+          and storages.get((str(t.device), t.untyped_storage().data_ptr()), 0) == 1):
+        with torch.no_grad():
+            c = t.clone()
+        if t.requires_grad:
+            c.requires_grad_()
+    else:
+        return copy.deepcopy(t, memo)
+    memo[id(t)] = c
+    return c
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` that shares nothing mutable with it (graph, modules, parameters, hook
-    tables, meta): ``copy.deepcopy``, given a memo that answers the trivial parts of the
-    copy at once (:func:`_deepcopy_memo`).  A graph from ``torch.export`` keeps working
-    ``train()`` / ``eval()`` methods on the copy."""
+    tables, meta): ``copy.deepcopy``, given a memo that already holds the copies of its
+    submodules (:func:`_deepcopy_memo`: about a quarter of the time deepcopy's generic protocol
+    takes on them, measured in ``benchmarks/engine.py``).  A graph from ``torch.export`` keeps
+    working ``train()`` / ``eval()`` methods on the copy."""
     with warnings.catch_warnings():
         # deep-copying an exported graph's pytree specs makes torch warn about a deprecated
         # spec class it builds itself; nothing the caller can act on
@@ -318,9 +404,17 @@ class RewriteContext:
 
     def get_attr(self, target: str, *, before: Optional[fx.Node] = None,
                  after: Optional[fx.Node] = None) -> fx.Node:
-        """A ``get_attr`` node reading ``target``."""
+        """A ``get_attr`` node reading ``target``, which must name an attribute of the graph
+        module (a submodule, parameter, buffer or constant; a ``RewriteError`` names it otherwise)."""
+        path, _, name = str(target).rpartition(".")
+        owner = self.modules.get(path)
+        if owner is None or not (name in owner._parameters or name in owner._buffers or name in owner._modules
+                                 or hasattr(owner, name)):
+            raise RewriteError(f"get_attr {target!r}: the graph module has no attribute there")
         with self._at(before, after):
-            return self.graph.get_attr(target)
+            # create_node, not Graph.get_attr: the reference was checked above, through the module
+            # lookup, rather than again by fx with a get_submodule walk per node
+            return self.graph.create_node("get_attr", target)
 
     def insert(self, op: str, target: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None, *,
                before: Optional[fx.Node] = None, after: Optional[fx.Node] = None,

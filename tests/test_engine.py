@@ -180,6 +180,44 @@ def test_copy_memo_gives_what_deepcopy_gives(level):
         torch.testing.assert_close(ref.eval()(x), gm(x))
 
 
+def test_copy_keeps_sharing_and_aliasing_as_deepcopy_does():
+    """The module copier clones a tensor only where deepcopy's result is a clone; a shared
+    parameter stays one parameter, buffers on one storage stay on one storage, and tensors
+    deepcopy treats specially (a grad, attributes, a view) are deep-copied as deepcopy does."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight                       # tied weights
+            whole = torch.arange(8.0)
+            self.a.register_buffer("lo", whole[:4])              # two views of one storage
+            self.b.register_buffer("hi", whole[4:])
+            self.a.register_buffer("own", torch.ones(3))         # sole owner: cloned
+            self.a.bias.grad = torch.full((4,), 2.0)             # deepcopy of a Parameter drops it
+            self.b.extra = {"note": torch.zeros(2)}              # other state: deepcopy
+            self.b.weird = torch.ones(2).requires_grad_()
+
+        def forward(self, x):
+            return self.b(self.a(x) + self.a.lo.sum() + self.b.hi.sum())
+
+    gm = fx.symbolic_trace(Two())
+    ref, c = copy.deepcopy(gm), copy_graph_module(gm)
+    assert c.a.weight is c.b.weight and c.a.weight is not gm.a.weight
+    assert ref.a.weight is ref.b.weight
+    for m in (ref, c):
+        assert m.a.lo.untyped_storage().data_ptr() == m.b.hi.untyped_storage().data_ptr()
+        assert m.a.lo.untyped_storage().data_ptr() != gm.a.lo.untyped_storage().data_ptr()
+        assert (m.a.bias.grad is None) == (ref.a.bias.grad is None)
+        assert m.b.weird.requires_grad and type(m.a.weight) is nn.Parameter and m.a.weight.requires_grad
+        assert m.b.extra["note"] is not gm.b.extra["note"]
+    for (k, v), (k2, r) in zip(c.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(v, r) and v.stride() == r.stride() and v.dtype == r.dtype
+    x = torch.randn(2, 4)
+    assert torch.equal(c(x), gm(x))
+    c.a.own.add_(1)
+    assert torch.equal(gm.a.own, torch.ones(3))
+
+
 @pytest.mark.parametrize("level", ["fx", "export"])
 def test_a_converted_graph_survives_torch_export_with_one_node_per_quantizer(level):
     m = ResNetLike().eval()
@@ -522,3 +560,16 @@ def test_lint_failure_names_the_rule(tmp_path):
     finally:
         ACTIONS.pop("test_use_before_def", None)   # the fuzz tests draw from the registry
     assert str(gm.graph) == before
+
+
+def test_get_attr_verb_refuses_a_missing_attribute():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+    with RewriteContext(gm) as rc:
+        out = next(iter(gm.graph.find_nodes(op="output")))
+        n = rc.get_attr("0.weight", before=out)
+        assert n.op == "get_attr" and n.target == "0.weight"
+        rc.erase(n)
+        for bad in ("0.nope", "missing.weight"):
+            with pytest.raises(qpasses.RewriteError, match=bad.replace(".", r"\.")):
+                rc.get_attr(bad, before=out)
+    gm.graph.lint()
