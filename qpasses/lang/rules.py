@@ -1171,23 +1171,31 @@ def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
 # ----------------------------------------------------------------------------- shipped files
 
 
-def rules_dirs() -> List[Path]:
-    """Where named rule families and recipes are looked up: $QPASSES_RULES_PATH, then the shipped ones."""
-    dirs: List[Path] = []
+#: the shipped methods: one package per method, ``qpasses/methods/<method>/``, holding its rule
+#: family files (``<family>.yaml``) and recipe files (``recipes/<recipe>.yaml``)
+METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+#: the shipped shared parameter declarations
+SHIPPED_SHARED_PARAMS = METHODS_DIR / "params.yaml"
+
+
+def user_rules_dirs() -> List[Path]:
+    """The rule folders named by $QPASSES_RULES_PATH (``os.pathsep``-separated), in that order."""
     env = os.environ.get("QPASSES_RULES_PATH")
-    if env:
-        dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    try:
-        from importlib.resources import files
-        shipped = Path(str(files("qpasses._rules")))
-        if shipped.is_dir():
-            dirs.append(shipped)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    here = Path(__file__).resolve().parents[2] / "rules"
-    if here.is_dir() and here not in dirs:
-        dirs.append(here)
-    return dirs
+    return [Path(p) for p in env.split(os.pathsep) if p] if env else []
+
+
+def method_dirs() -> List[Path]:
+    """The shipped method packages (``qpasses/methods/<method>/``), by name."""
+    if not METHODS_DIR.is_dir():
+        return []
+    return sorted(p for p in METHODS_DIR.iterdir()
+                  if p.is_dir() and not p.name.startswith("_") and (p / "__init__.py").is_file())
+
+
+def rules_dirs() -> List[Path]:
+    """Where named rule families and recipes are looked up: the folders of $QPASSES_RULES_PATH
+    first (a name there wins), then the shipped method packages."""
+    return user_rules_dirs() + method_dirs()
 
 
 _CACHE: Dict[Tuple[str, float], Union[RuleFamily, Recipe]] = {}
@@ -1212,7 +1220,8 @@ def _named_files() -> Dict[str, Path]:
 
 # ----------------------------------------------------------------------------- shared declarations
 
-#: where the shared parameter declarations live inside each rules folder
+#: where the shared parameter declarations live inside each $QPASSES_RULES_PATH folder (the
+#: shipped ones: :data:`SHIPPED_SHARED_PARAMS`)
 SHARED_PARAMS = Path("shared") / "params.yaml"
 SHARED_SCHEMA = _Record("shared declarations", dict(_COMMON, shared=_Str()), required=("params",))
 _SHARED_CACHE: Dict[Tuple[Tuple[str, float], ...], Dict[str, ParamSpec]] = {}
@@ -1238,9 +1247,10 @@ def parse_shared_text(text: str, file: Optional[str] = None) -> Dict[str, ParamS
 
 
 def shared_params() -> Dict[str, ParamSpec]:
-    """The shared parameter declarations: ``shared/params.yaml`` of each rules folder
-    (``$QPASSES_RULES_PATH`` first: a name declared there wins over the shipped declaration)."""
-    files = [d / SHARED_PARAMS for d in rules_dirs()]
+    """The shared parameter declarations: ``shared/params.yaml`` of each $QPASSES_RULES_PATH
+    folder, then the shipped ``qpasses/methods/params.yaml`` (a name declared in a user folder
+    wins over the shipped declaration)."""
+    files = [d / SHARED_PARAMS for d in user_rules_dirs()] + [SHIPPED_SHARED_PARAMS]
     files = [f for f in files if f.is_file()]
     key = tuple((str(f), f.stat().st_mtime) for f in files)
     if key not in _SHARED_CACHE:

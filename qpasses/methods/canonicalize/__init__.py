@@ -1,0 +1,2 @@
+"""canonicalize."""
+from . import actions, fold  # noqa: F401  registers actions, constraints and data steps

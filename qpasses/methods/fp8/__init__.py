@@ -1,0 +1,2 @@
+"""fp8."""
+from . import actions  # noqa: F401  registers actions, constraints and data steps

@@ -1,0 +1,2 @@
+"""gptq."""
+from . import steps  # noqa: F401  registers actions, constraints and data steps

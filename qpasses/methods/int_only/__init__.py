@@ -1,0 +1,2 @@
+"""int_only."""
+from . import lib, actions  # noqa: F401  registers actions, constraints and data steps
