@@ -515,7 +515,10 @@ _STEP = _Record("step", {"rules": _Str(), "step": _Str(), "recipe": _Str(),
                          "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}")})
 _COMMON = {"version": _S(), "params": _OneOf(_MapOf(_PARAM, "name: default"), _Null(),
                                             text="a mapping of name: default or name: {default: ...}"),
-           "doc": _OneOf(_Str(), _Null())}
+           "doc": _OneOf(_Str(), _Null()),
+           # the page that documents the file, relative to the docs folder; by default a family's is
+           # rules/<family>.md and a recipe's recipes/<recipe>.md (tests/test_layout.py checks them)
+           "docs": _Str()}
 #: the declared schema of a rule-family file
 FAMILY_SCHEMA = _Record("rule file", dict(_COMMON, family=_Str(), stages=_OneOf(_List(_STAGE), _Null(), text="a list"),
                                           rules=_List(_RULE, nonempty=True)))
@@ -1122,13 +1125,13 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
     if not recipe:  # a family inherits from the shared declarations only (a recipe: see recipe_params)
         params = resolve_params(params, {}, f"rule family {str(data.get('family') or Path(file or 'rules').stem)!r}")
     if recipe:
-        _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
+        _check_keys(data, ("version", "recipe", "params", "steps", "doc", "docs"), "recipe", dloc)
         name = str(data.get("recipe") or Path(file or "recipe").stem)
         steps = _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params)
         for st in steps:  # what the file itself declares (inherited declarations: recipe_params)
             _check_step_param_args(st, params)
         return Recipe(name, steps, params, file, str(data.get("doc") or ""))
-    _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
+    _check_keys(data, ("version", "family", "params", "stages", "rules", "doc", "docs"), "rule file", dloc)
     name = str(data.get("family") or Path(file or "rules").stem)
     stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
     raw_rules = data.get("rules")
