@@ -123,3 +123,34 @@ def test_user_rule_folders_come_before_the_methods(tmp_path, monkeypatch):
     assert files["ptq_int8"] == METHODS / "ptq" / "recipes" / "ptq_int8.yaml"
     assert find_named("observe").doc == "mine"
     assert qpasses.PassManager("mine").plan is not None
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_yaml_and_runs_from_outside_the_checkout(tmp_path):
+    """pyproject.toml's packages and package-data: a built wheel holds every module and YAML file
+    of qpasses/, and the installed copy finds its recipes (no checkout on the path)."""
+    import os
+    import subprocess
+    import zipfile
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "-w", str(tmp_path / "whl"), "--no-deps",
+                        "--no-build-isolation", "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (whl,) = (tmp_path / "whl").glob("qpasses-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    src = ROOT / "qpasses"
+    want = {p.relative_to(ROOT).as_posix() for ext in ("*.py", "*.yaml") for p in src.rglob(ext)}
+    assert not want - names, sorted(want - names)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                        str(whl)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("QPASSES_RULES_PATH", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    code = ("import qpasses, pathlib; assert pathlib.Path(qpasses.__file__).parent == pathlib.Path(%r); "
+            "from qpasses.lang.rules import available_names; "
+            "n = sum(k in ('recipe', 'rules') for k in available_names().values()); "
+            "print(n, qpasses.PassManager('ptq_int8').params['skip'])" % str(tmp_path / "site" / "qpasses"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(len(SHIPPED)), "[]"]
