@@ -22,7 +22,7 @@ import torch
 
 import qpasses
 from qpasses import datasets, zoo
-from qpasses.methods.binary import clip_latent_weights, make_optimizer, pack_binary
+from qpasses.methods.binary.lib import clip_latent_weights, make_optimizer, pack_binary
 from _common import markdown_table
 
 
@@ -36,7 +36,7 @@ def _bnn(model, xtr, epochs, lr, seed):
 
 def _weight_counts(q):
     """(binary weight elements, all weight elements) of a ``bnn`` graph."""
-    from qpasses.methods.binary import BinaryWeight
+    from qpasses.methods.binary.lib import BinaryWeight
     from qpasses.numerics import FakeQuantize
     binary = total = 0
     for n in q.graph.nodes:

@@ -244,7 +244,7 @@ def bench_dynamic(timer: Timer, m_values, shapes) -> Dict:
     module (the exact-integer reference; not a graph form any more: same quantization, ``torch._int_mm`` where cuBLASLt takes the shape, else
     an exact fp32 GEMM), bf16 activations in and out."""
     from qpasses.kernels import packing
-    from qpasses.methods.dynamic import DynamicQuantLinear
+    from qpasses.methods.dynamic.lib import DynamicQuantLinear
     rows, records = [], []
     for name, (N, K) in shapes.items():
         w = torch.randn(N, K, device="cuda") * 0.05

@@ -12,7 +12,7 @@ import torch
 
 import qpasses
 from qpasses import datasets, zoo
-from qpasses.methods.binary import clip_latent_weights, make_optimizer, pack_binary
+from qpasses.methods.binary.lib import clip_latent_weights, make_optimizer, pack_binary
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -17,8 +17,7 @@ from .context import Refuse
 from .manager import PassManager
 from .io import load, save
 from .deploy import compile  # noqa: A004  qpasses.compile: int8 on x86 CPUs through Inductor
-from . import actions  # noqa: F401  registers actions and constraints
-from . import steps  # noqa: F401  registers data steps
+from . import methods  # noqa: F401  registers every method's actions, constraints and data steps
 from . import layer_report  # noqa: F401  registers the coverage count of reports
 
 __version__ = "0.1.0"

@@ -106,7 +106,7 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
     """``(quantized layers, linear layers left in float)`` of ``qgm`` in terms of ``hf_model``'s
     module names.  Raises :class:`CheckpointError` for quantizers the format cannot hold."""
     from .kernels.lowering import Int4GroupFakeQuantize
-    from .methods.dynamic import dynamic_linear_quantizers
+    from .methods.dynamic.lib import dynamic_linear_quantizers
     from .numerics import FakeQuantize
     from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 

@@ -392,7 +392,7 @@ def data_free_recipes() -> List[str]:
     """The recipes that run without calibration data, read from the recipes themselves: none of
     their data steps needs the run's data with the default parameters
     (:meth:`qpasses.plan.Plan.needs_data`; e.g. ``calibrate`` with ``no_data: first_batch``)."""
-    from . import actions, steps  # noqa: F401  (registers the data steps)
+    from . import methods  # noqa: F401  (registers the data steps)
     from .lang.rules import available_names
     from .plan import Plan
     out = []
@@ -555,7 +555,7 @@ def rules_list(what):
     """List what rule files can name: recipes, rule families, data steps, actions and
     constraints (WHAT: one of them, default all).  Data steps, actions and constraints show
     the arguments they declare (types, ranges, choices, defaults), as rule files may pass them."""
-    from . import actions, steps  # noqa: F401  (registers the actions, constraints and data steps)
+    from . import methods  # noqa: F401  (registers the actions, constraints and data steps)
     from .lang.registry import ACTIONS, CONSTRAINTS, DATA_STEPS, describe_args
     from .lang.rules import _named_files, find_named
     rows = []

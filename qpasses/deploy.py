@@ -5,7 +5,7 @@
     print(fast.report)
 
 1. The graph is put into PT2E's folded Q/DQ form by the ``qdq`` rule family
-   (:mod:`qpasses.actions.pt2e`), unless it is in that form already; ``qgm`` is never modified.
+   (:mod:`qpasses.methods.qdq.pt2e`), unless it is in that form already; ``qgm`` is never modified.
 2. Each quantized op is checked against what Inductor's x86 int8 passes
    (``torch/_inductor/fx_passes/quantization.py``, run as *freezing* passes) lower:
    ``conv1d`` / ``conv2d`` and ``linear`` whose input is ``dequantize_per_tensor`` of a ``uint8``
@@ -82,7 +82,7 @@ class CompileReport:
 # --------------------------------------------------------------------------------------- analysis
 def _quantizer_module_types():
     from .kernels.lowering import Int4GroupFakeQuantize
-    from .methods.dynamic import DynamicFakeQuant
+    from .methods.dynamic.lib import DynamicFakeQuant
     from .numerics import FakeQuantize, Observer
     return (FakeQuantize, Int4GroupFakeQuantize, DynamicFakeQuant, Observer)
 
@@ -109,7 +109,7 @@ def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
 
 def _quantized_kind(node: Any) -> Optional[str]:
     """'qdq' / 'custom' when ``node`` is a frozen quantizer's output, else None."""
-    from .actions.pt2e import CUSTOM_OPS, DQ_CHANNEL, DQ_TENSOR
+    from .methods.qdq.pt2e import CUSTOM_OPS, DQ_CHANNEL, DQ_TENSOR
     if not (isinstance(node, fx.Node) and node.op == "call_function"):
         return None
     if node.target in (DQ_TENSOR, DQ_CHANNEL):
@@ -135,7 +135,7 @@ def int8_candidates(gm: fx.GraphModule) -> CompileReport:
     """Sort the quantized ops of a graph in Q/DQ form into those Inductor's x86 int8 passes lower
     (conv1d / conv2d / linear: uint8 per-tensor input, int8 symmetric per-channel axis-0 weight)
     and the rest, each with the reason."""
-    from .actions.pt2e import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, QDQ_KEY
+    from .methods.qdq.pt2e import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, QDQ_KEY
     from .opclasses import OpView, classify
     mods = dict(gm.named_modules())
     rep = CompileReport()
@@ -182,7 +182,7 @@ def has_vnni() -> bool:
 
 
 def _why_not_int8(gm: fx.GraphModule, n: fx.Node, x: Any, w: Any, qdq_key: str) -> str:
-    from .actions.pt2e import DQ_CHANNEL, DQ_TENSOR
+    from .methods.qdq.pt2e import DQ_CHANNEL, DQ_TENSOR
     if _is(x, DQ_TENSOR):
         if x.args[-1] is not torch.uint8:
             return f"its input is dequantized from {x.args[-1]}, the x86 patterns take uint8"

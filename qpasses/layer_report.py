@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from .frontend import as_inputs
 from .kernels.lowering import Int4GroupFakeQuantize
-from .methods.aciq import ChannelBitsFakeQuant
-from .methods.binary import BinaryActivation, BinaryWeight, PackedBinaryLinear
-from .methods.dynamic import DynamicFakeQuant, dynamic_linear_quantizers
+from .methods.aciq.lib import ChannelBitsFakeQuant
+from .methods.binary.lib import BinaryActivation, BinaryWeight, PackedBinaryLinear
+from .methods.dynamic.lib import DynamicFakeQuant, dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .opclasses import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value

@@ -95,9 +95,9 @@ def test_rules_list_show_check(tmp_path):
     bad.write_text("version: 1\nrules:\n  - name: x\n    match: (conv2dd $c ?x)\n    rewrite: bypass($c, ?x)\n")
     r = _run("rules", "check", bad)
     assert r.exit_code == EXIT_ERROR and f"{bad}:4:" in r.output and "conv2dd" in r.output
-    r = _run("rules", "check", "rules/canonicalize.yaml", "rules/recipes/ptq_int8.yaml")
+    r = _run("rules", "check", "qpasses/methods/canonicalize/canonicalize.yaml", "qpasses/methods/ptq/recipes/ptq_int8.yaml")
     assert r.exit_code == EXIT_OK and r.output.count(": ok") == 2
-    r = _run("rules", "check", "rules/shared/params.yaml")
+    r = _run("rules", "check", "qpasses/methods/params.yaml")
     assert r.exit_code == EXIT_OK and "ok (shared declarations" in r.output
     bad.write_text("version: 1\nshared: params\nparams:\n  skip: inherit\n")
     r = _run("rules", "check", bad)

@@ -35,9 +35,9 @@ def _reads(path: Path) -> set:
 
 
 def test_the_steps_declare_what_they_read():
-    assert _reads(SRC / "steps" / "gptq.py") | {"distributed"} <= set(DATA_STEPS["gptq"].args)
+    assert _reads(SRC / "methods" / "gptq" / "steps.py") | {"distributed"} <= set(DATA_STEPS["gptq"].args)
     # calibrate_observers runs calibrate's body
-    assert _reads(SRC / "steps" / "calibrate.py") <= set(DATA_STEPS["calibrate_observers"].args)
+    assert _reads(SRC / "methods" / "ptq" / "calibrate.py") <= set(DATA_STEPS["calibrate_observers"].args)
     assert set(DATA_STEPS["calibrate_observers"].args) == set(DATA_STEPS["calibrate"].args)
 
 

@@ -6,7 +6,7 @@ import torch
 
 import qpasses
 from qpasses.errors import StepError
-from qpasses.steps.calibrate import iterate_batches
+from qpasses.methods.ptq.calibrate import iterate_batches
 from qpasses.zoo import MODELS, example_input
 
 NOT_FINITE = "NaN or inf in input 0"
@@ -71,7 +71,7 @@ def test_a_bit_map_alias_bomb_is_refused_fast(tmp_path):
     """bit_map_file is read from a file someone may hand you (docs/security.md): YAML aliases
     are refused before anything is expanded, so a bomb fails at once instead of eating memory."""
     import time
-    from qpasses.actions.bits import load_bit_map
+    from qpasses.methods.bits.actions import load_bit_map
     from qpasses.errors import OptionError
     lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     lines += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, 9)]   # 9**9 leaves

@@ -66,7 +66,7 @@ def test_progress_false_is_silent(step, capsys):
 def test_steps_read_the_context_flag():
     """Steps consult ``ctx.progress`` (the PassManager's setting) rather than a flag of their own."""
     from qpasses.lang.registry import DATA_STEPS
-    from qpasses.steps.calibrate import progress_bar
+    from qpasses.methods.ptq.calibrate import progress_bar
     assert progress_bar(False, total=3).disable
     assert not progress_bar(True, total=3).disable
     assert {"calibrate", "distill", "reconstruct", "search_bits"} <= set(DATA_STEPS)

@@ -316,7 +316,7 @@ def _old_dynamic_fq(x, bits, symmetric, reduce_dim):
 @pytest.mark.parametrize("reduce_dim", [None, -1, -2, 2, 0])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_dynamic_fake_quant_is_the_per_token_op(reduce_dim, symmetric):
-    from qpasses.methods.dynamic import DynamicFakeQuant
+    from qpasses.methods.dynamic.lib import DynamicFakeQuant
     x = _x(2, 7, 9, seed=9)
     x[1, :, 3] += 4.0
     mod = DynamicFakeQuant(8, symmetric, reduce_dim)
@@ -327,7 +327,7 @@ def test_dynamic_fake_quant_is_the_per_token_op(reduce_dim, symmetric):
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_dynamic_quant_linear_quantizes_its_input_with_the_per_token_op(granularity, symmetric, monkeypatch):
-    from qpasses.methods import dynamic as dyn
+    from qpasses.methods.dynamic import lib as dyn
     g = torch.Generator().manual_seed(11)
     w, b = torch.randn(12, 32, generator=g), torch.randn(12, generator=g)
     x = torch.randn(3, 4, 32, generator=g) * 2 + 0.5

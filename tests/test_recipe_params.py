@@ -240,11 +240,12 @@ def test_inherit_needs_a_declaration_somewhere(tmp_path):
 
 def test_shared_declarations_are_declared_once_and_user_folders_override_them(tmp_path, monkeypatch):
     import re
-    root = Path(__file__).resolve().parents[1] / "rules"
-    texts = [p.read_text() for p in list(root.glob("*.yaml")) + list((root / "recipes").glob("*.yaml"))]
+    methods = Path(__file__).resolve().parents[1] / "qpasses" / "methods"
+    texts = [p.read_text() for p in list(methods.glob("*/*.yaml")) + list(methods.glob("*/recipes/*.yaml"))]
+    assert len(texts) > 30
     for name, pattern in [("skip", r"^\s+skip:\s*\{[^}]*default"), ("observer", r"choices: \[minmax, moving_average")]:
         assert sum(len(re.findall(pattern, t, re.M)) for t in texts) == 0, name
-    shared = (root / "shared" / "params.yaml").read_text()
+    shared = (methods / "params.yaml").read_text()
     assert len(re.findall(r"^  skip:", shared, re.M)) == 1
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "params.yaml").write_text("version: 1\nparams:\n  calib_batches: {default: 2, type: int, min: 1}\n")

@@ -1,4 +1,4 @@
-"""Every rule family shipped in rules/ has a page in docs/rules/ whose example runs here and
+"""Every rule family shipped in qpasses/methods/<method>/ has a page in docs/rules/ whose example runs here and
 prints the output the page shows (numbers within a small tolerance, on the kind of CPU the
 pages were produced on)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = sorted(yaml.safe_load(p.read_text())["family"] for p in (ROOT / "rules").glob("*.yaml"))
+FAMILIES = sorted(yaml.safe_load(p.read_text())["family"] for p in (ROOT / "qpasses" / "methods").glob("*/*.yaml"))
 _NUM = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?[%×x]?$")
 
 
@@ -66,7 +66,7 @@ def _reference_cpu() -> bool:
     by up to 7 points): there only the output's lines and words are compared.
     """
     import torch
-    from qpasses.methods.dynamic import int_mm_is_exact
+    from qpasses.methods.dynamic.lib import int_mm_is_exact
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and int_mm_is_exact("cpu")
 
 

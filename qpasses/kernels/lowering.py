@@ -1,4 +1,4 @@
-"""Library side of the ``lower`` rule family (``rules/lower_triton.yaml``).
+"""Library side of the ``lower`` rule family (``qpasses/methods/lower/lower_triton.yaml``).
 
 * ``torch.ops.qpasses.quantize_int8``: the activation quantizer a lowered graph runs in front of
   an int8 kernel.  Its integer codes are *exactly* those of the fake quantizer it replaces

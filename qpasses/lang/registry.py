@@ -321,7 +321,7 @@ def action(name: Optional[str] = None, replaces: bool = False, keeps: tuple = ()
     The action changes the graph through ``ctx``'s verbs (:class:`qpasses.context.RewriteContext`).
     ``args`` declares ranges / choices of its arguments (module docstring); their types come
     from the signature.
-    The action may raise :class:`qpasses.actions.Refuse` to decline a match with a reason.
+    The action may raise :class:`qpasses.Refuse` to decline a match with a reason.
     """
     return _register(ACTIONS, name, args, replaces=replaces, keeps=tuple(keeps))
 

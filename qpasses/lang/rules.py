@@ -515,7 +515,10 @@ _STEP = _Record("step", {"rules": _Str(), "step": _Str(), "recipe": _Str(),
                          "when": _OneOf(_Bool(), _Str(), text="true, false or a ${parameter}")})
 _COMMON = {"version": _S(), "params": _OneOf(_MapOf(_PARAM, "name: default"), _Null(),
                                             text="a mapping of name: default or name: {default: ...}"),
-           "doc": _OneOf(_Str(), _Null())}
+           "doc": _OneOf(_Str(), _Null()),
+           # the page that documents the file, relative to the docs folder; by default a family's is
+           # rules/<family>.md and a recipe's recipes/<recipe>.md (tests/test_layout.py checks them)
+           "docs": _Str()}
 #: the declared schema of a rule-family file
 FAMILY_SCHEMA = _Record("rule file", dict(_COMMON, family=_Str(), stages=_OneOf(_List(_STAGE), _Null(), text="a list"),
                                           rules=_List(_RULE, nonempty=True)))
@@ -1122,13 +1125,13 @@ def parse_text(text: str, file: Optional[str] = None) -> Union[RuleFamily, Recip
     if not recipe:  # a family inherits from the shared declarations only (a recipe: see recipe_params)
         params = resolve_params(params, {}, f"rule family {str(data.get('family') or Path(file or 'rules').stem)!r}")
     if recipe:
-        _check_keys(data, ("version", "recipe", "params", "steps", "doc"), "recipe", dloc)
+        _check_keys(data, ("version", "recipe", "params", "steps", "doc", "docs"), "recipe", dloc)
         name = str(data.get("recipe") or Path(file or "recipe").stem)
         steps = _parse_steps(data.get("steps"), file, _vloc(data, "steps", dloc), params)
         for st in steps:  # what the file itself declares (inherited declarations: recipe_params)
             _check_step_param_args(st, params)
         return Recipe(name, steps, params, file, str(data.get("doc") or ""))
-    _check_keys(data, ("version", "family", "params", "stages", "rules", "doc"), "rule file", dloc)
+    _check_keys(data, ("version", "family", "params", "stages", "rules", "doc", "docs"), "rule file", dloc)
     name = str(data.get("family") or Path(file or "rules").stem)
     stages = _parse_stages(data.get("stages"), file, _vloc(data, "stages", dloc))
     raw_rules = data.get("rules")
@@ -1171,23 +1174,31 @@ def load_file(path: Union[str, os.PathLike]) -> Union[RuleFamily, Recipe]:
 # ----------------------------------------------------------------------------- shipped files
 
 
-def rules_dirs() -> List[Path]:
-    """Where named rule families and recipes are looked up: $QPASSES_RULES_PATH, then the shipped ones."""
-    dirs: List[Path] = []
+#: the shipped methods: one package per method, ``qpasses/methods/<method>/``, holding its rule
+#: family files (``<family>.yaml``) and recipe files (``recipes/<recipe>.yaml``)
+METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+#: the shipped shared parameter declarations
+SHIPPED_SHARED_PARAMS = METHODS_DIR / "params.yaml"
+
+
+def user_rules_dirs() -> List[Path]:
+    """The rule folders named by $QPASSES_RULES_PATH (``os.pathsep``-separated), in that order."""
     env = os.environ.get("QPASSES_RULES_PATH")
-    if env:
-        dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    try:
-        from importlib.resources import files
-        shipped = Path(str(files("qpasses._rules")))
-        if shipped.is_dir():
-            dirs.append(shipped)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    here = Path(__file__).resolve().parents[2] / "rules"
-    if here.is_dir() and here not in dirs:
-        dirs.append(here)
-    return dirs
+    return [Path(p) for p in env.split(os.pathsep) if p] if env else []
+
+
+def method_dirs() -> List[Path]:
+    """The shipped method packages (``qpasses/methods/<method>/``), by name."""
+    if not METHODS_DIR.is_dir():
+        return []
+    return sorted(p for p in METHODS_DIR.iterdir()
+                  if p.is_dir() and not p.name.startswith("_") and (p / "__init__.py").is_file())
+
+
+def rules_dirs() -> List[Path]:
+    """Where named rule families and recipes are looked up: the folders of $QPASSES_RULES_PATH
+    first (a name there wins), then the shipped method packages."""
+    return user_rules_dirs() + method_dirs()
 
 
 _CACHE: Dict[Tuple[str, float], Union[RuleFamily, Recipe]] = {}
@@ -1212,7 +1223,8 @@ def _named_files() -> Dict[str, Path]:
 
 # ----------------------------------------------------------------------------- shared declarations
 
-#: where the shared parameter declarations live inside each rules folder
+#: where the shared parameter declarations live inside each $QPASSES_RULES_PATH folder (the
+#: shipped ones: :data:`SHIPPED_SHARED_PARAMS`)
 SHARED_PARAMS = Path("shared") / "params.yaml"
 SHARED_SCHEMA = _Record("shared declarations", dict(_COMMON, shared=_Str()), required=("params",))
 _SHARED_CACHE: Dict[Tuple[Tuple[str, float], ...], Dict[str, ParamSpec]] = {}
@@ -1238,9 +1250,10 @@ def parse_shared_text(text: str, file: Optional[str] = None) -> Dict[str, ParamS
 
 
 def shared_params() -> Dict[str, ParamSpec]:
-    """The shared parameter declarations: ``shared/params.yaml`` of each rules folder
-    (``$QPASSES_RULES_PATH`` first: a name declared there wins over the shipped declaration)."""
-    files = [d / SHARED_PARAMS for d in rules_dirs()]
+    """The shared parameter declarations: ``shared/params.yaml`` of each $QPASSES_RULES_PATH
+    folder, then the shipped ``qpasses/methods/params.yaml`` (a name declared in a user folder
+    wins over the shipped declaration)."""
+    files = [d / SHARED_PARAMS for d in user_rules_dirs()] + [SHIPPED_SHARED_PARAMS]
     files = [f for f in files if f.is_file()]
     key = tuple((str(f), f.stat().st_mtime) for f in files)
     if key not in _SHARED_CACHE:

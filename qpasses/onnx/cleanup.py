@@ -12,7 +12,7 @@
 3. ``Cast`` nodes to the type their input already has are removed (:func:`fold_relu_into_quantize`
    is available but not run: onnxruntime fuses ``Relu -> Q`` itself, and the float twin of a model
    with the Relu dropped would be wrong);
-4. the ``qdq_cleanup`` rule family (``rules/qdq_cleanup.yaml``, the same file that runs on fx
+4. the ``qdq_cleanup`` rule family (``qpasses/methods/qdq/qdq_cleanup.yaml``, the same file that runs on fx
    graphs) through the ONNX rule adapter :mod:`qpasses.onnx.rewrite`: back-to-back Q/DQ pairs with
    identical parameters collapse to one;
 5. the float bias of a ``DequantizeLinear -> Conv / Gemm -> QuantizeLinear`` unit, when it lies on

@@ -115,8 +115,8 @@ class _Prep:
 
     def run(self) -> None:
         from ..kernels.lowering import Int4GroupFakeQuantize
-        from ..methods.aciq import ChannelBitsFakeQuant
-        from ..methods.qat import QATBatchNorm2d
+        from ..methods.aciq.lib import ChannelBitsFakeQuant
+        from ..methods.qat.lib import QATBatchNorm2d
         from ..numerics.observers import Observer
         for node in list(self.g.nodes):
             if node.op == "call_module":

@@ -107,7 +107,7 @@ def _skipped(ctx, node, patterns: Any = None):
 # ----------------------------------------------------------------------------- actions
 
 def _cfg(kind, bits, symmetric, signed=None, **extra) -> Dict[str, Any]:
-    from ..actions.quant import _observer_config
+    from ..methods.ptq.actions import _observer_config
     return _observer_config(kind, bits, symmetric, signed, **extra)
 
 
@@ -204,7 +204,7 @@ def _weight_axis(node: gs.Node, groups: int) -> Optional[int]:
 def _quantize_weight(ctx, op, bits: int = 8, per_channel: bool = True, observer: str = "minmax",
                      learnable: bool = False):
     """Per-channel symmetric narrow-range integer weight + DequantizeLinear (the fx weight quantizer)."""
-    from ..actions.quant import weight_fake_quant
+    from ..methods.ptq.actions import weight_fake_quant
     wt = op.inputs[1] if len(op.inputs) > 1 else None
     if not isinstance(wt, gs.Constant):
         raise OnnxRefuse(f"the weight of {op.name} is not a constant")
@@ -256,8 +256,8 @@ def onnx_data_step(name: str, args: Optional[Dict[str, Any]] = None):
 @onnx_data_step("calibrate", args={"calib_batches": {"type": int, "min": 1, "default": None}})
 def _calibrate(graph: gs.Graph, data: Iterable, args: Dict[str, Any], state: Dict[str, Any], progress: bool):
     """Run the batches in onnxruntime; every observer node's tensor feeds its qpasses observer."""
-    from ..actions.quant import new_observer
-    from ..steps.calibrate import iterate_batches
+    from ..methods.ptq.actions import new_observer
+    from ..methods.ptq.calibrate import iterate_batches
     from .runtime import ort_session
     obs_nodes = [n for n in graph.nodes if _is_observer(n)]
     cfgs = state.get("observers", {})

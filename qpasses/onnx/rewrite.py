@@ -486,7 +486,7 @@ def _bypass(ctx, node, value):
 @onnx_action("fold_bn")
 def _fold_bn(ctx, conv, bn):
     """Fold an inference BatchNormalization into the Conv / ConvTranspose / Gemm producing its input."""
-    from ..actions.fold import fold_bn_params
+    from ..methods.canonicalize.fold import fold_bn_params
     cv, bv = OnnxView(conv), OnnxView(bn)
     if conv.op == "MatMul" or (conv.op == "Gemm" and (conv.attrs.get("transB", 0) != 1 or conv.attrs.get("transA", 0))):
         raise OnnxRefuse(f"{conv.name}: only Conv, ConvTranspose and Gemm(transB=1) are folded")
