@@ -13,9 +13,15 @@ The holder (``act_q_0``, a ``FakeQuantize``) is never called by the graph: it ke
 parameter an optimiser sees) and the plain attributes the back-ends read (``qmin``, ``qmax``,
 ``axis``, ``bits``, ``symmetric``, ``learnable``).  ``torch.export`` keeps the op one node.
 
+Other quantizer kinds join this form by giving their module a ``graph_call()`` method returning
+``(op, tensor attribute names, constants)`` (as :func:`graph_call` does for ``FakeQuantize``) and
+their op a place in :data:`QUANTIZER_OPS`: the group-wise int4 weight quantizer
+(``Int4GroupFakeQuantize``: ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros
+or q.zero_point, group_size, 0, 15)``) is one.
+
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
-the quantizer modules of the other methods (fp8, dynamic, group-wise, binary) that are not yet in
-this form.  :func:`quantizer_module` reads both forms, which is what every consumer uses.
+the quantizer modules of the other methods (fp8, dynamic, binary) that are not yet in this form.
+:func:`quantizer_module` reads both forms, which is what every consumer uses.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops register
 from .opclasses import holder_of, register_holder_op
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
-           "insert_quantizer", "QUANTIZER_TYPES"]
+           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call"]
 
 _Q = torch.ops.qpasses
 
@@ -38,6 +44,7 @@ _Q = torch.ops.qpasses
 QUANTIZER_OPS = frozenset({
     _Q.fake_quant_per_tensor.default, _Q.fake_quant_per_channel.default,
     _Q.fake_quant_lsq_per_tensor.default, _Q.fake_quant_lsq_per_channel.default,
+    _Q.fake_quant_per_group.default,
 })
 
 #: module types whose instances are quantizers or observers (for :func:`quantizer_module`'s default)
@@ -82,9 +89,21 @@ def quantizer_module(modules: Any, node: Any, kinds: Optional[Tuple[type, ...]] 
     return mod
 
 
-def graph_call(fq: FakeQuantize) -> Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]:
+def has_graph_call(mod: Any) -> bool:
+    """``mod`` is a quantizer module with an op form (a ``FakeQuantize``, or a module with a
+    ``graph_call()`` method)."""
+    return isinstance(mod, FakeQuantize) or callable(getattr(mod, "graph_call", None))
+
+
+def graph_call(fq: nn.Module) -> Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]:
     """``(op, tensor attribute names, constants)``: ``fq``'s forward is
-    ``op(x, *(getattr(fq, a) for a in names), *constants)``."""
+    ``op(x, *(getattr(fq, a) for a in names), *constants)``.  ``fq`` is a ``FakeQuantize`` or a
+    holder module with its own ``graph_call()`` (e.g. ``Int4GroupFakeQuantize``)."""
+    if not isinstance(fq, FakeQuantize):
+        call = getattr(fq, "graph_call", None)
+        if not callable(call):
+            raise TypeError(f"{type(fq).__name__} has no quantizer op form (no graph_call())")
+        return call()
     if fq.axis is None:
         op = _Q.fake_quant_lsq_per_tensor if fq.learnable else _Q.fake_quant_per_tensor
         return op.default, ("scale", "zero_point"), (int(fq.qmin), int(fq.qmax))
@@ -105,13 +124,14 @@ def _attr_nodes(ctx: Any, target: str, names, before: fx.Node):
 
 
 def as_quantizer_call(ctx: Any, node: fx.Node) -> fx.Node:
-    """Turn ``node`` -- a ``call_module`` of a ``FakeQuantize``, or a quantizer op call whose holder
-    changed kind (e.g. LSQ frozen to fixed) -- into the op call of the module it names, in place
-    (same name, place and users).  Returns ``node``."""
+    """Turn ``node`` -- a ``call_module`` of a quantizer with an op form (:func:`has_graph_call`),
+    or a quantizer op call whose holder changed kind (e.g. LSQ frozen to fixed) -- into the op call
+    of the module it names, in place (same name, place and users).  Returns ``node``."""
     target = holder_target(node)
     fq = ctx.modules.get(target) if target is not None else None
-    if not isinstance(fq, FakeQuantize) or node.op not in ("call_module", "call_function"):
-        raise TypeError(f"{node.name} does not call a FakeQuantize")
+    if not has_graph_call(fq) or node.op not in ("call_module", "call_function"):
+        raise TypeError(f"{node.name} does not call a quantizer with an op form "
+                        f"({type(fq).__name__ if fq is not None else 'no module'})")
     x = node.args[0]
     old = [a for a in node.args[1:] if isinstance(a, fx.Node)] if node.op == "call_function" else []
     op, names, consts = graph_call(fq)
@@ -178,14 +198,15 @@ def drop_dead(ctx: Any, nodes) -> None:
 
 def insert_quantizer(ctx: Any, x: fx.Node, target: str, *, before: Optional[fx.Node] = None,
                      after: Optional[fx.Node] = None) -> fx.Node:
-    """Insert the node form of the quantizer held at ``target`` (a ``FakeQuantize`` already
-    registered there) reading ``x``; returns the op node (it carries ``x``'s shape records).
+    """Insert the node form of the quantizer held at ``target`` (a ``FakeQuantize``, or another
+    module with an op form, already registered there) reading ``x``; returns the op node (it
+    carries ``x``'s shape records).
 
     ``ctx`` is a :class:`~qpasses.context.RewriteContext`.  Placed after ``after`` (else before
     ``before``); the ``get_attr`` nodes go right before the op node."""
     fq = ctx.modules.get(target)
-    if not isinstance(fq, FakeQuantize):
-        raise TypeError(f"{target} holds {type(fq).__name__}, not a FakeQuantize")
+    if not has_graph_call(fq):
+        raise TypeError(f"{target} holds {type(fq).__name__}, not a quantizer with an op form")
     op, names, consts = graph_call(fq)
     attrs = _attr_nodes(ctx, target, names, before=after.next if after is not None else before)
     return ctx.insert("call_function", op, (x, *attrs, *consts), after=attrs[-1], like=x, name=target.replace(".", "_"))

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import packing
+from ..numerics import qops as _qops  # noqa: F401  (registers qpasses::fake_quant_per_group)
 
 __all__ = ["quantize_int8", "Int4GroupFakeQuantize", "act_int8_params", "int8_weight_codes", "quantize_fp8",
            "fp8_weight_codes", "fp8_act_scale"]
@@ -95,9 +96,15 @@ class Int4GroupFakeQuantize(nn.Module):
 
     Codes are unsigned 0..15, value ``(q - z) * s`` with one scale ``s`` (and zero ``z``) per
     ``group_size`` consecutive inputs of an output row; ``symmetric`` means ``z = 8`` (signed
-    int4, [-8, 7]).  The qparams are fitted once by :meth:`fit` (``packing.quantize_int4``); the
-    forward re-quantizes its input with them, so for the fitted weight it returns exactly what
-    ``torch.ops.qpasses.int4_weight_only_linear`` computes with ``W = (q - z) * s``.
+    int4, [-8, 7]).  The qparams are fitted once by :meth:`fit` (``packing.quantize_int4``).
+
+    In a graph this module is a *holder* (:mod:`qpasses.qnodes`): the quantizer node is
+    ``qpasses::fake_quant_per_group(w, get_attr scales, get_attr zeros, group_size, 0, 15)``
+    (:meth:`graph_call`).  A symmetric quantizer has no ``zeros`` in its ``state_dict``; the graph
+    reads its constant zero point 8 from the non-persistent buffer ``zero_point``.  The forward is
+    that very op, and :meth:`codes` uses its rounding (``round(w * (1 / s))``, float32), so the
+    codes :meth:`packed` hands ``int4_weight_only_linear`` dequantize to exactly what the graph
+    computes.
     """
 
     def __init__(self, scales: Tensor, zeros: Optional[Tensor], group_size: int, in_features: int):
@@ -110,6 +117,8 @@ class Int4GroupFakeQuantize(nn.Module):
         self.bits = 4
         self.register_buffer("scales", scales.detach().to(torch.float32).clone())
         self.register_buffer("zeros", None if zeros is None else zeros.detach().to(torch.float32).clone())
+        if zeros is None:   # the symmetric zero point, for the graph's get_attr; not part of the state_dict
+            self.register_buffer("zero_point", torch.full_like(self.scales, 8.0), persistent=False)
 
     @classmethod
     def fit(cls, w: Tensor, group_size: int = 128, symmetric: bool = True) -> "Int4GroupFakeQuantize":
@@ -118,23 +127,27 @@ class Int4GroupFakeQuantize(nn.Module):
         _, s, z = packing.quantize_int4(w.detach().float(), group_size, symmetric=symmetric)
         return cls(s, z, group_size, w.shape[1])
 
+    def graph_call(self) -> Tuple[object, Tuple[str, ...], Tuple[object, ...]]:
+        """``(op, tensor attribute names, constants)`` of this quantizer's graph node (see
+        :func:`qpasses.qnodes.graph_call`)."""
+        return (torch.ops.qpasses.fake_quant_per_group.default,
+                ("scales", "zero_point" if self.zeros is None else "zeros"), (self.group_size, 0, 15))
+
+    def _zeros(self) -> Tensor:
+        return self.zeros if self.zeros is not None else self.zero_point
+
     def _expand(self, t: Tensor) -> Tensor:
         gidx = torch.arange(self.in_features, device=t.device) // self.group_size
         return t[:, gidx]
 
     def codes(self, w: Tensor) -> Tensor:
-        """Unsigned int4 codes (int8 tensor, values 0..15) of ``w``."""
+        """Unsigned int4 codes (int8 tensor, values 0..15) of ``w``: those of ``qpasses::fake_quant_per_group``."""
         s = self._expand(self.scales)
-        z = self._expand(self.zeros) if self.zeros is not None else torch.full_like(s, 8.0)
-        return torch.clamp(torch.round(w.float() / s) + z, 0, 15).to(torch.int8)
+        z = self._expand(self._zeros())
+        return torch.clamp(torch.round(w.float() * torch.reciprocal(s)) + z, 0, 15).to(torch.int8)
 
     def forward(self, w: Tensor) -> Tensor:
-        s = self._expand(self.scales)
-        z = self._expand(self.zeros) if self.zeros is not None else torch.full_like(s, 8.0)
-        q = torch.clamp(torch.round(w.float() / s) + z, 0, 15)
-        v = w.float() / s
-        q = q + (v - v.detach())          # straight-through estimator; the value stays exactly q
-        return ((q - z) * s).to(w.dtype)
+        return torch.ops.qpasses.fake_quant_per_group(w, self.scales, self._zeros(), self.group_size, 0, 15)
 
     def packed(self, w: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """``(w_packed uint8 [N, ceil(K/2)], scales, zeros)`` operands of ``int4_weight_only_linear``."""

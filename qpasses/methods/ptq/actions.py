@@ -29,7 +29,7 @@ from ...context import Refuse
 from ...matcher import MatchContext
 from ...numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
 from ...opclasses import register_module_class
-from ...qnodes import as_quantizer_call, insert_quantizer, quantizer_module
+from ...qnodes import as_quantizer_call, has_graph_call, insert_quantizer, quantizer_module
 from .._graphutil import add_module
 
 register_module_class(Observer, "observer")
@@ -132,7 +132,7 @@ def insert_input_quantizer(ctx: MatchContext, op: fx.Node, x: fx.Node, module: n
     after ``x``, with ``x``'s meta: the quantizer op call for a ``FakeQuantize``, a module call
     for an observer); returns that node."""
     target = add_module(ctx, "act_q", module)
-    if isinstance(module, FakeQuantize):
+    if has_graph_call(module):
         q = insert_quantizer(ctx, x, target, after=x)
     else:
         q = ctx.insert("call_module", target, (x,), after=x, like=x)
@@ -250,7 +250,7 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     """
     def wrap(wnode: fx.Node) -> fx.Node:
         target = add_module(ctx, prefix, module)
-        if isinstance(module, FakeQuantize):
+        if has_graph_call(module):
             return insert_quantizer(ctx, wnode, target, after=wnode)
         return ctx.insert("call_module", target, (wnode,), after=wnode, like=wnode)
 

@@ -340,12 +340,9 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
     with torch.no_grad():
         y = mod(w.detach())
         direct = QP.fake_quant_per_group.default(w.detach(), s, zi, mod.group_size, 0, 15)
-        # the module's forward is the straight-through expression ((w/s + (q - w/s)) - z) * s, which
-        # rounds twice more than (q - z) * s: at most a few ulps of the step from the grid value
-        # the op (and the int4 kernel) computes; anything more is a different quantization
-        step = mod._expand(s)
-        if not bool(((direct - y).abs() <= 4 * _F32_EPS * (y.abs() + 16 * step)).all()):
-            raise Refuse(f"{q.name}: qpasses::fake_quant_per_group does not reproduce the weight")
+        if not torch.equal(direct, y):   # integer zero points: the same op on the same qparams
+            raise Refuse(f"{q.name}: qpasses::fake_quant_per_group with int32 zero points does not reproduce "
+                         f"the weight")
     const = src
     sn = ctx.rewrite.add_param(f"{q.name}_scale", s, q, requires_grad=False)
     zn = ctx.rewrite.add_param(f"{q.name}_zero_point", zi, q)
@@ -353,7 +350,7 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
         fq = ctx.graph.call_function(QP.fake_quant_per_group.default, (const, sn, zn, mod.group_size, 0, 15))
     _tag(fq, "custom_op", op="qpasses.fake_quant_per_group",
          reason="group-wise int4 weights: quantized_decomposed has no exact group-wise form for int4 codes",
-         exact=bool(torch.equal(direct, y)))
+         exact=True)
     _replace(ctx, q, fq)
     drop_dead(ctx, (src,))
 

@@ -193,19 +193,20 @@ def smooth_scales(ctx) -> None:
 
 def int4_group_fake_quant(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
     """What ``Int4GroupFakeQuantize.fit(w, group_size, symmetric)(w)`` returns, up to the last bit (the quantizer the
-    ``weight_int4`` family attaches; same qparams as ``packing.quantize_int4``), without packing the
+    ``weight_int4`` family attaches; same qparams as ``packing.quantize_int4``, codes rounded as
+    ``qpasses::fake_quant_per_group`` rounds them, ``round(w * (1 / s))``), without packing the
     codes: the search calls it for every candidate.  ``K`` must be a multiple of ``group_size``."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     if symmetric:
         amax = wg.abs().amax(-1, keepdim=True)
         sc = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
-        return (torch.clamp(torch.round(wg / sc) + 8, 0, 15) - 8).mul_(sc).reshape(n, k)
+        return (torch.clamp(torch.round(wg * torch.reciprocal(sc)) + 8, 0, 15) - 8).mul_(sc).reshape(n, k)
     lo = torch.minimum(wg.amin(-1, keepdim=True), torch.zeros(()))
     hi = torch.maximum(wg.amax(-1, keepdim=True), torch.zeros(()))
     sc = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
     z = torch.clamp(torch.round(-lo / sc), 0, 15)
-    return (torch.clamp(torch.round(wg / sc) + z, 0, 15) - z).mul_(sc).reshape(n, k)
+    return (torch.clamp(torch.round(wg * torch.reciprocal(sc)) + z, 0, 15) - z).mul_(sc).reshape(n, k)
 
 
 def awq_search(group: Group, weights: List[torch.Tensor], inputs: List[torch.Tensor], xmean: torch.Tensor,
