@@ -9,7 +9,8 @@
   mutated in place elsewhere (moving reads across a mutation would change results);
 * no matched BatchNorm / Dropout is in training mode (stateful);
 * shared weights: actions that change parameters clone them when they are shared
-  (see ``qpasses.actions.params``), so guards need not refuse those.
+  (e.g. ``fold_bn`` in ``qpasses/methods/canonicalize/fold.py``
+  copies a shared module first), so guards need not refuse those.
 """
 from __future__ import annotations
 

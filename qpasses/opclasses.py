@@ -230,7 +230,7 @@ register_op_class(OpClass(
 ))
 # GPT-2's Conv1D: ``addmm(bias, x, W)`` with ``W`` of shape ``[in, out]``; canonicalize rewrites
 # it (and ``matmul(x, W)`` against a constant 2-D weight) into ``linear`` with the ``[out, in]``
-# weight every weighted-op rule expects (rules/canonicalize.yaml), so it is not itself "weighted"
+# weight every weighted-op rule expects (qpasses/methods/canonicalize/canonicalize.yaml), so it is not itself "weighted"
 register_op_class(OpClass(
     "addmm", ("bias", "input", "weight", "beta", "alpha"), inputs=("input",), defaults={"beta": 1, "alpha": 1},
     functions=(torch.addmm,), methods=("addmm",),

@@ -222,7 +222,7 @@ def step_data(ctx, source: str = "auto", limit_samples: Optional[int] = None) ->
         if not xs:
             raise StepError("the data iterable is empty")
         x = torch.cat(xs, 0)
-        from .lib import world
+        from ...distributed import world
         rank, size = world()
         if size > 1:
             x = x[rank::size]

@@ -32,59 +32,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...distributed import average_grads, broadcast_module, seeded_global_rng, world
 from ...numerics.rounding import AdaRoundQuantizer
 
 __all__ = ["SwingConv1d", "SwingConv2d", "to_swing", "from_swing", "Generator", "bn_capture_module",
-           "distill_batch", "synthesize", "GenieWeightQuantizer", "GenieActQuantizer", "world", "average_grads",
-           "broadcast_module", "set_swing"]
-
-
-# ----------------------------------------------------------------------------- distributed helpers
-def world() -> Tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def average_grads(params: Sequence[torch.Tensor]) -> None:
-    """All-reduce (mean) the gradients of parameters shared by every rank; no-op when not distributed."""
-    rank, size = world()
-    if size == 1:
-        return
-    import torch.distributed as dist
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(size)
-
-
-def broadcast_module(mod: nn.Module, src: int = 0) -> None:
-    """Give every rank rank ``src``'s parameters and (non-bool) buffers; no-op when not distributed."""
-    rank, size = world()
-    if size == 1:
-        return
-    import torch.distributed as dist
-    with torch.no_grad():
-        for t in list(mod.parameters()) + [b for b in mod.buffers()]:
-            if t.dtype != torch.bool:
-                dist.broadcast(t.data, src)
+           "distill_batch", "synthesize", "GenieWeightQuantizer", "GenieActQuantizer", "set_swing"]
 
 
 # ----------------------------------------------------------------------------- swing convolution
-@contextlib.contextmanager
-def seeded_global_rng(seed: Optional[int]):
-    """Within the block the global generators (the CPU's and the current CUDA device's) are
-    seeded with ``seed`` (None: left as they are); the caller's generator state comes back
-    afterwards.  For code that draws from them (module initialisation, ``rand_like`` masks)."""
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        yield
-
-
 class _Swing:
     """Mixin: random reflection-padded crop of the input before the convolution."""
 

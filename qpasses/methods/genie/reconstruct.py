@@ -156,8 +156,8 @@ def _run(mod: nn.Module, x: torch.Tensor, bs: int) -> List[torch.Tensor]:
 def reconstruct(ctx) -> None:
     """Block-wise reconstruction (BRECQ + QDrop) of the converted graph with GENIE-M quantizers."""
     from .blocks import extract_block, find_blocks
-    from .lib import (GenieActQuantizer, GenieWeightQuantizer, average_grads, broadcast_module,
-                                 seeded_global_rng, world)
+    from .lib import GenieActQuantizer, GenieWeightQuantizer
+    from ...distributed import average_grads, broadcast_module, seeded_global_rng, world
     from ...frontend import set_training
 
     gm = ctx.gm

@@ -42,7 +42,7 @@ FIRST_BATCH_KEY = "first_batch_init"
 def progress_bar(progress: bool, **kw):
     """A tqdm bar for a long step (elapsed, rate and time left when the total is known), or a
     disabled one.  Under ``torch.distributed`` only rank 0 draws."""
-    from ..genie.lib import world
+    from ...distributed import world
     rank, _ = world()
     return tqdm(disable=(not progress) or rank != 0, leave=False, dynamic_ncols=True, **kw)
 
