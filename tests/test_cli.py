@@ -175,8 +175,8 @@ def test_demo_is_the_quantize_command(tmp_path):
     assert q.exit_code == EXIT_OK
     # timings, and progress bars (tqdm redraws a bar only when a step outlasts its refresh interval,
     # so whether a bar line shows depends on the machine's load)
-    strip = lambda out: [ln for ln in out.splitlines() if ln.strip() and "batch/s]" not in ln
-                         and not ln.startswith(("steps:", "done in", "accuracy ("))]
+    strip = lambda out: [ln.strip() for ln in out.splitlines() if ln.strip() and "batch/s]" not in ln
+                         and not ln.strip().startswith(("steps:", "done in", "accuracy ("))]
     assert strip(r.output) == strip(q.output)
 
 
