@@ -184,16 +184,21 @@ def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
 
 def drop_dead(ctx: Any, nodes) -> None:
     """Erase each of ``nodes`` that is unused and is a ``get_attr``, a module call or a quantizer
-    op call (whose ``get_attr`` inputs then go too, when nothing else reads them)."""
-    for n in nodes:
-        if not isinstance(n, fx.Node) or n.graph is not ctx.graph or n.users:
+    op call (whose ``get_attr`` inputs then go too, when nothing else reads them).  A node listed
+    twice, or listed and also reached as an input, is erased once."""
+    gone = set()
+    todo = list(nodes)
+    while todo:
+        n = todo.pop(0)
+        if not isinstance(n, fx.Node) or n in gone or n.graph is not ctx.graph or n.users:
             continue
         if n.op in ("get_attr", "call_module"):
             ctx.erase(n)
+            gone.add(n)
         elif is_quantizer_call(n):
-            ins = [a for a in n.all_input_nodes if a.op == "get_attr"]
+            todo.extend(a for a in n.all_input_nodes if a.op == "get_attr")
             ctx.erase(n)
-            drop_dead(ctx, ins)
+            gone.add(n)
 
 
 def insert_quantizer(ctx: Any, x: fx.Node, target: str, *, before: Optional[fx.Node] = None,
