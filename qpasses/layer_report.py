@@ -8,6 +8,8 @@ module                       made by                     bits / scale shown
 ===========================  ==========================  ==============================
 ``FakeQuantize``             ptq_int8, qat, genie, ...   ``bits``, ``scale``
 ``Int4GroupFakeQuantize``    w4a16                       4, the group scales
+``Fp8FakeQuantize``          w8a8_fp8                    8 (float8 e4m3), ``scale``
+dynamic fp8 op node          w8a8_fp8 (dynamic)          8 (scale: per call)
 ``ChannelBitsFakeQuant``     aciq4                       per-channel bits (``min-max``)
 ``BinaryWeight``             bnn                         1
 ``BinaryActivation``         bnn                         1
@@ -42,7 +44,7 @@ from .methods.dynamic import DynamicFakeQuant, dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .opclasses import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
-from .qnodes import bypassed
+from .qnodes import bypassed, fp8_dynamic_granularity
 from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
@@ -157,7 +159,10 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             numel = int(wt.numel()) if wt is not None else 0
             w_bits, w_scale = wi if wi is not None else (32, None)
             a_bits, a_scale = ai if ai is not None else (32, None)
-            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) else _fmt_scale(a_scale)
+            fp8_dyn = fp8_dynamic_granularity(x)       # a dynamic fp8 op node: no module
+            if fp8_dyn is not None:
+                a_bits, a_scale = 8, None
+            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) or fp8_dyn is not None else _fmt_scale(a_scale)
             if isinstance(aq, DynamicFakeQuant) and cls == "linear":   # dynamic_int8's linear
                 cls = f"linear ({'per_token' if aq.reduce_dim == -1 else 'per_tensor'} dynamic)"
         elif isinstance(layer, PackedBinaryLinear):

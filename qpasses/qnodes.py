@@ -17,10 +17,13 @@ Other quantizer kinds join this form by giving their module a ``graph_call()`` m
 ``(op, tensor attribute names, constants)`` (as :func:`graph_call` does for ``FakeQuantize``) and
 their op a place in :data:`QUANTIZER_OPS`: the group-wise int4 weight quantizer
 (``Int4GroupFakeQuantize``: ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros
-or q.zero_point, group_size, 0, 15)``) is one.
+or q.zero_point, group_size, 0, 15)``) and the static fp8 quantizer (``Fp8FakeQuantize``:
+``qpasses.fp8_fake_quant_per_tensor(x, get_attr q.scale)`` or ``..._per_channel(x, get_attr q.scale,
+axis)``) are.  A dynamic fp8 quantizer keeps no state: it is a plain ``call_function`` of its op
+(``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`), no holder.
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
-the quantizer modules of the other methods (fp8, dynamic, binary) that are not yet in this form.
+the quantizer modules of the other methods (dynamic int8, binary) that are not yet in this form.
 :func:`quantizer_module` reads both forms, which is what every consumer uses.
 """
 from __future__ import annotations
@@ -33,10 +36,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops registers the ops)
+from .numerics.fp8 import FP8_DYNAMIC_OPS
 from .opclasses import holder_of, register_holder_op
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
-           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call"]
+           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call", "fp8_dynamic_granularity"]
 
 _Q = torch.ops.qpasses
 
@@ -45,6 +49,7 @@ QUANTIZER_OPS = frozenset({
     _Q.fake_quant_per_tensor.default, _Q.fake_quant_per_channel.default,
     _Q.fake_quant_lsq_per_tensor.default, _Q.fake_quant_lsq_per_channel.default,
     _Q.fake_quant_per_group.default,
+    _Q.fp8_fake_quant_per_tensor.default, _Q.fp8_fake_quant_per_channel.default,
 })
 
 #: module types whose instances are quantizers or observers (for :func:`quantizer_module`'s default)
@@ -53,6 +58,19 @@ QUANTIZER_TYPES: Tuple[type, ...] = (Observer, FakeQuantize)
 
 for _op in QUANTIZER_OPS:
     register_holder_op(_op, 1)
+
+
+def fp8_dynamic_granularity(node: Any) -> Optional[str]:
+    """``"per_token"`` / ``"per_tensor"`` for a ``call_function`` node of a dynamic fp8 quantizer op
+    (:data:`qpasses.numerics.fp8.FP8_DYNAMIC_OPS`: no holder, the scale measured at every call),
+    else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    try:
+        per_token = FP8_DYNAMIC_OPS.get(node.target)
+    except TypeError:   # unhashable target
+        return None
+    return None if per_token is None else ("per_token" if per_token else "per_tensor")
 
 
 def is_quantizer_call(node: Any) -> bool:
@@ -168,7 +186,7 @@ def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
     """Within the block each quantizer op node of ``nodes`` returns its input (e.g. to run the
     float graph, or to capture a layer's float input); ``gm``'s code is regenerated on the way in
     and out.  Other nodes are left alone."""
-    saved = [(n, n.target) for n in nodes if is_quantizer_call(n)]
+    saved = [(n, n.target) for n in nodes if is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None]
     for n, _ in saved:
         n.target = _passthrough
     if saved:
@@ -190,7 +208,7 @@ def drop_dead(ctx: Any, nodes) -> None:
             continue
         if n.op in ("get_attr", "call_module"):
             ctx.erase(n)
-        elif is_quantizer_call(n):
+        elif is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None:
             ins = [a for a in n.all_input_nodes if a.op == "get_attr"]
             ctx.erase(n)
             drop_dead(ctx, ins)

@@ -149,3 +149,142 @@ def test_int4_lowering_after_op_form_is_the_kernel_on_the_holder_codes():
     with torch.no_grad():
         want, got = q(x), low(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
+# --------------------------------------------------------------------------- the module form, rebuilt
+def _to_module_form(gm):
+    """Rebuild the form these quantizers had before (a ``call_module`` of the quantizer per node):
+    holder-backed op nodes call their holder; each dynamic fp8 op node calls a new
+    ``Fp8DynamicQuantize``.  In place; returns ``gm``."""
+    from qpasses.context import RewriteContext
+    from qpasses.numerics.fp8 import Fp8DynamicQuantize
+    from qpasses.qnodes import as_module_call, fp8_dynamic_granularity, is_quantizer_call
+    rc = RewriteContext(gm)
+    for i, n in enumerate(list(gm.graph.nodes)):
+        if is_quantizer_call(n):
+            as_module_call(rc, n)
+        elif fp8_dynamic_granularity(n) is not None:
+            name = f"fp8_dyn_module_{i}"
+            gm.add_submodule(name, Fp8DynamicQuantize(fp8_dynamic_granularity(n) == "per_token"))
+            n.op, n.target, n.args = "call_module", name, (n.args[0],)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _copy(gm):
+    import copy
+    return copy.deepcopy(gm)
+
+
+# ------------------------------------------------------------------------------------------ fp8
+def _fp8(level, activations, seed=0):
+    torch.manual_seed(seed)
+    m = _MLP().eval()
+    x = torch.randn(4, 96) * 3
+    gm = qpasses.trace(m, (x,), mode=level)
+    q = qpasses.PassManager("w8a8_fp8", activations=activations, quiet=True).run(gm, data=[x, torch.randn(4, 96)])
+    return m, x, q
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_fp8_quantizers_are_op_nodes_and_equal_the_module_form(level, activations):
+    from qpasses.numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
+    from qpasses.qnodes import fp8_dynamic_granularity
+    m, x, q = _fp8(level, activations)
+    assert not _module_calls(q, (Fp8FakeQuantize, Fp8DynamicQuantize))
+    w = _calls(q, Q.fp8_fake_quant_per_channel.default)
+    assert len(w) == 3
+    for n in w:      # fp8_fake_quant_per_channel(get_attr W, get_attr holder.scale, 0)
+        assert n.args[0].op == n.args[1].op == "get_attr" and n.args[2] == 0
+        assert n.args[1].target == f"{holder_target(n)}.scale"
+        assert isinstance(quantizer_module(q, n, (Fp8FakeQuantize,)), Fp8FakeQuantize)
+    if activations == "static":
+        a = _calls(q, Q.fp8_fake_quant_per_tensor.default)
+        assert len(a) == 3 and all(n.args[1].op == "get_attr" for n in a)
+        assert {k for k in q.state_dict() if k.startswith(("act_q", "weight_fp8"))} == \
+            {f"{holder_target(n)}.scale" for n in a + w}
+    else:            # stateless: plain op calls, no holder, no state
+        a = _calls(q, Q.fp8_fake_quant_per_token.default)
+        assert len(a) == 3 and all(len(n.args) == 1 and fp8_dynamic_granularity(n) == "per_token" for n in a)
+        assert not any(k.startswith("act_q") for k in q.state_dict())
+    with torch.no_grad():
+        op_form = q(x)
+        module_form = _to_module_form(_copy(q))
+        assert len(_module_calls(module_form, (Fp8FakeQuantize, Fp8DynamicQuantize))) == 6
+        assert torch.equal(module_form(x), op_form)
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_fp8_graph_survives_torch_export_one_node_per_quantizer(activations):
+    m, x, q = _fp8("fx", activations)
+    ops = {Q.fp8_fake_quant_per_channel.default, Q.fp8_fake_quant_per_tensor.default,
+           Q.fp8_fake_quant_per_token.default}
+    n_fx = sum(1 for n in q.graph.nodes if n.op == "call_function" and n.target in ops)
+    assert n_fx == 6
+    ep = torch.export.export(q, (x,))
+    assert sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target in ops) == n_fx
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), q(x))
+    ep2 = torch.export.export(q, (torch.randn(7, 96),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    with torch.no_grad():
+        assert torch.equal(ep2.module()(x), q(x))
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_fp8_lowering_of_the_op_form_equals_lowering_of_the_module_form(activations):
+    """The lowered graph (``fp8_linear`` / ``dynamic_fp8_linear``) is the same, constant for constant,
+    whether the fp8 quantizers were op nodes or module calls."""
+    m, x, q = _fp8("fx", activations)
+    kernel = Q.fp8_linear.default if activations == "static" else Q.dynamic_fp8_linear.default
+    low = qpasses.PassManager("lower", device="cpu", quiet=True).run(q)
+    low_m = qpasses.PassManager("lower", device="cpu", quiet=True).run(_to_module_form(_copy(q)))
+    assert len(_calls(low, kernel)) == len(_calls(low_m, kernel)) == 3
+    assert not [n for n in low.graph.nodes if n.op == "call_function" and "fp8_fake_quant" in str(n.target)]
+    sd, sdm = low.state_dict(), low_m.state_dict()
+    assert sd.keys() == sdm.keys() and all(torch.equal(sd[k], sdm[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(low(x), low_m(x))
+
+
+# --------------------------------------------------------------------------------- checkpoints
+CKPT = [("w4a16", {"group_size": 32}), ("w4a16", {"group_size": 32, "symmetric": False}),
+        ("w8a8_fp8", {"activations": "static"}), ("w8a8_fp8", {"activations": "dynamic"})]
+
+
+@pytest.mark.parametrize("recipe,opts", CKPT, ids=[f"{r}-{'-'.join(map(str, o.values()))}" for r, o in CKPT])
+def test_compressed_tensors_entries_are_those_of_the_module_form(recipe, opts):
+    transformers = pytest.importorskip("transformers")
+    from qpasses.checkpoint import compressed_entries
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=50, use_cache=False, max_position_embeddings=16)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    q = qpasses.PassManager(recipe, quiet=True, **opts).run(qpasses.trace(hf, (ids,)), data=[ids])
+    got, floats = compressed_entries(q, hf)
+    want, floats_m = compressed_entries(_to_module_form(_copy(q)), hf)
+    assert floats == floats_m and [e.name for e in got] == [e.name for e in want] and len(got) == 8   # 7 linears and lm_head
+    for a, b in zip(got, want):
+        assert a.signature() == b.signature()
+        for t in ("weight", "scale", "zero_point"):
+            ta, tb = getattr(a, t), getattr(b, t)
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+        assert a.act.keys() == b.act.keys()
+        if "scale" in a.act:
+            assert torch.equal(a.act["scale"], b.act["scale"])
+
+
+def test_fp8_onnx_export_of_the_op_form(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from qpasses.onnx import run_onnx
+    for activations in ("static", "dynamic"):
+        m, x, q = _fp8("fx", activations)
+        model = qpasses.export_onnx(q, x, str(tmp_path / f"{activations}.onnx"), opset=21)
+        ops = [n.op_type for n in model.graph.node]
+        assert "DequantizeLinear" in ops
+        with torch.no_grad():
+            ref = q(x).numpy()
+        assert np.abs(run_onnx(model, x)[0] - ref).max() <= 1e-5 * np.abs(ref).max()
