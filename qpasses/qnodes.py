@@ -19,7 +19,8 @@ their op a place in :data:`QUANTIZER_OPS`: the group-wise int4 weight quantizer
 (``Int4GroupFakeQuantize``: ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros
 or q.zero_point, group_size, 0, 15)``) and the static fp8 quantizer (``Fp8FakeQuantize``:
 ``qpasses.fp8_fake_quant_per_tensor(x, get_attr q.scale)`` or ``..._per_channel(x, get_attr q.scale,
-axis)``) are.  A dynamic fp8 quantizer keeps no state: it is a plain ``call_function`` of its op
+axis)``) and ACIQ's per-channel-bits weight quantizer (``ChannelBitsFakeQuant``:
+``qpasses.fake_quant_channel_bits(w, get_attr q.scale, q.qmax, q.gain, q.offset, axis)``) are.  A dynamic fp8 quantizer keeps no state: it is a plain ``call_function`` of its op
 (``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`), no holder.
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
@@ -50,6 +51,7 @@ QUANTIZER_OPS = frozenset({
     _Q.fake_quant_lsq_per_tensor.default, _Q.fake_quant_lsq_per_channel.default,
     _Q.fake_quant_per_group.default,
     _Q.fp8_fake_quant_per_tensor.default, _Q.fp8_fake_quant_per_channel.default,
+    _Q.fake_quant_channel_bits.default,
 })
 
 #: module types whose instances are quantizers or observers (for :func:`quantizer_module`'s default)

@@ -288,3 +288,63 @@ def test_fp8_onnx_export_of_the_op_form(tmp_path):
         with torch.no_grad():
             ref = q(x).numpy()
         assert np.abs(run_onnx(model, x)[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------------------------ ACIQ
+def _aciq(level, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm = qpasses.trace(m, (x,), mode=level)
+    q = qpasses.PassManager("aciq4", quiet=True).run(gm, data=[x, torch.randn(4, 3, 8, 8)])
+    return m, x, q
+
+
+def _channel_bits_reference(w, mod):
+    """ChannelBitsFakeQuant's arithmetic, written out: gain * clamp(round(w / s), -qmax, qmax) * s + offset."""
+    shape = [1] * w.dim()
+    shape[mod.axis % w.dim()] = -1
+    s, qm, g, o = (t.reshape(shape) for t in (mod.scale, mod.qmax, mod.gain, mod.offset))
+    q = torch.minimum(torch.maximum(torch.round(w / s), -qm), qm) * s
+    return q * g + o
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_aciq_channel_bits_quantizer_is_one_op_node(level):
+    from qpasses.methods.aciq import ChannelBitsFakeQuant
+    m, x, q = _aciq(level)
+    assert not _module_calls(q, (ChannelBitsFakeQuant,))
+    calls = _calls(q, Q.fake_quant_channel_bits.default)
+    assert len(calls) == 3
+    for n in calls:
+        holder = quantizer_module(q, n, (ChannelBitsFakeQuant,))
+        t = holder_target(n)
+        assert [a.target for a in n.args[1:5]] == [f"{t}.{a}" for a in ("scale", "qmax", "gain", "offset")]
+        assert n.args[5] == holder.axis
+        w = qpasses.opclasses.get_attr_value(q, n.args[0].target).detach()
+        got = n.target(w, *(qpasses.opclasses.get_attr_value(q, a.target) for a in n.args[1:5]), n.args[5])
+        assert torch.equal(got, _channel_bits_reference(w, holder)) and torch.equal(got, holder(w))
+    with torch.no_grad():
+        op_form = q(x)
+        assert torch.equal(_to_module_form(_copy(q))(x), op_form)
+    ep = torch.export.export(q, (x,))
+    assert len([n for n in ep.graph.nodes if n.op == "call_function"
+                and n.target is Q.fake_quant_channel_bits.default]) == 3
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), op_form)
+
+
+def test_fake_quant_channel_bits_op_checks_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 6, generator=g)
+    s = torch.tensor([0.1, 0.2, 0.05, 0.3])
+    qm = torch.tensor([7.0, 1.0, 127.0, 3.0])
+    gain, off = torch.tensor([1.0, 0.9, 1.1, 1.0]), torch.tensor([0.0, 0.01, -0.02, 0.0])
+    torch.library.opcheck(Q.fake_quant_channel_bits.default, (w, s, qm, gain, off, 0))
+    with pytest.raises(ValueError, match="qmax has 3 elements"):
+        Q.fake_quant_channel_bits(w, s, qm[:3], gain, off, 0)
+    wr = w.clone().requires_grad_(True)
+    Q.fake_quant_channel_bits(wr, s, qm, gain, off, 0).sum().backward()
+    inside = torch.round(w / s[:, None]).abs() <= qm[:, None]
+    assert torch.equal(wr.grad, gain[:, None].expand_as(w) * inside)

@@ -1,8 +1,8 @@
 """fx GraphModule -> standard QDQ ONNX, through ``torch.onnx.export(..., dynamo=True)``.
 
 1. **Prepare** (on a copy; the caller's graph is never touched): quantizer modules that are not
-   one custom-op call become one (``ChannelBitsFakeQuant`` -> per-channel quantizer); the
-   group-wise int4 quantizer (``qpasses::fake_quant_per_group`` on an ``Int4GroupFakeQuantize``
+   one custom-op call become one; ACIQ's ``qpasses::fake_quant_channel_bits`` becomes a
+   per-channel quantizer (a range per channel has no ONNX form); the group-wise int4 quantizer (``qpasses::fake_quant_per_group`` on an ``Int4GroupFakeQuantize``
    holder's ``get_attr`` qparams) gets integer zero points; a weight quantizer reading a constant
    reads that constant already fake-quantized by the module itself, so the integer codes folded
    later are exactly the module's; observers are dropped; disabled quantizers are the identity.
@@ -142,6 +142,8 @@ class _Prep:
                 self.fake_quant_call(node)
             elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node), Int4GroupFakeQuantize):
                 self.group_int4(node, quantizer_module(self.modules, node))
+            elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node), ChannelBitsFakeQuant):
+                self.channel_bits(node, quantizer_module(self.modules, node))
             elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
                     and node.target.namespace == "qpasses" and node.target not in _tr.translation_table():
                 self.problems.append((node.name, str(node.target),
