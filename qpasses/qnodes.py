@@ -21,10 +21,12 @@ or q.zero_point, group_size, 0, 15)``) and the static fp8 quantizer (``Fp8FakeQu
 ``qpasses.fp8_fake_quant_per_tensor(x, get_attr q.scale)`` or ``..._per_channel(x, get_attr q.scale,
 axis)``) and ACIQ's per-channel-bits weight quantizer (``ChannelBitsFakeQuant``:
 ``qpasses.fake_quant_channel_bits(w, get_attr q.scale, q.qmax, q.gain, q.offset, axis)``) are.  A dynamic fp8 quantizer keeps no state: it is a plain ``call_function`` of its op
-(``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`), no holder.
+(``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`), no holder; so are the
+binary quantizers (``qpasses.binary_sign(x)``, ``qpasses.binary_weight(w, axis, scale)``): such
+modules give their call by ``stateless_call()`` (:func:`stateless_call`).
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
-the quantizer modules of the other methods (dynamic int8, binary) that are not yet in this form.
+the quantizer modules of the other methods (dynamic int8) that are not yet in this form.
 :func:`quantizer_module` reads both forms, which is what every consumer uses.
 """
 from __future__ import annotations
@@ -41,7 +43,8 @@ from .numerics.fp8 import FP8_DYNAMIC_OPS
 from .opclasses import holder_of, register_holder_op
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
-           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call", "fp8_dynamic_granularity"]
+           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call", "fp8_dynamic_granularity",
+           "stateless_call"]
 
 _Q = torch.ops.qpasses
 
@@ -113,6 +116,14 @@ def has_graph_call(mod: Any) -> bool:
     """``mod`` is a quantizer module with an op form (a ``FakeQuantize``, or a module with a
     ``graph_call()`` method)."""
     return isinstance(mod, FakeQuantize) or callable(getattr(mod, "graph_call", None))
+
+
+def stateless_call(mod: Any) -> Optional[Tuple[Any, Tuple[Any, ...]]]:
+    """``(op, constants)`` for a quantizer module that keeps no tensors (its ``stateless_call()``:
+    dynamic fp8, the binary quantizers): its graph node is the plain call ``op(x, *constants)``, with
+    no module behind it.  ``None`` for anything else."""
+    call = getattr(mod, "stateless_call", None)
+    return call() if callable(call) else None
 
 
 def graph_call(fq: nn.Module) -> Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]:

@@ -154,8 +154,8 @@ def test_int4_lowering_after_op_form_is_the_kernel_on_the_holder_codes():
 # --------------------------------------------------------------------------- the module form, rebuilt
 def _to_module_form(gm):
     """Rebuild the form these quantizers had before (a ``call_module`` of the quantizer per node):
-    holder-backed op nodes call their holder; each dynamic fp8 op node calls a new
-    ``Fp8DynamicQuantize``.  In place; returns ``gm``."""
+    holder-backed op nodes call their holder; each dynamic fp8 / binary op node calls a new
+    ``Fp8DynamicQuantize`` / ``BinaryActivation`` / ``BinaryWeight``.  In place; returns ``gm``."""
     from qpasses.context import RewriteContext
     from qpasses.numerics.fp8 import Fp8DynamicQuantize
     from qpasses.qnodes import as_module_call, fp8_dynamic_granularity, is_quantizer_call
@@ -166,6 +166,13 @@ def _to_module_form(gm):
         elif fp8_dynamic_granularity(n) is not None:
             name = f"fp8_dyn_module_{i}"
             gm.add_submodule(name, Fp8DynamicQuantize(fp8_dynamic_granularity(n) == "per_token"))
+            n.op, n.target, n.args = "call_module", name, (n.args[0],)
+        elif n.op == "call_function" and n.target in (Q.binary_sign.default, Q.binary_weight.default):
+            from qpasses.methods.binary import BinaryActivation, BinaryWeight
+            name = f"binary_module_{i}"
+            mod = BinaryActivation() if n.target is Q.binary_sign.default else \
+                BinaryWeight(scale=n.args[2], axis=n.args[1])
+            gm.add_submodule(name, mod)
             n.op, n.target, n.args = "call_module", name, (n.args[0],)
     gm.graph.lint()
     gm.recompile()
@@ -348,3 +355,86 @@ def test_fake_quant_channel_bits_op_checks_and_gradient():
     Q.fake_quant_channel_bits(wr, s, qm, gain, off, 0).sum().backward()
     inside = torch.round(w / s[:, None]).abs() <= qm[:, None]
     assert torch.equal(wr.grad, gain[:, None].expand_as(w) * inside)
+
+
+# ---------------------------------------------------------------------------------------- binary
+def _sign_ste_before(x):
+    """The straight-through sign the binary modules computed before they called an op."""
+    from qpasses.methods.binary import sign_pm1
+    c = torch.clamp(x, -1.0, 1.0)
+    return c + (sign_pm1(x) - c).detach()
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_binary_quantizers_are_plain_op_nodes(level):
+    from qpasses import datasets, zoo
+    from qpasses.methods.binary import BinaryActivation, BinaryWeight
+    torch.manual_seed(0)
+    m = zoo.DigitsCNN(8).eval()
+    x, _ = datasets.load_digits_tensors("calib")
+    gm = qpasses.trace(m, (x[:8],), mode=level)
+    q = qpasses.PassManager("bnn", quiet=True).run(gm, data=list(x[:64].split(32)))
+    assert not _module_calls(q, (BinaryWeight, BinaryActivation))
+    ws, acts = _calls(q, Q.binary_weight.default), _calls(q, Q.binary_sign.default)
+    assert len(ws) == 2 and len(acts) == 2
+    for n in ws:    # binary_weight(get_attr latent weight, axis, scale): alpha * sign(w), as before
+        w = qpasses.opclasses.get_attr_value(q, n.args[0].target).detach()
+        assert n.args[1:] == (0, True)
+        before = _sign_ste_before(w) * w.abs().mean(dim=(1, 2, 3), keepdim=True)
+        assert torch.equal(n.target(w, *n.args[1:]), before)
+    xs = x[:16]
+    with torch.no_grad():
+        op_form = q(xs)
+        assert torch.equal(_to_module_form(_copy(q))(xs), op_form)
+    ep = torch.export.export(q, (xs,))
+    assert len(_calls(ep.graph_module, Q.binary_weight.default)) == 2
+    assert len(_calls(ep.graph_module, Q.binary_sign.default)) == 2
+    with torch.no_grad():
+        assert torch.equal(ep.module()(xs), op_form)
+
+
+def test_binary_ops_gradients_are_those_of_the_module_form():
+    torch.manual_seed(0)
+    w = (torch.randn(6, 4, 3, 3) * 1.3)
+    g = torch.randn_like(w)
+    for scale in (True, False):
+        a, b = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        Q.binary_weight(a, 0, scale).backward(g)
+        ref = _sign_ste_before(b)
+        if scale:
+            ref = ref * b.abs().mean(dim=(1, 2, 3), keepdim=True)
+        ref.backward(g)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    x = torch.randn(5, 7) * 2
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    Q.binary_sign(a).backward(torch.ones(5, 7))
+    _sign_ste_before(b).backward(torch.ones(5, 7))
+    assert torch.equal(a.grad, b.grad)
+    torch.library.opcheck(Q.binary_weight.default, (w, 0, True))
+    torch.library.opcheck(Q.binary_sign.default, (x,))
+
+
+def test_layer_report_switches_binary_op_nodes_off_to_their_float_activation():
+    from qpasses import datasets, zoo
+    from qpasses.layer_report import layer_table, quantizers_off
+    torch.manual_seed(0)
+    m = zoo.DigitsCNN(8).eval()
+    x, _ = datasets.load_digits_tensors("calib")
+    q = qpasses.PassManager("bnn", quiet=True).run(qpasses.trace(m, (x[:8],)), data=list(x[:64].split(32)))
+    acts = _calls(q, Q.binary_sign.default)
+    relu_dropped = [n for n in acts if n.meta.get("qpasses.float_activation") == "relu"]
+    assert relu_dropped                              # drop_relu recorded what the sign replaced
+    seen = {}
+
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            r = super().run_node(n)
+            seen[n.name] = r
+            return r
+    with torch.no_grad(), quantizers_off(q):
+        Rec(q).run(x[:4])
+    for n in relu_dropped:                           # off: the ReLU it replaced, not a sign
+        assert torch.equal(seen[n.name], torch.relu(seen[n.args[0].name]))
+    assert all(n.target is Q.binary_sign.default for n in acts)      # restored afterwards
+    rows = layer_table(q, x[:4])
+    assert sorted((r["w_bits"], r["a_bits"]) for r in rows if r["w_bits"] == 1) == [(1, 1), (1, 1)]

@@ -38,7 +38,7 @@ from .quant import QUANT_KEY, attach_weight_quantizer, insert_input_quantizer, n
 
 register_module_class(Fp8FakeQuantize, "fp8_fake_quant")
 if "fp8_dynamic" not in OP_CLASSES:   # the dynamic fp8 ops themselves, and the module form
-    register_op_class(OpClass("fp8_dynamic", ("input",), functions=tuple(FP8_DYNAMIC_OPS)))
+    register_op_class(OpClass("fp8_dynamic", ("input",), spellings={op: ("input",) for op in FP8_DYNAMIC_OPS}))
 register_module_class(Fp8DynamicQuantize, "fp8_dynamic")
 
 FP8_OBSERVER = dict(kind="minmax", bits=8, symmetric=True, axis=None, narrow=False)

@@ -303,6 +303,10 @@ class Fp8DynamicQuantize(nn.Module):
         self.per_token = bool(per_token)
         self.enabled = True
 
+    def stateless_call(self):
+        """``(op, constants)``: the graph node of this quantizer is the plain call ``op(x)``."""
+        return fp8_dynamic_op(self.per_token), ()
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
