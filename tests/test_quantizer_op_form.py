@@ -438,3 +438,25 @@ def test_layer_report_switches_binary_op_nodes_off_to_their_float_activation():
     assert all(n.target is Q.binary_sign.default for n in acts)      # restored afterwards
     rows = layer_table(q, x[:4])
     assert sorted((r["w_bits"], r["a_bits"]) for r in rows if r["w_bits"] == 1) == [(1, 1), (1, 1)]
+
+
+# ------------------------------------------------------------------------------- saved archives
+SAVED = [("w4a16", {"group_size": 32}), ("w4a16", {"group_size": 32, "symmetric": False}),
+         ("w8a8_fp8", {}), ("w8a8_fp8", {"activations": "dynamic"}), ("aciq4", {})]
+
+
+@pytest.mark.parametrize("recipe,opts", SAVED, ids=[f"{r}-{'-'.join(map(str, o.values()))}" for r, o in SAVED])
+def test_saved_archive_keeps_the_quantizer_ops_and_the_numerics(tmp_path, recipe, opts):
+    torch.manual_seed(0)
+    m = _MLP().eval()
+    x = torch.randn(4, 96)
+    q = qpasses.PassManager(recipe, quiet=True, **opts).run(qpasses.trace(m, (x,)), data=[x])
+    ops = {n.target for n in q.graph.nodes if n.op == "call_function" and str(n.target).startswith("qpasses.")}
+    assert ops
+    path = str(tmp_path / "q.pt2")
+    qpasses.save(q, path)
+    ep = qpasses.load(path)
+    loaded = ep.module() if hasattr(ep, "module") else ep
+    assert ops <= {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
