@@ -15,15 +15,19 @@ parameter an optimiser sees) and the plain attributes the back-ends read (``qmin
 
 Other quantizer kinds join this form by giving their module a ``graph_call()`` method returning
 ``(op, tensor attribute names, constants)`` (as :func:`graph_call` does for ``FakeQuantize``) and
-their op a place in :data:`QUANTIZER_OPS`: the group-wise int4 weight quantizer
-(``Int4GroupFakeQuantize``: ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros
-or q.zero_point, group_size, 0, 15)``) and the static fp8 quantizer (``Fp8FakeQuantize``:
-``qpasses.fp8_fake_quant_per_tensor(x, get_attr q.scale)`` or ``..._per_channel(x, get_attr q.scale,
-axis)``) and ACIQ's per-channel-bits weight quantizer (``ChannelBitsFakeQuant``:
-``qpasses.fake_quant_channel_bits(w, get_attr q.scale, q.qmax, q.gain, q.offset, axis)``) are.  A dynamic fp8 quantizer keeps no state: it is a plain ``call_function`` of its op
-(``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`), no holder; so are the
-binary quantizers (``qpasses.binary_sign(x)``, ``qpasses.binary_weight(w, axis, scale)``): such
-modules give their call by ``stateless_call()`` (:func:`stateless_call`).
+their op a place in :data:`QUANTIZER_OPS`:
+
+* the group-wise int4 weight quantizer (``Int4GroupFakeQuantize``):
+  ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros | q.zero_point, group_size, 0, 15)``;
+* the static fp8 quantizer (``Fp8FakeQuantize``): ``qpasses.fp8_fake_quant_per_tensor(x, get_attr
+  q.scale)`` or ``qpasses.fp8_fake_quant_per_channel(w, get_attr q.scale, axis)``;
+* ACIQ's per-channel-bits weight quantizer (``ChannelBitsFakeQuant``):
+  ``qpasses.fake_quant_channel_bits(w, get_attr q.scale, q.qmax, q.gain, q.offset, axis)``.
+
+A quantizer that keeps no tensors is a plain ``call_function`` of its op, with no holder: dynamic
+fp8 (``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`) and the binary
+quantizers (``qpasses.binary_sign(x)``, ``qpasses.binary_weight(w, axis, scale)``); such modules
+give that call by ``stateless_call()`` (:func:`stateless_call`).
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
 the quantizer modules of the other methods (dynamic int8) that are not yet in this form.
