@@ -35,18 +35,20 @@ def _bnn(model, xtr, epochs, lr, seed):
 
 
 def _weight_counts(q):
-    """(binary weight elements, all weight elements) of a ``bnn`` graph."""
-    from qpasses.methods.binary.lib import BinaryWeight
+    """(binary weight elements, all weight elements) of a ``bnn`` graph: weights read through a
+    ``qpasses.binary_weight`` node (binary) or a FakeQuantize quantizer node (the kept edge layers)."""
+    import torch
     from qpasses.numerics import FakeQuantize
+    from qpasses.qnodes import quantizer_module
     binary = total = 0
     for n in q.graph.nodes:
-        if n.op != "call_module" or not n.args or getattr(n.args[0], "op", None) != "get_attr":
+        if not n.args or getattr(n.args[0], "op", None) != "get_attr":
             continue
-        mod = q.get_submodule(n.target)
-        if isinstance(mod, (BinaryWeight, FakeQuantize)):
+        is_binary = n.op == "call_function" and n.target is torch.ops.qpasses.binary_weight.default
+        if is_binary or isinstance(quantizer_module(q, n, (FakeQuantize,)), FakeQuantize):
             numel = q.get_parameter(n.args[0].target).numel()
             total += numel
-            binary += numel if isinstance(mod, BinaryWeight) else 0
+            binary += numel if is_binary else 0
     return binary, total
 
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .errors import QPassesError
 from .opclasses import get_attr_value
-from .qnodes import quantizer_module
+from .qnodes import fp8_dynamic_granularity, quantizer_module
 
 __all__ = ["save_compressed", "compressed_entries", "CheckpointError", "LayerQuant"]
 
@@ -142,7 +142,10 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
             if s.numel() == 1:
                 s = s.expand(w_float.shape[0], 1).clone()
             aq = _input_quantizer(qgm, ops_reading[0], mods) if ops_reading else None
-            if isinstance(aq, Fp8DynamicQuantize):
+            dyn = fp8_dynamic_granularity(ops_reading[0].args[0] if ops_reading and ops_reading[0].args else None)
+            if dyn is not None:                         # the plain dynamic fp8 op call
+                act = {"dynamic": True, "strategy": "token" if dyn == "per_token" else "tensor", "type": "float"}
+            elif isinstance(aq, Fp8DynamicQuantize):
                 act = {"dynamic": True, "strategy": "token" if aq.per_token else "tensor", "type": "float"}
             elif isinstance(aq, Fp8FakeQuantize) and aq.axis is None:
                 act = {"dynamic": False, "strategy": "tensor", "type": "float", "scale": aq.scale.detach().float()}

@@ -8,9 +8,11 @@ module                       made by                     bits / scale shown
 ===========================  ==========================  ==============================
 ``FakeQuantize``             ptq_int8, qat, genie, ...   ``bits``, ``scale``
 ``Int4GroupFakeQuantize``    w4a16                       4, the group scales
+``Fp8FakeQuantize``          w8a8_fp8                    8 (float8 e4m3), ``scale``
+dynamic fp8 op node          w8a8_fp8 (dynamic)          8 (scale: per call)
 ``ChannelBitsFakeQuant``     aciq4                       per-channel bits (``min-max``)
-``BinaryWeight``             bnn                         1
-``BinaryActivation``         bnn                         1
+``binary_weight`` op node    bnn                         1
+``binary_sign`` op node      bnn                         1
 ``DynamicFakeQuant``         dynamic_int8                ``bits`` (scale: per call)
 ``PackedBinaryLinear/Conv``  lower after bnn             1, ``alpha``
 ===========================  ==========================  ==============================
@@ -37,12 +39,12 @@ import torch.nn.functional as F
 from .frontend import as_inputs
 from .kernels.lowering import Int4GroupFakeQuantize
 from .methods.aciq.lib import ChannelBitsFakeQuant
-from .methods.binary.lib import BinaryActivation, BinaryWeight, PackedBinaryLinear
+from .methods.binary.lib import BINARY_OPS, BinaryActivation, BinaryWeight, PackedBinaryLinear
 from .methods.dynamic.lib import DynamicFakeQuant, dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .opclasses import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
-from .qnodes import bypassed
+from .qnodes import bypassed, fp8_dynamic_granularity
 from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
@@ -72,6 +74,13 @@ def quantizer_bits(mod: Any) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
     return None
 
 
+def _binary_bits(node: Any) -> Optional[Tuple[int, None]]:
+    """``(1, None)`` for a binary quantizer op node (``binary_sign`` / ``binary_weight``), else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in BINARY_OPS:
+        return 1, None
+    return None
+
+
 @contextlib.contextmanager
 def quantizers_off(gm: nn.Module):
     """Within the block every quantizer of ``gm`` is the identity; their own forwards are back afterwards.  Quantizer op
@@ -79,6 +88,14 @@ def quantizers_off(gm: nn.Module):
     code is regenerated on the way in and out)."""
     patched = []
     ops_off = bypassed(gm, list(gm.graph.nodes)) if isinstance(gm, fx.GraphModule) else contextlib.nullcontext()
+    # binary op nodes: the weight's is the latent weight, the sign's the activation it replaced (if any)
+    binary = [(n, n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target in BINARY_OPS] \
+        if isinstance(gm, fx.GraphModule) else []
+    for n, _ in binary:
+        n.target = _DROPPED.get(n.meta.get("qpasses.float_activation"), _identity) \
+            if n.target is BINARY_OPS[0] else _identity
+    if binary:
+        gm.recompile()
     try:
         for m in gm.modules():
             if isinstance(m, BinaryActivation) and m.float_activation in _DROPPED:
@@ -92,6 +109,15 @@ def quantizers_off(gm: nn.Module):
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+        for n, t in binary:
+            n.target = t
+        if binary:
+            gm.recompile()
+
+
+def _identity(x, *args):
+    """What a switched-off binary quantizer node calls: its input."""
+    return x
 
 
 def _outputs(gm: fx.GraphModule, example) -> Dict[str, torch.Tensor]:
@@ -146,7 +172,7 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             wq = _module_of(w, mods)
             x = v.get("input")
             aq = _module_of(x, mods)
-            wi, ai = quantizer_bits(wq), quantizer_bits(aq)
+            wi, ai = quantizer_bits(wq) or _binary_bits(w), quantizer_bits(aq) or _binary_bits(x)
             if wi is not None:
                 src = w.args[0] if w.args else None
                 wt = q_vals.get(src.name) if isinstance(src, fx.Node) else None
@@ -157,13 +183,17 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             numel = int(wt.numel()) if wt is not None else 0
             w_bits, w_scale = wi if wi is not None else (32, None)
             a_bits, a_scale = ai if ai is not None else (32, None)
-            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) else _fmt_scale(a_scale)
+            fp8_dyn = fp8_dynamic_granularity(x)       # a dynamic fp8 op node: no module
+            if fp8_dyn is not None:
+                a_bits, a_scale = 8, None
+            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) or fp8_dyn is not None else _fmt_scale(a_scale)
             if isinstance(aq, DynamicFakeQuant) and cls == "linear":   # dynamic_int8's linear
                 cls = f"linear ({'per_token' if aq.reduce_dim == -1 else 'per_tensor'} dynamic)"
         elif isinstance(layer, PackedBinaryLinear):
             numel = int(layer.out_features * layer.in_features)
             wq, w_bits, w_scale = None, 1, layer.alpha.detach().float()
-            ai = quantizer_bits(_module_of(n.args[0] if n.args else None, mods))
+            ai = quantizer_bits(_module_of(n.args[0] if n.args else None, mods)) or \
+                _binary_bits(n.args[0] if n.args else None)
             a_bits, a_scale = ai if ai is not None else (32, None)
             a_text = _fmt_scale(a_scale)
             cls = type(layer).__name__

@@ -15,12 +15,22 @@ parameter an optimiser sees) and the plain attributes the back-ends read (``qmin
 
 Other quantizer kinds join this form by giving their module a ``graph_call()`` method returning
 ``(op, tensor attribute names, constants)`` (as :func:`graph_call` does for ``FakeQuantize``) and
-their op a place in :data:`QUANTIZER_OPS`: the group-wise int4 weight quantizer
-(``Int4GroupFakeQuantize``: ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros
-or q.zero_point, group_size, 0, 15)``) is one.
+their op a place in :data:`QUANTIZER_OPS`:
+
+* the group-wise int4 weight quantizer (``Int4GroupFakeQuantize``):
+  ``qpasses.fake_quant_per_group(w, get_attr q.scales, get_attr q.zeros | q.zero_point, group_size, 0, 15)``;
+* the static fp8 quantizer (``Fp8FakeQuantize``): ``qpasses.fp8_fake_quant_per_tensor(x, get_attr
+  q.scale)`` or ``qpasses.fp8_fake_quant_per_channel(w, get_attr q.scale, axis)``;
+* ACIQ's per-channel-bits weight quantizer (``ChannelBitsFakeQuant``):
+  ``qpasses.fake_quant_channel_bits(w, get_attr q.scale, q.qmax, q.gain, q.offset, axis)``.
+
+A quantizer that keeps no tensors is a plain ``call_function`` of its op, with no holder: dynamic
+fp8 (``qpasses.fp8_fake_quant_per_token(x)``, :func:`fp8_dynamic_granularity`) and the binary
+quantizers (``qpasses.binary_sign(x)``, ``qpasses.binary_weight(w, axis, scale)``); such modules
+give that call by ``stateless_call()`` (:func:`stateless_call`).
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
-the quantizer modules of the other methods (fp8, dynamic, binary) that are not yet in this form.
+the quantizer modules of the other methods (dynamic int8) that are not yet in this form.
 :func:`quantizer_module` reads both forms, which is what every consumer uses.
 """
 from __future__ import annotations
@@ -33,10 +43,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops registers the ops)
+from .numerics.fp8 import FP8_DYNAMIC_OPS
 from .opclasses import holder_of, register_holder_op
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
-           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call"]
+           "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call", "fp8_dynamic_granularity",
+           "stateless_call"]
 
 _Q = torch.ops.qpasses
 
@@ -45,6 +57,8 @@ QUANTIZER_OPS = frozenset({
     _Q.fake_quant_per_tensor.default, _Q.fake_quant_per_channel.default,
     _Q.fake_quant_lsq_per_tensor.default, _Q.fake_quant_lsq_per_channel.default,
     _Q.fake_quant_per_group.default,
+    _Q.fp8_fake_quant_per_tensor.default, _Q.fp8_fake_quant_per_channel.default,
+    _Q.fake_quant_channel_bits.default,
 })
 
 #: module types whose instances are quantizers or observers (for :func:`quantizer_module`'s default)
@@ -53,6 +67,19 @@ QUANTIZER_TYPES: Tuple[type, ...] = (Observer, FakeQuantize)
 
 for _op in QUANTIZER_OPS:
     register_holder_op(_op, 1)
+
+
+def fp8_dynamic_granularity(node: Any) -> Optional[str]:
+    """``"per_token"`` / ``"per_tensor"`` for a ``call_function`` node of a dynamic fp8 quantizer op
+    (:data:`qpasses.numerics.fp8.FP8_DYNAMIC_OPS`: no holder, the scale measured at every call),
+    else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    try:
+        per_token = FP8_DYNAMIC_OPS.get(node.target)
+    except TypeError:   # unhashable target
+        return None
+    return None if per_token is None else ("per_token" if per_token else "per_tensor")
 
 
 def is_quantizer_call(node: Any) -> bool:
@@ -93,6 +120,14 @@ def has_graph_call(mod: Any) -> bool:
     """``mod`` is a quantizer module with an op form (a ``FakeQuantize``, or a module with a
     ``graph_call()`` method)."""
     return isinstance(mod, FakeQuantize) or callable(getattr(mod, "graph_call", None))
+
+
+def stateless_call(mod: Any) -> Optional[Tuple[Any, Tuple[Any, ...]]]:
+    """``(op, constants)`` for a quantizer module that keeps no tensors (its ``stateless_call()``:
+    dynamic fp8, the binary quantizers): its graph node is the plain call ``op(x, *constants)``, with
+    no module behind it.  ``None`` for anything else."""
+    call = getattr(mod, "stateless_call", None)
+    return call() if callable(call) else None
 
 
 def graph_call(fq: nn.Module) -> Tuple[Any, Tuple[str, ...], Tuple[Any, ...]]:
@@ -168,7 +203,7 @@ def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
     """Within the block each quantizer op node of ``nodes`` returns its input (e.g. to run the
     float graph, or to capture a layer's float input); ``gm``'s code is regenerated on the way in
     and out.  Other nodes are left alone."""
-    saved = [(n, n.target) for n in nodes if is_quantizer_call(n)]
+    saved = [(n, n.target) for n in nodes if is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None]
     for n, _ in saved:
         n.target = _passthrough
     if saved:
@@ -195,7 +230,7 @@ def drop_dead(ctx: Any, nodes) -> None:
         if n.op in ("get_attr", "call_module"):
             ctx.erase(n)
             gone.add(n)
-        elif is_quantizer_call(n):
+        elif is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None:
             todo.extend(a for a in n.all_input_nodes if a.op == "get_attr")
             ctx.erase(n)
             gone.add(n)

@@ -27,6 +27,13 @@ straight-through gradient for ``x``, zero where ``|x / s| > 448``):
 
 Modules: :class:`Fp8FakeQuantize` (fixed scale, per tensor or per channel) and
 :class:`Fp8DynamicQuantize` (per token or per tensor, no parameters).
+
+In a graph (the one form of :mod:`qpasses.qnodes`) a static fp8 quantizer is one node,
+``fp8_fake_quant_per_tensor(x, get_attr q.scale)`` / ``fp8_fake_quant_per_channel(x, get_attr
+q.scale, axis)``, its ``Fp8FakeQuantize`` a holder the graph never calls
+(:meth:`Fp8FakeQuantize.graph_call`).  A dynamic one has no state: it is a plain call of
+``fp8_fake_quant_per_token(x)`` / ``fp8_fake_quant_dynamic_tensor(x)`` (:data:`FP8_DYNAMIC_OPS`),
+no module at all.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from ._module import add_buffers
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_MIN_AMAX", "fp8_scale", "fp8_cast", "Fp8FakeQuantize", "Fp8DynamicQuantize",
            "fp8_fake_quant_per_tensor", "fp8_fake_quant_per_channel", "fp8_fake_quant_per_token",
-           "fp8_fake_quant_dynamic_tensor", "quantize_fp8_per_token"]
+           "fp8_fake_quant_dynamic_tensor", "quantize_fp8_per_token", "FP8_DYNAMIC_OPS", "fp8_dynamic_op"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)          # 448.0
@@ -267,6 +274,13 @@ class Fp8FakeQuantize(nn.Module):
             return _QOPS.fp8_fake_quant_per_tensor.default(x, self.scale)
         return _QOPS.fp8_fake_quant_per_channel.default(x, self.scale, self.axis)
 
+    def graph_call(self) -> Tuple[object, Tuple[str, ...], Tuple[object, ...]]:
+        """``(op, tensor attribute names, constants)`` of this quantizer's graph node: the forward
+        (when enabled) is ``op(x, *(getattr(self, a) for a in names), *constants)``."""
+        if self.axis is None:
+            return _QOPS.fp8_fake_quant_per_tensor.default, ("scale",), ()
+        return _QOPS.fp8_fake_quant_per_channel.default, ("scale",), (self.axis,)
+
     def codes(self, x: Tensor) -> Tensor:
         """float8_e4m3fn codes of ``x`` (what the fp8 GEMM / a checkpoint stores)."""
         s = self.scale if self.axis is None else _channel_scale(x, self.scale, self.axis)
@@ -289,12 +303,27 @@ class Fp8DynamicQuantize(nn.Module):
         self.per_token = bool(per_token)
         self.enabled = True
 
+    def stateless_call(self):
+        """``(op, constants)``: the graph node of this quantizer is the plain call ``op(x)``."""
+        return fp8_dynamic_op(self.per_token), ()
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if self.per_token:
-            return _QOPS.fp8_fake_quant_per_token.default(x)
-        return _QOPS.fp8_fake_quant_dynamic_tensor.default(x)
+        return fp8_dynamic_op(self.per_token)(x)
 
     def extra_repr(self) -> str:
         return f"float8_e4m3fn, {'per_token' if self.per_token else 'per_tensor'}, dynamic"
+
+
+#: the stateless (dynamic) fp8 quantizer ops, a graph's whole dynamic fp8 quantizer: ``op(x)``
+#: -> per token (one scale per row of the last dim) or not (one scale for the tensor)
+FP8_DYNAMIC_OPS = {
+    _QOPS.fp8_fake_quant_per_token.default: True,
+    _QOPS.fp8_fake_quant_dynamic_tensor.default: False,
+}
+
+
+def fp8_dynamic_op(per_token: bool):
+    """The op a dynamic fp8 quantizer node calls (``op(x)``): per token, or one scale per tensor."""
+    return _QOPS.fp8_fake_quant_per_token.default if per_token else _QOPS.fp8_fake_quant_dynamic_tensor.default

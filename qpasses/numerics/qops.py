@@ -17,7 +17,14 @@ none for ``scale`` / ``zero_point``:
   scale per ``group_size`` consecutive elements of the last dim (int4 weights): ``x [..., K]``,
   parameters ``[..., ceil(K / group_size)]``.
 
-These three are bit-exact with ``torch.fake_quantize_per_tensor_affine`` /
+Per-channel bit-widths (ACIQ, Banner et al., "Post-training 4-bit quantization of convolution
+networks for rapid-deployment", NeurIPS 2019):
+
+* ``qpasses::fake_quant_channel_bits(x, scale, qmax, gain, offset, axis)`` -- symmetric, one scale
+  and one range ``[-qmax, qmax]`` per channel along ``axis``, then ``* gain + offset`` per channel
+  (bias correction); straight-through gradient (times ``gain``) inside each channel's range.
+
+The first three are bit-exact with ``torch.fake_quantize_per_tensor_affine`` /
 ``torch.fake_quantize_per_channel_affine`` (the first two call them; the group op uses their
 formula, ``round(x * (1 / s))`` in float32 with the float32 reciprocal).
 
@@ -60,7 +67,8 @@ from torch import Tensor
 
 from .qparams import dynamic_range_qparams
 
-__all__ = ["fake_quant_per_tensor", "fake_quant_per_channel", "fake_quant_per_group", "fake_quant_lsq_per_tensor",
+__all__ = ["fake_quant_per_tensor", "fake_quant_per_channel", "fake_quant_per_group", "fake_quant_channel_bits",
+           "fake_quant_lsq_per_tensor",
            "fake_quant_lsq_per_channel", "fake_quant_per_token", "quantize_per_token", "lsq_grad_scale"]
 
 _F32_EPS = torch.finfo(torch.float32).eps
@@ -227,6 +235,55 @@ def _per_group_backward(ctx, grad):
 
 
 fake_quant_per_group.register_autograd(_per_group_backward, setup_context=_per_group_setup)
+
+
+# ------------------------------------------------------------------------- per-channel bit-widths
+def _channel_bits_parts(x: Tensor, scale: Tensor, qmax: Tensor, gain: Tensor, offset: Tensor, axis: int):
+    ax = _axis(axis, x)
+    n = x.shape[ax]
+    for name, p in (("scale", scale), ("qmax", qmax), ("gain", gain), ("offset", offset)):
+        if p.numel() != n:
+            raise ValueError(f"qpasses::fake_quant_channel_bits: {name} has {p.numel()} elements, but axis {axis} "
+                             f"of the input has {n}")
+    shape = _channel_shape(x, ax)
+    return tuple(p.reshape(shape) for p in (scale, qmax, gain, offset))
+
+
+@torch.library.custom_op("qpasses::fake_quant_channel_bits", mutates_args=())
+def fake_quant_channel_bits(x: Tensor, scale: Tensor, qmax: Tensor, gain: Tensor, offset: Tensor,
+                            axis: int) -> Tensor:
+    """Symmetric per-channel fake quantization, each channel (along ``axis``) with its own range
+    ``[-qmax, qmax]`` (its own bit-width), then a per-channel affine correction (ACIQ's bias
+    correction): ``gain * clamp(round(x / scale), -qmax, qmax) * scale + offset`` (a division, in the
+    promoted dtype of the inputs, as :class:`~qpasses.methods.aciq.ChannelBitsFakeQuant` computes it)."""
+    s, qm, g, o = _channel_bits_parts(x, scale, qmax, gain, offset, axis)
+    q = torch.minimum(torch.maximum(torch.round(x / s), -qm), qm) * s
+    return q * g + o
+
+
+@fake_quant_channel_bits.register_fake
+def _(x, scale, qmax, gain, offset, axis):
+    _check_float(x, "fake_quant_channel_bits")
+    _channel_bits_parts(x, scale, qmax, gain, offset, axis)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
+                                torch.promote_types(gain.dtype, offset.dtype))
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _channel_bits_setup(ctx, inputs, output):
+    x, scale, qmax, gain, offset, axis = inputs
+    ctx.save_for_backward(x, scale, qmax, gain, offset)
+    ctx.axis = axis
+
+
+def _channel_bits_backward(ctx, grad):
+    x, scale, qmax, gain, offset = ctx.saved_tensors
+    s, qm, g, _ = _channel_bits_parts(x, scale, qmax, gain, offset, ctx.axis)
+    inside = torch.round(x / s).abs() <= qm        # straight through inside the channel's range
+    return (grad * g * inside).to(x.dtype), None, None, None, None, None
+
+
+fake_quant_channel_bits.register_autograd(_channel_bits_backward, setup_context=_channel_bits_setup)
 
 
 # ------------------------------------------------------------------------------------------ LSQ

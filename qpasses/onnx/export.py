@@ -1,8 +1,8 @@
 """fx GraphModule -> standard QDQ ONNX, through ``torch.onnx.export(..., dynamo=True)``.
 
 1. **Prepare** (on a copy; the caller's graph is never touched): quantizer modules that are not
-   one custom-op call become one (``ChannelBitsFakeQuant`` -> per-channel quantizer); the
-   group-wise int4 quantizer (``qpasses::fake_quant_per_group`` on an ``Int4GroupFakeQuantize``
+   one custom-op call become one; ACIQ's ``qpasses::fake_quant_channel_bits`` becomes a
+   per-channel quantizer (a range per channel has no ONNX form); the group-wise int4 quantizer (``qpasses::fake_quant_per_group`` on an ``Int4GroupFakeQuantize``
    holder's ``get_attr`` qparams) gets integer zero points; a weight quantizer reading a constant
    reads that constant already fake-quantized by the module itself, so the integer codes folded
    later are exactly the module's; observers are dropped; disabled quantizers are the identity.
@@ -140,8 +140,14 @@ class _Prep:
                                           "export the graph the genie recipe returns"))
             elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node), FakeQuantize):
                 self.fake_quant_call(node)
-            elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node), Int4GroupFakeQuantize):
-                self.group_int4(node, quantizer_module(self.modules, node))
+            elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node, None),
+                                                        Int4GroupFakeQuantize):
+                self.group_int4(node, quantizer_module(self.modules, node, None))
+            elif is_quantizer_call(node) and isinstance(quantizer_module(self.modules, node, None),
+                                                        ChannelBitsFakeQuant):
+                self.channel_bits(node, quantizer_module(self.modules, node, None))
+            elif node.op == "call_function" and node.target is _QOPS.binary_weight.default:
+                self.constant_weight(node)
             elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
                     and node.target.namespace == "qpasses" and node.target not in _tr.translation_table():
                 self.problems.append((node.name, str(node.target),
@@ -189,6 +195,15 @@ class _Prep:
         z = self.attr(torch.round(zeros).to(torch.int32), node, "_onnx_zp")
         new = self.call(_QOPS.fake_quant_per_group.default, (self.attr(wq, node), s, z, m.group_size, 0, 15), node)
         node.replace_all_uses_with(new)
+        self.g.erase_node(node)
+
+    def constant_weight(self, node: fx.Node) -> None:
+        """A stateless weight quantizer op (``binary_weight``) on a constant: its value, folded."""
+        w = _const_value(self.gm, node.args[0])
+        if w is None:
+            return                      # a non-constant input: the op's own translation
+        with torch.no_grad():
+            node.replace_all_uses_with(self.attr(node.target(w.detach(), *node.args[1:]), node))
         self.g.erase_node(node)
 
     def channel_bits(self, node: fx.Node, m) -> None:

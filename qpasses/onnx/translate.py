@@ -179,6 +179,7 @@ def _f32(op, x):
 
 # ------------------------------------------------------------------------------- quantizers
 _QOPS = torch.ops.qpasses
+from ..methods import binary as _binary  # noqa: E402,F401  (registers qpasses::binary_sign / binary_weight)
 _EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -227,6 +228,36 @@ def fake_quant_per_group(x, scale, zero_point, group_size: int, quant_min: int, 
     op = opset()
     # a weight (constant) is folded to an INT4 / UINT4 initializer by the clean-up
     return qdq(x, _f32(op, scale), zero_point, quant_min, quant_max, axis=r - 1, block_size=group_size)
+
+
+def _sign_ste_value(op, x):
+    """``clip(x, -1, 1) + (sign(x) - clip(x, -1, 1))`` with sign(0) = +1: the binary quantizers'
+    forward value, the same float operations in the same order."""
+    one = op.CastLike(_const(op, 1.0, ir.DataType.FLOAT), x)
+    neg = op.Neg(one)
+    c = op.Clip(x, neg, one)
+    s = op.Where(op.GreaterOrEqual(x, op.CastLike(_const(op, 0.0, ir.DataType.FLOAT), x)), one, neg)
+    return op.Add(c, op.Sub(s, c))
+
+
+@register_translation(_QOPS.binary_sign.default)
+def binary_sign(x):
+    return _sign_ste_value(opset(), x)
+
+
+@register_translation(_QOPS.binary_weight.default)
+def binary_weight(w, axis: int, scale: bool):
+    op = opset()
+    b = _sign_ste_value(op, w)
+    if not scale:
+        return b
+    r = _rank(w)
+    if r is None:
+        raise TranslationError("binary_weight: the weight's rank is unknown")
+    dims = [d for d in range(r) if d != axis % r]
+    if not dims:
+        return op.Mul(b, op.Abs(w))
+    return op.Mul(b, op.ReduceMean(op.Abs(w), _const(op, dims, ir.DataType.INT64), keepdims=1))
 
 
 def _token_qparams(op, x, quant_min: int, quant_max: int, symmetric: bool):

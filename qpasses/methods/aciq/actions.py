@@ -1,8 +1,9 @@
 """Actions of the ``aciq`` rule family (Banner et al. 2019 weight quantization).
 
 Representation after ``aciq`` (both graph levels): the weighted op is in functional form and
-reads its weight through ``call_module ChannelBitsFakeQuant(get_attr <float weight>)`` (op class
-``channel_bits_fq``); node meta ``qpasses.quant["weight"] = {"bits": mean bits, "axis", "aciq":
+reads its weight through ``qpasses.fake_quant_channel_bits(get_attr <float weight>, get_attr
+weight_aciq_N.scale, .qmax, .gain, .offset, axis)``, its ``ChannelBitsFakeQuant`` a holder the graph
+never calls (op class ``channel_bits_fq``); node meta ``qpasses.quant["weight"] = {"bits": mean bits, "axis", "aciq":
 {per-channel bits, budget, clipped fraction, prior, ...}}`` -- so the ``convert`` family's weight
 rule leaves it alone, while its activation rule turns the (ACIQ) observers into fake quant.
 """

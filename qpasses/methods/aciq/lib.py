@@ -75,11 +75,15 @@ class ChannelBitsFakeQuant(nn.Module):
         s, qm = _bcast(self.scale, w.dim(), ax), _bcast(self.qmax, w.dim(), ax)
         return torch.minimum(torch.maximum(torch.round(w / s), -qm), qm).to(torch.int8)
 
+    def graph_call(self):
+        """``(op, tensor attribute names, constants)`` of this quantizer's graph node
+        (:mod:`qpasses.qnodes`): ``fake_quant_channel_bits(w, scale, qmax, gain, offset, axis)``."""
+        return torch.ops.qpasses.fake_quant_channel_bits.default, ("scale", "qmax", "gain", "offset"), (self.axis,)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        ax = self.axis % w.dim()
-        s, qm = _bcast(self.scale, w.dim(), ax), _bcast(self.qmax, w.dim(), ax)
-        q = torch.minimum(torch.maximum(torch.round(w / s), -qm), qm) * s
-        return q * _bcast(self.gain, w.dim(), ax) + _bcast(self.offset, w.dim(), ax)
+        """``gain * clamp(round(w / scale), -qmax, qmax) * scale + offset`` per channel: the graph's op."""
+        return torch.ops.qpasses.fake_quant_channel_bits.default(w, self.scale, self.qmax, self.gain, self.offset,
+                                                                 self.axis)
 
     def extra_repr(self) -> str:
         b = self.bits.float()

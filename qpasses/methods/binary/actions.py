@@ -3,10 +3,13 @@
 Representation after ``binarize`` (both graph levels):
 
 * a binarized weighted op is in functional form and reads its weight through
-  ``call_module BinaryWeight(get_attr <latent float weight>)``; its node meta
+  ``qpasses.binary_weight(get_attr <latent float weight>, axis, scale)`` (op class
+  ``binary_weight``; a plain op call: the quantizer keeps no tensors, so no module); its node meta
   ``qpasses.quant["weight"] = {"bits": 1, "binary": True, "axis": .., "scale": ..}`` (so the
   ``convert`` family leaves it alone);
-* its activation input goes through ``call_module BinaryActivation`` (shared per value);
+* its activation input goes through ``qpasses.binary_sign(x)`` (op class ``binary_act``, shared per
+  value); a ReLU that ``drop_relu`` removed in front of it is recorded as
+  ``meta["qpasses.float_activation"]`` on that node (the layer report's float reference uses it);
 * the first and last weighted ops (graph order) keep ``edge_bits`` fake quantization
   (observer on the input, per-channel weight FakeQuantize), annotated ``qpasses.bits``;
 * BatchNorm is untouched (a BNN needs it after each binary conv);
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Set
 
+import torch
 import torch.fx as fx
 
 from ...lang.registry import action, constraint
@@ -24,10 +28,19 @@ from ...numerics.observers import OBSERVER_KIND, BITS
 from ...context import Refuse
 from ...matcher import MatchContext
 from .lib import (BinaryActivation, BinaryWeight, PackedBinaryConv2d, PackedBinaryLinear)
-from ...opclasses import register_module_class
+from ...opclasses import OP_CLASSES, OpClass, register_module_class, register_op_class
+from ...qnodes import stateless_call
 from .._graphutil import add_module, copy_meta
 from ..ptq.actions import QUANT_KEY, attach_weight_quantizer, observe_input, quantize_weight, weight_axis
 
+FLOAT_ACTIVATION_KEY = "qpasses.float_activation"
+_SIGN = torch.ops.qpasses.binary_sign.default
+_BWEIGHT = torch.ops.qpasses.binary_weight.default
+if "binary_act" not in OP_CLASSES:      # the op calls, and (below) the module form
+    register_op_class(OpClass("binary_act", ("input",), spellings={_SIGN: ("input",)}))
+if "binary_weight" not in OP_CLASSES:
+    register_op_class(OpClass("binary_weight", ("input", "axis", "scale"),
+                              spellings={_BWEIGHT: ("input", "axis", "scale")}))
 register_module_class(BinaryActivation, "binary_act")
 register_module_class(BinaryWeight, "binary_weight")
 register_module_class(PackedBinaryLinear, "packed_binary")  # PackedBinaryConv2d is a subclass
@@ -161,11 +174,9 @@ def binarize_input(ctx: MatchContext, op: fx.Node, index: int = 0):
         if u is not op and ctx.classify(u) == "binary_act":
             op.replace_input_with(x, u)
             break
-    else:
-        target = add_module(ctx, "binary_act", BinaryActivation())
-        with ctx.graph.inserting_after(x):
-            b = ctx.graph.call_module(target, (x,))
-        copy_meta(x, b)
+    else:   # stateless: a plain op call, no module
+        sign, consts = stateless_call(BinaryActivation())
+        b = ctx.insert("call_function", sign, (x, *consts), after=x, like=x, name="binary_act")
         op.replace_input_with(x, b)
     op.meta.setdefault(QUANT_KEY, {})["input"] = {"bits": 1, "binary": True}
     op.meta["qpasses.bits"] = {**(op.meta.get("qpasses.bits") or {}), "a_bits": 1}
@@ -180,6 +191,9 @@ def drop_relu(ctx: MatchContext, relu: fx.Node, value: fx.Node):
     kind = "relu6" if ctx.classify(relu) == "relu6" else "relu"
     for u in list(relu.users):
         for b in ([u] if ctx.classify(u) == "binary_act" else list(u.users)):
+            if ctx.classify(b) != "binary_act":
+                continue
+            b.meta[FLOAT_ACTIVATION_KEY] = kind
             mod = ctx.modules.get(b.target) if b.op == "call_module" else None
             if isinstance(mod, BinaryActivation):
                 mod.float_activation = kind
@@ -187,13 +201,25 @@ def drop_relu(ctx: MatchContext, relu: fx.Node, value: fx.Node):
     ctx.graph.erase_node(relu)
 
 
+def _binary_weight_of(ctx: MatchContext, wnode) -> Optional[BinaryWeight]:
+    """The ``BinaryWeight`` a weight node computes: its module (a module call), or one built from
+    the constants of a ``binary_weight`` op call; else None."""
+    if not isinstance(wnode, fx.Node):
+        return None
+    if wnode.op == "call_function" and wnode.target is _BWEIGHT and len(wnode.args) == 3:
+        axis, scale = wnode.args[1], wnode.args[2]
+        return BinaryWeight(scale=bool(scale), axis=int(axis)) if isinstance(axis, int) else None
+    mod = ctx.modules.get(wnode.target) if wnode.op == "call_module" else None
+    return mod if isinstance(mod, BinaryWeight) else None
+
+
 @action("pack_binary_layer")
 def pack_binary_layer(ctx: MatchContext, op: fx.Node):
     """Replace a binary linear / conv2d (BinaryWeight weight, ±1 input) by a 1-bit packed module."""
     view = ctx.view(op)
     wnode = view.get("weight")
-    bw = ctx.modules.get(wnode.target) if isinstance(wnode, fx.Node) and wnode.op == "call_module" else None
-    if not isinstance(bw, BinaryWeight) or bw.axis != 0:
+    bw = _binary_weight_of(ctx, wnode)
+    if bw is None or bw.axis != 0:
         raise Refuse(f"{op.name} does not read a BinaryWeight along axis 0")
     src = wnode.args[0]
     if not (isinstance(src, fx.Node) and src.op == "get_attr"):

@@ -14,8 +14,11 @@
   ``torch.ops.qpasses.binary_linear`` (conv through ``unfold``: im2col then the binary GEMM).
   :func:`pack_binary` turns every binarized linear/conv2d of a graph into one of these.
 
-Both STE modules are plain aten ops in ``forward`` (``torch.where`` / ``detach`` arithmetic),
-so graphs holding them trace with ``torch.fx`` and ``torch.export``.
+Both quantizers are ``torch.library`` custom ops, ``qpasses::binary_sign(x)`` and
+``qpasses::binary_weight(w, axis, scale)`` (fake impls, the gradients above through
+``register_autograd``), so ``torch.export`` keeps each one node.  They keep no tensors, so a graph
+calls the op directly, with no module (:mod:`qpasses.qnodes`, ``stateless_call``); the modules are
+the eager form, whose forward is that op.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["sign_pm1", "BinaryActivation", "BinaryWeight", "PackedBinaryLinear", "PackedBinaryConv2d",
+__all__ = ["sign_pm1", "binary_sign", "binary_weight", "BINARY_OPS", "BinaryActivation", "BinaryWeight", "PackedBinaryLinear", "PackedBinaryConv2d",
            "clip_latent_weights", "pack_binary", "binary_modules", "make_optimizer"]
 
 
@@ -35,10 +38,90 @@ def sign_pm1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+def _sign_value(x: torch.Tensor) -> torch.Tensor:
+    """The forward value of the straight-through sign: ``clamp(x, -1, 1) + (sign(x) - clamp(x, -1, 1))``
+    (the expression the STE form evaluates; within an ulp of ``sign_pm1(x)``)."""
+    clipped = torch.clamp(x, -1.0, 1.0)
+    return clipped + (sign_pm1(x) - clipped)
+
+
+def _reduce_dims(w: torch.Tensor, axis: int):
+    return [d for d in range(w.dim()) if d != axis % w.dim()]
+
+
+# ------------------------------------------------------------------------------ the quantizer ops
+@torch.library.custom_op("qpasses::binary_sign", mutates_args=())
+def binary_sign(x: torch.Tensor) -> torch.Tensor:
+    """``±1`` (zero counts as +1) with the hardtanh straight-through gradient (1 where ``|x| <= 1``)."""
+    return _sign_value(x)
+
+
+@binary_sign.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _sign_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _sign_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * ((x >= -1.0) & (x <= 1.0))
+
+
+binary_sign.register_autograd(_sign_backward, setup_context=_sign_setup)
+
+
+@torch.library.custom_op("qpasses::binary_weight", mutates_args=())
+def binary_weight(w: torch.Tensor, axis: int, scale: bool) -> torch.Tensor:
+    """``alpha * sign(w)`` with ``alpha = mean |w|`` per index of ``axis`` (XNOR-Net), or ``sign(w)``
+    alone (``scale=False``).  Gradient: the straight-through sign times ``alpha``, plus the true
+    gradient through ``alpha``."""
+    b = _sign_value(w)
+    if not scale:
+        return b
+    dims = _reduce_dims(w, axis)
+    a = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
+    return b * a
+
+
+@binary_weight.register_fake
+def _(w, axis, scale):
+    if not -w.dim() <= axis < max(w.dim(), 1):
+        raise ValueError(f"qpasses::binary_weight: axis {axis} is out of range for a {w.dim()}-d weight")
+    return torch.empty_like(w)
+
+
+def _bw_setup(ctx, inputs, output):
+    w, axis, scale = inputs
+    ctx.save_for_backward(w)
+    ctx.axis, ctx.scale = axis, bool(scale)
+
+
+def _bw_backward(ctx, grad):
+    (w,) = ctx.saved_tensors
+    inside = (w >= -1.0) & (w <= 1.0)
+    if not ctx.scale:
+        return grad * inside, None, None
+    dims = _reduce_dims(w, ctx.axis)
+    if not dims:
+        return grad * torch.sign(w), None, None
+    a = w.abs().mean(dim=dims, keepdim=True)
+    n = w.numel() // w.shape[ctx.axis % w.dim()]
+    through_alpha = (grad * _sign_value(w)).sum(dim=dims, keepdim=True) / n * torch.sign(w)
+    return grad * a * inside + through_alpha, None, None
+
+
+binary_weight.register_autograd(_bw_backward, setup_context=_bw_setup)
+
+#: the binary quantizer ops (stateless: a graph calls them as plain ops, no module)
+BINARY_OPS = (torch.ops.qpasses.binary_sign.default, torch.ops.qpasses.binary_weight.default)
+
+
 def _ste_sign(x: torch.Tensor) -> torch.Tensor:
     """sign in the forward pass, gradient of hardtanh (1 inside [-1, 1], 0 outside) backwards."""
-    clipped = torch.clamp(x, -1.0, 1.0)
-    return clipped + (sign_pm1(x) - clipped).detach()
+    return torch.ops.qpasses.binary_sign.default(x)
 
 
 class BinaryActivation(nn.Module):
@@ -51,6 +134,10 @@ class BinaryActivation(nn.Module):
     """
 
     float_activation = None
+
+    def stateless_call(self):
+        """``(op, constants)``: the graph node of this quantizer is ``op(x, *constants)``."""
+        return torch.ops.qpasses.binary_sign.default, ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``±1`` tensor of the shape of ``x``."""
@@ -80,14 +167,14 @@ class BinaryWeight(nn.Module):
         dims = [d for d in range(w.dim()) if d != self.axis]
         return w.abs().mean(dim=dims) if dims else w.abs()
 
+    def stateless_call(self):
+        """``(op, constants)``: the graph node of this quantizer is ``op(w, *constants)`` (it keeps
+        no tensors, so no module: :mod:`qpasses.qnodes`)."""
+        return torch.ops.qpasses.binary_weight.default, (self.axis, self.scale)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        """The binarized weight (float, same shape as ``w``)."""
-        b = _ste_sign(w)
-        if not self.scale:
-            return b
-        dims = [d for d in range(w.dim()) if d != self.axis]
-        a = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
-        return b * a
+        """The binarized weight (float, same shape as ``w``): the graph's op."""
+        return torch.ops.qpasses.binary_weight.default(w, self.axis, self.scale)
 
     def extra_repr(self) -> str:
         """``scale=..., axis=...``."""
@@ -100,7 +187,8 @@ class BinaryWeight(nn.Module):
 
 
 def binary_modules(gm: nn.Module):
-    """``(weights, activations)``: the BinaryWeight and BinaryActivation modules of ``gm``."""
+    """``(weights, activations)``: the BinaryWeight and BinaryActivation modules of ``gm`` (eager
+    models; a binarized graph calls the ops and holds none)."""
     ws = [m for m in gm.modules() if isinstance(m, BinaryWeight)]
     acts = [m for m in gm.modules() if isinstance(m, BinaryActivation)]
     return ws, acts
@@ -108,7 +196,8 @@ def binary_modules(gm: nn.Module):
 
 @torch.no_grad()
 def clip_latent_weights(gm: fx.GraphModule, step: Optional[int] = None, bound: float = 1.0) -> int:
-    """Clamp every latent weight read through a :class:`BinaryWeight` to ``[-bound, bound]``.
+    """Clamp every latent weight read through a binary weight quantizer (a ``qpasses.binary_weight``
+    node, or a :class:`BinaryWeight` module call) to ``[-bound, bound]``.
 
     Usable as ``qpasses.datasets.fit(..., step_hook=clip_latent_weights)`` (BNN keeps latent
     weights in the range where the straight-through estimator passes gradients). Returns the
@@ -116,7 +205,8 @@ def clip_latent_weights(gm: fx.GraphModule, step: Optional[int] = None, bound: f
     """
     n = 0
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BinaryWeight):
+        op_call = node.op == "call_function" and node.target is torch.ops.qpasses.binary_weight.default
+        if not op_call and (node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BinaryWeight)):
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "get_attr":

@@ -5,11 +5,16 @@ Representation (both graph levels), with :mod:`qpasses.numerics.fp8`:
 
 * every weighted op reads its weight through an :class:`~qpasses.numerics.fp8.Fp8FakeQuantize`
   (op class ``fp8_fake_quant``), one scale per output channel (axis 0; grouped transposed
-  convolutions: one scale), ``amax / 448``;
+  convolutions: one scale), ``amax / 448``: the node is ``qpasses.fp8_fake_quant_per_channel(w,
+  get_attr weight_fp8_N.scale, axis)``, the module a holder the graph never calls
+  (:mod:`qpasses.qnodes`);
 * ``activations=static``: a min-max observer (config ``format: fp8``) on the activation input,
-  replaced after calibration by a per-tensor ``Fp8FakeQuantize`` with ``scale = amax / 448``;
-* ``activations=dynamic``: an :class:`~qpasses.numerics.fp8.Fp8DynamicQuantize` (op class
-  ``fp8_dynamic``) on the input -- per token for linear ops, per tensor for convolutions.
+  replaced after calibration by a per-tensor ``Fp8FakeQuantize`` with ``scale = amax / 448``
+  (the node ``qpasses.fp8_fake_quant_per_tensor(x, get_attr act_q_N.scale)``);
+* ``activations=dynamic``: a plain call of ``qpasses.fp8_fake_quant_per_token(x)`` (linear ops)
+  or ``qpasses.fp8_fake_quant_dynamic_tensor(x)`` (convolutions) on the input, op class
+  ``fp8_dynamic``: no module, no state (an ``Fp8DynamicQuantize`` module call, which a user's
+  graph may hold, is the same op class).
 
 Quantizers are shared per value: two ops reading one activation read one quantizer.  The op's
 meta ``qpasses.quant`` records ``{"weight": {"format": "fp8", "axis": ...}, "fp8": {...}}``.
@@ -17,6 +22,10 @@ meta ``qpasses.quant`` records ``{"weight": {"format": "fp8", "axis": ...}, "fp8
 from __future__ import annotations
 
 import torch.fx as fx
+
+from ...numerics.fp8 import FP8_DYNAMIC_OPS, fp8_dynamic_op
+from ...opclasses import OP_CLASSES, OpClass, register_op_class
+from ...qnodes import as_quantizer_call, fp8_dynamic_granularity
 
 from ...context import Refuse
 from ...lang.registry import action, constraint, data_step
@@ -28,6 +37,8 @@ from ..ptq.calibrate import CALIBRATE_ARGS
 from ..ptq.actions import QUANT_KEY, attach_weight_quantizer, insert_input_quantizer, new_observer, weight_axis
 
 register_module_class(Fp8FakeQuantize, "fp8_fake_quant")
+if "fp8_dynamic" not in OP_CLASSES:   # the dynamic fp8 ops themselves, and the module form
+    register_op_class(OpClass("fp8_dynamic", ("input",), spellings={op: ("input",) for op in FP8_DYNAMIC_OPS}))
 register_module_class(Fp8DynamicQuantize, "fp8_dynamic")
 
 FP8_OBSERVER = dict(kind="minmax", bits=8, symmetric=True, axis=None, narrow=False)
@@ -35,9 +46,19 @@ ACTIVATIONS = ("static", "dynamic")
 
 
 def _module(ctx: MatchContext, node) -> object:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return ctx.modules.get(node.target)
-    return None
+    """The module a node calls, or the holder of a quantizer op node (else None)."""
+    return ctx.module(node) if isinstance(node, fx.Node) else None
+
+
+def _dynamic_granularity(ctx: MatchContext, node) -> object:
+    """``"per_token"`` / ``"per_tensor"`` for a dynamic fp8 quantizer node (op call or
+    ``Fp8DynamicQuantize`` module call), else None."""
+    g = fp8_dynamic_granularity(node)
+    if g is None:
+        mod = _module(ctx, node)
+        if isinstance(mod, Fp8DynamicQuantize):
+            g = "per_token" if mod.per_token else "per_tensor"
+    return g
 
 
 def _is_fp8_observer(mod) -> bool:
@@ -54,7 +75,7 @@ def fp8_input_quantized(ctx: MatchContext, node: fx.Node):
         return False
     mod = _module(ctx, ins[0])
     hit = isinstance(mod, (Fp8FakeQuantize, Fp8DynamicQuantize)) or _is_fp8_observer(mod) or \
-        _is_quant_module(ctx, ins[0])
+        _dynamic_granularity(ctx, ins[0]) is not None or _is_quant_module(ctx, ins[0])
     return hit, f"the input of {node.name} is already quantized by {ins[0].name if hit else ''}"
 
 
@@ -75,20 +96,24 @@ def fp8_input(ctx: MatchContext, op: fx.Node, activations: str = "static"):
     x = ins[0]
     opclass = ctx.view(op).opclass
     if activations == "static":
-        want = lambda m: _is_fp8_observer(m)  # noqa: E731
-        make = lambda: _fp8_observer()  # noqa: E731
+        want = lambda u: _is_fp8_observer(_module(ctx, u))  # noqa: E731
         info = {"activations": "static"}
     else:
         per_token = opclass == "linear"
-        want = lambda m: isinstance(m, Fp8DynamicQuantize) and m.per_token == per_token  # noqa: E731
-        make = lambda: Fp8DynamicQuantize(per_token)  # noqa: E731
+        gran = "per_token" if per_token else "per_tensor"
+        want = lambda u: _dynamic_granularity(ctx, u) == gran  # noqa: E731
         info = {"activations": "dynamic", "per_token": per_token}
     for u in list(x.users):  # one quantizer per (value, kind), shared by every op reading it
-        if u is not op and want(_module(ctx, u)):
+        if u is not op and want(u):
             ctx.replace_input(op, x, u)
             break
     else:
-        insert_input_quantizer(ctx, op, x, make())
+        if activations == "static":
+            insert_input_quantizer(ctx, op, x, _fp8_observer())
+        else:   # stateless: a plain op call, no module
+            q = ctx.insert("call_function", fp8_dynamic_op(per_token), (x,), after=x, like=x,
+                           name=f"fp8_dyn_{x.name}")
+            ctx.replace_input(op, x, q)
     quant = dict(op.meta.get(QUANT_KEY) or {})
     quant["fp8"] = info
     op.meta[QUANT_KEY] = quant
@@ -118,7 +143,9 @@ def fp8_from_observer(ctx: MatchContext, obs: fx.Node):
         raise StepError(f"observer {obs.target} ({obs.name}): {e}: the float model overflows on the "
                         f"calibration data there") from None
     fq.qpasses_config = dict(mod.qpasses_config)
+    # the observer's node becomes the quantizer's op call, reading its scale from the holder
     ctx.replace_module(obs.target, fq)
+    as_quantizer_call(ctx, obs)
 
 
 @action("fp8_weight")

@@ -44,7 +44,7 @@ from ..dynamic.lib import DynamicFakeQuant
 from ...numerics import FakeQuantize
 from ...opclasses import get_attr_value
 from .._graphutil import add_param, copy_meta, matches_any
-from ...qnodes import drop_dead
+from ...qnodes import drop_dead, fp8_dynamic_granularity
 from ..ptq.actions import QUANT_KEY
 
 LOWERED_KEY = "qpasses.lowered"
@@ -446,10 +446,11 @@ def lower_fp8_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32",
         if xs is None:
             raise Refuse(f"no kernel for {op.name}: {why}")
         activations = "static"
-    elif isinstance(amod, Fp8DynamicQuantize):
-        if not amod.enabled:
+    elif isinstance(amod, Fp8DynamicQuantize) or fp8_dynamic_granularity(x_fq) is not None:
+        if amod is not None and not amod.enabled:
             raise Refuse(f"no kernel for {op.name}: its input fp8 quantizer is disabled")
-        if not amod.per_token:
+        per_token = amod.per_token if amod is not None else fp8_dynamic_granularity(x_fq) == "per_token"
+        if not per_token:
             raise Refuse(f"no kernel for {op.name}: dynamic per-tensor fp8 input (dynamic_fp8_linear "
                          f"quantizes per token)")
         activations = "dynamic"

@@ -29,7 +29,7 @@ from ...context import Refuse
 from ...matcher import MatchContext
 from ...numerics import FakeQuantize, Observer, absmax_qparams, make_observer, qrange
 from ...opclasses import register_module_class
-from ...qnodes import as_quantizer_call, has_graph_call, insert_quantizer, quantizer_module
+from ...qnodes import as_quantizer_call, has_graph_call, insert_quantizer, quantizer_module, stateless_call
 from .._graphutil import add_module
 
 register_module_class(Observer, "observer")
@@ -249,6 +249,9 @@ def attach_weight_quantizer(ctx: MatchContext, op: fx.Node, module: nn.Module, p
     (possibly new) op node.
     """
     def wrap(wnode: fx.Node) -> fx.Node:
+        call = stateless_call(module)
+        if call is not None:   # a quantizer without state: a plain op call, no module
+            return ctx.insert("call_function", call[0], (wnode, *call[1]), after=wnode, like=wnode, name=prefix)
         target = add_module(ctx, prefix, module)
         if has_graph_call(module):
             return insert_quantizer(ctx, wnode, target, after=wnode)

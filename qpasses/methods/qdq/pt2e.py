@@ -344,6 +344,7 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
             raise Refuse(f"{q.name}: qpasses::fake_quant_per_group with int32 zero points does not reproduce "
                          f"the weight")
     const = src
+    old_qparams = [a for a in q.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]   # the holder's
     sn = ctx.rewrite.add_param(f"{q.name}_scale", s, q, requires_grad=False)
     zn = ctx.rewrite.add_param(f"{q.name}_zero_point", zi, q)
     with ctx.graph.inserting_before(q):
@@ -352,7 +353,7 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
          reason="group-wise int4 weights: quantized_decomposed has no exact group-wise form for int4 codes",
          exact=True)
     _replace(ctx, q, fq)
-    drop_dead(ctx, (src,))
+    drop_dead(ctx, (src, *old_qparams))
 
 
 def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, reduce_dim: Optional[int],

@@ -16,8 +16,15 @@ from conftest import randomize_bn
 from qpasses.qnodes import quantizer_module
 
 
+_OPS = {BinaryWeight: torch.ops.qpasses.binary_weight.default, BinaryActivation: torch.ops.qpasses.binary_sign.default}
+
+
 def _mods(gm, kind):
-    return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
+    """Quantizer nodes of ``kind``: the module behind them, or, for the binary quantizers (plain op
+    calls, no module), the op they call."""
+    op = _OPS.get(kind)
+    return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)
+            or (op is not None and n.op == "call_function" and n.target is op)]
 
 
 def _digits_bnn(level="fx", width=8, **opts):
@@ -75,6 +82,9 @@ def test_bnn_structure_on_digits_cnn():
     code_before = gm.code
     assert gm.code == code_before and not _mods(gm, BinaryWeight)        # input graph untouched
     assert len(_mods(q, BinaryWeight)) == 2 and len(_mods(q, BinaryActivation)) == 2
+    # each binary quantizer is one op call, no module behind it
+    assert not [n for n in q.graph.nodes if n.op == "call_module"
+                and isinstance(q.get_submodule(n.target), (BinaryWeight, BinaryActivation))]
     assert pm.report["keep_edge_layers"].rewrites == 2                    # first conv and fc
     assert pm.report["binarize_weight"].rewrites == 2
     assert pm.report["drop_relu_before_sign"].rewrites == 2
@@ -93,9 +103,8 @@ def test_bnn_structure_on_digits_cnn():
 def test_binarized_layer_matches_hand_written_reference():
     m, gm, q, pm, x = _digits_bnn()
     q.eval()
-    conv = [n for n in q.graph.nodes if n.op == "call_function" and n.args
-            and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "call_module"
-            and isinstance(q.get_submodule(n.args[1].target), BinaryWeight)][0]
+    conv = [n for n in q.graph.nodes if n.op == "call_function" and len(n.args) > 1
+            and isinstance(n.args[1], torch.fx.Node) and n.args[1] in _mods(q, BinaryWeight)][0]
     got = {}
     from torch.fx.interpreter import Interpreter
 
@@ -140,7 +149,7 @@ def test_keep_first_last_off_and_no_scale():
     pm = qpasses.PassManager("bnn", keep_first_last=False, bin_scale=False)
     q = pm.run(gm)                           # no kept layers: no calibration, no data needed
     assert len(_mods(q, BinaryWeight)) == 3 and not _mods(q, FakeQuantize)
-    assert all(not quantizer_module(q, n, None).scale for n in _mods(q, BinaryWeight))
+    assert all(n.args[2] is False for n in _mods(q, BinaryWeight))        # binary_weight(w, axis, scale)
 
 
 def test_bnn_kept_layers_without_data_wait_for_their_first_batch():

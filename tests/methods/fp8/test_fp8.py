@@ -10,9 +10,16 @@ import torch.nn as nn
 import qpasses
 from qpasses.errors import StepError
 from qpasses.numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
+from qpasses.opclasses import get_attr_value
+from qpasses.qnodes import fp8_dynamic_granularity, quantizer_module
 
 F8 = torch.float8_e4m3fn
 OPS = torch.ops.qpasses
+Q = OPS
+
+
+def _op_nodes(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
 
 def ref_fq(x, s):
@@ -142,23 +149,32 @@ def test_recipe_cnn(activations):
     assert pm.report.coverage.quantized and not pm.report.coverage.missing
     mods = dict(q.named_modules())
     wq = [m_ for m_ in mods.values() if isinstance(m_, Fp8FakeQuantize) and m_.axis is not None]
-    aq = [m_ for m_ in mods.values() if isinstance(m_, (Fp8FakeQuantize, Fp8DynamicQuantize)) and
-          getattr(m_, "axis", None) is None]
+    assert not any(n.op == "call_module" and isinstance(mods[n.target], (Fp8FakeQuantize, Fp8DynamicQuantize))
+                   for n in q.graph.nodes)                      # no module call hides a quantizer
+    if activations == "static":
+        aq = [m_ for m_ in mods.values() if isinstance(m_, Fp8FakeQuantize) and m_.axis is None]
+        assert len(_op_nodes(q, Q.fp8_fake_quant_per_tensor.default)) == 3
+    else:   # stateless op calls, no module: per token on the linear only
+        aq = [fp8_dynamic_granularity(n) for n in q.graph.nodes if fp8_dynamic_granularity(n) is not None]
+        assert sorted(aq) == ["per_tensor", "per_tensor", "per_token"]
     assert len(wq) == 3 and len(aq) == 3
-    if activations == "dynamic":
-        assert sorted(a.per_token for a in aq) == [False, False, True]     # per token on the linear only
     with torch.no_grad():
         y, yq = m(x), q(x)
     assert not torch.equal(y, yq)
     assert cos(y, yq) > 0.999
-    # every weight quantizer produces exactly the torch float8 reference of its weight
-    for n in q.graph.nodes:
-        if n.op == "call_module" and isinstance(mods[n.target], Fp8FakeQuantize) and n.args[0].op == "get_attr":
-            w = q.get_parameter(n.args[0].target) if n.args[0].target in dict(q.named_parameters()) else \
-                q.get_buffer(n.args[0].target)
-            s = w.detach().abs().flatten(1).amax(1) / 448
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            assert torch.equal(mods[n.target](w.detach()), ref_fq(w.detach(), s.reshape(shape)))
+    # every weight quantizer node produces exactly the torch float8 reference of its weight
+    wnodes = _op_nodes(q, Q.fp8_fake_quant_per_channel.default)
+    assert len(wnodes) == 3
+    for n in wnodes:
+        assert n.args[0].op == n.args[1].op == "get_attr"
+        w = get_attr_value(q, n.args[0].target)
+        s = w.detach().abs().flatten(1).amax(1) / 448
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        holder = quantizer_module(q, n, (Fp8FakeQuantize,))
+        with torch.no_grad():
+            got = n.target(w, get_attr_value(q, n.args[1].target), *n.args[2:])
+        assert torch.equal(got, ref_fq(w.detach(), s.reshape(shape)))
+        assert torch.equal(got, holder(w.detach()))
 
 
 def test_static_without_data_names_the_cause():

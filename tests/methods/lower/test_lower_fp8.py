@@ -18,7 +18,8 @@ import qpasses  # noqa: E402
 from qpasses import zoo  # noqa: E402
 from qpasses.kernels import library as kops  # noqa: E402
 from qpasses.numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize  # noqa: E402
-from qpasses.qnodes import quantizer_module
+from qpasses.context import RewriteContext  # noqa: E402
+from qpasses.qnodes import as_quantizer_call, fp8_dynamic_granularity, quantizer_module  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,8 @@ def kernel_targets(gm):
 
 
 def fp8_modules(gm):
-    return [n for n in gm.graph.nodes if
+    """The fp8 quantizer nodes: static ones (op calls on an Fp8FakeQuantize holder) and dynamic op calls."""
+    return [n for n in gm.graph.nodes if fp8_dynamic_granularity(n) is not None or
             isinstance(quantizer_module(gm, n, None), (Fp8FakeQuantize, Fp8DynamicQuantize))]
 
 
@@ -217,7 +219,7 @@ def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
     x = zoo.example_input("mlp", 8)
     # a float input: remove the first activation quantizer
     fq = fp8_graph(model, x, "dynamic")
-    aq = _first(fq, Fp8DynamicQuantize)
+    aq = next(n for n in fq.graph.nodes if fp8_dynamic_granularity(n) == "per_token")
     aq.replace_all_uses_with(aq.args[0])
     fq.graph.erase_node(aq)
     fq.recompile()
@@ -229,7 +231,9 @@ def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
         assert close(low(x), fq(x))
     # dynamic per-tensor activations on a linear: dynamic_fp8_linear quantizes per token
     fq = fp8_graph(model, x, "dynamic")
-    fq.get_submodule(_first(fq, Fp8DynamicQuantize).target).per_token = False
+    next(n for n in fq.graph.nodes if fp8_dynamic_granularity(n) == "per_token").target = \
+        Q.fp8_fake_quant_dynamic_tensor.default
+    fq.recompile()
     low, pm = lower(fq)
     assert "dynamic per-tensor fp8 input" in pm.report["lower_fp8_linear"].refused[0][1]
     with torch.no_grad():
@@ -239,6 +243,9 @@ def test_inputs_without_an_fp8_kernel_are_refused_with_the_reason():
     wn = _first(fq, Fp8FakeQuantize, lambda m: m.axis == 0)
     w = fq.get_parameter(wn.args[0].target)
     quantizer_module(fq, wn, None).__init__(Fp8FakeQuantize.fit(w, 1).scale, axis=1)
+    as_quantizer_call(RewriteContext(fq), wn)          # the holder changed kind: its node follows
+    fq.recompile()
+    assert wn.args[2] == 1
     low, pm = lower(fq)
     st = pm.report["lower_fp8_linear"]
     assert st.rewrites == 2 and "not per output channel (axis 0)" in st.refused[0][1]

@@ -190,14 +190,16 @@ def test_w4a16_group_weights_stay_fake_quant_per_group():
     d, pm = _freeze(q)
     assert pm.report["freeze_group_weight"].rewrites == 3
     assert _targets(d).count(QP.fake_quant_per_group.default) == 3
-    # the op gives the grid value (q - z) s; the module's straight-through expression
-    # ((w/s + (q - w/s)) - z) s rounds twice more: a few ulps per weight, nothing more
+    # the frozen op is the graph's own quantizer op on frozen int32 zero points: the same values
     for n in d.graph.nodes:
         if n.target is QP.fake_quant_per_group.default:
-            assert n.meta["qpasses.qdq"]["form"] == "custom_op"
+            assert n.meta["qpasses.qdq"]["form"] == "custom_op" and n.meta["qpasses.qdq"]["exact"]
+    # the holders' own tensors (weight_fq4_N.scales / .zero_point) are no longer read
+    assert not any(n.op == "get_attr" and str(n.target).startswith("weight_fq4_") and "." in str(n.target)
+                   for n in d.graph.nodes)
     xs = zoo.example_input("mlp", batch=16, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(d(xs), q(xs), rtol=1e-5, atol=1e-6)
+        assert torch.equal(d(xs), q(xs))
 
 
 def test_dynamic_int8_linear_frozen_exactly_and_within_gemm_rounding_of_the_integer_kernel():
