@@ -82,9 +82,8 @@ class CompileReport:
 # --------------------------------------------------------------------------------------- analysis
 def _quantizer_module_types():
     from .kernels.lowering import Int4GroupFakeQuantize
-    from .methods.dynamic import DynamicFakeQuant
     from .numerics import FakeQuantize, Observer
-    return (FakeQuantize, Int4GroupFakeQuantize, DynamicFakeQuant, Observer)
+    return (FakeQuantize, Int4GroupFakeQuantize, Observer)
 
 
 def in_qdq_form(gm: fx.GraphModule) -> bool:

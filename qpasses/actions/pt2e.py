@@ -27,8 +27,8 @@ produces:
   (:mod:`qpasses.numerics.qops`) as a ``call_function`` node with frozen (``get_attr``) qparams:
   a range narrower than the uint8 container (``[-127, 127]``, 4-bit activations), LSQ (its forward
   divides by the scale and clamps before rounding), per-channel activations, group-wise int4
-  weights (``fake_quant_per_group``) and dynamic (per-token / per-tensor) activations
-  (``fake_quant_per_token``).  A per-tensor custom quantizer whose codes fit 8 bits is followed by
+  weights (``fake_quant_per_group``) and dynamic activations (their graph form is already a custom
+  op call: ``fake_quant_per_token``, ``fake_quant_dynamic_per_tensor``, ``fake_quant_dynamic_per_slice``).  A per-tensor custom quantizer whose codes fit 8 bits is followed by
   a full-range ``uint8`` Q/DQ pair with the same scale and zero point: its output lies on that
   grid already (``|q - z| <= 255``, so ``round(((q - z) s) / s)`` is ``q - z`` exactly), the pair
   is the identity, and the engines see an int8 tensor.  Each such choice is a refusal of
@@ -46,9 +46,8 @@ from ..context import Refuse
 from ..kernels.lowering import Int4GroupFakeQuantize
 from ..lang.registry import action, constraint
 from ..matcher import MatchContext
-from ..methods.dynamic import DynamicFakeQuant, dynamic_range
 from ..numerics import FakeQuantize
-from ..qnodes import drop_dead
+from ..qnodes import DYNAMIC_QUANTIZER_OPS, drop_dead, is_dynamic_quantizer
 from ..opclasses import get_attr_value, register_module_class
 from .graphutil import copy_meta
 
@@ -67,7 +66,7 @@ DQ_CHANNEL = QD.dequantize_per_channel.default
 #: qpasses custom quantizer ops the frozen form may keep
 CUSTOM_OPS = (QP.fake_quant_per_tensor.default, QP.fake_quant_per_channel.default, QP.fake_quant_per_group.default,
               QP.fake_quant_lsq_per_tensor.default, QP.fake_quant_lsq_per_channel.default,
-              QP.fake_quant_per_token.default)
+              *sorted(DYNAMIC_QUANTIZER_OPS, key=str))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -358,42 +357,15 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
     drop_dead(ctx, (src,))
 
 
-def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, reduce_dim: Optional[int],
-                  before: fx.Node, like: fx.Node) -> fx.Node:
-    """``qpasses::fake_quant_per_token`` on ``x``: per tensor (flattened to one row), per row or per
-    column (moved last and back), as :class:`DynamicFakeQuant` computes it."""
-    qmin, qmax = dynamic_range(bits, symmetric)
-    g = ctx.graph
-    with g.inserting_before(before):
-        if reduce_dim is None:
-            flat = g.call_function(torch.reshape, (x, (1, -1)))
-            fq = g.call_function(QP.fake_quant_per_token.default, (flat, qmin, qmax, bool(symmetric)))
-            out = g.call_method("reshape_as", (fq, x))
-        elif reduce_dim == -1:
-            out = fq = g.call_function(QP.fake_quant_per_token.default, (x, qmin, qmax, bool(symmetric)))
-        else:
-            moved = g.call_function(torch.movedim, (x, reduce_dim, -1))
-            fq = g.call_function(QP.fake_quant_per_token.default, (moved, qmin, qmax, bool(symmetric)))
-            out = g.call_function(torch.movedim, (fq, -1, reduce_dim))
-    for n in {out, fq}:
-        copy_meta(like, n)
-    _tag(fq, "custom_op", op="qpasses.fake_quant_per_token",
-         reason="dynamic activation qparams (measured per call) have no exact quantized_decomposed form")
-    return out
-
-
 @action("freeze_dynamic_fq")
 def freeze_dynamic_fq(ctx: MatchContext, q: fx.Node):
-    """``DynamicFakeQuant`` (linear inputs, matmul operands) -> ``qpasses::fake_quant_per_token``."""
-    mod = _module(ctx, q)
-    if not isinstance(mod, DynamicFakeQuant) or len(q.args) != 1 or q.kwargs:
-        raise Refuse(f"{q.name} is not a plain DynamicFakeQuant call")
-    rd = mod.reduce_dim
-    if rd not in (None, -1, -2):
-        raise Refuse(f"{q.name}: reduce_dim {rd} (only None, -1, -2)")
-    out = _dynamic_call(ctx, q.args[0], mod.bits, mod.symmetric, rd, q, q)
-    q.replace_all_uses_with(out)
-    ctx.graph.erase_node(q)
+    """A dynamic quantizer node (``dynamic_int8``: linear inputs, matmul operands) is already a
+    qpasses custom op call with no qparams to freeze: it stays, and this rule says why."""
+    info = is_dynamic_quantizer(q)
+    if info is None:
+        raise Refuse(f"{q.name} is not a dynamic quantizer node")
+    raise Refuse(f"{q.name}: dynamic {info.granularity} activation qparams (measured per call) have no exact "
+                 f"quantized_decomposed form: kept as {q.target}")
 
 
 @action("no_qdq_form")
