@@ -153,7 +153,7 @@ def compressed_entries(qgm: fx.GraphModule, hf_model: nn.Module) -> Tuple[List[L
                 act = {}
             out[name] = LayerQuant(name, "fp8", wq, s, act=act)
         elif ops_reading and all(dynamic_linear_quantizers(mods, u) is not None for u in ops_reading):
-            # dynamic_int8's linear(DynamicFakeQuant(x), fq_w(W), b): W8A8 int8, dynamic per-token input
+            # dynamic_int8's linear(dyn_q(x), fq_w(W), b): W8A8 int8, dynamic per-token input
             dq = dynamic_linear_quantizers(mods, ops_reading[0])[0]
             per_token = dq.reduce_dim == -1
             if mod.bits != 8 or dq.bits != 8 or not per_token:

@@ -9,11 +9,13 @@
 2. Each quantized op is checked against what Inductor's x86 int8 passes
    (``torch/_inductor/fx_passes/quantization.py``, run as *freezing* passes) lower:
    ``conv1d`` / ``conv2d`` and ``linear`` whose input is ``dequantize_per_tensor`` of a ``uint8``
-   activation and whose weight is ``dequantize_per_channel`` (axis 0) of a symmetric ``int8``
-   constant.  Those become oneDNN ``qconv_pointwise`` / ``qlinear_pointwise`` with a prepacked
+   activation (static qparams; or ``dequantize_per_tensor.tensor`` after
+   ``choose_qparams.tensor`` -> ``quantize_per_tensor.tensor``, PT2E's dynamic form, which
+   ``dynamic_int8`` with ``granularity=per_tensor`` freezes into) and whose weight is
+   ``dequantize_per_channel`` (axis 0) of a symmetric ``int8`` constant.  Those become oneDNN ``qconv_pointwise`` / ``qlinear_pointwise`` with a prepacked
    weight.  Everything else that is quantized (conv3d, transposed convs, matmuls between
    activations, per-tensor or unsigned weights, quantizers kept as qpasses custom ops: narrow
-   ranges, LSQ, group-wise int4, dynamic per-token) is *refused*: it runs in the compiled graph
+   ranges, LSQ, group-wise int4, dynamic per-token or symmetric) is *refused*: it runs in the compiled graph
    in its frozen fake-quant (float) form, which gives the same numbers but no int8 speed, and
    :attr:`CompiledQuantized.report` lists it with the reason.  ``strict=True`` raises
    :class:`CompileError` instead.
@@ -82,9 +84,8 @@ class CompileReport:
 # --------------------------------------------------------------------------------------- analysis
 def _quantizer_module_types():
     from .kernels.lowering import Int4GroupFakeQuantize
-    from .methods.dynamic.lib import DynamicFakeQuant
     from .numerics import FakeQuantize, Observer
-    return (FakeQuantize, Int4GroupFakeQuantize, DynamicFakeQuant, Observer)
+    return (FakeQuantize, Int4GroupFakeQuantize, Observer)
 
 
 def in_qdq_form(gm: fx.GraphModule) -> bool:
@@ -109,10 +110,10 @@ def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
 
 def _quantized_kind(node: Any) -> Optional[str]:
     """'qdq' / 'custom' when ``node`` is a frozen quantizer's output, else None."""
-    from .methods.qdq.pt2e import CUSTOM_OPS, DQ_CHANNEL, DQ_TENSOR
+    from .methods.qdq.pt2e import CUSTOM_OPS, DQ_CHANNEL, DQ_TENSOR, DQ_TENSOR_T
     if not (isinstance(node, fx.Node) and node.op == "call_function"):
         return None
-    if node.target in (DQ_TENSOR, DQ_CHANNEL):
+    if node.target in (DQ_TENSOR, DQ_TENSOR_T, DQ_CHANNEL):
         return "qdq"
     if node.target in CUSTOM_OPS:
         return "custom"
@@ -135,14 +136,15 @@ def int8_candidates(gm: fx.GraphModule) -> CompileReport:
     """Sort the quantized ops of a graph in Q/DQ form into those Inductor's x86 int8 passes lower
     (conv1d / conv2d / linear: uint8 per-tensor input, int8 symmetric per-channel axis-0 weight)
     and the rest, each with the reason."""
-    from .methods.qdq.pt2e import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, QDQ_KEY
+    from .methods.qdq.pt2e import CHOOSE_QPARAMS, DQ_CHANNEL, DQ_TENSOR, DQ_TENSOR_T, Q_TENSOR, Q_TENSOR_T, QDQ_KEY
     from .opclasses import OpView, classify
     mods = dict(gm.named_modules())
     rep = CompileReport()
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_module", "call_method"):
             continue
-        if n.target in (DQ_TENSOR, DQ_CHANNEL, Q_TENSOR) or _quantized_kind(n) is not None:
+        if n.target in (DQ_TENSOR, DQ_TENSOR_T, DQ_CHANNEL, Q_TENSOR, Q_TENSOR_T, CHOOSE_QPARAMS) or \
+                _quantized_kind(n) is not None:
             continue
         if n.op == "call_method" and n.target in ("float", "type_as", "to", "contiguous"):
             continue
@@ -182,12 +184,18 @@ def has_vnni() -> bool:
 
 
 def _why_not_int8(gm: fx.GraphModule, n: fx.Node, x: Any, w: Any, qdq_key: str) -> str:
-    from .methods.qdq.pt2e import DQ_CHANNEL, DQ_TENSOR
-    if _is(x, DQ_TENSOR):
+    from .methods.qdq.pt2e import DQ_CHANNEL, DQ_TENSOR, DQ_TENSOR_T
+    if _is(x, DQ_TENSOR) or _is(x, DQ_TENSOR_T):
         if x.args[-1] is not torch.uint8:
             return f"its input is dequantized from {x.args[-1]}, the x86 patterns take uint8"
     elif _quantized_kind(x) == "custom":
+        from .qnodes import is_dynamic_quantizer
         meta = x.meta.get(qdq_key) or {}
+        dyn = is_dynamic_quantizer(x)
+        if dyn is not None and not meta.get("reason"):
+            return (f"its input quantizer stays a qpasses custom op ({x.target}: dynamic {dyn.granularity}; "
+                    f"Inductor's x86 patterns take dynamic activations per tensor, affine uint8 -- "
+                    f"dynamic_int8 with granularity=per_tensor)")
         return f"its input quantizer stays a qpasses custom op ({meta.get('reason', x.target)})"
     else:
         return "its input is not quantized (float activation: no int8 pattern)"
@@ -223,7 +231,14 @@ def _counters() -> Dict[str, int]:
 class CompiledQuantized(nn.Module):
     """The result of :func:`compile`: calls the ``torch.compile``-d Q/DQ graph under
     ``no_grad`` with Inductor's freezing on (for the call only).  ``qdq`` is the frozen
-    graph (eager), ``report`` the :class:`CompileReport`."""
+    graph (eager), ``report`` the :class:`CompileReport`.
+
+    Tensor arguments are passed as copies: Inductor's x86 ``qlinear`` binary fusion (torch 2.13,
+    ``_register_qlinear_binary_fusion`` in ``torch/_inductor/fx_passes/quantization.py``) turns
+    ``add(x, qlinear(...))`` into oneDNN's in-place ``sum`` post-op on ``x`` even when ``x`` is a
+    graph input -- its check (``_get_remaining_users``) does not exclude placeholders -- so a residual
+    connection on the model's input (a Transformer block) would overwrite the caller's tensor.
+    (PT2E's compiled models do the same; measured here, ``tests/test_compile.py``.)"""
 
     def __init__(self, qdq: fx.GraphModule, compiled, report: CompileReport):
         super().__init__()
@@ -232,6 +247,8 @@ class CompiledQuantized(nn.Module):
         self.report = report
 
     def forward(self, *args, **kwargs):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
         with _freezing():
             return self._compiled(*args, **kwargs)
 

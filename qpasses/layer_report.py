@@ -13,14 +13,15 @@ dynamic fp8 op node          w8a8_fp8 (dynamic)          8 (scale: per call)
 ``ChannelBitsFakeQuant``     aciq4                       per-channel bits (``min-max``)
 ``binary_weight`` op node    bnn                         1
 ``binary_sign`` op node      bnn                         1
-``DynamicFakeQuant``         dynamic_int8                ``bits`` (scale: per call)
+dynamic quantizer op node    dynamic_int8                ``bits`` (scale: per call)
 ``PackedBinaryLinear/Conv``  lower after bnn             1, ``alpha``
 ===========================  ==========================  ==============================
 
 SQNR is the layer output of the quantized graph against the same graph with every quantizer
 switched off (replaced by the identity; a sign that replaced a ReLU by the ReLU; a packed binary
 layer keeps its 1-bit weights, whose float original is not kept).  ``dynamic_int8``'s linears are
-``linear(DynamicFakeQuant(x), fq_w(W), b)``: their row is ``linear (per_token dynamic)`` (or
+``linear(dyn_q(x), fq_w(W), b)`` (``dyn_q`` a dynamic quantizer op node,
+:func:`~qpasses.qnodes.is_dynamic_quantizer`): their row is ``linear (per_token dynamic)`` (or
 ``per_tensor``), activation scale ``dynamic``.  The size is the weight's
 element count times its bits (per channel for ``ChannelBitsFakeQuant``).  Integer kernel ops
 (after ``lower``, or ``int_only``'s integerized layers) get a row too, without SQNR: they have no
@@ -40,18 +41,17 @@ from .frontend import as_inputs
 from .kernels.lowering import Int4GroupFakeQuantize
 from .methods.aciq.lib import ChannelBitsFakeQuant
 from .methods.binary.lib import BINARY_OPS, BinaryActivation, BinaryWeight, PackedBinaryLinear
-from .methods.dynamic.lib import DynamicFakeQuant, dynamic_linear_quantizers
+from .methods.dynamic.lib import dynamic_linear_quantizers
 from .numerics import FakeQuantize, sqnr
 from .numerics.fp8 import Fp8DynamicQuantize, Fp8FakeQuantize
 from .opclasses import ALIASES, OpView, _module_of as _node_module, classify, get_attr_value
-from .qnodes import bypassed, fp8_dynamic_granularity
+from .qnodes import bypassed, fp8_dynamic_granularity, is_dynamic_quantizer
 from .report import Coverage, set_coverage_function
 
 __all__ = ["layer_table", "quantizer_bits", "quantizers_off", "WEIGHTED"]
 
 WEIGHTED = ALIASES["weighted"]
-_QUANTIZERS = (FakeQuantize, Fp8FakeQuantize, Fp8DynamicQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation,
-               DynamicFakeQuant)
+_QUANTIZERS = (FakeQuantize, Fp8FakeQuantize, Fp8DynamicQuantize, Int4GroupFakeQuantize, ChannelBitsFakeQuant, BinaryWeight, BinaryActivation)
 _DROPPED = {"relu": F.relu, "relu6": F.relu6}     # activations a sign() made redundant (drop_relu)
 
 
@@ -67,8 +67,6 @@ def quantizer_bits(mod: Any) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
         return (lo if lo == hi else f"{lo}-{hi}"), mod.scale.detach().float()
     if isinstance(mod, (BinaryWeight, BinaryActivation)):
         return 1, None
-    if isinstance(mod, DynamicFakeQuant):
-        return int(mod.bits), None
     if isinstance(mod, (Fp8FakeQuantize, Fp8DynamicQuantize)):   # float8 e4m3
         return (8, mod.scale.detach().float() if isinstance(mod, Fp8FakeQuantize) else None) if mod.enabled else None
     return None
@@ -172,7 +170,9 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             wq = _module_of(w, mods)
             x = v.get("input")
             aq = _module_of(x, mods)
-            wi, ai = quantizer_bits(wq) or _binary_bits(w), quantizer_bits(aq) or _binary_bits(x)
+            dyn = is_dynamic_quantizer(x)
+            wi = quantizer_bits(wq) or _binary_bits(w)
+            ai = (dyn.bits, None) if dyn is not None else (quantizer_bits(aq) or _binary_bits(x))
             if wi is not None:
                 src = w.args[0] if w.args else None
                 wt = q_vals.get(src.name) if isinstance(src, fx.Node) else None
@@ -186,9 +186,9 @@ def layer_table(qgm: fx.GraphModule, example) -> List[Dict[str, Any]]:
             fp8_dyn = fp8_dynamic_granularity(x)       # a dynamic fp8 op node: no module
             if fp8_dyn is not None:
                 a_bits, a_scale = 8, None
-            a_text = "dynamic" if isinstance(aq, DynamicFakeQuant) or fp8_dyn is not None else _fmt_scale(a_scale)
-            if isinstance(aq, DynamicFakeQuant) and cls == "linear":   # dynamic_int8's linear
-                cls = f"linear ({'per_token' if aq.reduce_dim == -1 else 'per_tensor'} dynamic)"
+            a_text = "dynamic" if dyn is not None or fp8_dyn is not None else _fmt_scale(a_scale)
+            if dyn is not None and cls == "linear":   # dynamic_int8's linear
+                cls = f"linear ({dyn.granularity} dynamic)"
         elif isinstance(layer, PackedBinaryLinear):
             numel = int(layer.out_features * layer.in_features)
             wq, w_bits, w_scale = None, 1, layer.alpha.detach().float()
@@ -289,7 +289,7 @@ def weighted_coverage(gm: Any, report: Any = None) -> Coverage:
         name = str(n.meta.get("qpasses.module", n.target if n.op == "call_module" else n.name))
         cls = classify(n, mods)
         if cls == "linear" and dynamic_linear_quantizers(mods, n) is not None:
-            cls = "dynamic_linear"                     # dynamic_int8's linear(DynamicFakeQuant(x), fq_w(W), b)
+            cls = "dynamic_linear"                     # dynamic_int8's linear(dyn_q(x), fq_w(W), b)
         if q:
             cov.quantized.append(name)
             cov.quantized_ops.append(cls)

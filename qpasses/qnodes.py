@@ -30,13 +30,18 @@ quantizers (``qpasses.binary_sign(x)``, ``qpasses.binary_weight(w, axis, scale)`
 give that call by ``stateless_call()`` (:func:`stateless_call`).
 
 Observers exist only between ``observe`` and ``convert``, so they stay ``call_module`` nodes; so do
-the quantizer modules of the other methods (dynamic int8) that are not yet in this form.
+the quantizer modules of the other methods that are not yet in this form.
 :func:`quantizer_module` reads both forms, which is what every consumer uses.
+
+A *dynamic* activation quantizer (``dynamic_int8``) has no holder and no qparams to keep: it is one
+``call_function`` node of a dynamic op (:data:`DYNAMIC_QUANTIZER_OPS`, op class ``dynamic_fq``),
+``qpasses.fake_quant_per_token.default(x, 0, 255, False)`` and the like, whose bits, symmetry and
+granularity :func:`is_dynamic_quantizer` reads back from its constants.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -44,11 +49,12 @@ import torch.nn as nn
 
 from .numerics import FakeQuantize, Observer, qops  # noqa: F401  (qops registers the ops)
 from .numerics.fp8 import FP8_DYNAMIC_OPS
-from .opclasses import holder_of, register_holder_op
+from .opclasses import OpClass, holder_of, register_holder_op, register_op_class
 
 __all__ = ["QUANTIZER_OPS", "holder_target", "quantizer_module", "is_quantizer_call", "graph_call", "as_quantizer_call", "as_module_call", "drop_dead", "bypassed",
            "insert_quantizer", "QUANTIZER_TYPES", "has_graph_call", "fp8_dynamic_granularity",
-           "stateless_call"]
+           "stateless_call", "DYNAMIC_QUANTIZER_OPS", "DynamicQuantizer", "is_dynamic_quantizer",
+           "dynamic_quantizer_call"]
 
 _Q = torch.ops.qpasses
 
@@ -80,6 +86,72 @@ def fp8_dynamic_granularity(node: Any) -> Optional[str]:
     except TypeError:   # unhashable target
         return None
     return None if per_token is None else ("per_token" if per_token else "per_tensor")
+
+
+#: dynamic activation quantizers (qparams measured on the input at every call; no holder, no
+#: ``get_attr``): ``op(x, [reduce_dim,] quant_min, quant_max, symmetric)``, op class ``dynamic_fq``
+DYNAMIC_QUANTIZER_OPS = frozenset({
+    _Q.fake_quant_per_token.default, _Q.fake_quant_dynamic_per_tensor.default,
+    _Q.fake_quant_dynamic_per_slice.default,
+})
+_DYN_ARGS = ("input", "quant_min", "quant_max", "symmetric")
+register_op_class(OpClass("dynamic_fq", _DYN_ARGS,
+                          functions=(_Q.fake_quant_per_token.default, _Q.fake_quant_dynamic_per_tensor.default),
+                          spellings={_Q.fake_quant_dynamic_per_slice.default:
+                                     ("input", "reduce_dim", "quant_min", "quant_max", "symmetric")}))
+
+
+class DynamicQuantizer(NamedTuple):
+    """What a dynamic quantizer node computes (:func:`is_dynamic_quantizer`)."""
+    bits: int                     # bits of the code range (``(qmax - qmin).bit_length()``)
+    symmetric: bool
+    granularity: str              # "per_token" | "per_tensor" | "per_slice"
+    reduce_dim: Optional[int]     # -1 per token, None per tensor, else the dim reduced
+    qmin: int
+    qmax: int
+
+
+def is_dynamic_quantizer(node: Any) -> Optional[DynamicQuantizer]:
+    """The :class:`DynamicQuantizer` a ``call_function`` node of a dynamic quantizer op
+    (:data:`DYNAMIC_QUANTIZER_OPS`) computes, else ``None`` (also for a node whose constants are
+    not plain Python values)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in DYNAMIC_QUANTIZER_OPS):
+        return None
+    args = list(node.args)
+    if node.kwargs:
+        return None
+    if node.target is _Q.fake_quant_dynamic_per_slice.default:
+        if len(args) != 5:
+            return None
+        rd = args.pop(1)
+        if not isinstance(rd, int):
+            return None
+        gran = "per_token" if rd == -1 else "per_slice"
+    elif node.target is _Q.fake_quant_per_token.default:
+        rd, gran = -1, "per_token"
+    else:
+        rd, gran = None, "per_tensor"
+    if len(args) != 4:
+        return None
+    _, qmin, qmax, sym = args
+    if not (isinstance(qmin, int) and isinstance(qmax, int) and isinstance(sym, bool)):
+        return None
+    return DynamicQuantizer(int(qmax - qmin).bit_length(), sym, gran, rd, qmin, qmax)
+
+
+def dynamic_quantizer_call(bits: int, symmetric: bool, reduce_dim: Optional[int]) -> Tuple[Any, Tuple[Any, ...]]:
+    """``(op, constants)``: the node ``op(x, *constants)`` quantizes ``x`` dynamically to ``bits``
+    (symmetric: signed narrow ``[-(2^(b-1)-1), 2^(b-1)-1]``; else unsigned ``[0, 2^b - 1]``), one
+    range per token (``reduce_dim=-1``), per tensor (``None``) or per slice reduced over ``reduce_dim``."""
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+    if reduce_dim is None:
+        return _Q.fake_quant_dynamic_per_tensor.default, (qmin, qmax, bool(symmetric))
+    if reduce_dim == -1:
+        return _Q.fake_quant_per_token.default, (qmin, qmax, bool(symmetric))
+    return _Q.fake_quant_dynamic_per_slice.default, (int(reduce_dim), qmin, qmax, bool(symmetric))
 
 
 def is_quantizer_call(node: Any) -> bool:
@@ -202,8 +274,10 @@ def _passthrough(x, *args):
 def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
     """Within the block each quantizer op node of ``nodes`` returns its input (e.g. to run the
     float graph, or to capture a layer's float input); ``gm``'s code is regenerated on the way in
-    and out.  Other nodes are left alone."""
-    saved = [(n, n.target) for n in nodes if is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None]
+    and out.  Dynamic quantizer nodes (:data:`DYNAMIC_QUANTIZER_OPS`, dynamic fp8) are bypassed
+    too.  Other nodes are left alone."""
+    saved = [(n, n.target) for n in nodes
+             if is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None or is_dynamic_quantizer(n) is not None]
     for n, _ in saved:
         n.target = _passthrough
     if saved:
@@ -219,8 +293,8 @@ def bypassed(gm: fx.GraphModule, nodes: Iterable[fx.Node]):
 
 def drop_dead(ctx: Any, nodes) -> None:
     """Erase each of ``nodes`` that is unused and is a ``get_attr``, a module call or a quantizer
-    op call (whose ``get_attr`` inputs then go too, when nothing else reads them).  A node listed
-    twice, or listed and also reached as an input, is erased once."""
+    op call (whose ``get_attr`` inputs then go too, when nothing else reads them), or a dynamic
+    quantizer node.  A node listed twice, or listed and also reached as an input, is erased once."""
     gone = set()
     todo = list(nodes)
     while todo:
@@ -230,7 +304,7 @@ def drop_dead(ctx: Any, nodes) -> None:
         if n.op in ("get_attr", "call_module"):
             ctx.erase(n)
             gone.add(n)
-        elif is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None:
+        elif is_quantizer_call(n) or fp8_dynamic_granularity(n) is not None or is_dynamic_quantizer(n) is not None:
             todo.extend(a for a in n.all_input_nodes if a.op == "get_attr")
             ctx.erase(n)
             gone.add(n)

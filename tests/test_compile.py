@@ -127,3 +127,89 @@ def test_saturation_warning_without_vnni(monkeypatch):
     assert rep.lowered and rep.warnings and "w_bits=7" in rep.warnings[0]
     q7 = qpasses.PassManager("ptq_int8", w_bits=7).run(qpasses.trace(m, (x,)), data=[torch.rand(4, 16)])
     assert not dep.int8_candidates(qpasses.PassManager("qdq").run(q7)).warnings
+
+
+# ------------------------------------------------------------------------- dynamic_int8
+def _dynamic(model, shape, granularity, **opts):
+    torch.manual_seed(0)
+    model = model.eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    q = qpasses.PassManager("dynamic_int8", granularity=granularity, progress=False, **opts).run(
+        qpasses.trace(model, (x,)))
+    return model, q, x
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_dynamic_per_tensor_freezes_to_pt2e_dynamic_form():
+    """``dynamic_int8`` per tensor: the ``qdq`` family writes what ``convert_pt2e`` writes for
+    ``X86InductorQuantizer``'s dynamic config -- ``choose_qparams.tensor`` -> ``quantize_per_tensor.tensor``
+    -> ``dequantize_per_tensor.tensor`` (uint8 [0, 255]) before each linear, weights int8 codes +
+    ``dequantize_per_channel`` -- with the op's own qparams (float32 eps) and codes, so the frozen
+    graph computes the fake-quant graph's numbers (up to a code on a rounding tie of x / s against
+    x * (1 / s)); Inductor's candidates are both linears.  Per token is refused with the reason."""
+    from qpasses.methods.qdq.pt2e import CHOOSE_QPARAMS, DQ_CHANNEL, DQ_TENSOR_T, Q_TENSOR_T
+    from qpasses.deploy import int8_candidates
+    from qpasses.qnodes import is_dynamic_quantizer
+    model, q, x = _dynamic(MLP(), (8, 64), "per_tensor")
+    pm = qpasses.PassManager("qdq", progress=False)
+    d = pm.run(q)
+    assert pm.report["freeze_dynamic_fq"].rewrites == 2 and not any(is_dynamic_quantizer(n) for n in d.graph.nodes)
+    targets = [n.target for n in d.graph.nodes if n.op == "call_function"]
+    assert targets.count(CHOOSE_QPARAMS) == targets.count(Q_TENSOR_T) == targets.count(DQ_TENSOR_T) == 2
+    for n in d.graph.nodes:
+        if n.target is CHOOSE_QPARAMS:
+            assert n.args[1:] == (0, 255, torch.finfo(torch.float32).eps, torch.uint8)
+        if n.target is torch.ops.aten.linear.default or n.target is torch.nn.functional.linear:
+            assert n.args[0].target is DQ_TENSOR_T and n.args[1].target is DQ_CHANNEL
+    rep = int8_candidates(d)
+    assert [c for _, c in rep.lowered] == ["linear", "linear"] and not rep.refused
+    with torch.no_grad():
+        for xs in (x, 3 * torch.randn(5, 64) + 1):
+            want, got = q(xs), d(xs)
+            assert float((got == want).float().mean()) >= 0.99
+            step = float(want.abs().max()) / 127            # generous: one input code flip, scaled by |w|
+            assert float((got - want).abs().max()) <= step
+            assert _cos(got, model(xs)) > 0.999
+    # per token: no Inductor form; the refusal names the granularity and the way out
+    _, qt, _ = _dynamic(MLP(), (8, 64), "per_token")
+    pm = qpasses.PassManager("qdq", progress=False)
+    rep = int8_candidates(pm.run(qt))
+    assert pm.report["freeze_dynamic_fq"].rewrites == 0 and pm.report["freeze_dynamic_fq"].n_refused == 2
+    assert not rep.lowered and all("per_token" in r and "granularity=per_tensor" in r for _, r in rep.refused)
+
+
+def test_pt2e_dynamic_qparams_equal_the_ops():
+    """``choose_qparams.tensor`` with float32 eps gives ``fake_quant_dynamic_per_tensor``'s scale
+    and zero point bit for bit, including an all-positive, an all-negative and a constant tensor."""
+    from qpasses.methods.qdq.pt2e import CHOOSE_QPARAMS
+    from qpasses.numerics.qparams import dynamic_range_qparams
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(64, 33, generator=g) * 3 + 1, torch.rand(50, generator=g) + 2, -torch.rand(7, 9, generator=g),
+              torch.full((4, 4), 0.25), torch.zeros(3)):
+        s, z = CHOOSE_QPARAMS(x, 0, 255, torch.finfo(torch.float32).eps, torch.uint8)
+        s2, z2 = dynamic_range_qparams(x, 0, 255, False, None)
+        assert float(s) == float(s2) and int(z) == int(z2)
+
+
+@pytest.mark.slow
+def test_dynamic_per_tensor_compiles_to_qlinear_and_leaves_the_input_alone():
+    """Inductor's x86 dynamic int8 linear pattern fires once per linear of a Transformer block
+    (per tensor), the compiled block tracks the float one, and the caller's input is not
+    overwritten (Inductor's qlinear + add fusion writes into its residual input in place)."""
+    from torch._dynamo.utils import counters
+    from qpasses import zoo
+    model, q, x = _dynamic(zoo.TransformerEncoderBlock(), (4, 16, 64), "per_tensor", w_bits=W_BITS)
+    before = counters["inductor"]["qlinear_weight_prepack_matcher_count"]
+    fast = qpasses.compile(q, (x,))
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] - before == 6
+    assert len(fast.report.lowered) == 6 and not fast.report.warnings
+    x2 = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(7)) * 2
+    keep = x2.clone()
+    with torch.no_grad():
+        got = fast(x2)
+        assert torch.equal(x2, keep), "the compiled model overwrote its input"
+        assert _cos(got, fast.qdq(x2)) > 0.9999
+        assert _cos(got, model(x2)) > 0.999

@@ -315,12 +315,13 @@ def _old_dynamic_fq(x, bits, symmetric, reduce_dim):
 
 @pytest.mark.parametrize("reduce_dim", [None, -1, -2, 2, 0])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_dynamic_fake_quant_is_the_per_token_op(reduce_dim, symmetric):
-    from qpasses.methods.dynamic.lib import DynamicFakeQuant
+def test_dynamic_fake_quant_ops_equal_the_closed_form(reduce_dim, symmetric):
+    """Each granularity is one op call (per tensor, per token, per slice), bit-exact with the
+    closed form of ``dynamic_qparams``."""
+    from qpasses.methods.dynamic.lib import dynamic_fake_quant
     x = _x(2, 7, 9, seed=9)
     x[1, :, 3] += 4.0
-    mod = DynamicFakeQuant(8, symmetric, reduce_dim)
-    assert torch.equal(mod(x), _old_dynamic_fq(x, 8, symmetric, reduce_dim))
+    assert torch.equal(dynamic_fake_quant(x, 8, symmetric, reduce_dim), _old_dynamic_fq(x, 8, symmetric, reduce_dim))
 
 
 @pytest.mark.filterwarnings("ignore:The tensor attributes")   # the module's weight cache, refilled during export

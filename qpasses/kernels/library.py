@@ -303,7 +303,7 @@ def dynamic_int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[
         per_token: one activation range per row of ``x`` (else one for the whole tensor).
         out_dtype: output dtype (default: ``x.dtype``).
 
-    Each row is quantized as :class:`~qpasses.methods.dynamic.lib.DynamicFakeQuant` quantizes it
+    Each row is quantized as :func:`~qpasses.methods.dynamic.lib.dynamic_fake_quant` quantizes it
     (:func:`~qpasses.kernels.reference.dynamic_quantize_int8`), then
     ``y[m, n] = (acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]`` with
     ``acc = sum_k (x_q[m, k] - x_zp[m]) * w_q[n, k]`` exact in int32; on CUDA the GEMM is the

@@ -164,7 +164,7 @@ def int8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype, x_zp=0)
 
 
 def dynamic_quantize_int8(x2: torch.Tensor, a_bits: int, symmetric: bool, per_token: bool):
-    """Quantize ``x2 [M, K]`` with qparams measured on itself, as ``DynamicFakeQuant`` does.
+    """Quantize ``x2 [M, K]`` with qparams measured on itself, as the graph's dynamic quantizer op does.
 
     Returns ``(x8, x_scale, x_zp)``: int8 codes ``[M, K]`` (unsigned 8-bit codes shifted by
     -128 into int8), fp32 scales ``[M]`` and int32 zero points ``[M]`` in the int8 domain, so

@@ -52,8 +52,15 @@ Dynamic (per token), qparams measured on the input itself, one range per row (la
 
 Their qparams are :func:`~qpasses.numerics.qparams.dynamic_range_qparams` (the range widened to hold
 0; symmetric ``s = amax / qmax``, ``z = 0``; affine ``s = (max - min) / (qmax - qmin)``, integer
-``z``) and codes use ``x / s`` (a division), exactly as ``DynamicFakeQuant`` and the integer
-kernels (``qpasses::dynamic_int8_linear``) compute them.
+``z``) and codes use ``x / s`` (a division), exactly as the integer kernels
+(``qpasses::dynamic_int8_linear``) compute them.
+
+Dynamic, the other granularities (same qparams and codes; straight-through gradient for ``x``):
+
+* ``qpasses::fake_quant_dynamic_per_tensor(x, quant_min, quant_max, symmetric)`` -- one range for
+  the whole tensor (0-d scale and zero point);
+* ``qpasses::fake_quant_dynamic_per_slice(x, reduce_dim, quant_min, quant_max, symmetric)`` -- one
+  range per slice reduced over ``reduce_dim`` (``-2``: one per column of a matmul's right operand).
 
 The ops are registered when this module is imported (``import qpasses`` does), which is what
 ``torch.export.load`` of a graph holding them needs.
@@ -69,7 +76,8 @@ from .qparams import dynamic_range_qparams
 
 __all__ = ["fake_quant_per_tensor", "fake_quant_per_channel", "fake_quant_per_group", "fake_quant_channel_bits",
            "fake_quant_lsq_per_tensor",
-           "fake_quant_lsq_per_channel", "fake_quant_per_token", "quantize_per_token", "lsq_grad_scale"]
+           "fake_quant_lsq_per_channel", "fake_quant_per_token", "quantize_per_token", "lsq_grad_scale",
+           "fake_quant_dynamic_per_tensor", "fake_quant_dynamic_per_slice"]
 
 _F32_EPS = torch.finfo(torch.float32).eps
 
@@ -453,3 +461,90 @@ def _per_token_backward(ctx, grad):
 
 
 fake_quant_per_token.register_autograd(_per_token_backward, setup_context=_per_token_setup)
+
+
+# ------------------------------------------------------------------- dynamic per tensor / per slice
+def _dynamic_codes(x: Tensor, quant_min: int, quant_max: int, symmetric: bool, reduce_dim):
+    """float32 ``(codes, scale, zero_point)`` of ``x`` with qparams measured on itself: one range
+    for the whole tensor (``reduce_dim=None``) or one per slice reduced over ``reduce_dim``."""
+    xf = x.to(torch.float32)
+    scale, zp = dynamic_range_qparams(xf, quant_min, quant_max, symmetric, reduce_dim)
+    codes = torch.clamp(torch.round(xf / scale) + zp, quant_min, quant_max)
+    return codes, scale, zp
+
+
+def _dynamic_checks(x: Tensor, name: str, quant_min: int, quant_max: int, symmetric: bool, reduce_dim) -> None:
+    _check_float(x, name)
+    _check_range(quant_min, quant_max)
+    if symmetric and not quant_min < 0 < quant_max:
+        raise ValueError(f"symmetric dynamic quantization needs a signed range, got [{quant_min}, {quant_max}]")
+    if reduce_dim is not None:
+        _axis(reduce_dim, x)
+
+
+def _dynamic_mask(x: Tensor, quant_min: int, quant_max: int, symmetric: bool, reduce_dim) -> Tensor:
+    """Where the code before clamping lies in ``[qmin, qmax]`` (the straight-through mask)."""
+    xf = x.to(torch.float32)
+    scale, zp = dynamic_range_qparams(xf, quant_min, quant_max, symmetric, reduce_dim)
+    q = torch.round(xf / scale) + zp
+    return (q >= quant_min) & (q <= quant_max)
+
+
+@torch.library.custom_op("qpasses::fake_quant_dynamic_per_tensor", mutates_args=())
+def fake_quant_dynamic_per_tensor(x: Tensor, quant_min: int, quant_max: int, symmetric: bool) -> Tensor:
+    """Dynamic fake quantization with one range for the whole tensor, measured on ``x`` itself:
+    ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with ``(s, z)`` of ``dynamic_range_qparams``."""
+    _dynamic_checks(x, "fake_quant_dynamic_per_tensor", quant_min, quant_max, symmetric, None)
+    codes, scale, zp = _dynamic_codes(x, quant_min, quant_max, symmetric, None)
+    return ((codes - zp) * scale).to(x.dtype)
+
+
+@fake_quant_dynamic_per_tensor.register_fake
+def _(x, quant_min, quant_max, symmetric):
+    _dynamic_checks(x, "fake_quant_dynamic_per_tensor", quant_min, quant_max, symmetric, None)
+    return torch.empty_like(x)
+
+
+def _dyn_tensor_setup(ctx, inputs, output):
+    x, quant_min, quant_max, symmetric = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (quant_min, quant_max, bool(symmetric))
+
+
+def _dyn_tensor_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * _dynamic_mask(x, *ctx.args, None), None, None, None
+
+
+fake_quant_dynamic_per_tensor.register_autograd(_dyn_tensor_backward, setup_context=_dyn_tensor_setup)
+
+
+@torch.library.custom_op("qpasses::fake_quant_dynamic_per_slice", mutates_args=())
+def fake_quant_dynamic_per_slice(x: Tensor, reduce_dim: int, quant_min: int, quant_max: int,
+                                 symmetric: bool) -> Tensor:
+    """Dynamic fake quantization with one range per slice of ``x`` reduced over ``reduce_dim``
+    (``-2`` on a ``[..., K, N]`` matmul operand: one range per column).  ``reduce_dim=-1`` is
+    ``fake_quant_per_token``'s arithmetic."""
+    _dynamic_checks(x, "fake_quant_dynamic_per_slice", quant_min, quant_max, symmetric, reduce_dim)
+    codes, scale, zp = _dynamic_codes(x, quant_min, quant_max, symmetric, reduce_dim)
+    return ((codes - zp) * scale).to(x.dtype)
+
+
+@fake_quant_dynamic_per_slice.register_fake
+def _(x, reduce_dim, quant_min, quant_max, symmetric):
+    _dynamic_checks(x, "fake_quant_dynamic_per_slice", quant_min, quant_max, symmetric, reduce_dim)
+    return torch.empty_like(x)
+
+
+def _dyn_slice_setup(ctx, inputs, output):
+    x, reduce_dim, quant_min, quant_max, symmetric = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (quant_min, quant_max, bool(symmetric), int(reduce_dim))
+
+
+def _dyn_slice_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * _dynamic_mask(x, *ctx.args), None, None, None, None
+
+
+fake_quant_dynamic_per_slice.register_autograd(_dyn_slice_backward, setup_context=_dyn_slice_setup)

@@ -35,6 +35,9 @@ with round-half-to-even, ``DequantizeLinear`` ``(q - zp) * scale``):
   blocked ``QuantizeLinear`` / ``DequantizeLinear`` with one block per row (opset 21; at earlier
   opsets the same arithmetic as float ops).
 * ``quantize_per_token`` -> the same scale computation and int32 codes (``Clip(Round(x / s) + z)``).
+* ``fake_quant_dynamic_per_tensor`` -> the same arithmetic with the range of the whole tensor,
+  then a per-tensor ``QuantizeLinear`` / ``DequantizeLinear`` (``Clip`` for a narrow range).
+* ``fake_quant_dynamic_per_slice`` -> the same arithmetic reduced over ``reduce_dim`` (float ops).
 
 The exporter folds the ``QuantizeLinear`` of a constant weight into an integer initializer
 afterwards (:mod:`qpasses.onnx.cleanup`).
@@ -260,13 +263,18 @@ def binary_weight(w, axis: int, scale: bool):
     return op.Mul(b, op.ReduceMean(op.Abs(w), _const(op, dims, ir.DataType.INT64), keepdims=1))
 
 
-def _token_qparams(op, x, quant_min: int, quant_max: int, symmetric: bool):
-    """float32 ``(scale, zero_point)`` of ``x`` per row (last dim, kept): ``dynamic_range_qparams``."""
+def _token_qparams(op, x, quant_min: int, quant_max: int, symmetric: bool, axis: Optional[int] = -1):
+    """float32 ``(scale, zero_point)`` of ``x`` per row (``axis=-1``, kept), per slice reduced over
+    ``axis`` (kept), or for the whole tensor (``axis=None``, scalars): ``dynamic_range_qparams``."""
     f = ir.DataType.FLOAT
-    axes = _const(op, [-1], ir.DataType.INT64)
     zero = _const(op, 0.0, f)
-    lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
-    hi = op.Max(op.ReduceMax(x, axes, keepdims=1), zero)
+    if axis is None:
+        lo = op.Min(op.ReduceMin(x, keepdims=0), zero)
+        hi = op.Max(op.ReduceMax(x, keepdims=0), zero)
+    else:
+        axes = _const(op, [int(axis)], ir.DataType.INT64)
+        lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
+        hi = op.Max(op.ReduceMax(x, axes, keepdims=1), zero)
     eps = _const(op, _EPS, f)
     if symmetric:
         scale = op.Max(op.Div(op.Max(op.Neg(lo), hi), _const(op, float(quant_max), f)), eps)
@@ -307,3 +315,21 @@ def quantize_per_token(x, quant_min: int, quant_max: int, symmetric: bool):
     codes = _token_codes(op, xf, scale, zp, quant_min, quant_max)
     i32 = ir.DataType.INT32
     return op.Cast(codes, to=i32), scale, op.Cast(zp, to=i32)
+
+
+@register_translation(_QOPS.fake_quant_dynamic_per_tensor.default)
+def fake_quant_dynamic_per_tensor(x, quant_min: int, quant_max: int, symmetric: bool):
+    op = opset()
+    xf = _f32(op, x)
+    scale, zp = _token_qparams(op, xf, quant_min, quant_max, symmetric, None)
+    y = qdq(xf, scale, op.Cast(zp, to=ir.DataType.INT32), quant_min, quant_max)
+    return op.CastLike(y, x)
+
+
+@register_translation(_QOPS.fake_quant_dynamic_per_slice.default)
+def fake_quant_dynamic_per_slice(x, reduce_dim: int, quant_min: int, quant_max: int, symmetric: bool):
+    op = opset()
+    xf = _f32(op, x)
+    scale, zp = _token_qparams(op, xf, quant_min, quant_max, symmetric, reduce_dim)
+    y = op.Mul(op.Sub(_token_codes(op, xf, scale, zp, quant_min, quant_max), zp), scale)
+    return op.CastLike(y, x)

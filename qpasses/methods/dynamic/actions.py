@@ -3,15 +3,18 @@
 Representation after ``dynamic`` (both graph levels):
 
 * a linear op with a constant weight (``nn.Linear`` call, ``F.linear``, ``aten.linear``) reads its
-  input through a :class:`~qpasses.methods.dynamic.lib.DynamicFakeQuant` (``call_module``, op class
-  ``dynamic_fq``; per token: ``reduce_dim=-1``, per tensor: ``None``) and its weight through a
-  holder-backed per-output-channel symmetric narrow-range ``FakeQuantize`` node
+  input through a dynamic quantizer node -- one ``call_function`` of a custom op, no module
+  (op class ``dynamic_fq``; :func:`~qpasses.qnodes.dynamic_quantizer_call`): per token
+  ``qpasses.fake_quant_per_token.default(x, qmin, qmax, symmetric)``, per tensor
+  ``qpasses.fake_quant_dynamic_per_tensor.default(x, qmin, qmax, symmetric)`` -- and its weight
+  through a holder-backed per-output-channel symmetric narrow-range ``FakeQuantize`` node
   (``fake_quant_per_channel`` on ``get_attr`` weight, scale and zero point), PT2E's dynamic
-  convention: ``linear(dyn_fq(x), fq_w(W), b)``.  An ``nn.Linear`` call becomes ``F.linear`` on
+  convention: ``linear(dyn_q(x), fq_w(W), b)``.  An ``nn.Linear`` call becomes ``F.linear`` on
   the module's own ``get_attr`` weight / bias, so ``state_dict`` keys are unchanged;
-* each input of an activation x activation ``matmul`` / ``bmm`` goes through a
-  :class:`~qpasses.methods.dynamic.lib.DynamicFakeQuant` (op class ``dynamic_fq``): per tensor, or
-  with ``per_token`` one range per row of the left operand and per column of the right one.
+* each input of an activation x activation ``matmul`` / ``bmm`` goes through a dynamic quantizer
+  node: per tensor, or with ``per_token`` one range per row of the left operand
+  (``fake_quant_per_token``) and per column of the right one
+  (``qpasses.fake_quant_dynamic_per_slice.default(b, -2, qmin, qmax, symmetric)``).
 
 No calibration data is needed; the node meta ``qpasses.quant`` records
 ``{"dynamic": {...}}`` so static ``convert`` rules leave these ops alone.
@@ -26,13 +29,10 @@ import torch.fx as fx
 from ...lang.registry import action, constraint
 from ...context import Refuse
 from ...matcher import MatchContext
-from .lib import DynamicFakeQuant, quantize_weight_per_channel
+from .lib import quantize_weight_per_channel
 from ...numerics import FakeQuantize
-from ...opclasses import register_module_class
-from .._graphutil import add_module, copy_meta
+from ...qnodes import dynamic_quantizer_call, is_dynamic_quantizer
 from ..ptq.actions import QUANT_KEY
-
-register_module_class(DynamicFakeQuant, "dynamic_fq")
 
 
 def _rank(node) -> Optional[int]:
@@ -55,7 +55,7 @@ def constant_weight(ctx: MatchContext, node: fx.Node):
 def dynamic_inputs(ctx: MatchContext, node: fx.Node):
     """Both operands of the matmul already pass through a dynamic fake quant."""
     ins = ctx.view(node).inputs()[:2]
-    ok = len(ins) == 2 and all(isinstance(i, fx.Node) and ctx.classify(i) == "dynamic_fq" for i in ins)
+    ok = len(ins) == 2 and all(is_dynamic_quantizer(i) is not None for i in ins)
     return ok, (f"both inputs of {node.name} are already dynamically quantized" if ok else "")
 
 
@@ -74,9 +74,11 @@ def activation_operands(ctx: MatchContext, node: fx.Node):
 @action("dynamic_linear", args={"w_bits": {"min": 2, "max": 8}, "a_bits": {"min": 2, "max": 8}, "granularity": {"choices": ("per_tensor", "per_token")}})
 def dynamic_linear(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8,
                    granularity: str = "per_token", symmetric: bool = False):
-    """Make a constant-weight linear read ``DynamicFakeQuant(x)`` and a per-channel weight quantizer.
+    """Make a constant-weight linear read a dynamic quantizer node and a per-channel weight quantizer.
 
-    PT2E's dynamic form: ``linear(dyn_fq(x), fake_quant_per_channel(get_attr W, ...), b)``.  The
+    PT2E's dynamic form: ``linear(dyn_q(x), fake_quant_per_channel(get_attr W, ...), b)``, ``dyn_q``
+    one call of ``qpasses::fake_quant_per_token`` (``granularity=per_token``) or
+    ``qpasses::fake_quant_dynamic_per_tensor`` (``per_tensor``).  The
     weight quantizer is a holder-backed ``FakeQuantize`` (symmetric, narrow range, axis 0) with the
     scales of :func:`~qpasses.methods.dynamic.lib.quantize_weight_per_channel`; a module call becomes
     ``F.linear`` on the module's own ``get_attr`` weight / bias (``state_dict`` keys unchanged).
@@ -114,18 +116,15 @@ def weight_quantizer_per_channel(w, bits: int) -> FakeQuantize:
 
 def _dynamic_fq_on(ctx: MatchContext, op: fx.Node, x: fx.Node, bits: int, symmetric: bool,
                    reduce_dim: Optional[int]) -> None:
-    key = (int(bits), bool(symmetric), reduce_dim)
-    for u in x.users:  # share one quantizer per (value, configuration)
-        if u.op == "call_module" and ctx.classify(u) == "dynamic_fq":
-            m = ctx.modules.get(u.target)
-            if (m.bits, m.symmetric, m.reduce_dim) == key:
-                op.replace_input_with(x, u)
-                return
-    target = add_module(ctx, "dyn_fq", DynamicFakeQuant(int(bits), bool(symmetric), reduce_dim))
-    with ctx.graph.inserting_after(x):
-        q = ctx.graph.call_module(target, (x,))
-    copy_meta(x, q)
-    op.replace_input_with(x, q)
+    """``op`` reads ``x`` through the dynamic quantizer node of this configuration (one call of its
+    custom op, :func:`~qpasses.qnodes.dynamic_quantizer_call`), shared per (value, configuration)."""
+    target, consts = dynamic_quantizer_call(int(bits), bool(symmetric), reduce_dim)
+    for u in x.users:
+        if u is not op and u.op == "call_function" and u.target == target and u.args[0] is x and tuple(u.args[1:]) == consts and not u.kwargs:
+            ctx.replace_input(op, x, u)
+            return
+    q = ctx.insert("call_function", target, (x, *consts), after=x, like=x, name="dyn_q")
+    ctx.replace_input(op, x, q)
 
 
 @action("dynamic_matmul", args={"a_bits": {"min": 2, "max": 8}, "granularity": {"choices": ("per_tensor", "per_token")}})
@@ -159,13 +158,13 @@ def dynamic_matmul(ctx: MatchContext, op: fx.Node, a_bits: int = 8, granularity:
 def dynamic_input(ctx: MatchContext, node: fx.Node):
     """The op's activation input already passes through a dynamic fake quant."""
     ins = ctx.view(node).inputs()
-    ok = bool(ins) and isinstance(ins[0], fx.Node) and ctx.classify(ins[0]) == "dynamic_fq"
+    ok = bool(ins) and is_dynamic_quantizer(ins[0]) is not None
     return ok, (f"the input of {node.name} is already dynamically quantized" if ok else "")
 
 
 @action("dynamic_conv", args={"w_bits": {"min": 2, "max": 8}, "a_bits": {"min": 2, "max": 8}})
 def dynamic_conv(ctx: MatchContext, op: fx.Node, w_bits: int = 8, a_bits: int = 8, symmetric: bool = False):
-    """Convolution: the input is quantized per tensor on the fly (``DynamicFakeQuant``), the weight
+    """Convolution: the input is quantized per tensor on the fly (``fake_quant_dynamic_per_tensor``), the weight
     per output channel with qparams fixed here (the ``quantize_weight`` action of ``convert``)."""
     from ..ptq.actions import quantize_weight
     x = ctx.view(op).inputs()[0]

@@ -1,7 +1,7 @@
 """Dynamic quantization modules: int8 weights quantized once, activations quantized per batch.
 
 * :class:`DynamicQuantLinear` -- *not a graph form*: no rule produces it.  The ``dynamic`` family
-  writes PT2E's dynamic form instead, ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (graph nodes; see
+  writes PT2E's dynamic form instead, ``linear(dyn_q(x), fq_w(W), b)`` (graph nodes; see
   :func:`dynamic_linear_quantizers`), and ``lower`` turns that into ``dynamic_int8_linear``.  It is
   kept as an eager, exact-integer reference of the same numbers: ``benchmarks/kernels.py`` times
   it as the eager baseline of ``dynamic_int8_linear``, and tests compare the graph form with it.
@@ -14,12 +14,15 @@
   ``y[m, n] = s_x[m] * s_w[n] * sum_k (x_q[m, k] - z[m]) * w_q[n, k] + b[n]``.
   The activation is quantized by one ``torch.ops.qpasses.quantize_per_token`` call (per tensor:
   on the input flattened to one row), the op :mod:`qpasses.numerics.qops` defines.
-* :class:`DynamicFakeQuant` -- quantize-dequantize on the fly, with qparams taken from the
-  current tensor; ``reduce_dim=None`` is per tensor, ``reduce_dim=-1`` one range per row,
-  ``reduce_dim=-2`` one range per column (the right operand of a matmul).  Used on both inputs
-  of activation x activation ``matmul`` / ``bmm``: a row scale of the left operand and a column
-  scale of the right one factor out of the sum over ``k``, so the emulation equals an integer
-  GEMM with a float epilogue.
+* :func:`dynamic_fake_quant` -- quantize-dequantize on the fly, with qparams taken from the
+  current tensor, as the graph's dynamic quantizer node computes it (one custom op call, see
+  :func:`~qpasses.qnodes.dynamic_quantizer_call`; no module holds it): ``reduce_dim=None`` is per
+  tensor (``qpasses::fake_quant_dynamic_per_tensor``), ``reduce_dim=-1`` one range per row
+  (``qpasses::fake_quant_per_token``), ``reduce_dim=-2`` one range per column, the right operand
+  of a matmul (``qpasses::fake_quant_dynamic_per_slice``).  Used on both inputs of activation x
+  activation ``matmul`` / ``bmm``: a row scale of the left operand and a column scale of the right
+  one factor out of the sum over ``k``, so the emulation equals an integer GEMM with a float
+  epilogue.
 
 Exactness of the accumulation. On the CPU (and on CUDA where cuBLASLt accepts the shape) the
 product is ``torch._int_mm``: int8 x int8 -> int32, exact -- where it is. On CPUs without
@@ -44,7 +47,7 @@ import torch.nn as nn
 
 from ...numerics.qparams import dynamic_qparams  # noqa: F401  re-exported here (its home is numerics)
 
-__all__ = ["DynamicQuantLinear", "DynamicFakeQuant", "dynamic_linear_quantizers", "LINEAR_TARGETS", "dynamic_qparams", "quantize_dynamic", "dynamic_range",
+__all__ = ["DynamicQuantLinear", "dynamic_fake_quant", "dynamic_linear_quantizers", "LINEAR_TARGETS", "dynamic_qparams", "quantize_dynamic", "dynamic_range",
            "quantize_weight_per_channel", "GRANULARITIES", "int_mm_is_exact"]
 
 GRANULARITIES = ("per_tensor", "per_token")
@@ -227,30 +230,17 @@ class DynamicQuantLinear(nn.Module):
                 f"a_bits={self.a_bits}, granularity={self.granularity!r}, symmetric={self.symmetric}")
 
 
-class DynamicFakeQuant(nn.Module):
-    """Quantize-dequantize with qparams measured on the current tensor (no state, no calibration).
-
-    One ``torch.ops.qpasses.fake_quant_per_token`` call (on the tensor moved so that ``reduce_dim``
-    is last, or flattened to one row per tensor): the numbers of :func:`dynamic_qparams`, computed
-    in float32, with a straight-through gradient for the input."""
-
-    def __init__(self, bits: int = 8, symmetric: bool = False, reduce_dim: Optional[int] = None):
-        super().__init__()
-        if not 2 <= bits <= 16:
-            raise ValueError(f"bits must be in [2, 16], got {bits}")
-        self.bits, self.symmetric, self.reduce_dim = int(bits), bool(symmetric), reduce_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = dynamic_range(self.bits, self.symmetric)
-        fq = _QOPS.fake_quant_per_token.default
-        if self.reduce_dim is None:
-            return fq(x.reshape(1, -1), qmin, qmax, self.symmetric).reshape(x.shape)
-        if self.reduce_dim in (-1, x.dim() - 1):
-            return fq(x, qmin, qmax, self.symmetric)
-        return fq(x.movedim(self.reduce_dim, -1), qmin, qmax, self.symmetric).movedim(-1, self.reduce_dim)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, reduce_dim={self.reduce_dim}"
+def dynamic_fake_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
+                       reduce_dim: Optional[int] = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with qparams measured on itself (eagerly): the one op call
+    :func:`~qpasses.qnodes.dynamic_quantizer_call` puts in a graph -- per tensor
+    (``reduce_dim=None``), per token (``-1``: one range per row) or one range per slice reduced over
+    ``reduce_dim`` (``-2``: per column of a matmul's right operand)."""
+    from ..qnodes import dynamic_quantizer_call
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    op, consts = dynamic_quantizer_call(int(bits), bool(symmetric), reduce_dim)
+    return op(x, *consts)
 
 
 #: the call targets of a functional linear (the graph form of ``dynamic_int8``'s linears)
@@ -258,18 +248,18 @@ LINEAR_TARGETS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
 
 
 def dynamic_linear_quantizers(modules, node):
-    """``(DynamicFakeQuant, weight FakeQuantize, input node, weight node)`` when ``node`` is
-    ``dynamic_int8``'s linear -- ``linear(DynamicFakeQuant(x), fq_w(W), b)`` with ``fq_w`` a
-    holder-backed (or module) ``FakeQuantize`` -- else None.  ``modules``: a GraphModule or its
-    ``named_modules()`` dict."""
+    """``(DynamicQuantizer, weight FakeQuantize, input node, weight node)`` when ``node`` is
+    ``dynamic_int8``'s linear -- ``linear(dyn_q(x), fq_w(W), b)`` with ``dyn_q`` a dynamic quantizer
+    op node (:func:`~qpasses.qnodes.is_dynamic_quantizer`) and ``fq_w`` a holder-backed (or module)
+    ``FakeQuantize`` -- else None.  ``modules``: a GraphModule or its ``named_modules()`` dict."""
     from ...numerics import FakeQuantize
-    from ...qnodes import quantizer_module
+    from ...qnodes import is_dynamic_quantizer, quantizer_module
     if getattr(node, "op", None) != "call_function" or node.target not in LINEAR_TARGETS:
         return None
     x = node.args[0] if node.args else node.kwargs.get("input")
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    dq = quantizer_module(modules, x, (DynamicFakeQuant,)) if x is not None else None
+    dq = is_dynamic_quantizer(x)
     wq = quantizer_module(modules, w, (FakeQuantize,)) if w is not None else None
-    if not isinstance(dq, DynamicFakeQuant) or not isinstance(wq, FakeQuantize):
+    if dq is None or not isinstance(wq, FakeQuantize):
         return None
     return dq, wq, x, w

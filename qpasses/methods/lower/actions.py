@@ -15,7 +15,7 @@ the same thing:
 (static per-tensor input quantizer) or by ``dynamic_fp8_linear`` (dynamic per-token input), the
 weight stored once as a float8_e4m3fn buffer.
 
-``lower_dynamic_linear`` replaces ``linear(DynamicFakeQuant(x), fq_w(W), b)`` (``dynamic_int8``) by
+``lower_dynamic_linear`` replaces ``linear(dyn_q(x), fq_w(W), b)`` (``dynamic_int8``) by
 ``torch.ops.qpasses.dynamic_int8_linear``: the same per-call activation quantization, then the
 int8 GEMM with one zero point per row.
 
@@ -40,11 +40,11 @@ from ...kernels import packing
 from ...lang.registry import action, constraint
 from ...context import Refuse
 from ...matcher import MatchContext
-from ..dynamic.lib import DynamicFakeQuant
+from ..dynamic.lib import dynamic_range
 from ...numerics import FakeQuantize
 from ...opclasses import get_attr_value
 from .._graphutil import add_param, copy_meta, matches_any
-from ...qnodes import drop_dead, fp8_dynamic_granularity
+from ...qnodes import drop_dead, fp8_dynamic_granularity, is_dynamic_quantizer
 from ..ptq.actions import QUANT_KEY
 
 LOWERED_KEY = "qpasses.lowered"
@@ -312,10 +312,10 @@ def quantize_weight_int4(ctx: MatchContext, op: fx.Node, group_size: int = 128, 
 # ================================================================================ dynamic_int8
 @action("lower_dynamic_linear", args={"out_dtype": {"choices": ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")}})
 def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float32", skip=()):
-    """``linear(DynamicFakeQuant(x), fq_w(W), b)`` (dynamic_int8) -> ``qpasses::dynamic_int8_linear``.
+    """``linear(dyn_q(x), fq_w(W), b)`` (dynamic_int8) -> ``qpasses::dynamic_int8_linear``.
 
-    The input quantizer must be a per-token (``reduce_dim=-1``) or per-tensor ``DynamicFakeQuant``
-    of at most 8 bits, the weight quantizer symmetric per output channel with at most 8 bits and
+    The input quantizer must be a per-token (``fake_quant_per_token``) or per-tensor
+    (``fake_quant_dynamic_per_tensor``) dynamic quantizer node of at most 8 bits, the weight quantizer symmetric per output channel with at most 8 bits and
     a constant weight.  The output keeps the input's dtype (as the fake-quant graph's does) unless
     ``out_dtype`` is ``float16`` / ``bfloat16``.
     """
@@ -327,12 +327,13 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
         raise Refuse(f"no kernel for {view.opclass} ({op.name}): dynamic_int8_linear is a linear kernel")
     ins = view.inputs()
     x_fq = ins[0] if ins else None
-    dq = _module(ctx, x_fq)
-    if not isinstance(dq, DynamicFakeQuant):
+    dq = is_dynamic_quantizer(x_fq)
+    if dq is None:
         raise Refuse(f"the input of {op.name} is not dynamically quantized")
-    if dq.reduce_dim not in (None, -1) or dq.bits > 8:
-        raise Refuse(f"no kernel for {op.name}: its input quantizer ({dq.extra_repr()}) is not per token or "
-                     f"per tensor with at most 8 bits")
+    if dq.granularity not in ("per_token", "per_tensor") or dq.bits > 8 or \
+            (dq.qmin, dq.qmax) != dynamic_range(dq.bits, dq.symmetric):
+        raise Refuse(f"no kernel for {op.name}: its input quantizer ({dq.granularity}, range [{dq.qmin}, {dq.qmax}], "
+                     f"symmetric={dq.symmetric}) is not a per-token or per-tensor dynamic quantizer of at most 8 bits")
     wnode, wfq, wsrc, w = _weight_quantizer(ctx, op)
     if not isinstance(wfq, FakeQuantize) or not isinstance(w, torch.Tensor):
         raise Refuse(f"no kernel for {op.name}: its weight is not a constant read through a FakeQuantize")
@@ -352,7 +353,7 @@ def lower_dynamic_linear(ctx: MatchContext, op: fx.Node, out_dtype: str = "float
     wp = add_param(ctx, "lowered_w", packing.pack_int8_weight(codes), op)
     ws = add_param(ctx, "lowered_ws", w_scale, op, requires_grad=False)
     bn = add_param(ctx, "lowered_b", bias, op, requires_grad=False) if bias is not None else None
-    per_token = dq.reduce_dim == -1
+    per_token = dq.granularity == "per_token"
     bias_node = view.get("bias")
     with ctx.graph.inserting_before(op):
         new = ctx.graph.call_function(torch.ops.qpasses.dynamic_int8_linear.default,

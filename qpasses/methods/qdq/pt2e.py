@@ -27,8 +27,14 @@ produces:
   (:mod:`qpasses.numerics.qops`) as a ``call_function`` node with frozen (``get_attr``) qparams:
   a range narrower than the uint8 container (``[-127, 127]``, 4-bit activations), LSQ (its forward
   divides by the scale and clamps before rounding), per-channel activations, group-wise int4
-  weights (``fake_quant_per_group``) and dynamic (per-token / per-tensor) activations
-  (``fake_quant_per_token``).  A per-tensor custom quantizer whose codes fit 8 bits is followed by
+  weights (``fake_quant_per_group``) and dynamic activations other than per-tensor affine 8-bit
+  (their graph form is already a custom op call: ``fake_quant_per_token``,
+  ``fake_quant_dynamic_per_slice``, a symmetric ``fake_quant_dynamic_per_tensor``);
+* **dynamic per-tensor affine 8-bit activations** (``dynamic_int8`` with
+  ``granularity=per_tensor``) -- PT2E's dynamic form: ``choose_qparams.tensor`` ->
+  ``quantize_per_tensor.tensor`` -> one ``dequantize_per_tensor.tensor`` per reader, in uint8
+  (what ``convert_pt2e`` writes for ``X86InductorQuantizer``'s dynamic config, and what Inductor's
+  x86 int8 linear patterns take).  A per-tensor custom quantizer whose codes fit 8 bits is followed by
   a full-range ``uint8`` Q/DQ pair with the same scale and zero point: its output lies on that
   grid already (``|q - z| <= 255``, so ``round(((q - z) s) / s)`` is ``q - z`` exactly), the pair
   is the identity, and the engines see an int8 tensor.  Each such choice is a refusal of
@@ -36,6 +42,7 @@ produces:
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Tuple
 
 import torch
@@ -46,9 +53,8 @@ from ...context import Refuse
 from ...kernels.lowering import Int4GroupFakeQuantize
 from ...lang.registry import action, constraint
 from ...matcher import MatchContext
-from ..dynamic.lib import DynamicFakeQuant, dynamic_range
 from ...numerics import FakeQuantize
-from ...qnodes import drop_dead
+from ...qnodes import DYNAMIC_QUANTIZER_OPS, drop_dead, is_dynamic_quantizer
 from ...opclasses import get_attr_value, register_module_class
 from .._graphutil import copy_meta
 
@@ -64,10 +70,14 @@ _F32_EPS = torch.finfo(torch.float32).eps
 Q_TENSOR = QD.quantize_per_tensor.default
 DQ_TENSOR = QD.dequantize_per_tensor.default
 DQ_CHANNEL = QD.dequantize_per_channel.default
+#: PT2E's dynamic per-tensor activation form (qparams as tensors, measured on every call)
+CHOOSE_QPARAMS = QD.choose_qparams.tensor
+Q_TENSOR_T = QD.quantize_per_tensor.tensor
+DQ_TENSOR_T = QD.dequantize_per_tensor.tensor
 #: qpasses custom quantizer ops the frozen form may keep
 CUSTOM_OPS = (QP.fake_quant_per_tensor.default, QP.fake_quant_per_channel.default, QP.fake_quant_per_group.default,
               QP.fake_quant_lsq_per_tensor.default, QP.fake_quant_lsq_per_channel.default,
-              QP.fake_quant_per_token.default)
+              *sorted(DYNAMIC_QUANTIZER_OPS, key=str))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -356,41 +366,57 @@ def freeze_group_weight(ctx: MatchContext, q: fx.Node):
     drop_dead(ctx, (src, *old_qparams))
 
 
-def _dynamic_call(ctx: MatchContext, x: fx.Node, bits: int, symmetric: bool, reduce_dim: Optional[int],
-                  before: fx.Node, like: fx.Node) -> fx.Node:
-    """``qpasses::fake_quant_per_token`` on ``x``: per tensor (flattened to one row), per row or per
-    column (moved last and back), as :class:`DynamicFakeQuant` computes it."""
-    qmin, qmax = dynamic_range(bits, symmetric)
-    g = ctx.graph
-    with g.inserting_before(before):
-        if reduce_dim is None:
-            flat = g.call_function(torch.reshape, (x, (1, -1)))
-            fq = g.call_function(QP.fake_quant_per_token.default, (flat, qmin, qmax, bool(symmetric)))
-            out = g.call_method("reshape_as", (fq, x))
-        elif reduce_dim == -1:
-            out = fq = g.call_function(QP.fake_quant_per_token.default, (x, qmin, qmax, bool(symmetric)))
-        else:
-            moved = g.call_function(torch.movedim, (x, reduce_dim, -1))
-            fq = g.call_function(QP.fake_quant_per_token.default, (moved, qmin, qmax, bool(symmetric)))
-            out = g.call_function(torch.movedim, (fq, -1, reduce_dim))
-    for n in {out, fq}:
-        copy_meta(like, n)
-    _tag(fq, "custom_op", op="qpasses.fake_quant_per_token",
-         reason="dynamic activation qparams (measured per call) have no exact quantized_decomposed form")
-    return out
+def dynamic_reason(q: fx.Node) -> str:
+    """Why the dynamic quantizer node ``q`` cannot be PT2E's dynamic per-tensor form
+    (``choose_qparams.tensor`` -> ``quantize_per_tensor.tensor`` -> ``dequantize_per_tensor.tensor``
+    in uint8), '' when it can."""
+    info = is_dynamic_quantizer(q)
+    if info is None:
+        return f"{q.name} is not a dynamic quantizer node"
+    if info.granularity != "per_tensor":
+        return (f"{q.name}: dynamic {info.granularity} activation qparams have no quantized_decomposed form "
+                f"(PT2E's dynamic activations are per tensor): kept as {q.target}")
+    if info.symmetric or (info.qmin, info.qmax) != (0, 255):
+        return (f"{q.name}: dynamic per-tensor range [{info.qmin}, {info.qmax}] (symmetric={info.symmetric}) is "
+                f"not PT2E's affine uint8 [0, 255]: kept as {q.target}")
+    return ""
 
 
 @action("freeze_dynamic_fq")
 def freeze_dynamic_fq(ctx: MatchContext, q: fx.Node):
-    """``DynamicFakeQuant`` (linear inputs, matmul operands) -> ``qpasses::fake_quant_per_token``."""
-    mod = _module(ctx, q)
-    if not isinstance(mod, DynamicFakeQuant) or len(q.args) != 1 or q.kwargs:
-        raise Refuse(f"{q.name} is not a plain DynamicFakeQuant call")
-    rd = mod.reduce_dim
-    if rd not in (None, -1, -2):
-        raise Refuse(f"{q.name}: reduce_dim {rd} (only None, -1, -2)")
-    out = _dynamic_call(ctx, q.args[0], mod.bits, mod.symmetric, rd, q, q)
-    q.replace_all_uses_with(out)
+    """A per-tensor affine 8-bit dynamic quantizer (``dynamic_int8`` with
+    ``granularity=per_tensor``) becomes PT2E's dynamic form, which Inductor's x86 int8 linear
+    patterns consume: ``choose_qparams.tensor(x, 0, 255, eps, uint8)`` once, then
+    ``quantize_per_tensor.tensor`` and one ``dequantize_per_tensor.tensor`` per reader (all in uint8).
+    ``eps`` is float32's, so the scale and zero point are the op's own, bit for bit; the codes are
+    ``round(x * (1 / s))`` (quantized_decomposed's arithmetic) where the op computes
+    ``round(x / s)``, which can differ by one code where ``x / s`` lies within a rounding error of a
+    tie.  Any other dynamic quantizer is already a custom op with no qparams to freeze: it stays,
+    and the refusal says why."""
+    why = dynamic_reason(q)
+    if why:
+        raise Refuse(why)
+    x = q.args[0]
+    users = list(q.users)
+    if not users:
+        raise Refuse(f"{q.name} has no readers")
+    with ctx.graph.inserting_before(q):
+        cq = ctx.graph.call_function(CHOOSE_QPARAMS, (x, 0, 255, _F32_EPS, torch.uint8))
+        s = ctx.graph.call_function(operator.getitem, (cq, 0))
+        z = ctx.graph.call_function(operator.getitem, (cq, 1))
+        qn = ctx.graph.call_function(Q_TENSOR_T, (x, s, z, 0, 255, torch.uint8))
+    copy_meta(q, qn)
+    qn.meta["qpasses.dtype"] = torch.uint8
+    _tag(cq, "choose_qparams", source=q.name)
+    _tag(qn, "quantize_per_tensor", source=q.name, dynamic=True)
+    anchor = qn
+    for u in users:
+        with ctx.graph.inserting_after(anchor):
+            dq = ctx.graph.call_function(DQ_TENSOR_T, (qn, s, z, 0, 255, torch.uint8))
+        copy_meta(q, dq)
+        _tag(dq, "dequantize_per_tensor", source=q.name, dynamic=True)
+        u.replace_input_with(q, dq)
+        anchor = dq
     ctx.graph.erase_node(q)
 
 

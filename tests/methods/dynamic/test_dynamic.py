@@ -11,17 +11,22 @@ import torch.nn.functional as F
 import qpasses
 from qpasses import zoo
 from qpasses.errors import OptionError
-from qpasses.methods.dynamic.lib import DynamicFakeQuant, DynamicQuantLinear, dynamic_linear_quantizers, dynamic_qparams
+from qpasses.methods.dynamic.lib import DynamicQuantLinear, dynamic_fake_quant, dynamic_linear_quantizers, dynamic_qparams
 from qpasses.numerics import FakeQuantize
-from qpasses.qnodes import quantizer_module
+from qpasses.qnodes import is_dynamic_quantizer, quantizer_module
 
 
 def _mods(gm, kind):
     return [n for n in gm.graph.nodes if isinstance(quantizer_module(gm, n, None), kind)]
 
 
+def _dyn_nodes(gm):
+    """The dynamic quantizer op nodes of ``gm``."""
+    return [n for n in gm.graph.nodes if is_dynamic_quantizer(n) is not None]
+
+
 def _dyn_linears(gm):
-    """dynamic_int8's linears: ``linear(DynamicFakeQuant(x), fq_w(W), b)`` nodes."""
+    """dynamic_int8's linears: ``linear(dyn_q(x), fq_w(W), b)`` nodes."""
     return [n for n in gm.graph.nodes if dynamic_linear_quantizers(gm, n) is not None]
 
 
@@ -150,9 +155,9 @@ def test_int_mm_route_equals_float_route(granularity, symmetric, a_bits, w_bits,
 
 def test_dynamic_fake_quant_granularity():
     x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 100.0, 50.0]])
-    row = DynamicFakeQuant(8, reduce_dim=-1)(x)
+    row = dynamic_fake_quant(x, 8, reduce_dim=-1)
     assert torch.allclose(row[0], x[0], atol=2 / 255)  # row 0 keeps its own fine step
-    tensor = DynamicFakeQuant(8, reduce_dim=None)(x)
+    tensor = dynamic_fake_quant(x, 8, reduce_dim=None)
     assert (tensor[0] - x[0]).abs().max() > 2 / 255
 
 
@@ -173,7 +178,7 @@ def test_skip_and_linear_only(encoder):
     q = pm.run(gm)
     assert len(_dyn_linears(q)) == 4
     # the only dynamic quantizers are the linears' inputs (one per distinct input value)
-    fqs = _mods(q, DynamicFakeQuant)
+    fqs = _dyn_nodes(q)
     assert fqs and all(u in _dyn_linears(q) for f in fqs for u in f.users)
     assert len(fqs) == len({dynamic_linear_quantizers(q, n)[2] for n in _dyn_linears(q)})
 
@@ -207,7 +212,7 @@ def test_conv_optional(level):
     pm = qpasses.PassManager("dynamic_int8", quantize_conv=True)
     q = pm.run(gm)
     assert pm.report["dynamic.dynamic_conv"].rewrites == 3
-    assert len(_mods(q, DynamicFakeQuant)) == 3 + n_lin and len(_mods(q, FakeQuantize)) == 3 + n_lin
+    assert len(_dyn_nodes(q)) == 3 + n_lin and len(_mods(q, FakeQuantize)) == 3 + n_lin
     with torch.no_grad():
         assert _cos(m(x), q(x)) > 0.999
         x2 = 10 * torch.randn(4, 1, 8, 8)  # other range, no calibration
@@ -265,6 +270,12 @@ def test_int_mm_probe_agrees_with_an_exact_reference():
     assert int_mm_is_exact("cpu") is exact
 
 
+def _closed_form_fq(x, bits, symmetric, reduce_dim):
+    """Dynamic fake quantization written out from ``dynamic_qparams`` (the reference of the ops)."""
+    s, z, qmin, qmax = dynamic_qparams(x.float(), bits, symmetric, reduce_dim)
+    return ((torch.clamp(torch.round(x.float() / s) + z, qmin, qmax) - z) * s).to(x.dtype)
+
+
 class _ScoresWithBias(nn.Module):
     """Attention scores as ``baddbmm(bias, q, k^T, beta, alpha)`` (as BLOOM and older GPT-2 ports write them)."""
 
@@ -294,7 +305,7 @@ def test_baddbmm_operands_quantized_bias_kept(level):
     # numerics: the float op on per-token (rows of q) / per-column (of k^T) quantized operands
     with torch.no_grad():
         a, b = m.q(x), m.k(x).transpose(1, 2)
-        ref = torch.baddbmm(bias, DynamicFakeQuant(8, False, reduce_dim=-1)(a), DynamicFakeQuant(8, False, reduce_dim=-2)(b),
+        ref = torch.baddbmm(bias, _closed_form_fq(a, 8, False, -1), _closed_form_fq(b, 8, False, -2),
                             beta=0.5, alpha=0.25)
         torch.testing.assert_close(q(x, bias), ref, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(q(x, bias), m(x, bias), atol=1e-6)           # it did quantize
@@ -302,7 +313,8 @@ def test_baddbmm_operands_quantized_bias_kept(level):
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
 def test_linear_graph_form(level, granularity):
-    """PT2E's dynamic form: ``linear(DynamicFakeQuant(x), fake_quant_per_channel(get_attr W), b)``.
+    """PT2E's dynamic form: ``linear(dyn_q(x), fake_quant_per_channel(get_attr W), b)``, ``dyn_q`` one
+    custom op node (per token ``fake_quant_per_token``, per tensor ``fake_quant_dynamic_per_tensor``).
     The module's parameters stay where they were (state_dict keys and tensors unchanged), the
     weight quantizer has exactly the per-channel scales of ``quantize_weight_per_channel``, one
     activation quantizer is shared by the linears reading the same value, and the graph equals the
@@ -347,3 +359,85 @@ def test_linear_graph_form(level, granularity):
         x2 = 5 * torch.randn_like(x)                        # qparams follow the data
         ref2 = sum(DynamicQuantLinear(lin.weight, lin.bias, granularity=granularity)(x2) for lin in (m.q, m.k))
         torch.testing.assert_close(q(x2), ref2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_export_keeps_one_node_per_dynamic_quantizer(granularity):
+    """Each dynamic quantizer is one custom op node (no module, no reshape around it), and
+    torch.export keeps it one node: the exported graph calls the same op as often, with the same
+    constants, and computes the same numbers."""
+    from qpasses.qnodes import DYNAMIC_QUANTIZER_OPS
+    torch.manual_seed(0)
+    m = MLPAttn().eval()
+    x = torch.randn(2, 6, 16)
+    q = qpasses.PassManager("dynamic_int8", granularity=granularity, progress=False).run(qpasses.trace(m, (x,)))
+    dyn = _dyn_nodes(q)
+    # inputs of a, b and the parameter matmul (a linear): 3; matmul(h, h^T * 0.5): 2; matmul(s, h): s,
+    # and h again -- shared per tensor, a column quantizer (not the row one) per token
+    assert len(dyn) == {"per_tensor": 6, "per_token": 7}[granularity]
+    assert not any(n.op == "call_module" for n in q.graph.nodes)        # no module hides a quantizer
+    want = sorted((str(n.target), tuple(n.args[1:])) for n in dyn)
+    if granularity == "per_tensor":
+        assert {str(n.target) for n in dyn} == {"qpasses.fake_quant_dynamic_per_tensor.default"}
+    else:
+        assert {str(n.target) for n in dyn} == {"qpasses.fake_quant_per_token.default",
+                                                "qpasses.fake_quant_dynamic_per_slice.default"}
+    ep = torch.export.export(q, (x,), strict=False)
+    got = sorted((str(n.target), tuple(n.args[1:])) for n in ep.graph.nodes
+                 if n.op == "call_function" and n.target in DYNAMIC_QUANTIZER_OPS)
+    assert got == want
+    # nothing of the quantizers' arithmetic leaked into the exported graph
+    assert not any(n.op == "call_function" and n.target in (torch.ops.aten.amin.default, torch.ops.aten.round.default)
+                   for n in ep.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), q(x))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reduce_dim", [None, -1, -2, 0])
+def test_dynamic_ops_equal_closed_form_and_ste(symmetric, reduce_dim):
+    """The dynamic ops are bit-exact with the closed form of ``dynamic_qparams`` (per tensor, per
+    token, per slice); their gradient is straight-through, zero where the code was clamped
+    (nowhere here: the range is the tensor's own) and is computed for bfloat16 inputs too."""
+    torch.manual_seed(1)
+    x = (torch.randn(3, 7, 9) * 4 + 1).requires_grad_()
+    y = dynamic_fake_quant(x, 8, symmetric, reduce_dim)
+    assert torch.equal(y, _closed_form_fq(x.detach(), 8, symmetric, reduce_dim))
+    assert not torch.equal(y, x)
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+    xb = x.detach().bfloat16()
+    assert torch.equal(dynamic_fake_quant(xb, 4, symmetric, reduce_dim), _closed_form_fq(xb, 4, symmetric, reduce_dim))
+
+
+def test_is_dynamic_quantizer_reads_the_configuration():
+    from qpasses.qnodes import dynamic_quantizer_call
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    for bits, sym, rd, gran in ((8, False, -1, "per_token"), (8, True, None, "per_tensor"),
+                                (4, False, -2, "per_slice"), (6, True, -1, "per_token")):
+        op, consts = dynamic_quantizer_call(bits, sym, rd)
+        info = is_dynamic_quantizer(g.call_function(op, (x, *consts)))
+        assert (info.bits, info.symmetric, info.reduce_dim, info.granularity) == (bits, sym, rd, gran)
+    assert is_dynamic_quantizer(x) is None and is_dynamic_quantizer(g.call_function(torch.relu, (x,))) is None
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_onnx_export_of_every_dynamic_op(granularity):
+    """The per-tensor, per-token and per-column (matmul operand) ops export through their ONNX
+    translations and onnxruntime reproduces the graph within one quantization step of the output."""
+    from qpasses.onnx import export_onnx, ort_session, run_onnx
+    torch.manual_seed(0)
+    m = MLPAttn().eval()
+    x = torch.randn(2, 6, 16)
+    q = qpasses.PassManager("dynamic_int8", granularity=granularity, progress=False).run(qpasses.trace(m, (x,)))
+    ops = {str(n.target) for n in _dyn_nodes(q)}
+    model = export_onnx(q, (x,))
+    x2 = torch.randn(3, 6, 16)                                       # another batch: qparams from the batch
+    with torch.no_grad():
+        ref = q(x2).numpy()
+    got = run_onnx(model, x2, session=ort_session(model, optimize=False))[0]
+    step = (ref.max() - ref.min()) / 255
+    assert abs(got - ref).max() <= step, (ops, abs(got - ref).max(), step)
+    assert _cos(torch.from_numpy(got), torch.from_numpy(ref)) > 0.9999
