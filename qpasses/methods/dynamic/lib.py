@@ -236,7 +236,7 @@ def dynamic_fake_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
     :func:`~qpasses.qnodes.dynamic_quantizer_call` puts in a graph -- per tensor
     (``reduce_dim=None``), per token (``-1``: one range per row) or one range per slice reduced over
     ``reduce_dim`` (``-2``: per column of a matmul's right operand)."""
-    from ..qnodes import dynamic_quantizer_call
+    from ...qnodes import dynamic_quantizer_call
     if not 2 <= bits <= 16:
         raise ValueError(f"bits must be in [2, 16], got {bits}")
     op, consts = dynamic_quantizer_call(int(bits), bool(symmetric), reduce_dim)
