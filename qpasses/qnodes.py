@@ -95,9 +95,11 @@ DYNAMIC_QUANTIZER_OPS = frozenset({
     _Q.fake_quant_dynamic_per_slice.default,
 })
 _DYN_ARGS = ("input", "quant_min", "quant_max", "symmetric")
+# spelled explicitly: the ops' schemas name their tensor ``x``, the op class reads it as ``input``
 register_op_class(OpClass("dynamic_fq", _DYN_ARGS,
-                          functions=(_Q.fake_quant_per_token.default, _Q.fake_quant_dynamic_per_tensor.default),
-                          spellings={_Q.fake_quant_dynamic_per_slice.default:
+                          spellings={_Q.fake_quant_per_token.default: _DYN_ARGS,
+                                     _Q.fake_quant_dynamic_per_tensor.default: _DYN_ARGS,
+                                     _Q.fake_quant_dynamic_per_slice.default:
                                      ("input", "reduce_dim", "quant_min", "quant_max", "symmetric")}))
 
 

@@ -13,6 +13,7 @@ from qpasses import zoo
 from qpasses.errors import OptionError
 from qpasses.methods.dynamic.lib import DynamicQuantLinear, dynamic_fake_quant, dynamic_linear_quantizers, dynamic_qparams
 from qpasses.numerics import FakeQuantize
+from qpasses.opclasses import OpView
 from qpasses.qnodes import is_dynamic_quantizer, quantizer_module
 
 
@@ -441,3 +442,21 @@ def test_onnx_export_of_every_dynamic_op(granularity):
     step = (ref.max() - ref.min()) / 255
     assert abs(got - ref).max() <= step, (ops, abs(got - ref).max(), step)
     assert _cos(torch.from_numpy(got), torch.from_numpy(ref)) > 0.9999
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_dynamic_quantizer_nodes_are_dynamic_fq_and_read_their_input_by_name(granularity, mode):
+    """The op class reads a dynamic quantizer node's tensor as ``input`` (the ops' schemas call it
+    ``x``): a rule's ``(dynamic_fq $q ?x)`` and ``OpView.get("input")`` see the quantized value."""
+    from qpasses.opclasses import classify
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    q = qpasses.PassManager("dynamic_int8", granularity=granularity).run(qpasses.trace(m, (x,), mode=mode))
+    mods = dict(q.named_modules())
+    dyn = [n for n in q.graph.nodes if classify(n, mods) == "dynamic_fq"]
+    assert len(dyn) == 2
+    for n in dyn:
+        view = OpView(n, q, "dynamic_fq", mods)
+        assert view.get("input") is n.args[0] and isinstance(view.get("input"), torch.fx.Node)
+        assert view.get("quant_min") == 0 and view.get("quant_max") == 255 and view.get("symmetric") is False
