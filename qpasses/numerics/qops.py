@@ -445,7 +445,9 @@ def _(x, quant_min, quant_max, symmetric):
     return torch.empty_like(x)
 
 
-def _per_token_setup(ctx, inputs, output):
+def _dynamic_setup(ctx, inputs, output):
+    """Setup of the dynamic ops ``op(x, quant_min, quant_max, symmetric)``: their backward
+    recomputes the straight-through mask from ``x``."""
     x, quant_min, quant_max, symmetric = inputs
     ctx.save_for_backward(x)
     ctx.args = (quant_min, quant_max, bool(symmetric))
@@ -453,14 +455,10 @@ def _per_token_setup(ctx, inputs, output):
 
 def _per_token_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    quant_min, quant_max, symmetric = ctx.args
-    xf = x.to(torch.float32)
-    scale, zp = dynamic_range_qparams(xf, quant_min, quant_max, symmetric, -1)
-    q = torch.round(xf / scale) + zp
-    return grad * ((q >= quant_min) & (q <= quant_max)), None, None, None
+    return grad * _dynamic_mask(x, *ctx.args, -1), None, None, None
 
 
-fake_quant_per_token.register_autograd(_per_token_backward, setup_context=_per_token_setup)
+fake_quant_per_token.register_autograd(_per_token_backward, setup_context=_dynamic_setup)
 
 
 # ------------------------------------------------------------------- dynamic per tensor / per slice
@@ -505,18 +503,12 @@ def _(x, quant_min, quant_max, symmetric):
     return torch.empty_like(x)
 
 
-def _dyn_tensor_setup(ctx, inputs, output):
-    x, quant_min, quant_max, symmetric = inputs
-    ctx.save_for_backward(x)
-    ctx.args = (quant_min, quant_max, bool(symmetric))
-
-
 def _dyn_tensor_backward(ctx, grad):
     (x,) = ctx.saved_tensors
     return grad * _dynamic_mask(x, *ctx.args, None), None, None, None
 
 
-fake_quant_dynamic_per_tensor.register_autograd(_dyn_tensor_backward, setup_context=_dyn_tensor_setup)
+fake_quant_dynamic_per_tensor.register_autograd(_dyn_tensor_backward, setup_context=_dynamic_setup)
 
 
 @torch.library.custom_op("qpasses::fake_quant_dynamic_per_slice", mutates_args=())
